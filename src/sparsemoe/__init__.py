@@ -1,0 +1,28 @@
+"""sparsemoe: sparse Mixture-of-Experts layers with every major gate and exact-sparse dispatch.
+
+>>> import torch, sparsemoe
+>>> moe = sparsemoe.MoE(d_model=64, d_hidden=128, num_experts=8, gate="comet", k=2)
+>>> y = moe(torch.randn(4, 10, 64))
+>>> loss = y.pow(2).mean() + moe.aux_loss()
+"""
+
+from . import gates
+from .dispatch import dispatch, reference_dispatch
+from .experts import ExpertBank, ModuleExperts, StackedExperts
+from .layers import MoE, MultiTaskMoE
+from .routing import Routing, RoutingStats
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ExpertBank",
+    "MoE",
+    "ModuleExperts",
+    "MultiTaskMoE",
+    "Routing",
+    "RoutingStats",
+    "StackedExperts",
+    "dispatch",
+    "gates",
+    "reference_dispatch",
+]

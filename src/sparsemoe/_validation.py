@@ -1,0 +1,84 @@
+"""Argument checks shared by the public API.
+
+Every check raises an error that names the argument, what it got, and what is allowed, so a user can
+fix the call without reading our source.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_int(name: str, value: object, *, low: int | None = None, high: int | None = None) -> int:
+    """Return ``value`` if it is an int in ``[low, high]``; raise otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
+    if low is not None and value < low:
+        bound = f"between {low} and {high}" if high is not None else f">= {low}"
+        raise ValueError(f"{name} must be {bound}, got {value}")
+    if high is not None and value > high:
+        bound = f"between {low} and {high}" if low is not None else f"<= {high}"
+        raise ValueError(f"{name} must be {bound}, got {value}")
+    return value
+
+
+def check_float(name: str, value: object, *, low: float | None = None, strict: bool = False) -> float:
+    """Return ``value`` as a float if it is a real number above ``low`` (``> low`` when strict)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} ({value!r})")
+    value = float(value)
+    if value != value:
+        raise ValueError(f"{name} must not be NaN")
+    if low is not None and (value <= low if strict else value < low):
+        raise ValueError(f"{name} must be {'>' if strict else '>='} {low}, got {value}")
+    return value
+
+
+def check_choice(name: str, value: object, choices: Iterable[str]) -> str:
+    """Return ``value`` if it is one of ``choices``."""
+    choices = tuple(choices)
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+    return value  # type: ignore[return-value]
+
+
+def check_input(x: object, width: int, *, name: str = "x", check_finite: bool = True) -> torch.Tensor:
+    """Validate a ``[..., width]`` floating-point input.
+
+    ``check_finite`` costs one reduction over ``x``; layers expose it as a flag so that users who
+    trust their inputs can switch it off.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} must be a floating-point tensor (float16, bfloat16, float32 or float64), "
+            f"got dtype {x.dtype}; convert it with {name}.float()"
+        )
+    if x.dim() < 1 or x.shape[-1] != width:
+        raise ValueError(
+            f"{name} must have shape [..., {width}] (its last dimension is the input width), got shape {tuple(x.shape)}"
+        )
+    if check_finite and x.numel() and not bool(torch.isfinite(x).all()):
+        raise ValueError(
+            f"{name} contains NaN or infinite values; fix the input, or pass check_finite=False to skip this check"
+        )
+    return x
+
+
+def check_ids(ids: object, num_rows: int, *, name: str = "ids") -> torch.Tensor:
+    """Validate an integer id per input row (token ids, user ids, sequence index)."""
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of integer ids, got {type(ids).__name__}")
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise TypeError(f"{name} must have an integer dtype, got {ids.dtype}")
+    ids = ids.reshape(-1)
+    if ids.numel() != num_rows:
+        raise ValueError(f"{name} must hold one id per input row ({num_rows}), got {ids.numel()}")
+    if ids.numel() and int(ids.min()) < 0:
+        raise ValueError(f"{name} must be non-negative, got minimum {int(ids.min())}")
+    return ids.long()

@@ -1,0 +1,54 @@
+"""Exact-sparse dispatch: sort pairs by expert, one grouped matmul, scatter-add back.
+
+Only the pairs in a :class:`~sparsemoe.routing.Routing` are computed; nothing is padded and,
+unless a capacity is set on the routing, nothing is dropped.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .experts import ExpertBank
+from .routing import Routing
+
+
+def sort_by_expert(expert: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The stable order that groups pairs by expert, and the pairs per expert ``[n]``."""
+    order = torch.argsort(expert, stable=True)
+    return order, torch.bincount(expert, minlength=num_experts)
+
+
+def run_experts(x: torch.Tensor, token: torch.Tensor, expert: torch.Tensor, experts: ExpertBank) -> torch.Tensor:
+    """Expert outputs for each pair, ``[N, *out]``, in the order the pairs are given."""
+    order, counts = sort_by_expert(expert, experts.num_experts)
+    ys_sorted = experts.forward_sorted(x[token[order]], counts)
+    ys = torch.empty_like(ys_sorted)
+    ys[order] = ys_sorted
+    return ys
+
+
+def combine(ys: torch.Tensor, token: torch.Tensor, weight: torch.Tensor, num_inputs: int) -> torch.Tensor:
+    """``y[t] = Σ_{pairs of t} weight · ys``: ``[N, *out] -> [T, *out]``."""
+    scaled = ys * weight.to(ys.dtype).view(-1, *([1] * (ys.dim() - 1)))
+    return ys.new_zeros(num_inputs, *ys.shape[1:]).index_add(0, token, scaled)
+
+
+def dispatch(x: torch.Tensor, routing: Routing, experts: ExpertBank) -> torch.Tensor:
+    """Apply the routed experts to ``x: [T, *in]`` and mix: returns ``[T, *out]``."""
+    order, counts = sort_by_expert(routing.expert, experts.num_experts)
+    token = routing.token[order]
+    ys = experts.forward_sorted(x[token], counts)  # [N, *out], grouped by expert
+    return combine(ys, token, routing.weight[order], routing.num_inputs)
+
+
+def reference_dispatch(x: torch.Tensor, routing: Routing, experts: ExpertBank) -> torch.Tensor:
+    """The definition, one pair at a time: ``y[t] += w · expert_e(x[t])``. For tests only."""
+    rows = [
+        w * experts.forward_expert(int(e), x[t : t + 1])
+        for t, e, w in zip(routing.token.tolist(), routing.expert, routing.weight, strict=True)
+    ]
+    out_shape = experts.forward_expert(0, x[:0]).shape[1:]
+    y = x.new_zeros(routing.num_inputs, *out_shape)
+    for t, row in zip(routing.token.tolist(), rows, strict=True):
+        y = y.index_add(0, torch.tensor([t], device=x.device), row)
+    return y

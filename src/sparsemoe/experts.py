@@ -1,0 +1,197 @@
+"""Experts: ``n`` feed-forward networks whose weights are stacked for grouped matmuls."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._validation import check_choice, check_int
+
+EXPERT_KINDS = ("mlp", "swiglu", "linear")
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "gelu": F.gelu,
+    "relu": F.relu,
+    "silu": F.silu,
+    "identity": lambda t: t,
+}
+_GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class ExpertBank(nn.Module):
+    """Interface of a set of experts as the dispatcher sees it.
+
+    ``forward_sorted(xs, counts)`` runs rows already sorted by expert (``counts[e]`` rows for expert
+    ``e``, in order); the default loops over :meth:`forward_expert`, so any list of modules (CNN
+    experts, say) works. Banks with stacked weights override it with one grouped matmul.
+    """
+
+    num_experts: int
+
+    def forward_expert(self, expert: int, x: torch.Tensor) -> torch.Tensor:
+        """Apply expert ``expert`` to the rows ``x``: the plain reference path."""
+        raise NotImplementedError
+
+    def forward_sorted(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        chunks = xs.split(counts.tolist())
+        outputs = [self.forward_expert(e, chunk) for e, chunk in enumerate(chunks) if chunk.shape[0]]
+        if not outputs:  # no rows at all: ask expert 0 for the output shape
+            return self.forward_expert(0, xs)
+        return torch.cat(outputs)
+
+
+class ModuleExperts(ExpertBank):
+    """Experts given as arbitrary modules (one per expert), run one after another."""
+
+    def __init__(self, experts: Sequence[nn.Module]) -> None:
+        super().__init__()
+        if len(experts) < 1:
+            raise ValueError("experts must hold at least one module")
+        self.experts = nn.ModuleList(experts)
+        self.num_experts = len(self.experts)
+
+    def forward_expert(self, expert: int, x: torch.Tensor) -> torch.Tensor:
+        return self.experts[expert](x)
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous.
+
+    ``grouped_mm``'s backward rejects stride-0 gradients (as produced by ``y.sum()``).
+    """
+
+    @staticmethod
+    def forward(ctx: object, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: object, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
+
+
+def grouped_mm_supported(xs: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``torch.nn.functional.grouped_mm`` can take these operands.
+
+    It needs float32/bf16/fp16 and rows whose byte strides are multiples of 16.
+    """
+    if not hasattr(F, "grouped_mm") or xs.dtype not in _GROUPED_MM_DTYPES or weight.dtype != xs.dtype:
+        return False
+    size = xs.element_size()
+    return all((dim * size) % 16 == 0 for dim in weight.shape[1:])
+
+
+def grouped_matmul(xs: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """``xs[rows of e] @ weight[e]`` for every expert ``e``: ``[N, d] x [n, d, h] -> [N, h]``.
+
+    One ``grouped_mm`` call when supported, else a loop over the experts' contiguous segments.
+    """
+    if grouped_mm_supported(xs, weight):
+        offsets = torch.cumsum(counts, 0, dtype=torch.int32)
+        return F.grouped_mm(_ContiguousGrad.apply(xs.contiguous()), weight, offs=offsets)
+    chunks = xs.split(counts.tolist())
+    return torch.cat([chunk @ weight[e] for e, chunk in enumerate(chunks)])
+
+
+class StackedExperts(ExpertBank):
+    """``n`` experts of the same shape with weights stacked as ``[n, d_in, d_hidden]`` tensors.
+
+    Kinds:
+        ``mlp``: ``act(x W1 + b1) W2 + b2``.
+        ``swiglu``: ``(silu(x Wg) * (x Wu)) W2`` (Wg and Wu stored side by side in ``w1``).
+        ``linear``: ``act(x W1 + b1)``, a single layer as in the COMET paper's experts.
+
+    Args:
+        num_experts: ``n``.
+        d_in: input width.
+        d_hidden: hidden width (``mlp``/``swiglu``); ignored by ``linear``.
+        d_out: output width (default ``d_in``; for ``linear`` the layer's width).
+        kind: one of ``mlp``, ``swiglu``, ``linear``.
+        activation: ``gelu``, ``relu``, ``silu`` or ``identity`` (``mlp``/``linear``).
+        bias: learn biases.
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        d_in: int,
+        d_hidden: int | None = None,
+        d_out: int | None = None,
+        *,
+        kind: str = "mlp",
+        activation: str = "gelu",
+        bias: bool = False,
+    ) -> None:
+        super().__init__()
+        self.num_experts = check_int("num_experts", num_experts, low=1)
+        self.d_in = check_int("d_in", d_in, low=1)
+        self.kind = check_choice("expert", kind, EXPERT_KINDS)
+        self.activation = check_choice("activation", activation, ACTIVATIONS)
+        self.d_out = check_int("d_out", d_out if d_out is not None else d_in, low=1)
+        if kind == "linear":
+            self.d_hidden = self.d_out
+            self.w1 = nn.Parameter(torch.empty(num_experts, d_in, self.d_out))
+            self.w2 = None
+        else:
+            if d_hidden is None:
+                raise ValueError(f"d_hidden is required for expert={kind!r}")
+            self.d_hidden = check_int("d_hidden", d_hidden, low=1)
+            width1 = 2 * d_hidden if kind == "swiglu" else d_hidden
+            self.w1 = nn.Parameter(torch.empty(num_experts, d_in, width1))
+            self.w2 = nn.Parameter(torch.empty(num_experts, d_hidden, self.d_out))
+        self.b1 = nn.Parameter(torch.zeros(num_experts, self.w1.shape[-1])) if bias else None
+        self.b2 = nn.Parameter(torch.zeros(num_experts, self.d_out)) if bias and self.w2 is not None else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Per-expert ``nn.Linear``-style init: ``U(±1/sqrt(fan_in))``."""
+        with torch.no_grad():
+            for w in (self.w1, self.w2):
+                if w is not None:
+                    bound = 1 / math.sqrt(w.shape[1])
+                    w.uniform_(-bound, bound)
+            for b, w in ((self.b1, self.w1), (self.b2, self.w2)):
+                if b is not None:
+                    bound = 1 / math.sqrt(w.shape[1])
+                    b.uniform_(-bound, bound)
+
+    def _forward(
+        self,
+        x: torch.Tensor,
+        matmul: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        bias: Callable[[torch.Tensor], torch.Tensor],
+    ) -> torch.Tensor:
+        """The expert network, written once for both the grouped and the single-expert path."""
+        h = matmul(x, self.w1)
+        if self.b1 is not None:
+            h = h + bias(self.b1)
+        if self.kind == "swiglu":
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = ACTIVATIONS[self.activation](h)
+        if self.w2 is None:
+            return h
+        y = matmul(h, self.w2)
+        if self.b2 is not None:
+            y = y + bias(self.b2)
+        return y
+
+    def forward_expert(self, expert: int, x: torch.Tensor) -> torch.Tensor:
+        return self._forward(x, lambda rows, w: rows @ w[expert], lambda b: b[expert])
+
+    def forward_sorted(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        return self._forward(
+            xs,
+            lambda rows, w: grouped_matmul(rows, w, counts),
+            lambda b: b.repeat_interleave(counts, dim=0, output_size=xs.shape[0]),
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_experts={self.num_experts}, d_in={self.d_in}, d_hidden={self.d_hidden}, "
+            f"d_out={self.d_out}, kind={self.kind!r}, activation={self.activation!r}, "
+            f"bias={self.b1 is not None}"
+        )

@@ -1,0 +1,62 @@
+"""The gate interface: ``[T, d]`` inputs in, a :class:`~sparsemoe.routing.Routing` out."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .._validation import check_ids, check_input, check_int
+from ..routing import Routing
+
+
+class Gate(nn.Module):
+    """Base class of every gate.
+
+    Subclasses implement :meth:`route`; :meth:`forward` validates the input first, so every gate
+    rejects bad input the same way.
+
+    Args:
+        d_in: width of the gate input.
+        num_experts: number of experts ``n``.
+        k: experts per input, where the gate has such a knob (``1 <= k <= n``).
+        check_finite: reject inputs with NaN/inf (one reduction; switch off for speed).
+    """
+
+    #: whether the gate reads ``ids`` (hash ids, sequence index) in :meth:`route`
+    uses_ids: bool = False
+
+    def __init__(self, d_in: int, num_experts: int, k: int = 1, *, check_finite: bool = True) -> None:
+        super().__init__()
+        self.d_in = check_int("d_in", d_in, low=1)
+        self.num_experts = check_int("num_experts", num_experts, low=1)
+        self.k = check_int("k", k, low=1, high=num_experts)
+        self.check_finite = check_finite
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor | None = None) -> Routing:
+        """Route ``x: [T, d_in]``; ``ids: LongTensor[T]`` is read by gates that use ids."""
+        check_input(x, self.d_in, check_finite=self.check_finite)
+        if x.dim() != 2:
+            raise ValueError(f"x must have shape [T, {self.d_in}], got {tuple(x.shape)}")
+        if ids is not None:
+            ids = check_ids(ids, x.shape[0])
+        return self.route(x, ids)
+
+    def route(self, x: torch.Tensor, ids: torch.Tensor | None) -> Routing:
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"d_in={self.d_in}, num_experts={self.num_experts}, k={self.k}"
+
+
+def entropy(p: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Shannon entropy along ``dim`` with the ``+1e-6`` of the official DSelect-k/COMET code.
+
+    The offset keeps the gradient finite at ``p = 0`` (where ``p log p`` has slope ``-inf``).
+    """
+    return -(p * torch.log(p + 1e-6)).sum(dim)
+
+
+def uniform_(tensor: torch.Tensor, bound: float) -> torch.Tensor:
+    """In-place ``U(-bound, bound)`` init without autograd tracking."""
+    with torch.no_grad():
+        return tensor.uniform_(-bound, bound)

@@ -1,0 +1,105 @@
+"""COMET (Ibrahim et al., 2023): k soft binary trees whose leaves are the experts."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .._validation import check_float
+from ..routing import Routing
+from .base import Gate, entropy, uniform_
+from .smooth_step import smooth_step
+
+
+def _leaf_paths(num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Root-to-leaf paths of the heap-ordered tree with ``n - 1`` internal nodes.
+
+    Node ``v`` has children ``2v+1`` (left) and ``2v+2`` (right) and is a leaf iff ``v >= n - 1``;
+    leaves are numbered left to right (DFS order), leaf ``j`` being expert ``j``.
+
+    Returns ``nodes, goes_left``, both ``[n, depth]``. Shorter paths are padded with the extra node
+    index ``n - 1`` and ``goes_left=True``; the caller gives that node the split value 1.
+    """
+    internal = num_experts - 1
+    paths: list[list[tuple[int, bool]]] = []
+
+    def visit(node: int, path: list[tuple[int, bool]]) -> None:
+        if node >= internal:
+            paths.append(path)
+            return
+        visit(2 * node + 1, [*path, (node, True)])
+        visit(2 * node + 2, [*path, (node, False)])
+
+    visit(0, [])
+    depth = max(1, max(len(p) for p in paths))
+    nodes = torch.full((num_experts, depth), internal, dtype=torch.long)
+    goes_left = torch.ones(num_experts, depth, dtype=torch.bool)
+    for leaf, path in enumerate(paths):
+        for level, (node, left) in enumerate(path):
+            nodes[leaf, level] = node
+            goes_left[leaf, level] = left
+    return nodes, goes_left
+
+
+class CometGate(Gate):
+    """Tree-ensemble gate with a cardinality constraint of ``k``.
+
+    Tree ``t`` routes ``x`` down its ``n - 1`` internal nodes with ``s = S_γ(w·x + b)`` (left gets
+    ``s``, right ``1 - s``), giving leaf reach probabilities ``P_t(x)`` that sum to 1. Each leaf has
+    an input-dependent logit ``a_{t,j}(x)``; the weights are one softmax over all ``k·n`` pairs of
+    ``a + log P`` (``P = 0`` gives exactly 0), summed over trees. Once the splits on every tree's
+    path saturate, at most ``k`` experts are non-zero and only they are computed.
+
+    Loss (training only): ``entropy_weight · mean_x Σ_t H(P_t(x))``.
+
+    Args:
+        k: number of trees (experts per input once saturated).
+        gamma: width of the smooth-step's soft band.
+        entropy_weight: ``λ`` of the entropy regulariser.
+    """
+
+    def __init__(
+        self,
+        d_in: int,
+        num_experts: int,
+        k: int = 2,
+        *,
+        gamma: float = 1.0,
+        entropy_weight: float = 0.1,
+        check_finite: bool = True,
+    ) -> None:
+        super().__init__(d_in, num_experts, k, check_finite=check_finite)
+        self.gamma = check_float("gamma", gamma, low=0.0, strict=True)
+        self.entropy_weight = check_float("entropy_weight", entropy_weight, low=0.0)
+        self.split = nn.Linear(d_in, (num_experts - 1) * k)
+        self.leaf = nn.Linear(d_in, num_experts * k)
+        uniform_(self.split.weight, self.gamma / 100)
+        uniform_(self.split.bias, self.gamma / 100)
+        uniform_(self.leaf.weight, 0.05)
+        nn.init.zeros_(self.leaf.bias)
+        nodes, goes_left = _leaf_paths(num_experts)
+        self.register_buffer("path_nodes", nodes, persistent=False)
+        self.register_buffer("path_left", goes_left, persistent=False)
+
+    def reach_probabilities(self, x: torch.Tensor) -> torch.Tensor:
+        """``P: [T, n, k]``, the probability that tree ``t`` sends ``x`` to leaf ``j``."""
+        s = smooth_step(self.split(x), self.gamma).view(x.shape[0], self.num_experts - 1, self.k)
+        s = torch.cat([s, s.new_ones(x.shape[0], 1, self.k)], dim=1)  # padding node: always "left"
+        along_path = s[:, self.path_nodes]  # [T, n, depth, k]
+        return torch.where(self.path_left[..., None], along_path, 1 - along_path).prod(2)
+
+    def route(self, x: torch.Tensor, ids: torch.Tensor | None) -> Routing:
+        reach = self.reach_probabilities(x)  # [T, n, k]
+        leaf_logits = self.leaf(x).view(x.shape[0], self.num_experts, self.k)
+        reachable = reach > 0
+        # log P with log 0 = -inf, written so that the backward pass never sees 1/0.
+        log_reach = torch.where(reachable, torch.log(torch.where(reachable, reach, 1.0)), -torch.inf)
+        joint = torch.softmax((leaf_logits + log_reach).flatten(1), dim=-1)  # [T, n*k]
+        weights = joint.view_as(reach).sum(-1)  # [T, n]
+        aux = {}
+        if self.training and self.entropy_weight > 0 and x.shape[0] > 0:
+            aux["entropy"] = self.entropy_weight * entropy(reach, dim=1).sum(-1).mean()
+        return Routing.from_dense(weights, aux_losses=aux)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, gamma={self.gamma}, entropy_weight={self.entropy_weight}"

@@ -1,0 +1,48 @@
+"""Expert-choice routing (Zhou et al., 2022): each expert picks its inputs."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .._validation import check_float
+from ..routing import Routing
+from .base import Gate
+
+
+class ExpertChoiceGate(Gate):
+    """Each expert takes its top ``C = ceil(capacity_factor · T · k / n)`` inputs by softmax score.
+
+    Load is perfectly balanced by construction; an input may get anywhere from 0 to ``n`` experts
+    (``k`` on average). The choice looks at the whole batch, so it is not causal.
+
+    Args:
+        k: average experts per input.
+        capacity_factor: scales the per-expert capacity.
+    """
+
+    def __init__(
+        self,
+        d_in: int,
+        num_experts: int,
+        k: int = 2,
+        *,
+        capacity_factor: float = 1.0,
+        check_finite: bool = True,
+    ) -> None:
+        super().__init__(d_in, num_experts, k, check_finite=check_finite)
+        self.capacity_factor = check_float("capacity_factor", capacity_factor, low=0.0, strict=True)
+        self.proj = nn.Linear(d_in, num_experts)
+
+    def route(self, x: torch.Tensor, ids: torch.Tensor | None) -> Routing:
+        num_inputs = x.shape[0]
+        scores = torch.softmax(self.proj(x), dim=-1)  # [T, n]
+        capacity = min(num_inputs, math.ceil(self.capacity_factor * num_inputs * self.k / self.num_experts))
+        weight, token = scores.topk(capacity, dim=0)  # [C, n] each
+        expert = torch.arange(self.num_experts, device=x.device).expand(capacity, -1)
+        return Routing(token.reshape(-1), expert.reshape(-1), weight.reshape(-1), self.num_experts, num_inputs)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, capacity_factor={self.capacity_factor}"

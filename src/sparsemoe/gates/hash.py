@@ -1,0 +1,71 @@
+"""Hash routing (Roller et al., 2021): a fixed, balanced, random map from ids to experts."""
+
+from __future__ import annotations
+
+import torch
+
+from .._validation import check_int
+from ..routing import Routing
+from .base import Gate
+
+_DEFAULT_TABLE_SIZE = 1 << 16
+
+
+class HashGate(Gate):
+    """Route each input by a fixed table ``id -> expert``; nothing is learned.
+
+    The table deals the ids round-robin over the experts in a seeded random order, so every expert
+    gets the same number of ids (±1). With ``k > 1`` an input also goes to the ``k - 1`` experts after
+    its own (mod ``n``), each with weight ``1/k``.
+
+    Ids come from ``forward(x, ids=...)`` (token ids, user ids). Without ids the gate hashes the bits
+    of each input row, so equal rows always share an expert. The table is a buffer: it is saved in
+    the ``state_dict``, which a model needs to keep its routing after reloading.
+
+    Args:
+        num_ids: size of the id space; ids must lie in ``[0, num_ids)``. If not given, ids (and row
+            hashes) are reduced modulo 65,536.
+        seed: seed of the table.
+    """
+
+    uses_ids = True
+
+    def __init__(
+        self,
+        d_in: int,
+        num_experts: int,
+        k: int = 1,
+        *,
+        num_ids: int | None = None,
+        seed: int = 0,
+        check_finite: bool = True,
+    ) -> None:
+        super().__init__(d_in, num_experts, k, check_finite=check_finite)
+        self.num_ids = None if num_ids is None else check_int("num_ids", num_ids, low=1)
+        size = self.num_ids or _DEFAULT_TABLE_SIZE
+        generator = torch.Generator().manual_seed(check_int("seed", seed))
+        order = torch.randperm(size, generator=generator)
+        table = torch.empty(size, dtype=torch.long)
+        table[order] = torch.arange(size) % num_experts
+        self.register_buffer("table", table)
+        # Odd multipliers for hashing the bits of a row (used only when no ids are given).
+        self.register_buffer("row_hash", torch.randint(1, 1 << 31, (d_in,), generator=generator) * 2 + 1)
+
+    def route(self, x: torch.Tensor, ids: torch.Tensor | None) -> Routing:
+        if ids is None:
+            ids = self._hash_rows(x)
+        elif self.num_ids is not None and ids.numel() and int(ids.max()) >= self.num_ids:
+            raise ValueError(f"ids must be < num_ids={self.num_ids}, got maximum {int(ids.max())}")
+        first = self.table[ids.to(self.table.device) % self.table.numel()]  # [T]
+        experts = (first[:, None] + torch.arange(self.k, device=first.device)) % self.num_experts
+        weights = x.new_full(experts.shape, 1.0 / self.k)
+        return Routing.from_topk(experts.to(x.device), weights, self.num_experts)
+
+    def _hash_rows(self, x: torch.Tensor) -> torch.Tensor:
+        bits = x.detach().float().contiguous().view(torch.int32).long()  # [T, d]
+        h = (bits * self.row_hash.to(x.device)).sum(-1)
+        h = h ^ (h >> 29)
+        return torch.remainder(h, self.table.numel())
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, num_ids={self.num_ids}"

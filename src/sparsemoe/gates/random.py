@@ -1,0 +1,64 @@
+"""THOR's stochastic routing (Zuo et al., 2022): experts drawn uniformly at random."""
+
+from __future__ import annotations
+
+import torch
+
+from .._validation import check_choice, check_int
+from ..routing import Routing
+from .base import Gate
+
+GRANULARITIES = ("token", "sequence", "batch")
+
+
+class RandomGate(Gate):
+    """``k`` distinct experts drawn uniformly at random, each with weight ``1/k``.
+
+    The draw uses the gate's own seeded generator, in training and in inference (THOR routes at
+    random in both), so runs are reproducible and independent of the global RNG.
+
+    Args:
+        k: experts per input.
+        granularity: ``"token"`` draws per input row, ``"sequence"`` per distinct id passed as
+            ``forward(x, ids=sequence_index)``, ``"batch"`` once per call (THOR's official code).
+        seed: seed of the gate's generator.
+    """
+
+    uses_ids = True
+
+    def __init__(
+        self,
+        d_in: int,
+        num_experts: int,
+        k: int = 1,
+        *,
+        granularity: str = "token",
+        seed: int = 0,
+        check_finite: bool = True,
+    ) -> None:
+        super().__init__(d_in, num_experts, k, check_finite=check_finite)
+        self.granularity = check_choice("granularity", granularity, GRANULARITIES)
+        self.seed = check_int("seed", seed)
+        self.generator = torch.Generator().manual_seed(self.seed)
+
+    def route(self, x: torch.Tensor, ids: torch.Tensor | None) -> Routing:
+        num_inputs = x.shape[0]
+        if self.granularity == "token":
+            experts = self._draw(num_inputs)
+        elif self.granularity == "batch":
+            experts = self._draw(1).expand(num_inputs, self.k)
+        else:
+            if ids is None:
+                raise ValueError('granularity="sequence" needs ids= (the sequence index of each row)')
+            groups, group_of_row = torch.unique(ids.cpu(), return_inverse=True)
+            experts = self._draw(groups.numel())[group_of_row]
+        weights = x.new_full((num_inputs, self.k), 1.0 / self.k)
+        return Routing.from_topk(experts.to(x.device), weights, self.num_experts)
+
+    def _draw(self, rows: int) -> torch.Tensor:
+        """``[rows, k]`` distinct uniform experts: the top-k of i.i.d. uniform scores."""
+        scores = torch.rand(rows, self.num_experts, generator=self.generator)
+        return scores.topk(self.k, dim=-1).indices
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, granularity={self.granularity!r}, seed={self.seed}"

@@ -1,0 +1,131 @@
+"""Token-choice gates: each input picks its experts (noisy top-k, Switch top-1)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .._validation import check_float
+from ..routing import Routing
+from .base import Gate
+
+
+def _cv_squared(v: torch.Tensor) -> torch.Tensor:
+    """Squared coefficient of variation, the balance penalty of Shazeer et al. (2017)."""
+    if v.numel() <= 1:
+        return v.new_zeros(())
+    return v.float().var() / (v.float().mean() ** 2 + 1e-10)
+
+
+class TopKGate(Gate):
+    """Noisy top-k gating (Shazeer et al., 2017).
+
+    ``h = W x + b (+ ε · softplus(W_noise x) while training)``; keep the ``k`` largest and softmax
+    over them. The balance loss is ``balance_weight · (CV²(importance) + CV²(load))``, with the
+    smooth load estimator when noise is on (importance only otherwise).
+
+    Args:
+        k: experts per input.
+        noisy: add the learned Gaussian noise in training. The COMET paper runs without it.
+        balance_weight: weight of the balance loss; 0 switches it off (as in the COMET paper).
+    """
+
+    def __init__(
+        self,
+        d_in: int,
+        num_experts: int,
+        k: int = 2,
+        *,
+        noisy: bool = True,
+        balance_weight: float = 1e-2,
+        check_finite: bool = True,
+    ) -> None:
+        super().__init__(d_in, num_experts, k, check_finite=check_finite)
+        self.noisy = bool(noisy)
+        self.balance_weight = check_float("balance_weight", balance_weight, low=0.0)
+        self.proj = nn.Linear(d_in, num_experts)
+        self.noise_proj = nn.Linear(d_in, num_experts) if self.noisy else None
+        if self.noise_proj is not None:
+            nn.init.zeros_(self.noise_proj.weight)
+            nn.init.zeros_(self.noise_proj.bias)
+
+    def route(self, x: torch.Tensor, ids: torch.Tensor | None) -> Routing:
+        clean = self.proj(x)  # [T, n]
+        logits, noise_std = clean, None
+        if self.noise_proj is not None and self.training:
+            noise_std = F.softplus(self.noise_proj(x)) + 1e-2
+            logits = clean + torch.randn_like(clean) * noise_std
+        top_logits, top_idx = logits.topk(self.k, dim=-1)  # [T, k]
+        weights = torch.softmax(top_logits, dim=-1)
+        aux = {}
+        if self.balance_weight > 0 and self.training and x.shape[0] > 0:
+            gates = torch.zeros_like(logits).scatter(1, top_idx, weights)
+            penalty = _cv_squared(gates.sum(0))
+            if noise_std is not None and self.k < self.num_experts:
+                penalty = penalty + _cv_squared(self._smooth_load(clean, logits, noise_std, top_idx))
+            aux["balance"] = self.balance_weight * penalty
+        return Routing.from_topk(top_idx, weights, self.num_experts, aux_losses=aux)
+
+    def _smooth_load(
+        self, clean: torch.Tensor, noisy: torch.Tensor, noise_std: torch.Tensor, top_idx: torch.Tensor
+    ) -> torch.Tensor:
+        """Expected number of inputs per expert under the noise: a differentiable load."""
+        top_kp1 = noisy.topk(self.k + 1, dim=-1).values  # [T, k+1]
+        in_top = torch.zeros_like(noisy, dtype=torch.bool).scatter(1, top_idx, True)
+        # An expert in the top k must beat the (k+1)-th value; one outside must beat the k-th.
+        threshold = torch.where(in_top, top_kp1[:, self.k : self.k + 1], top_kp1[:, self.k - 1 : self.k])
+        normal = torch.distributions.Normal(0.0, 1.0)
+        return normal.cdf((clean - threshold) / noise_std).sum(0)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, noisy={self.noisy}, balance_weight={self.balance_weight}"
+
+
+class SwitchGate(Gate):
+    """Switch Transformer routing (Fedus et al., 2022): top-1 of ``softmax(W x)``.
+
+    The weight is the chosen expert's probability. Losses: load balancing
+    ``α · n · Σ_i f_i P_i`` and router z-loss ``β · mean(logsumexp(W x)²)`` (Zoph et al., 2022).
+
+    Args:
+        capacity_factor: if set, each expert takes at most ``ceil(capacity_factor · T / n)`` inputs
+            (first come, first served); the rest are dropped and reported.
+        balance_weight: ``α`` (0.01 in the paper).
+        z_loss_weight: ``β`` (1e-3 in ST-MoE).
+    """
+
+    def __init__(
+        self,
+        d_in: int,
+        num_experts: int,
+        *,
+        capacity_factor: float | None = None,
+        balance_weight: float = 1e-2,
+        z_loss_weight: float = 1e-3,
+        check_finite: bool = True,
+    ) -> None:
+        super().__init__(d_in, num_experts, k=1, check_finite=check_finite)
+        self.capacity_factor = (
+            None if capacity_factor is None else check_float("capacity_factor", capacity_factor, low=0.0, strict=True)
+        )
+        self.balance_weight = check_float("balance_weight", balance_weight, low=0.0)
+        self.z_loss_weight = check_float("z_loss_weight", z_loss_weight, low=0.0)
+        self.proj = nn.Linear(d_in, num_experts, bias=False)
+
+    def route(self, x: torch.Tensor, ids: torch.Tensor | None) -> Routing:
+        logits = self.proj(x)  # [T, n]
+        probs = torch.softmax(logits, dim=-1)
+        weight, expert = probs.max(dim=-1)  # [T]
+        aux = {}
+        if x.shape[0] > 0:
+            routed_fraction = torch.bincount(expert, minlength=self.num_experts).to(probs.dtype) / x.shape[0]
+            aux["load_balance"] = self.balance_weight * self.num_experts * (routed_fraction * probs.mean(0)).sum()
+            aux["z_loss"] = self.z_loss_weight * torch.logsumexp(logits, dim=-1).pow(2).mean()
+        routing = Routing.from_topk(expert[:, None], weight[:, None], self.num_experts, aux_losses=aux)
+        if self.capacity_factor is not None:
+            routing = routing.with_capacity(self.capacity_factor)
+        return routing
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, capacity_factor={self.capacity_factor}"
