@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -60,3 +62,16 @@ def uniform_(tensor: torch.Tensor, bound: float) -> torch.Tensor:
     """In-place ``U(-bound, bound)`` init without autograd tracking."""
     with torch.no_grad():
         return tensor.uniform_(-bound, bound)
+
+
+def uniform_linear(d_in: int, d_out: int, weight_bound: float, bias_bound: float) -> nn.Linear:
+    """``nn.Linear`` initialised ``U(±weight_bound)``, ``U(±bias_bound)`` (the official gates' init).
+
+    ``d_out`` may be 0 (a one-expert tree has no splits).
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
+        layer = nn.Linear(d_in, d_out)
+    uniform_(layer.weight, weight_bound)
+    uniform_(layer.bias, bias_bound)
+    return layer

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from .._validation import check_float
 from ..routing import Routing
-from .base import Gate, entropy, uniform_
+from .base import Gate, entropy, uniform_linear
 from .smooth_step import smooth_step
 
 
@@ -71,12 +70,8 @@ class CometGate(Gate):
         super().__init__(d_in, num_experts, k, check_finite=check_finite)
         self.gamma = check_float("gamma", gamma, low=0.0, strict=True)
         self.entropy_weight = check_float("entropy_weight", entropy_weight, low=0.0)
-        self.split = nn.Linear(d_in, (num_experts - 1) * k)
-        self.leaf = nn.Linear(d_in, num_experts * k)
-        uniform_(self.split.weight, self.gamma / 100)
-        uniform_(self.split.bias, self.gamma / 100)
-        uniform_(self.leaf.weight, 0.05)
-        nn.init.zeros_(self.leaf.bias)
+        self.split = uniform_linear(d_in, (num_experts - 1) * k, self.gamma / 100, self.gamma / 100)
+        self.leaf = uniform_linear(d_in, num_experts * k, 0.05, 0.0)
         nodes, goes_left = _leaf_paths(num_experts)
         self.register_buffer("path_nodes", nodes, persistent=False)
         self.register_buffer("path_left", goes_left, persistent=False)

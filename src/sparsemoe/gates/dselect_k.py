@@ -7,7 +7,7 @@ from torch import nn
 
 from .._validation import check_float
 from ..routing import Routing
-from .base import Gate, entropy, uniform_
+from .base import Gate, entropy, uniform_, uniform_linear
 from .smooth_step import smooth_step
 
 
@@ -55,12 +55,8 @@ class DSelectKGate(Gate):
         shifts = torch.arange(self.num_bits - 1, -1, -1)
         self.register_buffer("bits", (codes >> shifts) & 1 == 1, persistent=False)  # [n, m], MSB first
         if self.per_example:
-            self.z_proj = nn.Linear(d_in, k * self.num_bits)
-            self.alpha_proj = nn.Linear(d_in, k)
-            uniform_(self.z_proj.weight, self.gamma / 100)
-            uniform_(self.z_proj.bias, self.gamma / 100)
-            uniform_(self.alpha_proj.weight, 0.05)
-            uniform_(self.alpha_proj.bias, 0.05)
+            self.z_proj = uniform_linear(d_in, k * self.num_bits, self.gamma / 100, self.gamma / 100)
+            self.alpha_proj = uniform_linear(d_in, k, 0.05, 0.05)
         else:
             self.z = nn.Parameter(uniform_(torch.empty(k, self.num_bits), self.gamma / 100))
             self.alpha = nn.Parameter(uniform_(torch.empty(k), 0.05))
@@ -68,7 +64,7 @@ class DSelectKGate(Gate):
     def selector_distributions(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``r: [T, k, n]`` (each row sums to 1) and the mass each selector put on real experts ``[T, k]``."""
         if self.per_example:
-            z = self.z_proj(x).view(-1, self.k, 1, self.num_bits)  # [T, k, 1, m]
+            z = self.z_proj(x).view(x.shape[0], self.k, 1, self.num_bits)  # [T, k, 1, m]
         else:
             z = self.z.view(1, self.k, 1, self.num_bits).expand(x.shape[0], -1, -1, -1)
         s = smooth_step(z, self.gamma)

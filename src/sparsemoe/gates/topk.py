@@ -75,8 +75,7 @@ class TopKGate(Gate):
         in_top = torch.zeros_like(noisy, dtype=torch.bool).scatter(1, top_idx, True)
         # An expert in the top k must beat the (k+1)-th value; one outside must beat the k-th.
         threshold = torch.where(in_top, top_kp1[:, self.k : self.k + 1], top_kp1[:, self.k - 1 : self.k])
-        normal = torch.distributions.Normal(0.0, 1.0)
-        return normal.cdf((clean - threshold) / noise_std).sum(0)
+        return torch.special.ndtr((clean - threshold) / noise_std).sum(0)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, noisy={self.noisy}, balance_weight={self.balance_weight}"

@@ -1,0 +1,37 @@
+"""Shared fixtures: deterministic seeds and small problem sizes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from sparsemoe import gates
+
+# Gates that place a constant per-input weight sum of 1 on their experts.
+NORMALISED_GATES = ("softmax", "topk", "hash", "random", "dselect_k", "comet")
+# Gates whose k bounds the experts per input exactly (DSelect-k/COMET only once saturated).
+EXACT_K_GATES = ("topk", "hash", "random")
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+if "SPARSEMOE_DATA_DIR" not in os.environ and SHARED_DATA.is_dir():
+    os.environ["SPARSEMOE_DATA_DIR"] = str(SHARED_DATA)
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.fixture(params=gates.available())
+def gate_name(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+def gate_kwargs(name: str, num_experts: int) -> dict:
+    """Arguments that give each gate a real ``k`` where it has one."""
+    if name in ("softmax", "switch"):
+        return {}
+    return {"k": min(2, num_experts)}

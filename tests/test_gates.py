@@ -1,0 +1,205 @@
+"""Every gate: shapes, weights, sparsity, saturation, and the smooth-step's calculus."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sparsemoe import gates
+from sparsemoe.gates import smooth_step
+
+from conftest import EXACT_K_GATES, NORMALISED_GATES, gate_kwargs
+
+T, D, N = 37, 12, 6
+
+
+def route(name: str, x: torch.Tensor, n: int = N, train: bool = True):
+    gate = gates.build(name, x.shape[1], n, **gate_kwargs(name, n))
+    gate.train(train)
+    return gate, gate(x)
+
+
+def test_registry_lists_required_gates() -> None:
+    required = {"softmax", "topk", "switch", "hash", "random", "expert_choice", "dselect_k", "comet"}
+    assert required <= set(gates.available())
+
+
+def test_routing_shapes_and_ranges(gate_name: str) -> None:
+    _, r = route(gate_name, torch.randn(T, D))
+    assert r.token.shape == r.expert.shape == r.weight.shape
+    assert r.token.dtype == r.expert.dtype == torch.long
+    assert r.num_inputs == T and r.num_experts == N
+    assert int(r.token.min()) >= 0 and int(r.token.max()) < T
+    assert int(r.expert.min()) >= 0 and int(r.expert.max()) < N
+    assert bool((r.weight >= 0).all())
+    # a (token, expert) cell appears at most once
+    keys = r.token * N + r.expert
+    assert keys.unique().numel() == keys.numel()
+
+
+@pytest.mark.parametrize("name", NORMALISED_GATES)
+def test_weights_sum_to_one_per_input(name: str) -> None:
+    _, r = route(name, torch.randn(T, D))
+    sums = torch.zeros(T).index_add(0, r.token, r.weight.detach())
+    torch.testing.assert_close(sums, torch.ones(T), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", EXACT_K_GATES)
+def test_exactly_k_experts_per_input(name: str) -> None:
+    _, r = route(name, torch.randn(T, D))
+    assert bool((r.active_per_input() == 2).all())
+
+
+def test_switch_is_top1_of_softmax() -> None:
+    gate, r = route("switch", torch.randn(T, D))
+    probs = torch.softmax(gate.proj(torch.randn(0, D)), -1)  # exercises T=0 too
+    assert probs.shape == (0, N)
+    x = torch.randn(T, D)
+    r = gate(x)
+    full = torch.softmax(gate.proj(x), -1)
+    torch.testing.assert_close(r.to_dense().max(-1).values, full.max(-1).values)
+    assert set(r.aux_losses) == {"load_balance", "z_loss"}
+
+
+def test_switch_capacity_drops_and_reports() -> None:
+    gate = gates.build("switch", D, 4, capacity_factor=0.5)
+    r = gate(torch.randn(64, D))
+    capacity = 8  # ceil(0.5 * 64 / 4)
+    assert int(r.load().max()) <= capacity
+    assert r.dropped_fraction == pytest.approx(1 - r.num_pairs / 64)
+
+
+def test_expert_choice_balanced_load() -> None:
+    _, r = route("expert_choice", torch.randn(40, D), n=4)
+    assert r.load().tolist() == [20, 20, 20, 20]  # C = ceil(1.0 * 40 * 2 / 4)
+
+
+def test_topk_noise_and_balance_are_switchable() -> None:
+    gate = gates.build("topk", D, N, k=2, noisy=False, balance_weight=0.0)
+    x = torch.randn(T, D)
+    a, b = gate(x), gate(x)
+    torch.testing.assert_close(a.weight, b.weight)  # no noise: deterministic in training
+    assert a.aux_losses == {}
+    noisy = gates.build("topk", D, N, k=2)
+    assert "balance" in noisy(x).aux_losses
+
+
+def test_hash_is_fixed_and_balanced() -> None:
+    gate = gates.build("hash", D, 4, num_ids=1000)
+    ids = torch.arange(1000)
+    r = gate(torch.randn(1000, D), ids)
+    assert r.load().tolist() == [250, 250, 250, 250]
+    again = gate(torch.randn(1000, D), ids)
+    assert torch.equal(r.expert, again.expert)
+    # reloading the state dict restores the same table
+    clone = gates.build("hash", D, 4, num_ids=1000, seed=123)
+    clone.load_state_dict(gate.state_dict())
+    assert torch.equal(clone(torch.randn(1000, D), ids).expert, r.expert)
+
+
+def test_hash_without_ids_hashes_rows() -> None:
+    gate = gates.build("hash", D, 8)
+    x = torch.randn(500, D)
+    r1, r2 = gate(x), gate(x.clone())
+    assert torch.equal(r1.expert, r2.expert)
+    assert (r1.load() > 0).all()  # random rows spread over all experts
+
+
+def test_random_gate_is_seeded_and_respects_granularity() -> None:
+    x = torch.randn(30, D)
+    a = gates.build("random", D, N, k=2, seed=7)(x)
+    b = gates.build("random", D, N, k=2, seed=7)(x)
+    assert torch.equal(a.expert, b.expert)
+    batch = gates.build("random", D, N, k=2, granularity="batch")(x).expert.view(30, 2)
+    assert bool((batch == batch[0]).all())
+    seq = torch.arange(30) // 10
+    per_seq = gates.build("random", D, N, k=1, granularity="sequence")(x, seq).expert.view(3, 10)
+    assert bool((per_seq == per_seq[:, :1]).all())
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 8, 9])
+def test_comet_and_dselect_any_number_of_experts(n: int) -> None:
+    x = torch.randn(T, D)
+    for name in ("comet", "dselect_k"):
+        gate = gates.build(name, D, n, k=1)
+        r = gate(x)
+        dense = r.to_dense()
+        assert dense.shape == (T, n)
+        torch.testing.assert_close(dense.sum(-1), torch.ones(T), atol=1e-5, rtol=0)
+
+
+def test_comet_reach_probabilities_are_distributions() -> None:
+    gate = gates.build("comet", D, 7, k=3)
+    reach = gate.reach_probabilities(torch.randn(T, D))
+    assert reach.shape == (T, 7, 3)
+    torch.testing.assert_close(reach.sum(1), torch.ones(T, 3))
+
+
+def test_saturated_comet_tree_routes_to_one_leaf() -> None:
+    gate = gates.build("comet", D, 8, k=1, gamma=1.0)
+    with torch.no_grad():
+        gate.split.weight.zero_()
+        gate.split.bias.copy_(torch.tensor([5.0, -5.0, 5.0, 5.0, 5.0, 5.0, 5.0]))  # root left, node 1 right
+    r = gate(torch.randn(T, D))
+    # root -> left child (node 1) -> right child (node 4): leaves in DFS order 0..7, node 4 has leaves 2, 3
+    # node 4 goes left => leaf index 2
+    assert r.expert.unique().tolist() == [2]
+
+
+def _toy_task(name: str, steps: int = 500) -> tuple[torch.nn.Module, torch.Tensor]:
+    """Experts are fixed values; the target (±1 by the sign of x₀) is best met by hard choices."""
+    torch.manual_seed(0)
+    n, k = 8, 2
+    x = torch.randn(256, D)
+    targets = torch.tensor([1.0, -1.0, 0.3, -0.3, 0.5, -0.5, 0.1, -0.1])[:, None]
+    y = (x[:, :1] > 0).float() * 2 - 1
+    gate = gates.build(name, D, n, k=k, gamma=1.0, entropy_weight=1.0)
+    opt = torch.optim.Adam(gate.parameters(), lr=0.2)
+    for _ in range(steps):
+        r = gate(x)
+        pred = r.to_dense() @ targets
+        loss = (pred - y).pow(2).mean() + r.aux_loss()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return gate.eval(), x
+
+
+@pytest.mark.parametrize("name", ["dselect_k", "comet"])
+def test_sparse_gates_saturate_to_at_most_k_experts(name: str) -> None:
+    gate, x = _toy_task(name)
+    r = gate(x)
+    assert int(r.active_per_input().max()) <= gate.k
+    assert r.num_pairs < x.shape[0] * gate.num_experts / 2  # far from dense
+    # every emitted weight is a real (non-zero) weight: zeros are left out, not computed
+    assert bool((r.weight > 0).all())
+
+
+def test_smooth_step_values() -> None:
+    t = torch.tensor([-1.0, -0.5, 0.0, 0.25, 0.5, 2.0])
+    s = smooth_step(t, 1.0)
+    assert s[0] == 0 and s[1] == 0 and s[-1] == 1 and s[-2] == 1
+    assert s[2] == 0.5
+    torch.testing.assert_close(smooth_step(-t, 1.0), 1 - s)
+
+
+def test_smooth_step_gradcheck() -> None:
+    t = torch.linspace(-0.7, 0.7, 29, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda v: smooth_step(v, 1.0), (t,))
+    flat = torch.tensor([-3.0, 3.0], dtype=torch.float64, requires_grad=True)
+    smooth_step(flat, 1.0).sum().backward()
+    assert flat.grad.abs().sum() == 0  # exactly flat outside the band
+
+
+@pytest.mark.parametrize("name", ["dselect_k", "comet"])
+@pytest.mark.parametrize("n", [4, 6])
+def test_sparse_gate_weights_gradcheck(name: str, n: int) -> None:
+    gate = gates.build(name, 5, n, k=2, gamma=4.0).double()
+    x = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda v: gate(v).to_dense(), (x,))
+
+
+def test_dselect_static_variant_shares_weights() -> None:
+    gate = gates.build("dselect_k", D, 5, k=2, per_example=False)
+    dense = gate(torch.randn(T, D)).to_dense()
+    torch.testing.assert_close(dense, dense[:1].expand(T, -1))
