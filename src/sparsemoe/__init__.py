@@ -7,6 +7,7 @@
 """
 
 from . import gates
+from .checkpoint import load_checkpoint, save_checkpoint
 from .dispatch import dispatch, reference_dispatch
 from .experts import ExpertBank, ModuleExperts, StackedExperts
 from .layers import MoE, MultiTaskMoE
@@ -24,5 +25,7 @@ __all__ = [
     "StackedExperts",
     "dispatch",
     "gates",
+    "load_checkpoint",
     "reference_dispatch",
+    "save_checkpoint",
 ]
