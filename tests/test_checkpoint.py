@@ -40,7 +40,7 @@ def test_resume_gives_same_next_loss(tmp_path, gate: str) -> None:
 
 
 def test_failed_write_keeps_previous_checkpoint(tmp_path, monkeypatch) -> None:
-    moe, opt = make("topk")
+    moe, _ = make("topk")
     path = save_checkpoint(tmp_path / "c.safetensors", moe, step=1)
     before = path.read_bytes()
 
