@@ -45,21 +45,18 @@ def build(name: str, d_in: int, num_experts: int, **kwargs: object) -> Gate:
     cls = gate_class(name)
     params = inspect.signature(cls.__init__).parameters
     accepted = [p for p in params if p not in ("self", "d_in", "num_experts")]
-    if "k" in kwargs and "k" not in params:
-        k = kwargs.pop("k")
-        fixed = {"switch": 1}.get(name)
-        if k is not None and k != fixed:
-            raise ValueError(
-                f"gate {name!r} has no k (it routes to {'1 expert' if fixed else 'every expert'}); got k={k}"
-            )
-    if kwargs.get("k", 0) is None:
-        kwargs.pop("k")
+    k = kwargs.pop("k", None)
     unknown = sorted(set(kwargs) - set(accepted))
     if unknown:
         raise TypeError(
             f"gate {name!r} got unexpected argument(s) {', '.join(unknown)}; it accepts: {', '.join(accepted)}"
         )
-    return cls(d_in, num_experts, **kwargs)
+    if k is not None and "k" in params:
+        kwargs["k"] = k
+    gate = cls(d_in, num_experts, **kwargs)
+    if k is not None and k != gate.k:  # a gate without a k knob fixes it (dense: n, switch: 1)
+        raise ValueError(f"gate {name!r} has no k (it always routes to {gate.k} expert(s)); got k={k}")
+    return gate
 
 
 for _name, _cls in {
