@@ -206,5 +206,5 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     plot(summary, config["num_experts"], out / "demo.png")
     print(text)
-    console.print(f"wrote {out / 'results.json'}, {out / 'table.md'}, {out / 'demo.png'}")
+    console.print(f"wrote {out / 'results.json'}, {out / 'table.md'}, {out / 'demo.png'}", soft_wrap=True)
     return summary
