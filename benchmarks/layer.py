@@ -44,7 +44,7 @@ class LayerConfig:
     sweep_k: tuple[int, ...]
 
 
-FULL = LayerConfig(Shape(), 9, 5, (512, 1024, 2048, 4096, 8192, 16384), (4, 8, 16, 32, 64, 128), (1, 2, 3, 4))
+FULL = LayerConfig(Shape(), 7, 5, (512, 1024, 2048, 4096, 8192, 16384), (4, 8, 16, 32, 64, 128), (1, 2, 3, 4))
 QUICK = LayerConfig(Shape(512, 128, 512, 8, 2), 3, 2, (256, 1024), (4, 16), (1, 2))
 
 
@@ -55,8 +55,8 @@ def _memory_row(case: Case, dense_peak: int, dense_grads: int) -> tuple[int, int
     return peak, grads, f"{peak / dense_peak:.2f}", f"{activations:.2f}"
 
 
-def headline(cfg: LayerConfig, label: str, out_dir: Path, figure: str) -> Section:
-    """Time and peak memory of one training step at the headline shape, per expert kind."""
+def headline(cfg: LayerConfig, label: str, out_dir: Path, figure: str, peers: bool = True) -> Section:
+    """Time and peak memory of one training step at the headline shape, per expert kind (peers optional)."""
     shape = cfg.shape
     lines, targets = [], []
     plt = report.pyplot()
@@ -76,7 +76,7 @@ def headline(cfg: LayerConfig, label: str, out_dir: Path, figure: str) -> Sectio
             sparsemoe_case(shape.tokens, shape.d, shape.h, shape.n, shape.k, kind),
         ]
         skipped = []
-        for name, build in PEERS.items():
+        for name, build in PEERS.items() if peers else ():
             peer = build(shape.tokens, shape.d, shape.h, shape.n, shape.k, kind)
             (skipped.append(f"- {name}: skipped, {peer}") if isinstance(peer, str) else cases.append(peer))
         dense, ours = cases[0].name, cases[1].name
