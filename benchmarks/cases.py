@@ -95,4 +95,5 @@ def sparsemoe_case(
         out = module(inp)
         return out, module.aux_loss()
 
-    return Case(f"sparsemoe ({kind})", module, forward, x, grad)
+    options = ", ".join(f"{key}={value}" for key, value in gate_kwargs.items())
+    return Case(f"sparsemoe ({kind}{', ' + options if options else ''})", module, forward, x, grad)
