@@ -7,6 +7,7 @@ unless a capacity is set on the routing, nothing is dropped.
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from .experts import ExpertBank
 from .routing import Routing
@@ -31,7 +32,7 @@ class _WeightedIndexAdd(torch.autograd.Function):
     """``out[token[i]] += weight[i] · ys[i]`` for every pair ``i``, into ``[T, *out]``.
 
     Autograd would keep the scaled copy's graph and allocate three ``[N, *out]`` gradients; this
-    backward gathers the output gradient once and reuses it in place for ``∂ys``.
+    backward gathers the output gradient once and reuses it in place for ``∂ys``. First-order only.
     """
 
     @staticmethod
@@ -47,6 +48,7 @@ class _WeightedIndexAdd(torch.autograd.Function):
         return ys.new_zeros(num_inputs, *ys.shape[1:]).index_add_(0, token, ys * scale)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         ys, token, weight = ctx.saved_tensors
         grad_rows = grad.index_select(0, token)  # [N, *out]: the gradient reaching each pair

@@ -94,7 +94,7 @@ class CometGate(Gate):
         factors = sides.index_select(0, self.path_sides).view(*self.path_nodes.shape, x.shape[0], self.k)
         # The product over the path, level by level: the same numbers as ``factors.prod(1)``, whose
         # backward takes a slow cumprod path whenever a factor is exactly 0 (every saturated split).
-        return math.prod(factors.unbind(1)).transpose(0, 1)  # [T, n, k]
+        return math.prod(factors.unbind(1)).transpose(0, 1).contiguous()  # [T, n, k]
 
     def route(self, x: torch.Tensor, ids: torch.Tensor | None) -> Routing:
         reach = self.reach_probabilities(x)  # [T, n, k]
