@@ -16,7 +16,7 @@ class Section:
     title: str
     body: str
     figures: list[str] = field(default_factory=list)
-    targets: list[list[str]] = field(default_factory=list)  # rows: target, where we land, met?
+    targets: list[list[str]] = field(default_factory=list)  # rows: target, where we land, met?, why not
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

@@ -149,7 +149,9 @@ def main(argv: list[str] | None = None) -> None:
     text = header(args, command, time.perf_counter() - start, reused)
     text += "\nNotes on what was optimised, and why a target is missed where it is: [NOTES.md](NOTES.md).\n"
     if targets:
-        text += "\n## Targets\n\n" + table(["target", "where we land (median [min–max])", "status"], targets)
+        text += "\n## Targets\n\n" + table(
+            ["target", "where we land (median [min–max])", "status", "why, where missed"], targets
+        )
     for s in sections:
         text += f"\n## {s.title}\n\n{s.body}"
     text += "\n" + METHOD
