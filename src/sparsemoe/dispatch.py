@@ -7,6 +7,7 @@ unless a capacity is set on the routing, nothing is dropped.
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from .experts import ExpertBank
 from .routing import Routing
@@ -21,23 +22,54 @@ def sort_by_expert(expert: torch.Tensor, num_experts: int) -> tuple[torch.Tensor
 def run_experts(x: torch.Tensor, token: torch.Tensor, expert: torch.Tensor, experts: ExpertBank) -> torch.Tensor:
     """Expert outputs for each pair, ``[N, *out]``, in the order the pairs are given."""
     order, counts = sort_by_expert(expert, experts.num_experts)
-    ys_sorted = experts.forward_sorted(x[token[order]], counts)
+    ys_sorted = experts.forward_sorted(x.index_select(0, token[order]), counts)
     ys = torch.empty_like(ys_sorted)
     ys[order] = ys_sorted
     return ys
 
 
+class _WeightedIndexAdd(torch.autograd.Function):
+    """``out[token[i]] += weight[i] · ys[i]`` for every pair ``i``, into ``[T, *out]``.
+
+    Autograd would keep the scaled copy's graph and allocate three ``[N, *out]`` gradients; this
+    backward gathers the output gradient once and reuses it in place for ``∂ys``. First-order only.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        ys: torch.Tensor,
+        token: torch.Tensor,
+        weight: torch.Tensor,
+        num_inputs: int,
+    ) -> torch.Tensor:
+        ctx.save_for_backward(ys, token, weight)
+        scale = weight.view(-1, *([1] * (ys.dim() - 1)))
+        return ys.new_zeros(num_inputs, *ys.shape[1:]).index_add_(0, token, ys * scale)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        ys, token, weight = ctx.saved_tensors
+        grad_rows = grad.index_select(0, token)  # [N, *out]: the gradient reaching each pair
+        grad_weight = None
+        if ctx.needs_input_grad[2]:
+            grad_weight = (grad_rows * ys).flatten(1).sum(1)
+        if ctx.needs_input_grad[0]:
+            grad_rows.mul_(weight.view(-1, *([1] * (ys.dim() - 1))))
+        return grad_rows, None, grad_weight, None
+
+
 def combine(ys: torch.Tensor, token: torch.Tensor, weight: torch.Tensor, num_inputs: int) -> torch.Tensor:
     """``y[t] = Σ_{pairs of t} weight · ys``: ``[N, *out] -> [T, *out]``."""
-    scaled = ys * weight.to(ys.dtype).view(-1, *([1] * (ys.dim() - 1)))
-    return ys.new_zeros(num_inputs, *ys.shape[1:]).index_add(0, token, scaled)
+    return _WeightedIndexAdd.apply(ys, token, weight.to(ys.dtype), num_inputs)
 
 
 def dispatch(x: torch.Tensor, routing: Routing, experts: ExpertBank) -> torch.Tensor:
     """Apply the routed experts to ``x: [T, *in]`` and mix: returns ``[T, *out]``."""
     order, counts = sort_by_expert(routing.expert, experts.num_experts)
     token = routing.token[order]
-    ys = experts.forward_sorted(x[token], counts)  # [N, *out], grouped by expert
+    ys = experts.forward_sorted(x.index_select(0, token), counts)  # [N, *out], grouped by expert
     return combine(ys, token, routing.weight[order], routing.num_inputs)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .._validation import check_float
@@ -75,13 +77,19 @@ class CometGate(Gate):
         nodes, goes_left = _leaf_paths(num_experts)
         self.register_buffer("path_nodes", nodes, persistent=False)
         self.register_buffer("path_left", goes_left, persistent=False)
+        # Where each path step reads in [s, 1 - s] (node v going left at v, going right at n + v).
+        self.register_buffer("path_sides", (nodes + num_experts * ~goes_left).flatten(), persistent=False)
 
     def reach_probabilities(self, x: torch.Tensor) -> torch.Tensor:
         """``P: [T, n, k]``, the probability that tree ``t`` sends ``x`` to leaf ``j``."""
         s = smooth_step(self.split(x), self.gamma).view(x.shape[0], self.num_experts - 1, self.k)
         s = torch.cat([s, s.new_ones(x.shape[0], 1, self.k)], dim=1)  # padding node: always "left"
-        along_path = s[:, self.path_nodes]  # [T, n, depth, k]
-        return torch.where(self.path_left[..., None], along_path, 1 - along_path).prod(2)
+        # Node-major [2n, T, k], so that each path step gathers (and its backward adds) whole rows.
+        sides = torch.cat([s, 1 - s], dim=1).transpose(0, 1).contiguous()
+        factors = sides.index_select(0, self.path_sides).view(*self.path_nodes.shape, x.shape[0], self.k)
+        # The product over the path, level by level: the same numbers as ``factors.prod(1)``, whose
+        # backward takes a slow cumprod path whenever a factor is exactly 0 (every saturated split).
+        return math.prod(factors.unbind(1)).transpose(0, 1).contiguous()  # [T, n, k]
 
     def route(self, x: torch.Tensor, ids: torch.Tensor | None) -> Routing:
         reach = self.reach_probabilities(x)  # [T, n, k]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -68,7 +70,10 @@ class DSelectKGate(Gate):
         else:
             z = self.z.view(1, self.k, 1, self.num_bits).expand(x.shape[0], -1, -1, -1)
         s = smooth_step(z, self.gamma)
-        r = torch.where(self.bits, s, 1 - s).prod(-1)  # [T, k, n]
+        factors = torch.where(self.bits, s, 1 - s)  # [T, k, n, m]
+        # Multiplied bit by bit: the same numbers as ``factors.prod(-1)``, whose backward takes a slow
+        # cumprod path whenever a factor is exactly 0 (every saturated smooth-step). n = 1 has no bits.
+        r = math.prod(factors.unbind(-1)) if self.num_bits else factors.prod(-1)  # [T, k, n]
         mass = r.sum(-1)
         if self.num_experts < 2**self.num_bits:
             r = r / mass.clamp_min(1e-6)[..., None]

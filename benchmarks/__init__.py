@@ -1,0 +1,1 @@
+"""Performance benchmarks of sparsemoe: ``python -m benchmarks.run``."""

@@ -1,0 +1,163 @@
+"""``python -m benchmarks.run [--quick]``: regenerate ``benchmarks/RESULTS.md`` and its plots.
+
+Families: the layer against its dense-equivalent and the peer libraries (time, peak memory), where
+the time goes (profile), sweeps over T/n/k, gate cost and sparse-gate scaling, local search
+overhead, and the demo's training throughput. ``--quick`` runs small shapes in under a minute and
+writes to ``benchmarks/quick/`` so it never overwrites the committed full results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import time
+from pathlib import Path
+
+import torch
+
+from . import gates, layer, profile, search, timing, training
+from .report import Section, table
+
+HERE = Path(__file__).resolve().parent
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+
+
+def reuse_freed_memory() -> bool:
+    """Make glibc keep freed memory for reuse instead of returning it to the kernel.
+
+    By default every tensor above 32 MiB is a fresh ``mmap`` whose pages fault in on first touch,
+    each step again; jemalloc/tcmalloc (which PyTorch's CPU tuning guide recommends) reuse freed
+    memory instead. This does the same through ``mallopt``. Returns False where it is unavailable.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(M_TRIM_THRESHOLD, ctypes.c_int(2**31 - 1)) and libc.mallopt(M_MMAP_MAX, 0))
+    except OSError:
+        return False
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small shapes, few repeats (< 1 minute)")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="output folder (default benchmarks/, quick: benchmarks/quick/)"
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own default)")
+    parser.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="wall: elapsed time (default); cpu: process CPU time, immune to being descheduled "
+        "on a shared machine (meaningful with --threads 1)",
+    )
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        default=None,
+        choices=("headline", "profile", "sweeps", "gates", "search", "training"),
+        help="run only these families",
+    )
+    return parser.parse_args(argv)
+
+
+def header(args: argparse.Namespace, command: str, seconds: float, reused: bool) -> str:
+    info = timing.machine_info()
+    return (
+        "# sparsemoe benchmarks\n\n"
+        f"Command: `{command}` (regenerates this file and the PNGs next to it).\n\n"
+        f"- Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; run took {seconds / 60:.1f} min\n"
+        f"- Machine: {info['cpu']}, {info['cores']} cores (shared with other jobs: compare ratios, not times)\n"
+        f"- torch {info['torch']}, {info['threads']} threads, Python {info['python']}; fp32, CPU\n"
+        f"- Clock: {'wall time' if args.clock == 'wall' else 'process CPU time'}; allocator: glibc, "
+        f"{'freed memory reused after the first headline (see Method)' if reused else 'default'}\n"
+        "- Peers installed with `pip install -c constraints.txt -e '.[bench]'`; missing ones are skipped with a line.\n"
+    )
+
+
+METHOD = """## Method
+
+- **Timing**: every candidate of a comparison is called in turn, round after round (A B C A B C ...),
+  after one untimed warm-up round; a ratio is computed within each round and then summarised, so a
+  slow stretch on this shared machine hits both sides. Numbers are *median [min–max]* over rounds.
+- **Step**: gradients cleared with `set_to_none` (what `optimizer.zero_grad()` does), forward,
+  backward from a fixed random upstream gradient, plus the layer's auxiliary loss where it has one.
+- **Dense-equivalent**: `T·k` rows through one expert-sized network (`F.linear`, activation,
+  `F.linear`): the expert FLOPs of the MoE and nothing else.
+- **Peak memory**: `torch.profiler(profile_memory=True)` records every allocation and free of
+  PyTorch's CPU allocator with its size; the running sum of those events over one step, in time
+  order, is the memory the step holds, and its maximum is the peak (it includes the new parameter
+  gradients). This is the exact allocation peak of the op, unlike process RSS, which the C allocator's
+  caching blurs.
+- **Allocator**: with glibc's defaults, tensors above 32 MiB are fresh `mmap`s whose pages fault in
+  on first touch at every step; the n× larger expert weight gradients make this cost more in the MoE
+  than in its dense-equivalent. The first headline (ours and the dense-equivalent only) runs with the
+  defaults, then `mallopt` makes glibc reuse freed memory (as jemalloc/tcmalloc do; PyTorch's CPU
+  performance guide recommends them) for the second headline, with the peers, and everything after it.
+"""
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    timing.CLOCK = time.perf_counter if args.clock == "wall" else time.process_time
+    out = args.out or (HERE / "quick" if args.quick else HERE)
+    out.mkdir(parents=True, exist_ok=True)
+    families = set(args.only or ("headline", "profile", "sweeps", "gates", "search", "training"))
+    layer_cfg = layer.QUICK if args.quick else layer.FULL
+    gate_cfg = gates.QUICK if args.quick else gates.FULL
+    start = time.perf_counter()
+    sections: list[Section] = []
+
+    def run(name: str, fn, *fargs: object) -> None:
+        print(f"[{time.perf_counter() - start:6.0f}s] {name} ...", flush=True)
+        sections.append(fn(*fargs))
+
+    if "headline" in families:
+        run(
+            "headline (glibc default)",
+            layer.headline,
+            layer_cfg,
+            "glibc malloc defaults",
+            out,
+            "layer_headline_default.png",
+            False,  # the allocator's effect is about us vs the dense-equivalent; peers run once, below
+        )
+    reused = reuse_freed_memory()
+    if "headline" in families and reused:
+        run("headline (memory reused)", layer.headline, layer_cfg, "freed memory reused", out, "layer_headline.png")
+    if "profile" in families:
+        for kind in layer.KINDS:
+            run(f"profile {kind}", profile.breakdown, layer_cfg.shape, kind, layer_cfg.sweep_repeats + 2)
+    if "sweeps" in families:
+        run("sweeps", layer.sweeps, layer_cfg, out)
+    if "gates" in families:
+        run("gate cost", gates.routing_cost, gate_cfg, out)
+        run("sparse gates", gates.sparse_gate_layers, gate_cfg, out)
+    if "search" in families:
+        run("local search", search.local_search_overhead, layer_cfg.shape, layer_cfg.sweep_repeats, out)
+    if "training" in families:
+        run("training throughput", training.throughput, 1 if args.quick else 3, 1 if args.quick else 3, out)
+
+    command = (
+        "python -m benchmarks.run"
+        + (" --quick" if args.quick else "")
+        + (f" --threads {args.threads}" if args.threads else "")
+        + (" --clock cpu" if args.clock == "cpu" else "")
+    )
+    targets = [row for s in sections for row in s.targets]
+    text = header(args, command, time.perf_counter() - start, reused)
+    text += "\nNotes on what was optimised, and why a target is missed where it is: [NOTES.md](NOTES.md).\n"
+    if targets:
+        text += "\n## Targets\n\n" + table(
+            ["target", "where we land (median [min–max])", "status", "why, where missed"], targets
+        )
+    for s in sections:
+        text += f"\n## {s.title}\n\n{s.body}"
+    text += "\n" + METHOD
+    (out / "RESULTS.md").write_text(text)
+    print(f"wrote {out / 'RESULTS.md'} in {(time.perf_counter() - start) / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    main()
