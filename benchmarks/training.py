@@ -11,20 +11,10 @@ from . import report
 from .report import Section
 from .timing import Stat
 
-#: The demo's gate options (``sparsemoe.experiments.demo.run``), so the model trained is the demo's.
-DEMO_GATE_KWARGS: dict[str, dict[str, object]] = {
-    "topk": {"k": 2, "noisy": False},
-    "hash": {"k": 1},
-    "random": {"k": 2},
-    "expert_choice": {"k": 2},
-    "dselect_k": {"k": 2},
-    "comet": {"k": 2},
-}
-
 
 def throughput(epochs: int, repeats: int, out_dir: Path) -> Section:
     """Training examples per second of ``demo.train_one`` (its fit loop, validation included), gates interleaved."""
-    config = {**demo.DEFAULTS, "epochs": epochs, "gate_kwargs": DEMO_GATE_KWARGS}
+    config = {**demo.DEFAULTS, "epochs": epochs, "gate_kwargs": demo.GATE_KWARGS}
     rows_per_epoch = len(demo.load_two_task_digits(0)["train_x"])
     names = gates.available()
     samples: dict[str, list[float]] = {name: [] for name in names}

@@ -29,6 +29,15 @@ from .store import RunStore, write_json
 TASKS = ("digit >= 5", "digit is even")
 DEFAULTS = {"epochs": 60, "batch_size": 64, "lr": 3e-3, "num_experts": 8, "d_expert": 32, "tower_hidden": 16}
 QUICK = {"epochs": 4}
+#: per-gate options: k=2 where the gate has a k (hash: 1, as in Hash layers); top-k without noise
+GATE_KWARGS: dict[str, dict[str, object]] = {
+    "topk": {"k": 2, "noisy": False},
+    "hash": {"k": 1},
+    "random": {"k": 2},
+    "expert_choice": {"k": 2},
+    "dselect_k": {"k": 2},
+    "comet": {"k": 2},
+}
 
 
 def load_two_task_digits(seed: int) -> dict[str, torch.Tensor]:
@@ -163,14 +172,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     config = {**DEFAULTS, **(QUICK if args.quick else {}), "seeds": seeds, "gates": gate_names, "quick": args.quick}
     if args.epochs is not None:
         config["epochs"] = args.epochs
-    config["gate_kwargs"] = {
-        "topk": {"k": 2, "noisy": False},
-        "hash": {"k": 1},
-        "random": {"k": 2},
-        "expert_choice": {"k": 2},
-        "dselect_k": {"k": 2},
-        "comet": {"k": 2},
-    }
+    config["gate_kwargs"] = GATE_KWARGS
     store = RunStore(args.out / ("quick" if args.quick else ""))
     if args.fresh:
         store.clear()
