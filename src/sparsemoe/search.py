@@ -180,7 +180,9 @@ class PermutationSearch(nn.Module):
     def _soft_permute(routing: Routing, pi: torch.Tensor) -> Routing:
         weights = routing.to_dense() @ pi.to(routing.weight.dtype)  # [T, n] gate coordinates -> experts
         weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-12)
-        return Routing.from_dense(weights, aux_losses=dict(routing.aux_losses), dropped_fraction=routing.dropped_fraction)
+        return Routing.from_dense(
+            weights, aux_losses=dict(routing.aux_losses), dropped_fraction=routing.dropped_fraction
+        )
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, steps={self.steps}, hardened={bool(self.hardened)}"
