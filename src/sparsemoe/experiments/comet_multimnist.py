@@ -26,17 +26,17 @@ NAME = "comet-multimnist"
 DEFAULTS: dict[str, Any] = {
     "num_experts": 8,  # paper: 16 (n = 5 in some official configs)
     "k": 2,  # paper: 4
-    "images": [6000, 1000, 2000],  # train/val/test pairs; paper: 100k/20k/20k (we have 5,000 digits)
-    "batch_size": 256,  # paper: 512
-    "epochs": 4,  # paper: 200 (early stopping, patience 25)
-    "patience": 2,
+    "images": [2000, 500, 1000],  # train/val/test pairs; paper: 100k/20k/20k (we have 5,000 digits)
+    "batch_size": 128,  # paper: 512
+    "epochs": 3,  # paper: 200 (early stopping, patience 25)
+    "patience": 1,
     "data_seed": 0,
     "lr_range": [1e-3, 1e-2],  # paper: [1e-4, 1e-3], over ~100x more optimiser steps
     "gamma_grid": [0.001, 0.01, 0.1, 1.0, 5.0, 10.0],
     "comet_plus_gamma": 0.01,
     "entropy_grid": [1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0],
     "perm_epochs_grid": [1, 2],  # paper: 1..10 of 200 epochs (log-uniform share 1-5% in the code)
-    "trials": 8,
+    "trials": 5,
     "seeds": 5,
 }
 QUICK: dict[str, Any] = {"images": [512, 256, 256], "epochs": 1, "trials": 1, "seeds": 1, "perm_epochs_grid": [1]}

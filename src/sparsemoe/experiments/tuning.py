@@ -2,7 +2,7 @@
 
 Per gate: a random search with Optuna's ``RandomSampler`` over the gate's grid, minimising the
 validation loss, stored in an SQLite file per gate under the experiment's folder
-(``optuna-<gate>.db``) so a stopped study resumes where it stopped (``--trials`` is a target count,
+(``optuna-<gate>-<config hash>.db``) so a stopped study resumes where it stopped (``--trials`` is a target count,
 not an increment) and gates can be tuned by separate processes (``--gates``) at the same time.
 Reported as in the paper: the mean and standard error of the test metrics over the top 5% of
 trials by validation loss; then the best trial's configuration is retrained over ``--seeds`` seeds (each run saved by
@@ -97,9 +97,15 @@ def _params_key(params: dict[str, Any]) -> str:
     return hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]
 
 
-def storage_url(out: Path, gate: str) -> str:
-    """The Optuna SQLite storage of one gate's study."""
-    return f"sqlite:///{(out / f'optuna-{gate}.db').resolve()}"
+def config_tag(config: dict[str, Any]) -> str:
+    """A short hash of the fixed settings: a study only resumes trials run under the same settings."""
+    fixed = {k: v for k, v in config.items() if k not in ("trials", "seeds", "gates")}
+    return hashlib.sha1(json.dumps(fixed, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def storage_url(out: Path, gate: str, config: dict[str, Any]) -> str:
+    """The Optuna SQLite storage of one gate's study under one configuration."""
+    return f"sqlite:///{(out / f'optuna-{gate}-{config_tag(config)}.db').resolve()}"
 
 
 def run_gate_study(problem: Problem, gate: str, trials: int, storage: str, advance: Callable[[], None]) -> list[Record]:
@@ -147,7 +153,9 @@ def run_tuning(problem: Problem, gates: list[str], trials: int, seeds: int, out:
         task = bar.add_task(f"{problem.name}: tuning", total=len(gates) * (trials + seeds))
         for gate in gates:
             bar.update(task, description=f"{problem.name}: {gate} random search")
-            studies[gate] = run_gate_study(problem, gate, trials, storage_url(out, gate), lambda: bar.advance(task))
+            studies[gate] = run_gate_study(
+                problem, gate, trials, storage_url(out, gate, problem.config), lambda: bar.advance(task)
+            )
             ranked = top_fraction(studies[gate], 1.0)
             if not ranked:
                 raise RuntimeError(f"every trial of gate {gate!r} diverged; nothing to report")
@@ -155,7 +163,7 @@ def run_tuning(problem: Problem, gates: list[str], trials: int, seeds: int, out:
             runs = []
             bar.update(task, description=f"{problem.name}: {gate} best config x {seeds} seeds")
             for seed in range(seeds):
-                key = RunStore.key(gate=gate, seed=seed, params=_params_key(params))
+                key = RunStore.key(gate=gate, seed=seed, params=_params_key(params), config=config_tag(problem.config))
                 record = store.get(key)
                 if record is None:
                     record = {
