@@ -195,6 +195,7 @@ def run_tuning(problem: Problem, gates: list[str], trials: int, seeds: int, out:
         "command": command,
         "written": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "config": {**problem.config, "trials_per_gate": trials, "seeds": seeds, "gates": gates},
+        "config_tag": config_tag(problem.config),
         "cost": {
             "training_seconds_total": compute,
             "this_invocation_wall_seconds": time.perf_counter() - started,
