@@ -22,7 +22,10 @@ class UserItemEmbedding(nn.Module):
 
 
 class RecsysMMoE(MMoE):
-    """Embeddings as the shared bottom and the gate input; Dense+ReLU(+dropout) experts; two towers.
+    """Embeddings as the shared bottom and the gate input; Dense+ReLU experts; two towers.
+
+    Dropout is applied to each task's mixed expert output (the paper puts it inside each expert:
+    the same rate, but one mask per task instead of one per expert).
 
     ``forward(ids [T, 2])`` returns ``[watch logit [T, 1], rating [T, 1]]``. Hash gates route by user
     id (``num_ids=num_users``), as in the official code, where every user is pre-assigned to an expert.
