@@ -11,6 +11,7 @@ from .dispatch import dispatch, reference_dispatch
 from .experts import ExpertBank, ModuleExperts, StackedExperts
 from .layers import MoE, MultiTaskMoE
 from .routing import Routing, RoutingStats
+from .search import PermutationSearch
 
 __version__ = "0.1.0"
 
@@ -19,6 +20,7 @@ __all__ = [
     "MoE",
     "ModuleExperts",
     "MultiTaskMoE",
+    "PermutationSearch",
     "Routing",
     "RoutingStats",
     "StackedExperts",
