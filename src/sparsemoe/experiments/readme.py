@@ -94,6 +94,27 @@ def claim_rows(results: dict[str, dict[str, Any]]) -> list[list[str]]:
     return rows
 
 
+#: config keys worth a line in the README, with the paper's value where ours is scaled down
+PAPER_VALUES = {
+    "num_experts": "16",
+    "k": "2 MovieLens / 4 MultiMNIST",
+    "embed_dim": "128",
+    "expert_dim": "256",
+    "batch_size": "512",
+    "epochs": "100 MovieLens / 200 MultiMNIST, patience 25",
+    "train_rows": "1.6M (MovieLens-1M)",
+    "images": "100k/20k/20k",
+    "lr_range": "[5e-5, 5e-4] MovieLens, [1e-4, 1e-3] MultiMNIST",
+    "trials_per_gate": "500",
+    "seeds": "-",
+}
+
+
+def _setup(config: dict[str, Any]) -> str:
+    items = [f"{key}={config[key]} ({paper})" for key, paper in PAPER_VALUES.items() if key in config]
+    return "; ".join(items) + "."
+
+
 def _cost(res: dict[str, Any]) -> str:
     cost = res.get("cost", {})
     if "training_seconds_total" not in cost:
@@ -115,6 +136,8 @@ def render(results_dir: Path, reading: str) -> str:
             continue
         res = results[name]
         parts.append(f"### {name}\n\nCommand: `{res['command']}`. Cost: {_cost(res)}.\n")
+        if name != "comet-tuning":
+            parts.append("Setup (the paper's value in parentheses): " + _setup(res["config"]) + "\n")
         parts.append(_table_body(results_dir / name))
         parts.append(f"![{name}](../results/{name}/{name}.png)\n")
     parts.append(
