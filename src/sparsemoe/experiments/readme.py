@@ -119,7 +119,10 @@ def _cost(res: dict[str, Any]) -> str:
     cost = res.get("cost", {})
     if "training_seconds_total" not in cost:
         return "no training (reads the comet-movielens trials)"
-    return f"{cost['training_seconds_total'] / 60:.0f} min of single-thread training in total"
+    text = f"{cost['training_seconds_total'] / 60:.0f} min of single-thread training in total"
+    if "wall_clock_span_seconds" in cost:
+        text += f", {cost['wall_clock_span_seconds'] / 60:.0f} min wall-clock from first trial to last run"
+    return text
 
 
 def render(results_dir: Path, reading: str) -> str:

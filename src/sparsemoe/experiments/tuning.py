@@ -103,6 +103,16 @@ def config_tag(config: dict[str, Any]) -> str:
     return hashlib.sha1(json.dumps(fixed, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
+def _run_key(record: dict[str, Any], config: dict[str, Any]) -> dict[str, str]:
+    """The parts of a best-configuration seed run's :class:`RunStore` key."""
+    return {
+        "gate": record["gate"],
+        "seed": record["seed"],
+        "params": _params_key(record["params"]),
+        "config": config_tag(config),
+    }
+
+
 def storage_url(out: Path, gate: str, config: dict[str, Any]) -> str:
     """The Optuna SQLite storage of one gate's study under one configuration."""
     return f"sqlite:///{(out / f'optuna-{gate}-{config_tag(config)}.db').resolve()}"
@@ -134,7 +144,11 @@ def run_gate_study(problem: Problem, gate: str, trials: int, storage: str, advan
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
         finished.append(trial)
         advance()
-    records = [t.user_attrs["record"] for t in study.trials if t.state.is_finished() and "record" in t.user_attrs]
+    records = [
+        {**t.user_attrs["record"], "started": t.datetime_start.timestamp(), "finished": t.datetime_complete.timestamp()}
+        for t in study.trials
+        if t.state.is_finished() and "record" in t.user_attrs
+    ]
     return sorted(records, key=lambda r: r["number"])[:trials]
 
 
@@ -163,7 +177,7 @@ def run_tuning(problem: Problem, gates: list[str], trials: int, seeds: int, out:
             runs = []
             bar.update(task, description=f"{problem.name}: {gate} best config x {seeds} seeds")
             for seed in range(seeds):
-                key = RunStore.key(gate=gate, seed=seed, params=_params_key(params), config=config_tag(problem.config))
+                key = RunStore.key(**_run_key({"gate": gate, "seed": seed, "params": params}, problem.config))
                 record = store.get(key)
                 if record is None:
                     record = {
@@ -190,6 +204,15 @@ def run_tuning(problem: Problem, gates: list[str], trials: int, seeds: int, out:
     compute = sum(r["seconds"] for g in gates for r in studies[g]) + sum(
         r["seconds"] for g in gates for r in best[g]["runs"]
     )
+    # Wall-clock span of the whole study (all processes): first trial start to last trial or seed run end.
+    # Seed runs saved before their records carried a timestamp fall back to their file's modification time.
+    ends = [r["finished"] for g in gates for r in studies[g]]
+    ends += [
+        r.get("finished") or store.path(RunStore.key(**_run_key(r, problem.config))).stat().st_mtime
+        for g in gates
+        for r in best[g]["runs"]
+    ]
+    span = max(ends) - min(r["started"] for g in gates for r in studies[g])
     results = {
         "experiment": problem.name,
         "command": command,
@@ -198,6 +221,7 @@ def run_tuning(problem: Problem, gates: list[str], trials: int, seeds: int, out:
         "config_tag": config_tag(problem.config),
         "cost": {
             "training_seconds_total": compute,
+            "wall_clock_span_seconds": span,
             "this_invocation_wall_seconds": time.perf_counter() - started,
         },
         "summary": summary,
