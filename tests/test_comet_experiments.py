@@ -46,25 +46,25 @@ def test_comet_tuning_quick(tmp_path) -> None:
     assert main([*args, "--out", str(tmp_path / "tuning")]) == 0
     results = _results(tmp_path / "tuning" / "quick")
     assert results["trials_per_gate"] == 2
-    assert len(results["expected_best"]["topk+"]) == 2
+    assert len(results["expected_best"]["val_auc"]["topk+"]) == 2
     assert {r["target_from"] for r in results["reach"]} == {"topk", "topk+", "hash", "hash+"}
 
 
 def test_expected_best_matches_resampling() -> None:
     import numpy as np
 
-    from sparsemoe.experiments.comet_tuning import bootstrap_band, expected_best
+    from sparsemoe.experiments.comet_tuning import bootstrap_band, budget_to_reach, expected_best
 
     rng = np.random.default_rng(0)
-    records = [{"val_loss": float(v), "val": {"auc": float(1 - v)}} for v in rng.random(20)]
-    records.append({"val_loss": float("inf"), "val": {"auc": 0.0}})  # a diverged trial
+    values = np.append(rng.random(20), np.nan)  # one diverged trial, which never wins
     budgets = np.array([1, 3, 10])
-    exact = expected_best(records, budgets)
-    assert exact[0] < exact[1] < exact[2] <= max(r["val"]["auc"] for r in records)
-    draws = rng.integers(0, len(records), size=(20000, 3))
-    losses = np.array([r["val_loss"] for r in records])
-    aucs = np.array([r["val"]["auc"] for r in records])
-    simulated = aucs[draws[np.arange(20000), np.argmin(losses[draws], axis=1)]].mean()
-    assert abs(simulated - exact[1]) < 0.01
-    lo, hi = bootstrap_band(records, budgets)
+    exact = expected_best(values, budgets, higher=True)
+    assert exact[0] < exact[1] < exact[2] <= np.nanmax(values)
+    draws = values[rng.integers(0, len(values), size=(20000, 3))]
+    assert abs(np.nanmax(draws, axis=1).mean() - exact[1]) < 0.01
+    lower = expected_best(values, budgets, higher=False)
+    assert lower[0] > lower[1] > lower[2] >= np.nanmin(values)
+    lo, hi = bootstrap_band(values, budgets, higher=True)
     assert np.all(lo <= hi)
+    assert budget_to_reach(exact, budgets, float(exact[1]), higher=True) == 3
+    assert budget_to_reach(lower, budgets, float(lower[2]) - 1.0, higher=False) is None

@@ -81,9 +81,10 @@ def claim_rows(results: dict[str, dict[str, Any]]) -> list[list[str]]:
                 continue
             need_plain, need_plus = r["trials_needed"][plain], r["trials_needed"][plus]
             ours = "not reached" if need_plus is None else f"{(need_plain or n) / need_plus:.1f}x fewer trials"
+            score = {"val_auc": "val ROC-AUC", "val_loss": "val loss"}.get(r.get("score", "val_auc"), r.get("score"))
             rows.append(
                 [
-                    f"{plus} vs {plain}: trials to reach {plain}'s {n}-trial val AUC",
+                    f"{plus} vs {plain}: trials to reach {plain}'s {n}-trial expected best {score}",
                     "comet-movielens",
                     f"{plain}: {need_plain}, {plus}: {need_plus if need_plus is not None else f'> {n}'}",
                     f"up to {CLAIMS['budget']:.0f}x fewer",
