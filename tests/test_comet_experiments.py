@@ -61,7 +61,7 @@ def test_expected_best_matches_resampling() -> None:
     exact = expected_best(values, budgets, higher=True)
     assert exact[0] < exact[1] < exact[2] <= np.nanmax(values)
     draws = values[rng.integers(0, len(values), size=(20000, 3))]
-    assert abs(np.nanmax(draws, axis=1).mean() - exact[1]) < 0.01
+    assert abs(np.nanmean(np.fmax.reduce(draws, axis=1)) - exact[1]) < 0.01  # given one finite draw
     lower = expected_best(values, budgets, higher=False)
     assert lower[0] > lower[1] > lower[2] >= np.nanmin(values)
     lo, hi = bootstrap_band(values, budgets, higher=True)

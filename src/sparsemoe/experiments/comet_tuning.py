@@ -61,7 +61,7 @@ def bootstrap_band(values: np.ndarray, budgets: np.ndarray, higher: bool, seed: 
     band = np.empty((2, len(budgets)))
     for j, m in enumerate(budgets):
         draws = values[rng.integers(0, len(values), size=(BOOTSTRAP, int(m)))]
-        best = np.nanmax(draws, axis=1) if higher else np.nanmin(draws, axis=1)
+        best = (np.fmax if higher else np.fmin).reduce(draws, axis=1)  # NaN only if every draw is NaN
         band[:, j] = np.nanpercentile(best, [5, 95])
     return band
 
