@@ -36,7 +36,7 @@ DEFAULTS: dict[str, Any] = {
     "comet_plus_gamma": 0.01,
     "entropy_grid": [1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0],
     "perm_epochs_grid": [1, 2],  # paper: 1..10 of 200 epochs (log-uniform share 1-5% in the code)
-    "trials": 5,
+    "trials": 10,
     "seeds": 5,
 }
 QUICK: dict[str, Any] = {"images": [512, 256, 256], "epochs": 1, "trials": 1, "seeds": 1, "perm_epochs_grid": [1]}
