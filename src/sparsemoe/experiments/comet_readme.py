@@ -120,6 +120,11 @@ def _setup(config: dict[str, Any]) -> str:
 
 def _cost(res: dict[str, Any]) -> str:
     cost = res.get("cost", {})
+    if "training_seconds_of_trials_used" in cost:
+        return (
+            f"{cost['training_seconds_of_trials_used'] / 60:.0f} min of single-thread training in the trials it uses "
+            "(shared with comet-movielens, whose studies it extends when asked for more trials)"
+        )
     if "training_seconds_total" not in cost:
         return "no training (reads the comet-movielens trials)"
     text = f"{cost['training_seconds_total'] / 60:.0f} min of single-thread training in total"

@@ -154,6 +154,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "written": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "config": {"movielens_config": config, "scores": {k: v[0] for k, v in SCORES.items()}},
         "trials_per_gate": n,
+        # Training time of the trials used; those also in comet-movielens (its first trials) are not extra cost.
+        "cost": {"training_seconds_of_trials_used": sum(r["seconds"] for g in gates for r in trials[g][:n])},
         "expected_best": curves,
         "band_5_95": bands,
         "reach": reach,
