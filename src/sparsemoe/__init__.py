@@ -12,6 +12,7 @@ from .dispatch import dispatch, reference_dispatch
 from .experts import ExpertBank, ModuleExperts, StackedExperts
 from .layers import MoE, MultiTaskMoE
 from .routing import Routing, RoutingStats
+from .search import PermutationSearch
 
 __version__ = "0.1.0"
 
@@ -20,6 +21,7 @@ __all__ = [
     "MoE",
     "ModuleExperts",
     "MultiTaskMoE",
+    "PermutationSearch",
     "Routing",
     "RoutingStats",
     "StackedExperts",

@@ -15,6 +15,13 @@ def _cmd_gates(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_data_fetch(args: argparse.Namespace) -> int:
+    from .data.fetch import fetch
+
+    print(f"wrote {fetch(args.name, args.root)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparsemoe", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -26,6 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=lambda a: demo_module.run(a) and 0)
 
     sub.add_parser("gates", help="list the available gates").set_defaults(func=_cmd_gates)
+
+    data = sub.add_parser("data", help="data sets").add_subparsers(dest="data_command", required=True)
+    fetch = data.add_parser("fetch", help="download a data set from its canonical source")
+    fetch.add_argument("name", choices=["movielens-100k", "mnist-5k"])
+    fetch.add_argument("--root", default=None, help="parent folder (default $SPARSEMOE_DATA_DIR)")
+    fetch.set_defaults(func=_cmd_data_fetch)
 
     reproduce = sub.add_parser("reproduce", help="run a paper experiment end to end")
     names = reproduce.add_subparsers(dest="experiment", required=True, metavar="NAME")

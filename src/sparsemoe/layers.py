@@ -11,6 +11,7 @@ from .dispatch import combine, dispatch, run_experts
 from .experts import ExpertBank, StackedExperts
 from .gates.base import Gate
 from .routing import Routing
+from .search import PermutationSearch, split_gate_name
 
 
 def _make_gate(gate: str | Gate, d_in: int, num_experts: int, k: int | None, check_finite: bool, kwargs: dict) -> Gate:
@@ -41,6 +42,9 @@ class MoE(nn.Module):
         capacity_factor: if set, each expert takes at most ``ceil(capacity_factor · N / n)`` pairs;
             the rest are dropped (reported in :meth:`routing_stats`). Default: dropless.
         check_finite: reject inputs holding NaN/inf (one reduction per call).
+        local_search: learn a permutation between gate outputs and experts (COMET's "+" gates, see
+            :mod:`sparsemoe.search`); a gate name ending in ``+`` (``"comet+"``) switches it on too.
+        local_search_steps: training forwards before the permutation is hardened and frozen.
         **gate_kwargs: passed to the gate (``gamma=``, ``entropy_weight=``, ``noisy=``, ...).
 
     After each forward, ``last_routing`` holds the routing and :meth:`aux_loss` the sum of the
@@ -60,12 +64,16 @@ class MoE(nn.Module):
         bias: bool = False,
         capacity_factor: float | None = None,
         check_finite: bool = True,
+        local_search: bool = False,
+        local_search_steps: int = 1000,
         **gate_kwargs: object,
     ) -> None:
         super().__init__()
         self.d_model = check_int("d_model", d_model, low=1)
         num_experts = check_int("num_experts", num_experts, low=1)
-        self.gate = _make_gate(gate, d_model, num_experts, k, check_finite, gate_kwargs)
+        gate, local_search = split_gate_name(gate, local_search)
+        self.gate = _make_gate(gate, d_model, num_experts, k, check_finite, gate_kwargs)  # type: ignore[arg-type]
+        self.search = PermutationSearch(num_experts, local_search_steps) if local_search else None
         if isinstance(expert, ExpertBank):
             self.experts = expert
         else:
@@ -94,6 +102,8 @@ class MoE(nn.Module):
         check_input(x, self.d_model, check_finite=self.check_finite)
         flat = x.reshape(-1, self.d_model)  # [T, d]
         routing = self.gate(flat, None if ids is None else ids.reshape(-1))
+        if self.search is not None:
+            routing = self.search.permute([routing])[0]
         if self.capacity_factor is not None:
             routing = routing.with_capacity(self.capacity_factor)
         self.last_routing = routing
@@ -130,6 +140,8 @@ class MultiTaskMoE(nn.Module):
             inputs may have any trailing shape).
         d_hidden: hidden width for ``mlp``/``swiglu`` experts.
         d_gate: width of a separate gate input (``forward(x, gate_input=...)``).
+        local_search, local_search_steps: as in :class:`MoE`; ONE permutation is shared by all the
+            task gates, as in the COMET paper.
     """
 
     def __init__(
@@ -147,9 +159,12 @@ class MultiTaskMoE(nn.Module):
         bias: bool = True,
         d_gate: int | None = None,
         check_finite: bool = True,
+        local_search: bool = False,
+        local_search_steps: int = 1000,
         **gate_kwargs: object,
     ) -> None:
         super().__init__()
+        gate, local_search = split_gate_name(gate, local_search)  # type: ignore[assignment]
         self.d_in = check_int("d_in", d_in, low=1)
         self.num_tasks = check_int("num_tasks", num_tasks, low=1)
         num_experts = check_int("num_experts", num_experts, low=1)
@@ -173,6 +188,7 @@ class MultiTaskMoE(nn.Module):
             )
         if self.experts.num_experts != num_experts:
             raise ValueError(f"expert bank has {self.experts.num_experts} experts, num_experts={num_experts}")
+        self.search = PermutationSearch(num_experts, local_search_steps) if local_search else None
         self.check_finite = check_finite
         self.last_routing: list[Routing] | None = None
 
@@ -189,6 +205,8 @@ class MultiTaskMoE(nn.Module):
                 check_input(x, self.d_in, check_finite=self.check_finite)
             gate_input = x.reshape(-1, self.d_gate) if x.dim() != 2 else x
         routings = [gate(gate_input, ids) for gate in self.gates]
+        if self.search is not None:
+            routings = self.search.permute(routings)
         num_inputs = gate_input.shape[0]
         # Compute each pair chosen by any task once: unique (expert, token) keys.
         keys = torch.cat([r.expert * num_inputs + r.token for r in routings])

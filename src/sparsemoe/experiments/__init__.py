@@ -24,3 +24,8 @@ def load(name: str) -> ModuleType:
     if name not in EXPERIMENTS:
         raise ValueError(f"unknown experiment {name!r}; available: {', '.join(sorted(EXPERIMENTS))}")
     return importlib.import_module(EXPERIMENTS[name])
+
+
+register("comet-movielens", "sparsemoe.experiments.comet_movielens")
+register("comet-multimnist", "sparsemoe.experiments.comet_multimnist")
+register("comet-tuning", "sparsemoe.experiments.comet_tuning")

@@ -1,0 +1,181 @@
+"""Render the README's COMET results section from the results files (no number is typed by hand).
+
+    python -m sparsemoe.experiments.comet_readme [--results results] [--out docs/results-comet.md]
+        [--reading docs/comet-reading.md]
+
+The README includes the output between ``<!-- BEGIN docs/results-comet.md -->`` and
+``<!-- END docs/results-comet.md -->`` markers, filled by ``python -m sparsemoe.experiments.readme``.
+
+Reads ``results/comet-movielens``, ``results/comet-multimnist`` and ``results/comet-tuning``
+(results.json + table.md), and writes the tables, what each full run cost, and the paper's claims
+checked against our numbers. The qualitative reading is a hand-written file (``--reading``) that
+states no number of its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from .report import markdown_table
+
+EXPERIMENTS = ("comet-movielens", "comet-multimnist", "comet-tuning")
+
+#: the paper's headline claims (abstract of Ibrahim et al., KDD 2023)
+CLAIMS = {
+    "topk_hash": 0.13,  # COMET+ over Hash routing and Top-k: up to 13% ROC-AUC
+    "dselect_k": 0.09,  # COMET+ over DSelect-k: up to 9% ROC-AUC
+    "budget": 100.0,  # Top-k+/Hash+ need up to 100x fewer tuning trials
+}
+
+
+def _load(folder: Path) -> dict[str, Any] | None:
+    path = folder / "results.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _table_body(folder: Path) -> str:
+    """table.md without its title line (the section has its own headings)."""
+    lines = (folder / "table.md").read_text().splitlines()
+    return "\n".join(line.replace("## ", "#### ") for line in lines[1:]).strip() + "\n"
+
+
+def _gain(summary: dict[str, Any], part: str, metric: str, better: str, worse: str) -> float | None:
+    if better not in summary or worse not in summary:
+        return None
+    a, b = summary[better][part][metric]["mean"], summary[worse][part][metric]["mean"]
+    return (a - b) / b
+
+
+def claim_rows(results: dict[str, dict[str, Any]]) -> list[list[str]]:
+    """One row per (claim, experiment, comparison): the paper's number and ours."""
+    rows = []
+    for name, metric in (("comet-movielens", "auc"), ("comet-multimnist", "auc")):
+        res = results.get(name)
+        if res is None:
+            continue
+        summary = res["summary"]
+        for rival, claim in (("topk", "topk_hash"), ("hash", "topk_hash"), ("dselect_k", "dselect_k")):
+            for part, label in (("top5", "top-5% trials"), ("best", "best config, seeds")):
+                gain = _gain(summary, part, metric, "comet+", rival)
+                if gain is not None:
+                    rows.append(
+                        [
+                            f"COMET+ vs {rival} ROC-AUC",
+                            name,
+                            label,
+                            f"up to +{100 * CLAIMS[claim]:.0f}%",
+                            f"{100 * gain:+.2f}%",
+                        ]
+                    )
+        for base in ("hash", "topk", "dselect_k", "comet"):
+            gains = [_gain(summary, part, metric, f"{base}+", base) for part in ("top5", "best")]
+            if None not in gains:
+                ours = f"{100 * gains[0]:+.2f}% / {100 * gains[1]:+.2f}%"  # type: ignore[operator]
+                rows.append([f"local search: {base}+ vs {base} ROC-AUC", name, "top-5% / best config", "gains", ours])
+    tuning = results.get("comet-tuning")
+    if tuning is not None:
+        n = tuning["trials_per_gate"]
+        for r in tuning["reach"]:
+            plain, plus = r["pair"]
+            if r["target_from"] != plain:
+                continue
+            need_plain, need_plus = r["trials_needed"][plain], r["trials_needed"][plus]
+            ours = "not reached" if need_plus is None else f"{(need_plain or n) / need_plus:.1f}x fewer trials"
+            score = {"val_auc": "val ROC-AUC", "val_loss": "val loss"}.get(r.get("score", "val_auc"), r.get("score"))
+            rows.append(
+                [
+                    f"{plus} vs {plain}: trials to reach {plain}'s {n}-trial expected best {score}",
+                    "comet-movielens",
+                    f"{plain}: {need_plain}, {plus}: {need_plus if need_plus is not None else f'> {n}'}",
+                    f"up to {CLAIMS['budget']:.0f}x fewer",
+                    ours,
+                ]
+            )
+    return rows
+
+
+#: config keys worth a line in the README, with the paper's value where ours is scaled down
+PAPER_VALUES = {
+    "num_experts": "16",
+    "k": "2 MovieLens / 4 MultiMNIST",
+    "embed_dim": "128",
+    "expert_dim": "256",
+    "batch_size": "512",
+    "epochs": "100 MovieLens / 200 MultiMNIST, patience 25",
+    "train_rows": "1.6M (MovieLens-1M)",
+    "images": "100k/20k/20k",
+    "lr_range": "[5e-5, 5e-4] MovieLens, [1e-4, 1e-3] MultiMNIST",
+    "trials_per_gate": "500",
+    "seeds": "-",
+}
+
+
+def _setup(config: dict[str, Any]) -> str:
+    items = [f"{key}={config[key]} ({paper})" for key, paper in PAPER_VALUES.items() if key in config]
+    return "; ".join(items) + "."
+
+
+def _cost(res: dict[str, Any]) -> str:
+    cost = res.get("cost", {})
+    if "training_seconds_of_trials_used" in cost:
+        return (
+            f"{cost['training_seconds_of_trials_used'] / 60:.0f} min of single-thread training in the trials it uses "
+            "(shared with comet-movielens, whose studies it extends when asked for more trials)"
+        )
+    if "training_seconds_total" not in cost:
+        return "no training (reads the comet-movielens trials)"
+    text = f"{cost['training_seconds_total'] / 60:.0f} min of single-thread training in total"
+    if "wall_clock_span_seconds" in cost:
+        text += f", {cost['wall_clock_span_seconds'] / 60:.0f} min wall-clock from first trial to last run"
+    return text
+
+
+def render(results_dir: Path, reading: str) -> str:
+    results = {name: res for name in EXPERIMENTS if (res := _load(results_dir / name)) is not None}
+    parts = [
+        "## Results: COMET reproduction\n",
+        "Generated by `python -m sparsemoe.experiments.comet_readme` from `results/comet-*/results.json`; rerun the "
+        "commands below to regenerate every number. All runs are CPU, one thread per model, on a 2-core machine "
+        "shared with other jobs, and are **heavily scaled down** from the paper (see each results.json `config`).\n",
+    ]
+    for name in EXPERIMENTS:
+        if name not in results:
+            parts.append(f"### {name}\n\nNot run yet: `sparsemoe reproduce {name}`.\n")
+            continue
+        res = results[name]
+        parts.append(f"### {name}\n\nCommand: `{res['command']}`. Cost: {_cost(res)}.\n")
+        if name != "comet-tuning":
+            parts.append("Setup (the paper's value in parentheses): " + _setup(res["config"]) + "\n")
+        parts.append(_table_body(results_dir / name))
+        parts.append(f"![{name}](../results/{name}/{name}.png)\n")
+    parts.append(
+        "### The paper's claims against our numbers\n\nGains are relative differences of the mean test ROC-AUC "
+        "(MovieLens: task 1; MultiMNIST: macro AUC averaged over the two tasks).\n"
+    )
+    parts.append(
+        markdown_table(["claim", "experiment", "how measured", "paper", "ours"], claim_rows(results))
+        if results
+        else "No results yet.\n"
+    )
+    parts.append("### Reading\n\n" + reading.strip() + "\n")
+    return "\n".join(parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results", type=Path, default=Path("results"))
+    parser.add_argument("--out", type=Path, default=Path("docs/results-comet.md"))
+    parser.add_argument("--reading", type=Path, default=Path("docs/comet-reading.md"), help="qualitative reading")
+    args = parser.parse_args(argv)
+    reading = args.reading.read_text() if args.reading.exists() else "(no reading written yet)"
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(render(args.results, reading))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
