@@ -3,17 +3,20 @@
 A section is delimited by ``<!-- BEGIN path -->`` and ``<!-- END path -->``, where ``path`` is a
 Markdown file relative to the repository root (e.g. ``results/demo/table.md``). Everything
 between the markers is replaced by that file's content, minus its top-level ``#`` title, so the
-numbers in the README always come from a command, never from typing.
+numbers in the README always come from a command, never from typing. Relative links inside the
+file are rewritten to stay valid from the README's folder.
 
 Usage: ``python -m sparsemoe.experiments.readme [README.md]``.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from pathlib import Path
 
+_LINK = re.compile(r"\]\((?!https?://|#|/)([^)\s]+)\)")
 _SECTION = re.compile(r"(<!-- BEGIN (?P<path>\S+) -->\n)(?P<body>.*?)(<!-- END (?P=path) -->)", re.DOTALL)
 
 
@@ -29,8 +32,12 @@ def refresh(readme: Path) -> list[str]:
                 f"{readme} refers to {match['path']}, which does not exist; run its experiment first"
             )
         lines = [line for line in source.read_text().splitlines() if not line.startswith("# ")]
+        # Relative links and images point from the source file's folder; re-anchor them at the README's.
+        body = _LINK.sub(
+            lambda link: f"]({os.path.relpath(source.parent / link[1], root)})", chr(10).join(lines).strip()
+        )
         filled.append(match["path"])
-        return f"{match.group(1)}{chr(10).join(lines).strip()}\n{match.group(4)}"
+        return f"{match.group(1)}{body}\n{match.group(4)}"
 
     readme.write_text(_SECTION.sub(fill, readme.read_text()))
     return filled
