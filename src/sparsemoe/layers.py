@@ -28,6 +28,17 @@ def _make_gate(gate: str | Gate, d_in: int, num_experts: int, k: int | None, che
     return gates.build(gate, d_in, num_experts, k=k, check_finite=check_finite, **kwargs)
 
 
+def _make_experts(
+    expert: str | ExpertBank, num_experts: int, d_in: int, d_hidden: int | None, d_out: int, activation: str, bias: bool
+) -> ExpertBank:
+    """The layer's expert bank: a given :class:`ExpertBank`, or stacked experts of kind ``expert``."""
+    if isinstance(expert, ExpertBank):
+        if expert.num_experts != num_experts:
+            raise ValueError(f"expert bank has {expert.num_experts} experts, num_experts={num_experts}")
+        return expert
+    return StackedExperts(num_experts, d_in, d_hidden, d_out, kind=expert, activation=activation, bias=bias)
+
+
 class MoE(nn.Module):
     """Sparse Mixture-of-Experts layer: ``[..., d_model] -> [..., d_model]``.
 
@@ -74,19 +85,7 @@ class MoE(nn.Module):
         gate, local_search = split_gate_name(gate, local_search)
         self.gate = _make_gate(gate, d_model, num_experts, k, check_finite, gate_kwargs)  # type: ignore[arg-type]
         self.search = PermutationSearch(num_experts, local_search_steps) if local_search else None
-        if isinstance(expert, ExpertBank):
-            self.experts = expert
-        else:
-            self.experts = StackedExperts(
-                num_experts,
-                d_model,
-                check_int("d_hidden", d_hidden, low=1),
-                kind=expert,
-                activation=activation,
-                bias=bias,
-            )
-        if self.experts.num_experts != num_experts:
-            raise ValueError(f"expert bank has {self.experts.num_experts} experts, num_experts={num_experts}")
+        self.experts = _make_experts(expert, num_experts, d_model, d_hidden, d_model, activation, bias)
         self.capacity_factor = (
             None if capacity_factor is None else check_float("capacity_factor", capacity_factor, low=0.0, strict=True)
         )
@@ -174,20 +173,8 @@ class MultiTaskMoE(nn.Module):
         self.gates = nn.ModuleList(
             _make_gate(gate, self.d_gate, num_experts, k, check_finite, dict(gate_kwargs)) for _ in range(num_tasks)
         )
-        if isinstance(expert, ExpertBank):
-            self.experts = expert
-        else:
-            self.experts = StackedExperts(
-                num_experts,
-                d_in,
-                d_hidden,
-                check_int("d_expert_out", d_expert_out, low=1),
-                kind=expert,
-                activation=activation,
-                bias=bias,
-            )
-        if self.experts.num_experts != num_experts:
-            raise ValueError(f"expert bank has {self.experts.num_experts} experts, num_experts={num_experts}")
+        d_out = check_int("d_expert_out", d_expert_out, low=1)
+        self.experts = _make_experts(expert, num_experts, d_in, d_hidden, d_out, activation, bias)
         self.search = PermutationSearch(num_experts, local_search_steps) if local_search else None
         self.check_finite = check_finite
         self.last_routing: list[Routing] | None = None

@@ -91,6 +91,12 @@ class PermutationSearch(nn.Module):
         grad_iterations: Sinkhorn iterations backpropagated through (the last ones; ``None``: all,
             as the official code does). The default, 5, is a speed approximation (see :func:`sinkhorn`).
         init_bound: ``log α`` starts in ``U(-init_bound, init_bound)``.
+        prune_below: in the soft phase, permuted weights below this (after renormalising) are set to
+            exactly 0 and the rest renormalised. At the low temperatures used, ``Π_soft`` is nearly a
+            permutation but none of its entries is exactly 0, so without pruning every expert would be
+            computed for every input until hardening. Pruned entries carry < ``prune_below`` of an
+            input's weight and a gradient of the same order; ``0`` keeps them all (dense, as the
+            official code).
     """
 
     def __init__(
@@ -106,6 +112,7 @@ class PermutationSearch(nn.Module):
         noise: float = 0.0,
         grad_iterations: int | None = 5,
         init_bound: float = 0.05,
+        prune_below: float = 1e-6,
     ) -> None:
         super().__init__()
         self.num_experts = check_int("num_experts", num_experts, low=1)
@@ -116,6 +123,7 @@ class PermutationSearch(nn.Module):
         self.iters_end = check_int("iters_end", iters_end, low=1)
         self.entropy_weight = check_float("entropy_weight", entropy_weight, low=0.0)
         self.noise = check_float("noise", noise, low=0.0)
+        self.prune_below = check_float("prune_below", prune_below, low=0.0)
         self.grad_iterations = None if grad_iterations is None else check_int("grad_iterations", grad_iterations, low=1)
         n = self.num_experts
         self.log_alpha = nn.Parameter(torch.empty(n, n).uniform_(-init_bound, init_bound))  # [n, n]
@@ -171,15 +179,18 @@ class PermutationSearch(nn.Module):
                 pi = self.soft(noise=True)  # [n, n]
                 self.step += 1
                 penalty = self.entropy_weight * (_entropy(pi) + _entropy(pi / pi.sum(1, keepdim=True).clamp_min(1e-30)))
-                out = [self._soft_permute(r, pi) for r in routings]
+                out = [self._soft_permute(r, pi, self.prune_below) for r in routings]
                 out[0].aux_losses[ENTROPY_LOSS] = penalty
                 return out
         return [r.relabel(self.permutation.to(r.expert.device)) for r in routings]
 
     @staticmethod
-    def _soft_permute(routing: Routing, pi: torch.Tensor) -> Routing:
+    def _soft_permute(routing: Routing, pi: torch.Tensor, prune_below: float) -> Routing:
         weights = routing.to_dense() @ pi.to(routing.weight.dtype)  # [T, n] gate coordinates -> experts
         weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-12)
+        if prune_below > 0:
+            weights = weights.masked_fill(weights < prune_below, 0.0)
+            weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-12)
         return Routing.from_dense(
             weights, aux_losses=dict(routing.aux_losses), dropped_fraction=routing.dropped_fraction
         )

@@ -20,7 +20,7 @@ from sklearn.metrics import roc_auc_score
 from ..data import MultiMNIST, load_multimnist
 from ..models import VisionMMoE
 from ..training import fit
-from .tuning import PAPER_GATES, Problem, add_tuning_arguments, gate_options, run_tuning, sample
+from .tuning import Problem, add_tuning_arguments, gate_options, run_experiment, sample, trial_record
 
 NAME = "comet-multimnist"
 DEFAULTS: dict[str, Any] = {
@@ -102,15 +102,7 @@ def train(config: dict[str, Any], gate: str, params: dict[str, Any], seed: int) 
                 "accuracy_tasks": accs,
                 "auc_tasks": aucs,
             }
-    active = float(np.mean([r.num_pairs / r.num_inputs for r in model.moe.last_routing]))
-    return {
-        "val_loss": result.best_val_loss,
-        **metrics,
-        "active_experts": active,
-        "seconds": result.seconds,
-        "best_epoch": result.best_epoch,
-        "epochs_run": result.epochs_run,
-    }
+    return trial_record(result, metrics, model.moe.last_routing)
 
 
 def problem(config: dict[str, Any]) -> Problem:
@@ -128,11 +120,4 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    torch.set_num_threads(1)  # a study is many small models: one thread each is the efficient use of a CPU
-    config = {**DEFAULTS, **(QUICK if args.quick else {}), "quick": bool(args.quick)}
-    config["trials"] = args.trials or config["trials"]
-    config["seeds"] = args.seeds or config["seeds"]
-    gates = args.gates or list(PAPER_GATES)
-    out = args.out / "quick" if args.quick else args.out
-    command = f"sparsemoe reproduce {NAME}" + (" --quick" if args.quick else f" --trials {config['trials']}")
-    return run_tuning(problem(config), gates, config["trials"], config["seeds"], out, command)
+    return run_experiment(args, problem, DEFAULTS, QUICK)

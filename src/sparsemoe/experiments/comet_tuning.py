@@ -24,7 +24,7 @@ from . import comet_movielens
 from .progress import console, progress
 from .report import markdown_table
 from .store import write_json
-from .tuning import config_tag, run_gate_study
+from .tuning import config_tag, experiment_config, run_gate_study
 
 NAME = "comet-tuning"
 PAIRS = (("topk", "topk+"), ("hash", "hash+"))
@@ -118,7 +118,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     args.seeds = None
     if args.trials is None and not args.quick:
         args.trials = DEFAULT_TRIALS
-    config = comet_movielens.make_config(args)
+    config = experiment_config(args, comet_movielens.DEFAULTS, comet_movielens.QUICK)
     gates = [g for pair in PAIRS for g in pair]
     trials = load_trials(args, config, gates)
     n = min(len(t) for t in trials.values())

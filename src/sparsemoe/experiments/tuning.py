@@ -53,6 +53,44 @@ class Problem:
     config: dict[str, Any] = field(default_factory=dict)
 
 
+def experiment_config(args: argparse.Namespace, defaults: dict[str, Any], quick: dict[str, Any]) -> dict[str, Any]:
+    """An experiment's fixed settings: its defaults, shrunk by ``--quick``, with the CLI's counts."""
+    config = {**defaults, **(quick if args.quick else {}), "quick": bool(args.quick)}
+    config["trials"] = args.trials or config["trials"]
+    config["seeds"] = args.seeds or config["seeds"]
+    return config
+
+
+def run_experiment(
+    args: argparse.Namespace,
+    problem: Callable[[dict[str, Any]], Problem],
+    defaults: dict[str, Any],
+    quick: dict[str, Any],
+) -> dict[str, Any]:
+    """``sparsemoe reproduce NAME`` for a tuning experiment: tune every gate, retrain the best, report."""
+    import torch
+
+    torch.set_num_threads(1)  # a study is many small models: one thread each is the efficient use of a CPU
+    config = experiment_config(args, defaults, quick)
+    prob = problem(config)
+    gates = args.gates or list(PAPER_GATES)
+    out = args.out / "quick" if args.quick else args.out
+    command = f"sparsemoe reproduce {prob.name}" + (" --quick" if args.quick else f" --trials {config['trials']}")
+    return run_tuning(prob, gates, config["trials"], config["seeds"], out, command)
+
+
+def trial_record(result: Any, metrics: dict[str, dict[str, Any]], last_routing: list[Any]) -> Record:
+    """What a ``train`` function returns: the fit's outcome, per-split metrics, experts used per input."""
+    return {
+        "val_loss": result.best_val_loss,
+        **metrics,
+        "active_experts": float(np.mean([r.num_pairs / r.num_inputs for r in last_routing])),
+        "seconds": result.seconds,
+        "best_epoch": result.best_epoch,
+        "epochs_run": result.epochs_run,
+    }
+
+
 def add_tuning_arguments(parser: argparse.ArgumentParser, *, trials: int, seeds: int, out: str) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny data and trial counts (smoke test, CI)")
     parser.add_argument("--trials", type=int, default=None, help=f"random-search trials per gate (default {trials})")
