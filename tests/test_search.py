@@ -157,3 +157,22 @@ def test_local_search_fixes_a_bad_expert_order() -> None:
     with_search = sum(_toy_accuracy(True, s) for s in seeds) / len(seeds)
     # Measured (torch 2.13 CPU): 0.125 without, 0.41 with local search.
     assert with_search >= without + 0.2, (without, with_search)
+
+
+def test_soft_phase_prunes_negligible_weights() -> None:
+    """Pruning keeps the soft phase sparse and changes the output by less than its threshold allows."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 16)
+    outputs, pairs = {}, {}
+    for prune in (0.0, 1e-6):
+        torch.manual_seed(1)
+        moe = sparsemoe.MoE(16, 32, 8, gate="topk+", k=2, local_search_steps=100)
+        moe.search.prune_below = prune
+        moe.search.step.fill_(0)  # start of the soft phase: Π is diffuse, with no exact zero
+        outputs[prune] = moe.train()(x)
+        pairs[prune] = moe.last_routing.num_pairs
+    assert pairs[0.0] == 64 * 8  # unpruned: every expert for every input
+    assert pairs[1e-6] < 64 * 8 * 3 / 4  # pruned: measured 4.5 of 8 per input at this first step
+    torch.testing.assert_close(outputs[1e-6], outputs[0.0], atol=1e-4, rtol=1e-4)
+    weights = moe.last_routing.weight
+    assert bool((weights >= 1e-6).all())
