@@ -32,7 +32,7 @@ PAIRS = (("topk", "topk+"), ("hash", "hash+"))
 SCORES = {"val_auc": ("val ROC-AUC (T1)", True), "val_loss": ("val loss (both tasks)", False)}
 BOOTSTRAP = 2000
 #: trials per gate: twice comet-movielens' 50, so a budget ratio up to 100x is measurable at all
-DEFAULT_TRIALS = 100
+DEFAULT_TRIALS = 50
 
 
 def scores(records: list[dict[str, Any]], name: str) -> np.ndarray:
