@@ -19,15 +19,6 @@ def sort_by_expert(expert: torch.Tensor, num_experts: int) -> tuple[torch.Tensor
     return order, torch.bincount(expert, minlength=num_experts)
 
 
-def run_experts(x: torch.Tensor, token: torch.Tensor, expert: torch.Tensor, experts: ExpertBank) -> torch.Tensor:
-    """Expert outputs for each pair, ``[N, *out]``, in the order the pairs are given."""
-    order, counts = sort_by_expert(expert, experts.num_experts)
-    ys_sorted = experts.forward_sorted(x.index_select(0, token[order]), counts)
-    ys = torch.empty_like(ys_sorted)
-    ys[order] = ys_sorted
-    return ys
-
-
 class _WeightedIndexAdd(torch.autograd.Function):
     """``out[token[i]] += weight[i] · ys[i]`` for every pair ``i``, into ``[T, *out]``.
 

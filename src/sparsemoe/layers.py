@@ -7,7 +7,7 @@ from torch import nn
 
 from . import gates
 from ._validation import check_float, check_input, check_int
-from .dispatch import combine, dispatch, run_experts
+from .dispatch import combine, dispatch
 from .experts import ExpertBank, StackedExperts
 from .gates.base import Gate
 from .routing import Routing
@@ -195,10 +195,12 @@ class MultiTaskMoE(nn.Module):
         if self.search is not None:
             routings = self.search.permute(routings)
         num_inputs = gate_input.shape[0]
-        # Compute each pair chosen by any task once: unique (expert, token) keys.
+        # Compute each pair chosen by any task once: unique (expert, token) keys. torch.unique sorts
+        # them, so the pairs come out grouped by expert, ready for the grouped matmul without a sort.
         keys = torch.cat([r.expert * num_inputs + r.token for r in routings])
         unique_keys, position = torch.unique(keys, return_inverse=True)
-        ys = run_experts(x, unique_keys % num_inputs, unique_keys // num_inputs, self.experts)
+        counts = torch.bincount(unique_keys // num_inputs, minlength=self.num_experts)
+        ys = self.experts.forward_sorted(x.index_select(0, unique_keys % num_inputs), counts)  # [N_unique, *out]
         outputs, start = [], 0
         for r in routings:
             pos = position[start : start + r.num_pairs]
