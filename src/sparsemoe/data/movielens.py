@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..experiments.store import data_dir
+from ._paths import data_dir
 
 NAME = "movielens-100k"
 
