@@ -125,7 +125,7 @@ def add_config_options(parser: argparse.ArgumentParser, config_cls: type) -> Non
         parser.add_argument(option_name(field.name), type=kind.scalar, **common)
 
 
-def _config_from_args(config_cls: type, args: argparse.Namespace) -> Any:
+def config_from_args(config_cls: type, args: argparse.Namespace) -> Any:
     """Build the Config from the parsed options; a bad value becomes an error naming its option."""
     names = [f.name for f in dataclasses.fields(config_cls)]
     given = {name: getattr(args, name) for name in names if hasattr(args, name)}
@@ -144,7 +144,7 @@ def _check_threads(value: int) -> int:
 def _run_experiment(module: ModuleType, args: argparse.Namespace) -> int:
     import torch
 
-    config = _config_from_args(module.Config, args) if hasattr(module, "Config") else None
+    config = config_from_args(module.Config, args) if hasattr(module, "Config") else None
     torch.set_num_threads(_check_threads(args.threads))
     if config is None:  # legacy interface: add_arguments(parser) + run(args)
         module.run(args)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -23,6 +23,9 @@ from .config import ConfigError, validate
 from .progress import console, progress
 from .report import fmt, markdown_table, mean_std
 from .store import RunStore, write_json
+
+if TYPE_CHECKING:  # matplotlib is imported only when a figure is drawn
+    from matplotlib.figure import Figure
 
 NAME = "demo"
 TASKS = ("digit >= 5", "digit is even")
@@ -191,22 +194,21 @@ def table(summary: dict[str, dict[str, Any]]) -> str:
     return markdown_table(headers, rows)
 
 
-def plot(summary: dict[str, dict[str, Any]], records: list[dict[str, Any]], config: dict[str, Any], path: Path) -> None:
+def figure(summary: dict[str, dict[str, Any]], records: list[dict[str, Any]], config: dict[str, Any]) -> Figure:
     """Quality and sparsity per gate, side by side.
 
-    Quality is drawn as points (mean over seeds, whiskers +-1 std, each seed a small dot) on the whole
+    Quality is drawn as points (mean over seeds, whiskers ±1 std, each seed a small dot) on the whole
     meaningful ROC-AUC range, from chance (0.5) to perfect (1.0), so that the axis does not magnify
-    differences; sparsity bars start at 0. Legends sit below the axes, clear of the data.
+    differences; sparsity bars start at 0. Legends sit below the axes, clear of the data. A bare
+    ``Figure`` (no pyplot) leaves matplotlib's process-wide backend alone.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     names = list(summary)
     x = np.arange(len(names))
     seeds = config["seeds"]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.8))
+    fig = Figure(figsize=(11, 4.8))
+    ax1, ax2 = fig.subplots(1, 2)
 
     for i, gate in enumerate(names):
         per_seed = [r["mean_auc"] for r in records if r["gate"] == gate]
@@ -242,8 +244,12 @@ def plot(summary: dict[str, dict[str, Any]], records: list[dict[str, Any]], conf
         f"sparsemoe demo{quick}: MMoE on two-task digits, {config['num_experts']} experts, "
         f"{config['epochs']} epochs, {seeds} seed(s)"
     )
-    fig.savefig(path, dpi=120, bbox_inches="tight")  # tight: no label or legend cut off
-    plt.close(fig)
+    return fig
+
+
+def plot(summary: dict[str, dict[str, Any]], records: list[dict[str, Any]], config: dict[str, Any], path: Path) -> None:
+    """Write :func:`figure` to ``path`` (PNG), cropped to its content so no label or legend is cut off."""
+    figure(summary, records, config).savefig(path, dpi=120, bbox_inches="tight")
 
 
 def run(config: Config) -> dict[str, Any]:
