@@ -81,7 +81,7 @@ def test_topk_noise_and_balance_are_switchable() -> None:
     torch.testing.assert_close(a.weight, b.weight)  # no noise: deterministic in training
     assert a.aux_losses == {}
     noisy = gates.build("topk", D, N, k=2)
-    assert "balance" in noisy(x).aux_losses
+    assert "load_balance" in noisy(x).aux_losses
 
 
 def test_hash_is_fixed_and_balanced() -> None:

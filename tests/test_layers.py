@@ -40,8 +40,8 @@ def test_aux_loss_is_sum_of_gate_losses() -> None:
     torch.testing.assert_close(moe.aux_loss(), r.aux_losses["load_balance"] + r.aux_losses["z_loss"])
 
 
-def test_capacity_factor_drops_pairs_and_outputs_zero_for_them() -> None:
-    moe = MoE(8, 16, 2, gate="hash", k=1, capacity_factor=0.5)
+def test_capacity_limit_drops_pairs_and_outputs_zero_for_them() -> None:
+    moe = MoE(8, 16, 2, gate="hash", k=1, capacity_limit=0.5)
     x = torch.randn(40, 8)
     y = moe(x)
     r = moe.last_routing
@@ -72,7 +72,9 @@ def test_multitask_equals_separate_dispatch(gate_name: str) -> None:
 
 def test_multitask_separate_gate_input_and_module_experts() -> None:
     cnn = [nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 4 * 4, 5)) for _ in range(3)]
-    mt = MultiTaskMoE(36, 5, 3, num_tasks=2, gate="topk", k=2, expert=ModuleExperts(cnn), d_gate=36)
+    mt = MultiTaskMoE(
+        36, 5, 3, num_tasks=2, gate="topk", k=2, expert=ModuleExperts(cnn, d_out=5, input_dims=3), d_gate=36
+    )
     images = torch.randn(4, 1, 6, 6)
     outputs = mt(images, gate_input=images.flatten(1))
     assert [o.shape for o in outputs] == [(4, 5), (4, 5)]
