@@ -32,6 +32,4 @@ def gate_name(request: pytest.FixtureRequest) -> str:
 
 def gate_kwargs(name: str, num_experts: int) -> dict:
     """Arguments that give each gate a real ``k`` where it has one."""
-    if name in ("softmax", "switch"):
-        return {}
-    return {"k": min(2, num_experts)}
+    return gates.k_options(name, min(2, num_experts))
