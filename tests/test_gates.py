@@ -271,3 +271,9 @@ def test_dselect_k_weights_sum_to_one_for_any_n(num_experts: int) -> None:
         gate.z_proj.weight.mul_(1e3)  # saturate every selector somewhere, aliased codes included
     w = gate(torch.randn(64, D)).to_dense()
     torch.testing.assert_close(w.sum(-1), torch.ones(64))
+
+
+def test_gate_rejects_input_of_another_dtype() -> None:
+    gate = gates.build("topk", D, N, k=2)
+    with pytest.raises(TypeError, match=r"TopKGate layer.s parameters are torch\.float32"):
+        gate(torch.randn(T, D, dtype=torch.float64))

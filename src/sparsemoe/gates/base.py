@@ -8,7 +8,7 @@ from typing import ClassVar, Literal
 import torch
 from torch import nn
 
-from .._validation import check_ids, check_input, check_int
+from .._validation import check_dtype, check_ids, check_input, check_int
 from ..routing import Routing
 
 KPolicy = Literal["choose", "dense", "fixed"]
@@ -46,6 +46,7 @@ class Gate(nn.Module):
     def forward(self, x: torch.Tensor, ids: torch.Tensor | None = None) -> Routing:
         """Route ``x: [T, d_in]``; ``ids: LongTensor[T]`` is read by gates that use ids."""
         check_input(x, self.d_in, check_finite=self.check_finite)
+        check_dtype(x, self, layer=type(self).__name__)
         if x.dim() != 2:
             raise ValueError(f"x must have shape [T, {self.d_in}], got {tuple(x.shape)}")
         if ids is not None:
