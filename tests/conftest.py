@@ -15,6 +15,9 @@ NORMALISED_GATES = ("softmax", "topk", "hash", "random", "dselect_k", "comet")
 # Gates whose k bounds the experts per input exactly (DSelect-k/COMET only once saturated).
 EXACT_K_GATES = ("topk", "hash", "random")
 
+# The tests run tiny models: extra intra-op threads only add overhead (and thrash on a shared CPU).
+torch.set_num_threads(1)
+
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 if "SPARSEMOE_DATA_DIR" not in os.environ and SHARED_DATA.is_dir():
     os.environ["SPARSEMOE_DATA_DIR"] = str(SHARED_DATA)
