@@ -57,6 +57,10 @@ class CometGate(Gate):
         k: number of trees (experts per input once saturated).
         gamma: width of the smooth-step's soft band.
         entropy_weight: ``λ`` of the entropy regulariser.
+
+    Note:
+        Until its splits saturate, every leaf is reachable, so a layer computes up to all ``n``
+        experts per input early in training (the routing becomes ``k``-sparse as it trains).
     """
 
     def __init__(
@@ -68,13 +72,17 @@ class CometGate(Gate):
         gamma: float = 1.0,
         entropy_weight: float = 0.1,
         check_finite: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(d_in, num_experts, k, check_finite=check_finite)
         self.gamma = check_float("gamma", gamma, low=0.0, strict=True)
         self.entropy_weight = check_float("entropy_weight", entropy_weight, low=0.0)
-        self.split = uniform_linear(d_in, (num_experts - 1) * k, self.gamma / 100, self.gamma / 100)
-        self.leaf = uniform_linear(d_in, num_experts * k, 0.05, 0.0)
+        factory = {"device": device, "dtype": dtype}
+        self.split = uniform_linear(d_in, (num_experts - 1) * k, self.gamma / 100, self.gamma / 100, **factory)
+        self.leaf = uniform_linear(d_in, num_experts * k, 0.05, 0.0, **factory)
         nodes, goes_left = _leaf_paths(num_experts)
+        nodes, goes_left = nodes.to(device), goes_left.to(device)
         self.register_buffer("path_nodes", nodes, persistent=False)
         self.register_buffer("path_left", goes_left, persistent=False)
         # Where each path step reads in [s, 1 - s] (node v going left at v, going right at n + v).
