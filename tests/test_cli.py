@@ -405,6 +405,9 @@ def test_demo_config_defaults_and_quick_settings() -> None:
     quick = demo.Config(quick=True, seeds=5)
     assert quick.seed_count == 1 and quick.epoch_count == demo.QUICK["epochs"]
     assert demo.Config(quick=True, epochs=9).epoch_count == 9
+    assert demo.Config(gates=["comet+", "topk"]).gates == ["comet+", "topk"]  # "+": with local search
+    with pytest.raises(ConfigError, match="unknown gate 'nope'"):
+        demo.Config(gates=["nope+"])
 
 
 def _fake_summary(seeds: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:

@@ -56,7 +56,9 @@ class Config:
     quick: bool = field(default=False, metadata={"help": "a few epochs and one seed (smoke test); writes to OUT/quick"})
     out: Path = field(default=Path("results/demo"), metadata={"help": "output folder"})
     seeds: int = field(default=3, metadata={"help": "seeds per gate; --quick uses 1", "min": 1})
-    gates: list[str] = field(default_factory=gate_registry.available, metadata={"help": "gates to run"})
+    gates: list[str] = field(
+        default_factory=gate_registry.available, metadata={"help": "gates to run; NAME+ adds local search"}
+    )
     epochs: int | None = field(
         default=None,
         metadata={
@@ -72,7 +74,7 @@ class Config:
             raise ConfigError("gates", f"name at least one gate; available: {' '.join(gate_registry.available())}")
         for name in self.gates:
             try:
-                gate_registry.gate_class(name)  # unknown names fail before any training
+                gate_registry.parse(name)  # unknown names fail before any training; "name+" adds local search
             except ValueError as err:
                 raise ConfigError("gates", str(err)) from None
         if len(set(self.gates)) < len(self.gates):
@@ -124,7 +126,12 @@ def train_one(gate: str, seed: int, config: dict[str, Any]) -> dict[str, Any]:
     data = load_two_task_digits(seed)
     d_in = data["train_x"].shape[1]
     moe = MultiTaskMoE(
-        d_in, config["d_expert"], config["num_experts"], len(TASKS), gate=gate, **config["gate_kwargs"].get(gate, {})
+        d_in,
+        config["d_expert"],
+        config["num_experts"],
+        len(TASKS),
+        gate=gate,
+        **config["gate_kwargs"].get(gate_registry.parse(gate).name, {}),
     )
     model = MMoE(moe, config["tower_hidden"], [1] * len(TASKS))
 
