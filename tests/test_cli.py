@@ -199,6 +199,15 @@ def test_a_field_without_help_is_rejected() -> None:
         NoHelp()
 
 
+def test_a_field_the_command_line_uses_is_rejected() -> None:
+    @dataclass
+    class Clash:
+        threads: int = field(default=1, metadata={"help": "threads"})
+
+    with pytest.raises(TypeError, match=r"Clash\.threads: the command line uses this name"):
+        cli.add_config_options(argparse.ArgumentParser(), Clash)
+
+
 def _fake_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, source: str) -> None:
     (tmp_path / f"{name}.py").write_text(textwrap.dedent(source))
     monkeypatch.syspath_prepend(str(tmp_path))

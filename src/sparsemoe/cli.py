@@ -94,6 +94,10 @@ def _field_default(field: dataclasses.Field[Any]) -> Any:
     raise TypeError(f"Config field {field.name!r} has no default; every option needs one")
 
 
+#: names the command line itself puts in the parsed namespace (--threads and the subcommand plumbing)
+_RESERVED = frozenset({"threads", "func", "command", "experiment", "data_command"})
+
+
 def option_name(field_name: str) -> str:
     """The command-line spelling of a Config field: ``num_experts`` -> ``--num-experts``."""
     return "--" + field_name.replace("_", "-")
@@ -105,6 +109,10 @@ def add_config_options(parser: argparse.ArgumentParser, config_cls: type) -> Non
     Options the user does not give are left out of the namespace, so the Config's own defaults apply.
     """
     for field in dataclasses.fields(config_cls):
+        if field.name in _RESERVED:
+            raise TypeError(
+                f"{config_cls.__qualname__}.{field.name}: the command line uses this name; rename the field"
+            )
         kind: FieldType = field_type(config_cls, field)
         default = _field_default(field)
         notes = []
