@@ -1,0 +1,185 @@
+"""Expert parallelism on 2 gloo processes equals the unsharded layer, forward and backward.
+
+One ``torch.multiprocessing.spawn`` of 2 ranks runs every check (starting processes dominates the
+cost); each rank writes what it found to a JSON file and the tests below read those.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import socket
+import traceback
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from sparsemoe import MoE
+from sparsemoe.distributed import average_replicated_gradients, expert_parallel
+
+WORLD = 2
+NUM_EXPERTS = 4
+D = 6
+# (case name, gate, layer options)
+CASES: list[tuple[str, str, dict]] = [
+    ("topk", "topk", {"k": 2}),  # noisy: the noise draws come from the global RNG
+    ("switch", "switch", {"capacity_factor": 1.0}),
+    ("hash", "hash", {"k": 2, "num_ids": 50}),
+    ("random", "random", {"k": 2}),
+    ("expert_choice", "expert_choice", {"k": 2}),
+    ("softmax", "softmax", {}),
+    ("dselect_k", "dselect_k", {"k": 2}),
+    ("comet", "comet", {"k": 2}),
+    ("comet+soft", "comet", {"k": 2, "local_search": True, "local_search_steps": 5}),
+    ("topk+hard", "topk", {"k": 2, "local_search": True, "local_search_steps": 0}),
+]
+TOKENS = (7, 5)  # uneven batches per rank
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
+    torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=lambda m: f"{what}: {m}")
+
+
+def _check_gate(rank: int, gate: str, options: dict) -> str:
+    torch.manual_seed(0)  # the same layer on every rank
+    moe = MoE(D, 8, NUM_EXPERTS, gate=gate, **options).double()
+    ref = copy.deepcopy(moe)
+    layer = expert_parallel(moe)
+    gen = torch.Generator().manual_seed(100 + rank)
+    x = torch.randn(TOKENS[rank], D, generator=gen, dtype=torch.float64)
+    ids = torch.randint(0, 50, (TOKENS[rank],), generator=gen)
+    target = torch.randn(TOKENS[rank], D, generator=gen, dtype=torch.float64)
+    results = []
+    for module in (layer, ref):
+        xi = x.clone().requires_grad_(True)
+        torch.manual_seed(7 + rank)  # same global draws (noisy top-k) for both
+        y = module(xi, ids=ids if gate == "hash" else None)
+        loss = (y * target).sum() + module.aux_loss()
+        loss.backward()
+        results.append((y.detach(), xi.grad, loss.detach()))
+    # collectives first, checks after, so a failed check cannot leave the other rank waiting
+    ref_expert_grads = {n: p.grad.clone() for n, p in ref.experts.named_parameters()}
+    for g in ref_expert_grads.values():
+        dist.all_reduce(g)
+    remote = layer.last_routing.expert  # type: ignore[union-attr]
+    lo, hi = layer.expert_range
+    sent_away = int(((remote < lo) | (remote >= hi)).sum())
+    (y, gx, loss), (y_ref, gx_ref, loss_ref) = results
+    _close(y, y_ref, "output")
+    _close(loss, loss_ref, "loss")
+    _close(gx, gx_ref, "input gradient")
+    for (name, p), (_, p_ref) in zip(layer.named_parameters(), ref.named_parameters(), strict=True):
+        if name.startswith("experts."):
+            _close(p.grad, ref_expert_grads[name[len("experts.") :]][lo:hi], f"{name} gradient (sum over ranks)")
+        elif p_ref.grad is None:
+            assert p.grad is None, name
+        else:
+            _close(p.grad, p_ref.grad, f"{name} gradient")
+    assert sent_away > 0, "no pair left the rank: the exchange was not exercised"
+    return "ok"
+
+
+def _model(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Linear(D, D),
+        MoE(
+            D,
+            8,
+            NUM_EXPERTS,
+            gate="topk",
+            k=2,
+            noisy=False,
+            balance_weight=0.0,
+            local_search=True,
+            local_search_steps=2,
+        ),
+        torch.nn.Linear(D, 1),
+    ).double()
+
+
+def _check_training(rank: int) -> str:
+    """4 Adam steps: 2 ranks (DDP-style averaging) vs one process on the concatenated batch."""
+    single, sharded = _model(1), _model(1)
+    sharded[1] = expert_parallel(sharded[1])
+    opt_single = torch.optim.Adam(single.parameters(), lr=0.05)
+    opt_sharded = torch.optim.Adam(sharded.parameters(), lr=0.05)
+    gen = torch.Generator().manual_seed(5)
+    losses, ref_losses = [], []
+    for _ in range(4):
+        x = torch.randn(2 * 6, D, generator=gen, dtype=torch.float64)
+        t = torch.randn(2 * 6, 1, generator=gen, dtype=torch.float64)
+        ref_loss = (single(x) - t).pow(2).mean()
+        opt_single.zero_grad()
+        ref_loss.backward()
+        opt_single.step()
+        mine = slice(6 * rank, 6 * rank + 6)
+        loss = (sharded(x[mine]) - t[mine]).pow(2).mean()
+        opt_sharded.zero_grad()
+        loss.backward()
+        average_replicated_gradients(sharded)
+        opt_sharded.step()
+        total = loss.detach().clone()
+        dist.all_reduce(total)
+        losses.append(float(total) / WORLD)
+        ref_losses.append(float(ref_loss))
+    assert bool(sharded[1].search.hardened), "the run should cross the local-search hardening step"
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-12, atol=0)
+    return "ok"
+
+
+def _check_indivisible(rank: int) -> str:
+    try:
+        expert_parallel(MoE(D, 8, 3, gate="topk"))
+    except ValueError as e:
+        assert "num_experts=3 is not divisible by the world size 2" in str(e), str(e)
+        return "ok"
+    raise AssertionError("no error for 3 experts on 2 ranks")
+
+
+def _run(fn: Callable[[], str]) -> str:
+    try:
+        return fn()
+    except Exception:
+        return traceback.format_exc()
+
+
+def _worker(rank: int, port: int, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60)
+    )
+    results = {name: _run(lambda g=gate, o=options: _check_gate(rank, g, o)) for name, gate, options in CASES}
+    results["training"] = _run(lambda: _check_training(rank))
+    results["indivisible"] = _run(lambda: _check_indivisible(rank))
+    Path(out, f"rank{rank}.json").write_text(json.dumps(results))
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, str]]:
+    out = tmp_path_factory.mktemp("expert_parallel")
+    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
+
+
+@pytest.mark.parametrize("case", [c[0] for c in CASES] + ["training", "indivisible"])
+def test_expert_parallel_matches_unsharded(results: list[dict[str, str]], case: str) -> None:
+    for rank, found in enumerate(results):
+        assert found[case] == "ok", f"rank {rank}:\n{found[case]}"
+
+
+def test_needs_initialised_process_group() -> None:
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        expert_parallel(MoE(D, 8, NUM_EXPERTS))
