@@ -425,9 +425,12 @@ def _optimizer_state_from_file(
             )
         keys_old, keys_new = set(old) - {"params"}, set(new) - {"params"}
         if keys_old != keys_new:
+            hint = ""
+            if "initial_lr" in keys_old ^ keys_new:
+                hint = " (initial_lr is set by an LR scheduler: build the same scheduler as the saved run)"
             raise ValueError(
                 f"{path}: optimizer param group {i} has hyper-parameters {sorted(keys_old)}, the {cls} given has "
-                f"{sorted(keys_new)}"
+                f"{sorted(keys_new)}{hint}"
             )
         group = {k: tuple(v) if isinstance(new[k], tuple) else v for k, v in old.items() if k != "params"}
         groups.append({**group, "params": new["params"]})
