@@ -20,6 +20,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from sparsemoe import MoE
+from sparsemoe.checkpoint import load_checkpoint, save_checkpoint
 from sparsemoe.distributed import average_replicated_gradients, expert_parallel
 
 WORLD = 2
@@ -148,6 +149,47 @@ def _check_indivisible(rank: int) -> str:
     raise AssertionError("no error for 3 experts on 2 ranks")
 
 
+def _check_checkpoint(rank: int, out: str) -> str:
+    """A 2-rank checkpoint loads onto 1 process and back, with the same outputs and optimizer state."""
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 6, D, generator=gen, dtype=torch.float64)  # x[r]: rank r's tokens
+    sharded = _model(2)
+    sharded[1] = expert_parallel(sharded[1])
+    opt = torch.optim.Adam(sharded.parameters(), lr=0.05)
+    for _ in range(3):  # crosses the hardening step too
+        opt.zero_grad()
+        sharded(x[rank]).pow(2).mean().backward()
+        average_replicated_gradients(sharded)
+        opt.step()
+    path = Path(out, "ep.safetensors")
+    save_checkpoint(path, sharded, opt, step=3)  # collective: gathers the experts
+    with torch.no_grad():
+        y_sharded = sharded(x[rank])
+        parts = [torch.empty_like(y_sharded) for _ in range(WORLD)]
+        dist.all_gather(parts, y_sharded)
+    # 2 -> 1: an unsharded model on each process
+    single = _model(3)
+    single_opt = torch.optim.Adam(single.parameters(), lr=0.05)
+    load_checkpoint(path, single, single_opt)
+    with torch.no_grad():
+        _close(single(x.reshape(-1, D)), torch.cat(parts), "unsharded model loaded from a 2-rank checkpoint")
+    lo, hi = sharded[1].expert_range
+    for name in ("w1", "w2"):
+        p_single, p_sharded = getattr(single[1].experts, name), getattr(sharded[1].experts, name)
+        _close(single_opt.state[p_single]["exp_avg_sq"][lo:hi], opt.state[p_sharded]["exp_avg_sq"], f"Adam {name}")
+    # 1 -> 2: rank 0 saves the unsharded model alone; both ranks load it into a fresh sharded one
+    path1 = Path(out, "single.safetensors")
+    if rank == 0:
+        save_checkpoint(path1, single, single_opt, step=3)
+    dist.barrier()
+    again = _model(4)
+    again[1] = expert_parallel(again[1])
+    load_checkpoint(path1, again, torch.optim.Adam(again.parameters(), lr=0.05))
+    with torch.no_grad():
+        _close(again(x[rank]), y_sharded, "2-rank model loaded from an unsharded checkpoint")
+    return "ok"
+
+
 def _run(fn: Callable[[], str]) -> str:
     try:
         return fn()
@@ -163,6 +205,7 @@ def _worker(rank: int, port: int, out: str) -> None:
     results = {name: _run(lambda g=gate, o=options: _check_gate(rank, g, o)) for name, gate, options in CASES}
     results["training"] = _run(lambda: _check_training(rank))
     results["indivisible"] = _run(lambda: _check_indivisible(rank))
+    results["checkpoint 2<->1"] = _run(lambda: _check_checkpoint(rank, out))
     Path(out, f"rank{rank}.json").write_text(json.dumps(results))
     dist.destroy_process_group()
 
@@ -174,7 +217,7 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, str]]:
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
 
 
-@pytest.mark.parametrize("case", [c[0] for c in CASES] + ["training", "indivisible"])
+@pytest.mark.parametrize("case", [c[0] for c in CASES] + ["training", "indivisible", "checkpoint 2<->1"])
 def test_expert_parallel_matches_unsharded(results: list[dict[str, str]], case: str) -> None:
     for rank, found in enumerate(results):
         assert found[case] == "ok", f"rank {rank}:\n{found[case]}"
