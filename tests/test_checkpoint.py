@@ -140,7 +140,7 @@ def test_bad_files_raise_value_error_naming_the_file(tmp_path, make_bad) -> None
     make_bad[1](bad, good)
     content = bad.read_bytes()
     before = snapshot(moe, opt)
-    with pytest.raises(ValueError, match="bad.safetensors") as info:
+    with pytest.raises(ValueError, match=r"bad\.safetensors") as info:
         load_checkpoint(bad, moe, opt)
     assert "SafetensorError" not in type(info.value).__name__
     assert_same(snapshot(moe, opt), before)

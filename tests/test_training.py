@@ -38,10 +38,8 @@ def run(tmp_path, *, resume=None, crash_at=None, bad_step=None, bad="loss", nan_
         loss = (model(x[rows] + jitter) - y[rows]).pow(2).mean() + model[0].aux_loss()
         step = calls["n"] + (0 if resume is None else resume_step)
         if step == bad_step:
-            if bad == "loss":
-                loss = loss * float("nan")
-            else:  # finite loss, NaN gradient: d sqrt(u)/du at u=0 is inf, times 0
-                loss = loss + torch.sqrt((model[1].weight * 0).sum())
+            # "gradient": a finite loss with NaN gradients (d sqrt(u)/du at u=0 is inf, times 0)
+            loss = loss * float("nan") if bad == "loss" else loss + torch.sqrt((model[1].weight * 0).sum())
         return loss
 
     def on_step(step: int, loss: torch.Tensor) -> None:
@@ -88,7 +86,7 @@ def test_resume_is_bit_identical(tmp_path, crash_at: int) -> None:
 
 def test_resume_refuses_a_different_data_order(tmp_path) -> None:
     run(tmp_path)
-    model, _, x, y = problem()
+    model, _, x, _ = problem()
     with pytest.raises(ValueError, match="batch_size=8, this run has batch_size=4"):
         fit(model, lambda r: model(x[r]).sum(), ROWS, lambda: 0.0, epochs=1, lr=0.1, batch_size=4, seed=1,
             resume=tmp_path / "run.safetensors")  # fmt: skip

@@ -370,7 +370,9 @@ def load_checkpoint(
     return {"step": meta["step"], "config": meta["config"], "state": meta["state"], "tensors": extra}
 
 
-def _model_state_from_file(path: Path, model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _model_state_from_file(
+    path: Path, model: nn.Module, tensors: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
     """The model's ``state_dict`` from the file (expert shards sliced out), checked key by key."""
     sharded = _sharded_keys(model)
     current = model.state_dict()

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -139,7 +140,14 @@ def fit(
         tensors = {"data_rng": data_rng, **{f"best.{k}": v for k, v in best_state.items()}}
         assert checkpoint_path is not None
         save_checkpoint(
-            checkpoint_path, model, optimizer, scheduler=sched, step=step, config=run_config, state=state, tensors=tensors
+            checkpoint_path,
+            model,
+            optimizer,
+            scheduler=sched,
+            step=step,
+            config=run_config,
+            state=state,
+            tensors=tensors,
         )
 
     start, epoch, losses = time.perf_counter(), first_epoch, []
