@@ -226,3 +226,24 @@ def test_expert_parallel_matches_unsharded(results: list[dict[str, str]], case: 
 def test_needs_initialised_process_group() -> None:
     with pytest.raises(RuntimeError, match="init_process_group"):
         expert_parallel(MoE(D, 8, NUM_EXPERTS))
+
+
+def test_torchrun_example_matches_one_process(tmp_path) -> None:
+    """examples/expert_parallel.py: expert parallelism + DDP on 2 ranks equals one process."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root / "src"), os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1"]
+    command += ["--master-port", str(_free_port()), str(root / "examples" / "expert_parallel.py")]
+    command += ["--steps", "5", "--out", str(tmp_path)]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    steps = [line.split() for line in done.stdout.splitlines() if line.startswith("step")]
+    assert len(steps) == 2  # steps 1 and 5
+    for words in steps:
+        assert words[6] == words[9], words  # loss on 2 ranks == one process (6 decimals)
+    diff = float(done.stdout.rsplit("by ", 1)[1].split()[0])
+    assert diff < 1e-6

@@ -23,9 +23,12 @@ The result equals ``moe(x_r)`` of the unsharded layer. Backward runs the exchang
 unsharded layer's on ``x_r``, and each expert gradient is the SUM over ranks of the unsharded
 gradients for that expert.
 
-Composing with DDP: wrap the model in ``DistributedDataParallel`` with the expert parameters left
-out (``ddp_ignored_parameters(model)`` → ``DDP._set_params_and_buffers_to_ignore_for_model``), or
-average the replicated gradients yourself (:func:`average_replicated_gradients`). DDP averages the
+Composing with DDP (``examples/expert_parallel.py`` is the whole recipe): give the expert layers
+their own process group (``expert_parallel(layer, group=dist.new_group())``) so that their exchanges
+never interleave with DDP's all-reduces, then wrap the model in ``DistributedDataParallel`` with the
+expert parameters left out (``DDP._set_params_and_buffers_to_ignore_for_model(model,
+ddp_ignored_parameters(model))``), or average the replicated gradients yourself
+(:func:`average_replicated_gradients`). DDP averages the
 replicated gradients over ranks (sum / W); the expert gradients already hold the sum over ranks, so
 divide them by ``W`` too (:func:`scale_expert_gradients`) and the whole update equals single-process
 training on the concatenated batch with a loss averaged over ranks. Every rank must run every
