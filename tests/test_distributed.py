@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from sparsemoe import MoE
+from sparsemoe import MoE, MultiTaskMoE
 from sparsemoe.checkpoint import load_checkpoint, save_checkpoint
 from sparsemoe.distributed import average_replicated_gradients, expert_parallel
 
@@ -38,6 +38,10 @@ CASES: list[tuple[str, str, dict]] = [
     ("comet", "comet", {"k": 2}),
     ("comet+soft", "comet", {"k": 2, "local_search": True, "local_search_steps": 5}),
     ("topk+hard", "topk", {"k": 2, "local_search": True, "local_search_steps": 0}),
+    # MultiTaskMoE (2 tasks, linear experts): one shared exchange for the pairs of both task gates
+    ("mmoe-softmax", "mmoe:softmax", {}),
+    ("mmoe-topk", "mmoe:topk", {"k": 2}),
+    ("mmoe-comet+soft", "mmoe:comet", {"k": 2, "local_search": True, "local_search_steps": 5}),
 ]
 TOKENS = (7, 5)  # uneven batches per rank
 
@@ -54,7 +58,11 @@ def _close(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
 
 def _check_gate(rank: int, gate: str, options: dict) -> str:
     torch.manual_seed(0)  # the same layer on every rank
-    moe = MoE(D, 8, NUM_EXPERTS, gate=gate, **options).double()
+    if gate.startswith("mmoe:"):
+        gate = gate.split(":")[1]
+        moe: torch.nn.Module = MultiTaskMoE(D, D, NUM_EXPERTS, 2, gate=gate, **options).double()
+    else:
+        moe = MoE(D, 8, NUM_EXPERTS, gate=gate, **options).double()
     ref = copy.deepcopy(moe)
     layer = expert_parallel(moe)
     gen = torch.Generator().manual_seed(100 + rank)
@@ -66,6 +74,8 @@ def _check_gate(rank: int, gate: str, options: dict) -> str:
         xi = x.clone().requires_grad_(True)
         torch.manual_seed(7 + rank)  # same global draws (noisy top-k) for both
         y = module(xi, ids=ids if gate == "hash" else None)
+        if isinstance(y, list):  # one output per task
+            y = torch.stack(y)
         loss = (y * target).sum() + module.aux_loss()
         loss.backward()
         results.append((y.detach(), xi.grad, loss.detach()))
@@ -73,7 +83,8 @@ def _check_gate(rank: int, gate: str, options: dict) -> str:
     ref_expert_grads = {n: p.grad.clone() for n, p in ref.experts.named_parameters()}
     for g in ref_expert_grads.values():
         dist.all_reduce(g)
-    remote = layer.last_routing.expert  # type: ignore[union-attr]
+    last = layer.last_routing
+    remote = torch.cat([r.expert for r in last]) if isinstance(last, list) else last.expert  # type: ignore[union-attr]
     lo, hi = layer.expert_range
     sent_away = int(((remote < lo) | (remote >= hi)).sum())
     (y, gx, loss), (y_ref, gx_ref, loss_ref) = results

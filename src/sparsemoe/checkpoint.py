@@ -51,7 +51,7 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 from torch import nn
 
-from .distributed import ExpertParallelMoE, expert_parallel_layers
+from .distributed import ExpertParallel, expert_parallel_layers
 
 _META_KEY = "sparsemoe"
 _FORMAT = 2
@@ -68,7 +68,7 @@ def _generators(model: nn.Module) -> dict[str, torch.Generator]:
     }
 
 
-def _sharded_keys(model: nn.Module) -> dict[str, ExpertParallelMoE]:
+def _sharded_keys(model: nn.Module) -> dict[str, ExpertParallel]:
     """``state_dict`` keys of expert-parallel shards -> their layer."""
     out = {}
     for prefix, layer in expert_parallel_layers(model):
@@ -77,14 +77,14 @@ def _sharded_keys(model: nn.Module) -> dict[str, ExpertParallelMoE]:
     return out
 
 
-def _gather(t: torch.Tensor, layer: ExpertParallelMoE) -> torch.Tensor:
+def _gather(t: torch.Tensor, layer: ExpertParallel) -> torch.Tensor:
     """The full ``[n, ...]`` tensor from every rank's ``[n/W, ...]`` slice (collective)."""
     parts = [torch.empty_like(t) for _ in range(layer.world_size)]
     dist.all_gather(parts, t.detach().contiguous(), group=layer.group)
     return torch.cat(parts)
 
 
-def _local(t: torch.Tensor, layer: ExpertParallelMoE) -> torch.Tensor:
+def _local(t: torch.Tensor, layer: ExpertParallel) -> torch.Tensor:
     lo, hi = layer.expert_range
     return t[lo:hi]
 
@@ -260,7 +260,7 @@ def save_checkpoint(
 def _optimizer_to_file(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    sharded: Mapping[str, ExpertParallelMoE],
+    sharded: Mapping[str, ExpertParallel],
     out: dict[str, torch.Tensor],
 ) -> dict[str, Any]:
     names = _param_names(model, optimizer)
@@ -383,7 +383,7 @@ def _model_state_from_file(
             f"{path} does not fit this model: missing keys {missing[:10]}, unexpected keys {unexpected[:10]}"
         )
     out = {}
-    for key, value in saved.items():
+    for key, value in sorted(saved.items()):  # sorted: the first bad key reported is deterministic
         if key in sharded:
             layer = sharded[key]
             full = (current[key].shape[0] * layer.world_size, *current[key].shape[1:])

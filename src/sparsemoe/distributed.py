@@ -1,26 +1,27 @@
 """Expert parallelism on ``torch.distributed``: each rank holds a contiguous slice of the experts.
 
 Launch one process per rank (``torchrun --nproc-per-node N``; gloo on CPU, NCCL on GPU), build the
-same model on every rank (same seed), then replace each :class:`~sparsemoe.MoE` layer with
-``expert_parallel(layer)``. What each rank holds afterwards:
+same model on every rank (same seed), then replace each :class:`~sparsemoe.MoE` (or
+:class:`~sparsemoe.MultiTaskMoE`) layer with ``expert_parallel(layer)``. What each rank holds:
 
-* the gate, the local-search permutation and every non-MoE parameter: a full replica;
+* the gate(s), the local-search permutation and every non-MoE parameter: a full replica;
 * experts ``[r · n/W, (r+1) · n/W)`` of each MoE layer only (``W`` ranks, ``n`` experts).
 
-Forward on rank ``r`` with its own tokens ``x_r``:
+The layer's own forward runs unchanged on rank ``r``'s tokens ``x_r``, with its expert bank replaced
+by :class:`RemoteExperts`:
 
-1. route locally (``moe.route``: gate + local search + capacity limit), exactly as the unsharded
-   layer does on ``x_r``;
-2. sort the pairs by expert (hence by owning rank), exchange the per-expert pair counts
-   (``all_to_all_single`` of ``[W, n/W]`` counts), then the input rows of the pairs
-   (``all_to_all_single`` with those uneven splits);
-3. run the local experts on the rows received from every rank (one grouped matmul);
-4. send the results back (the reverse exchange) and combine them with the routing weights locally,
-   so the gate's gradient never leaves the rank.
+1. the gate (and local search, capacity limit) routes ``x_r`` locally, exactly as the unsharded
+   layer does;
+2. the dispatch sorts the pairs by expert (hence by owning rank) and hands the rows to the bank,
+   which exchanges the per-expert row counts (``all_to_all_single`` of ``[W, n/W]`` counts), then
+   the rows (``all_to_all_single`` with those uneven splits);
+3. each rank runs its local experts on the rows received from every rank (one grouped matmul);
+4. the results go back (the reverse exchange) and the layer combines them with the routing weights
+   locally, so the gate's gradient never leaves the rank.
 
-The result equals ``moe(x_r)`` of the unsharded layer. Backward runs the exchanges in reverse (an
-``all_to_all`` is its own adjoint with the splits swapped): the input and gate gradients equal the
-unsharded layer's on ``x_r``, and each expert gradient is the SUM over ranks of the unsharded
+The result equals the unsharded layer's output for ``x_r``. Backward runs the exchanges in reverse
+(an ``all_to_all`` is its own adjoint with the splits swapped): the input and gate gradients equal
+the unsharded layer's on ``x_r``, and each expert gradient is the SUM over ranks of the unsharded
 gradients for that expert.
 
 Composing with DDP (``examples/expert_parallel.py`` is the whole recipe): give the expert layers
@@ -53,9 +54,8 @@ import torch.distributed as dist
 from torch import nn
 
 from ._validation import check_input
-from .dispatch import combine, sort_by_expert
-from .experts import StackedExperts
-from .layers import MoE
+from .experts import ExpertBank, StackedExperts
+from .layers import MoE, MultiTaskMoE
 from .routing import Routing
 
 ProcessGroup = dist.ProcessGroup
@@ -117,28 +117,69 @@ def _slice_experts(bank: nn.Module, start: int, stop: int) -> StackedExperts:
     return shard
 
 
-class ExpertParallelMoE(nn.Module):
-    """An :class:`~sparsemoe.MoE` whose experts are sharded over the ranks of ``group``.
+class RemoteExperts(ExpertBank):
+    """All ``n`` experts as seen from one rank: rows of other ranks' experts are computed remotely.
 
-    Built by :func:`expert_parallel`. Same ``forward(x, ids=None)``, ``last_routing``,
-    ``aux_loss()`` and ``routing_stats()`` as :class:`~sparsemoe.MoE`, and the same ``state_dict``
-    keys, except that ``experts.*`` tensors hold only this rank's ``[n/W, ...]`` slice
-    (``expert_range``). Checkpoints gather them (:mod:`sparsemoe.checkpoint`).
+    ``forward_sorted(xs, counts)`` (rows sorted by expert, ``counts: [n]``) sends each row to the rank
+    owning its expert, runs this rank's shard on the rows it receives from every rank, and returns
+    the results in the order of ``xs``. It is collective: every rank of ``group`` must call it the
+    same number of times (and backward through it). Any layer that drives its experts through the
+    :class:`ExpertBank` interface (``MoE``'s dispatch, ``MultiTaskMoE``) runs unchanged on it.
     """
 
-    _router: MoE
-
-    def __init__(self, moe: MoE, group: ProcessGroup | None = None) -> None:
+    def __init__(self, shard: StackedExperts, num_experts: int, group: ProcessGroup | None) -> None:
         super().__init__()
-        if not isinstance(moe, MoE):
-            raise TypeError(f"expert_parallel takes a sparsemoe.MoE, got {type(moe).__name__}")
+        self.shard = shard
+        self.num_experts = num_experts
+        self.d_out = shard.d_out
+        self.group = group
+        self.world_size = dist.get_world_size(group)
+
+    def forward_expert(self, expert: int, x: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError(f"RemoteExperts computes rows in bulk only (forward_sorted); expert {expert} may be remote")
+
+    def forward_sorted(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        world, per = self.world_size, self.shard.num_experts
+        # 1. split sizes: rows per (destination rank, its local expert), and what we will receive.
+        recv_counts = _all_to_all(counts.view(world, per), [1] * world, [1] * world, self.group)  # [W, per]
+        send_splits = counts.view(world, per).sum(1).tolist()
+        recv_splits = recv_counts.sum(1).tolist()
+        # 2. rows to the ranks owning their experts (they are sorted by expert, hence by rank).
+        received = all_to_all(xs, send_splits, recv_splits, self.group)
+        # 3. received rows are grouped by source rank, then local expert: regroup by local expert.
+        local_expert = torch.arange(per, device=xs.device).repeat(world)
+        local_expert = local_expert.repeat_interleave(recv_counts.reshape(-1).to(xs.device))
+        regroup = torch.argsort(local_expert, stable=True)
+        ys = self.shard.forward_sorted(received.index_select(0, regroup), recv_counts.sum(0))
+        back = torch.empty_like(regroup)
+        back[regroup] = torch.arange(regroup.numel(), device=regroup.device)
+        # 4. results back to the ranks the rows came from, in their order.
+        return all_to_all(ys.index_select(0, back), recv_splits, send_splits, self.group)
+
+
+class ExpertParallel(nn.Module):
+    """A :class:`~sparsemoe.MoE` or :class:`~sparsemoe.MultiTaskMoE` with experts sharded over ``group``.
+
+    Built by :func:`expert_parallel`. Same ``forward``, ``last_routing``, ``aux_loss()`` and
+    ``routing_stats()`` as the layer it wraps, and the same ``state_dict`` keys, except that the
+    ``experts.*`` tensors hold only this rank's ``[n/W, ...]`` slice (experts ``expert_range``).
+    Checkpoints gather them (:mod:`sparsemoe.checkpoint`).
+    """
+
+    _layer: MoE | MultiTaskMoE
+    experts: StackedExperts
+
+    def __init__(self, layer: MoE | MultiTaskMoE, group: ProcessGroup | None = None) -> None:
+        super().__init__()
+        if not isinstance(layer, (MoE, MultiTaskMoE)):
+            raise TypeError(f"expert_parallel takes a sparsemoe.MoE or MultiTaskMoE, got {type(layer).__name__}")
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError(
                 "expert_parallel needs torch.distributed initialised: call "
                 "torch.distributed.init_process_group('gloo' or 'nccl') first (torchrun sets the environment)"
             )
         world, rank = dist.get_world_size(group), dist.get_rank(group)
-        n = moe.num_experts
+        n = layer.num_experts
         if n % world != 0:
             raise ValueError(
                 f"num_experts={n} is not divisible by the world size {world}: each rank must hold the same "
@@ -148,90 +189,65 @@ class ExpertParallelMoE(nn.Module):
         self.world_size, self.rank = world, rank
         self.num_experts = n
         self.experts_per_rank = n // world
-        self.d_model = moe.d_model
-        self.check_finite = moe.check_finite
         start = rank * self.experts_per_rank
         self.expert_range = (start, start + self.experts_per_rank)
-        self.gate = moe.gate
-        self.search = moe.search
-        self.experts = _slice_experts(moe.experts, *self.expert_range)
-        # A shallow copy of the layer whose gate/search are ours, used only for ``route``; kept out of
-        # the module tree so that it adds no state_dict keys.
-        router = copy.copy(moe)
-        router._modules = dict(moe._modules)
-        router._modules["experts"] = self.experts
-        object.__setattr__(self, "_router", router)
+        # gate(s), search: replicated, shared with the layer copy; the layer's order is kept, so that
+        # parameters (and optimiser param groups) come in the same order as in the unsharded model
+        for name, child in layer.named_children():
+            self.add_module(name, _slice_experts(child, *self.expert_range) if name == "experts" else child)
+        # The layer's own forward runs on a shallow copy whose expert bank computes remotely. The copy
+        # is kept out of the module tree (no extra state_dict keys); its children are ours.
+        inner = copy.copy(layer)
+        inner._modules = dict(layer._modules)
+        inner._modules["experts"] = RemoteExperts(self.experts, n, group)
+        object.__setattr__(self, "_layer", inner)
 
     @property
-    def last_routing(self) -> Routing | None:
-        return self._router.last_routing
+    def last_routing(self) -> Routing | list[Routing] | None:
+        return self._layer.last_routing
 
-    def train(self, mode: bool = True) -> ExpertParallelMoE:
+    def train(self, mode: bool = True) -> ExpertParallel:
         super().train(mode)
-        self._router.train(mode)
+        self._layer.train(mode)
         return self
 
-    def forward(self, x: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
-        """``x: [..., d_model]`` this rank's tokens -> ``[..., d_model]``; collective (see module doc)."""
-        check_input(x, self.d_model, check_finite=self.check_finite)
-        flat = x.reshape(-1, self.d_model)  # [T, d]
-        routing = self._router.route(flat, None if ids is None else ids.reshape(-1))
-        return self._exchange_and_compute(flat, routing).view(*x.shape[:-1], -1)
-
-    def _exchange_and_compute(self, flat: torch.Tensor, routing: Routing) -> torch.Tensor:
-        world, per = self.world_size, self.experts_per_rank
-        order, counts = sort_by_expert(routing.expert, self.num_experts)  # pairs grouped by expert = by rank
-        token, weight = routing.token[order], routing.weight[order]
-        # 1. split sizes: pairs per (destination rank, its local expert), and what we will receive.
-        recv_counts = _all_to_all(counts.view(world, per), [1] * world, [1] * world, self.group)  # [W, per]
-        send_splits = counts.view(world, per).sum(1).tolist()
-        recv_splits = recv_counts.sum(1).tolist()
-        # 2. input rows of our pairs to the ranks owning their experts.
-        received = all_to_all(flat.index_select(0, token), send_splits, recv_splits, self.group)
-        # 3. received rows are grouped by source rank, then local expert: regroup by local expert.
-        local_expert = torch.arange(per, device=flat.device).repeat(world)
-        local_expert = local_expert.repeat_interleave(recv_counts.reshape(-1).to(flat.device))
-        regroup = torch.argsort(local_expert, stable=True)
-        ys = self.experts.forward_sorted(received.index_select(0, regroup), recv_counts.sum(0))
-        back = torch.empty_like(regroup)
-        back[regroup] = torch.arange(regroup.numel(), device=regroup.device)
-        # 4. results back to the ranks that own the tokens, combined with the local weights.
-        ys = all_to_all(ys.index_select(0, back), recv_splits, send_splits, self.group)
-        return combine(ys, token, weight, routing.num_inputs)
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        """As the wrapped layer's forward, on this rank's tokens; collective (see the module doc)."""
+        if isinstance(self._layer, MultiTaskMoE) and len(args) < 1 and kwargs.get("gate_input") is None:
+            check_input(x, self._layer.d_in, check_finite=self._layer.check_finite)
+        return self._layer(x, *args, **kwargs)
 
     def aux_loss(self) -> torch.Tensor:
         """Weighted sum of the last forward's auxiliary losses on this rank's tokens."""
-        routing = self.last_routing
-        return torch.zeros(()) if routing is None else routing.aux_loss()
+        return self._layer.aux_loss()
 
-    def routing_stats(self) -> dict[str, object]:
+    def routing_stats(self) -> Any:
         """Routing statistics of this rank's tokens in the last forward."""
-        if self.last_routing is None:
-            raise RuntimeError("routing_stats() needs a forward pass first")
-        return dict(self.last_routing.stats().as_dict())
+        return self._layer.routing_stats()
 
     def extra_repr(self) -> str:
         lo, hi = self.expert_range
         return f"num_experts={self.num_experts}, rank={self.rank}/{self.world_size}, experts=[{lo}, {hi})"
 
 
-def expert_parallel(moe: MoE, group: ProcessGroup | None = None) -> ExpertParallelMoE:
-    """Shard ``moe``'s experts over the ranks of ``group`` (default: the world); see the module doc.
+def expert_parallel(layer: MoE | MultiTaskMoE, group: ProcessGroup | None = None) -> ExpertParallel:
+    """Shard ``layer``'s experts over the ranks of ``group`` (default: the world); see the module doc.
 
-    ``moe`` must be identical on every rank (build it after seeding identically). It is left
-    unchanged; drop it to free its full expert weights.
+    ``layer`` (a :class:`~sparsemoe.MoE` or :class:`~sparsemoe.MultiTaskMoE` with stacked experts)
+    must be identical on every rank (build it after seeding identically). It is left unchanged; drop
+    it to free its full expert weights.
 
     Raises:
         ValueError: ``num_experts`` is not divisible by the number of ranks.
         RuntimeError: ``torch.distributed`` is not initialised.
     """
-    return ExpertParallelMoE(moe, group)
+    return ExpertParallel(layer, group)
 
 
-def expert_parallel_layers(model: nn.Module) -> Iterator[tuple[str, ExpertParallelMoE]]:
+def expert_parallel_layers(model: nn.Module) -> Iterator[tuple[str, ExpertParallel]]:
     """``(name, layer)`` of every expert-parallel layer in ``model``."""
     for name, module in model.named_modules():
-        if isinstance(module, ExpertParallelMoE):
+        if isinstance(module, ExpertParallel):
             yield name, module
 
 

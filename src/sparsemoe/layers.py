@@ -100,22 +100,13 @@ class MoE(nn.Module):
         """``x: [..., d_model]``; ``ids: [...]`` integer ids per position for gates that use them."""
         check_input(x, self.d_model, check_finite=self.check_finite)
         flat = x.reshape(-1, self.d_model)  # [T, d]
-        routing = self.route(flat, None if ids is None else ids.reshape(-1))
-        return dispatch(flat, routing, self.experts).view_as(x)
-
-    def route(self, x_flat: torch.Tensor, ids: torch.Tensor | None = None) -> Routing:
-        """Gate + local search + capacity limit for ``x_flat: [T, d_model]`` (``ids: LongTensor[T]``).
-
-        Everything before the experts, so that other executors (expert parallelism) reuse it.
-        Sets ``last_routing``.
-        """
-        routing = self.gate(x_flat, ids)
+        routing = self.gate(flat, None if ids is None else ids.reshape(-1))
         if self.search is not None:
             routing = self.search.permute([routing])[0]
         if self.capacity_factor is not None:
             routing = routing.with_capacity(self.capacity_factor)
         self.last_routing = routing
-        return routing
+        return dispatch(flat, routing, self.experts).view_as(x)
 
     def aux_loss(self) -> torch.Tensor:
         """Weighted sum of the last forward's auxiliary losses (zero before any forward)."""
