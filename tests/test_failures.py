@@ -113,6 +113,17 @@ def test_killed_while_writing_a_checkpoint(tmp_path, where: str) -> None:
     assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())
 
 
+def test_resume_from_a_corrupted_checkpoint_stops_before_touching_it(tmp_path) -> None:
+    path = tmp_path / "run.safetensors"
+    train(path, epochs=1)
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF  # one flipped bit pattern in the tensor data
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"run\.safetensors is not a readable sparsemoe checkpoint: checksum mismatch"):
+        train(path, resume=path)
+    assert path.read_bytes() == bytes(data)  # not overwritten by the failed run
+
+
 # ----------------------------------------------------------------------------- data files
 def write_inter(path: Path, lines: list[str]) -> Path:
     path.write_text("user_id:token\titem_id:token\trating:float\ttimestamp:float\n" + "".join(x + "\n" for x in lines))

@@ -88,8 +88,10 @@ def fit(
         resume: a checkpoint written by ``fit`` to continue from; the run then continues exactly as
             the uninterrupted run would (same losses, bit for bit). ``model`` must be freshly built
             the same way; ``num_rows``, ``batch_size`` and ``seed`` must match the checkpoint's.
-        on_step: called as ``on_step(step, loss)`` after each optimiser step (e.g. local search
-            schedules); ``on_epoch(epoch, val_loss)`` after each epoch (e.g. progress bars).
+        on_step: called as ``on_step(step, loss)`` after each step, skipped ones included (e.g. local
+            search schedules); ``on_epoch(epoch, val_loss)`` after each epoch (e.g. progress bars).
+
+    ``FitResult.epochs_run`` counts the epochs of the whole run, those before a resume included.
     """
     nan_policy = check_choice("nan_policy", nan_policy, NAN_POLICIES)
     num_rows = check_int("num_rows", num_rows, low=1)
@@ -207,4 +209,4 @@ def fit(
         checkpoint(epochs if stopped_early else epoch + 1, 0, generator.get_state(), 0.0, 0)
     model.load_state_dict(best_state)
     model.eval()
-    return FitResult(best_epoch, best_loss, epoch + 1, time.perf_counter() - start, history, losses, skipped)
+    return FitResult(best_epoch, best_loss, len(history), time.perf_counter() - start, history, losses, skipped)
