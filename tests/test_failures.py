@@ -92,7 +92,7 @@ def test_killed_while_writing_a_checkpoint(tmp_path, where: str) -> None:
     try:
         deadline = time.monotonic() + 120
         line = ""
-        while time.monotonic() < deadline and not line:
+        while time.monotonic() < deadline and not line and child.poll() is None:
             line = child.stdout.readline().strip()  # type: ignore[union-attr]
         assert line == "STALLED", f"child did not reach the checkpoint write: {line!r}"
         temps = [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]

@@ -29,18 +29,20 @@ their own process group (``expert_parallel(layer, group=dist.new_group())``) so 
 never interleave with DDP's all-reduces, then wrap the model in ``DistributedDataParallel`` with the
 expert parameters left out (``DDP._set_params_and_buffers_to_ignore_for_model(model,
 ddp_ignored_parameters(model))``), or average the replicated gradients yourself
-(:func:`average_replicated_gradients`). DDP averages the
-replicated gradients over ranks (sum / W); the expert gradients already hold the sum over ranks, so
-divide them by ``W`` too (:func:`scale_expert_gradients`) and the whole update equals single-process
-training on the concatenated batch with a loss averaged over ranks. Every rank must run every
-forward and backward (the exchanges are collective).
+(:func:`average_replicated_gradients`). DDP averages the replicated gradients over ranks (sum / W);
+the expert gradients already hold the sum over ranks, so divide them by ``W`` too
+(:func:`scale_expert_gradients`) and the whole update equals single-process training on the
+concatenated batch with the loss averaged over ranks. Every rank must run every forward and
+backward (the exchanges are collective).
 
-"Its own tokens": gates that decide per input (topk, switch, hash, random, softmax, dselect_k,
-comet) route ``x_r`` exactly as the unsharded layer routes those rows inside any batch.
-``expert_choice`` picks, for each expert, the top inputs of the batch it sees, so here it picks
-among each rank's local batch, with a capacity computed from the local batch size: the output
-equals the unsharded layer applied to ``x_r`` alone, not to the concatenated batch. Batch-level
-auxiliary losses (load balance, z-loss) are likewise computed on the local batch, as with DDP.
+"Its own tokens": each rank routes the batch it holds, so the output always equals the unsharded
+layer applied to ``x_r`` alone (with the same gate state). For gates that decide each input on its
+own (topk, switch and hash without a capacity, softmax, dselect_k, comet) that is also how those rows
+are routed inside the concatenated batch. What depends on the batch acts per rank, as with DDP:
+``expert_choice`` picks each expert's top inputs among the rank's batch, with a capacity from the
+local batch size; capacity limits count the local pairs; batch-level auxiliary losses (load balance,
+z-loss) are computed on the local batch; the random gate's generator is replicated, so every rank
+draws the same sequence for its own rows.
 """
 
 from __future__ import annotations
@@ -234,8 +236,9 @@ def expert_parallel(layer: MoE | MultiTaskMoE, group: ProcessGroup | None = None
     """Shard ``layer``'s experts over the ranks of ``group`` (default: the world); see the module doc.
 
     ``layer`` (a :class:`~sparsemoe.MoE` or :class:`~sparsemoe.MultiTaskMoE` with stacked experts)
-    must be identical on every rank (build it after seeding identically). It is left unchanged; drop
-    it to free its full expert weights.
+    must be identical on every rank (build it after seeding identically). Its gate(s) and search are
+    shared with the returned module, not copied; its expert bank is left as it was (the shard is a
+    copy), so drop ``layer`` to free the full expert weights.
 
     Raises:
         ValueError: ``num_experts`` is not divisible by the number of ranks.
