@@ -110,7 +110,8 @@ def _slice_experts(bank: nn.Module, start: int, stop: int) -> StackedExperts:
         raise TypeError(
             f"expert_parallel supports StackedExperts (expert='mlp', 'swiglu' or 'linear'), got {type(bank).__name__}"
         )
-    shard = copy.copy(bank)  # shares nothing below: its parameter dict is replaced
+    shard = copy.copy(bank)  # a shallow copy: give it its own containers, and sliced parameters
+    shard._buffers, shard._modules = dict(bank._buffers), dict(bank._modules)
     shard._parameters = {
         name: None if p is None else nn.Parameter(p.detach()[start:stop].clone(), requires_grad=p.requires_grad)
         for name, p in bank._parameters.items()
