@@ -58,7 +58,9 @@ def main() -> None:
     model = build(d, args.experts).to(device)
     reference = copy.deepcopy(model)  # one process, whole batches: for the check below
     # 1. shard the experts; a separate group keeps the expert exchanges apart from DDP's all-reduces
-    model[1] = expert_parallel(model[1], group=dist.new_group())
+    moe = model[1]
+    assert isinstance(moe, MoE)
+    model[1] = expert_parallel(moe, group=dist.new_group())
     # 2. DDP for everything else: the expert shards must not be averaged
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ddp_ignored_parameters(model))
     ddp = DistributedDataParallel(model)
