@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import sparsemoe
 from sparsemoe import MoE, MultiTaskMoE
 from sparsemoe.checkpoint import load_checkpoint, save_checkpoint
 from sparsemoe.distributed import average_replicated_gradients, expert_parallel
@@ -91,6 +92,8 @@ def _check_gate(rank: int, gate: str, options: dict) -> str:
     _close(y, y_ref, "output")
     _close(loss, loss_ref, "loss")
     _close(gx, gx_ref, "input gradient")
+    _close(sparsemoe.aux_loss(torch.nn.Sequential(layer)), layer.aux_loss(), "model-wide aux_loss")
+    assert list(sparsemoe.routing_stats(torch.nn.Sequential(layer))) == ["0"]
     for (name, p), (_, p_ref) in zip(layer.named_parameters(), ref.named_parameters(), strict=True):
         if name.startswith("experts."):
             _close(p.grad, ref_expert_grads[name[len("experts.") :]][lo:hi], f"{name} gradient (sum over ranks)")

@@ -57,7 +57,7 @@ from torch import nn
 
 from ._validation import check_input
 from .experts import ExpertBank, StackedExperts
-from .layers import MoE, MultiTaskMoE
+from .layers import MoE, MultiTaskMoE, register_layer_type
 from .routing import Routing
 
 ProcessGroup = dist.ProcessGroup
@@ -160,6 +160,7 @@ class RemoteExperts(ExpertBank):
         return all_to_all(ys.index_select(0, back), recv_splits, send_splits, self.group)
 
 
+@register_layer_type
 class ExpertParallel(nn.Module):
     """A :class:`~sparsemoe.MoE` or :class:`~sparsemoe.MultiTaskMoE` with experts sharded over ``group``.
 

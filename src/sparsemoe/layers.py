@@ -423,10 +423,22 @@ def _make_experts(
     )
 
 
-def moe_layers(model: nn.Module) -> Iterator[tuple[str, MoELayer]]:
+#: module types that count as MoE layers for :func:`aux_loss` and :func:`routing_stats` besides
+#: :class:`MoELayer` (wrappers such as the expert-parallel layer register themselves here)
+_LAYER_TYPES: list[type[nn.Module]] = []
+
+
+def register_layer_type(cls: type[nn.Module]) -> type[nn.Module]:
+    """Count ``cls`` (which must offer ``aux_loss()``, ``routing_stats()`` and ``last_routing``) as an MoE layer."""
+    _LAYER_TYPES.append(cls)
+    return cls
+
+
+def moe_layers(model: nn.Module) -> Iterator[tuple[str, Any]]:
     """``(name, layer)`` of every MoE layer in ``model`` (the model itself included)."""
+    types = (MoELayer, *_LAYER_TYPES)
     for name, module in model.named_modules():
-        if isinstance(module, MoELayer):
+        if isinstance(module, types):
             yield name, module
 
 
@@ -445,5 +457,5 @@ def aux_loss(model: nn.Module) -> torch.Tensor:
 def routing_stats(model: nn.Module) -> dict[str, Any]:
     """Routing statistics of every MoE layer in ``model`` that has run, by module name."""
     return {
-        name or "<model>": layer.routing_stats() for name, layer in moe_layers(model) if layer._routings is not None
+        name or "<model>": layer.routing_stats() for name, layer in moe_layers(model) if layer.last_routing is not None
     }
