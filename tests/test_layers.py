@@ -8,7 +8,6 @@ from torch import nn
 
 import sparsemoe
 from sparsemoe import ModuleExperts, MoE, MultiTaskMoE, StackedExperts, dispatch, gates
-from sparsemoe.routing import Routing
 
 from conftest import gate_kwargs
 
@@ -52,13 +51,6 @@ def test_capacity_limit_drops_pairs_and_outputs_zero_for_them() -> None:
     dropped[r.token] = False
     assert bool((y[dropped] == 0).all())
     assert moe.routing_stats()["dropped_fraction"] == r.dropped_fraction
-
-
-def test_with_capacity_keeps_first_inputs() -> None:
-    r = Routing(torch.arange(6), torch.tensor([0, 1, 0, 0, 1, 0]), torch.ones(6), num_experts=2, num_inputs=6)
-    kept = r.with_capacity(2 / 3)  # capacity ceil(2/3 * 6 / 2) = 2 per expert
-    assert kept.token.tolist() == [0, 1, 2, 4]
-    assert kept.dropped_fraction == pytest.approx(2 / 6)
 
 
 def test_multitask_equals_separate_dispatch(gate_name: str) -> None:

@@ -61,6 +61,13 @@ def test_bounds_checked_only_in_debug_mode() -> None:
         routing_module.set_debug(False)
 
 
+def test_with_capacity_keeps_first_inputs() -> None:
+    r = Routing(torch.arange(6), torch.tensor([0, 1, 0, 0, 1, 0]), torch.ones(6), num_experts=2, num_inputs=6)
+    kept = r.with_capacity(2 / 3)  # capacity ceil(2/3 * 6 / 2) = 2 per expert
+    assert kept.token.tolist() == [0, 1, 2, 4]
+    assert kept.dropped_fraction == pytest.approx(2 / 6)
+
+
 def test_capacity_keeps_first_choices_before_second_choices() -> None:
     # Four inputs choose two experts each; input 3's FIRST choice is expert 0, which inputs 0-2 take
     # as their second choice. GShard priority: every first choice before any second choice.

@@ -214,21 +214,24 @@ class StackedExperts(ExpertBank):
         self.kind = check_choice("expert", kind, EXPERT_KINDS)
         self.activation = check_choice("activation", activation, ACTIVATIONS)
         self.d_out = check_int("d_out", d_out if d_out is not None else d_in, low=1)
-        factory = {"device": device, "dtype": dtype}
         if kind == "linear":
             self.d_hidden = self.d_out
-            self.w1 = nn.Parameter(torch.empty(num_experts, d_in, self.d_out, **factory))
+            self.w1 = nn.Parameter(torch.empty(num_experts, d_in, self.d_out, device=device, dtype=dtype))
             self.w2 = None
         else:
             if d_hidden is None:
                 raise ValueError(f"d_hidden is required for expert={kind!r}")
             self.d_hidden = check_int("d_hidden", d_hidden, low=1)
             width1 = 2 * d_hidden if kind == "swiglu" else d_hidden
-            self.w1 = nn.Parameter(torch.empty(num_experts, d_in, width1, **factory))
-            self.w2 = nn.Parameter(torch.empty(num_experts, d_hidden, self.d_out, **factory))
-        self.b1 = nn.Parameter(torch.zeros(num_experts, self.w1.shape[-1], **factory)) if bias else None
+            self.w1 = nn.Parameter(torch.empty(num_experts, d_in, width1, device=device, dtype=dtype))
+            self.w2 = nn.Parameter(torch.empty(num_experts, d_hidden, self.d_out, device=device, dtype=dtype))
+        self.b1 = (
+            nn.Parameter(torch.zeros(num_experts, self.w1.shape[-1], device=device, dtype=dtype)) if bias else None
+        )
         self.b2 = (
-            nn.Parameter(torch.zeros(num_experts, self.d_out, **factory)) if bias and self.w2 is not None else None
+            nn.Parameter(torch.zeros(num_experts, self.d_out, device=device, dtype=dtype))
+            if bias and self.w2 is not None
+            else None
         )
         self.reset_parameters()
 

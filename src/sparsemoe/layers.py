@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -161,7 +161,11 @@ class MoELayer(nn.Module):
             return torch.zeros((), device=next(self.parameters()).device)
         return torch.stack([r.aux_loss() for r in self._routings]).sum()
 
-    def _stats(self) -> list[dict[str, object]]:
+    def routing_stats(self) -> object:
+        """Statistics of the last forward's routing (per task for multi-task layers)."""
+        raise NotImplementedError
+
+    def _stats(self) -> list[dict[str, float | list[int]]]:
         if self._routings is None:
             raise RuntimeError("routing_stats() needs a forward pass first")
         return [r.stats().as_dict() for r in self._routings]
@@ -255,7 +259,7 @@ class MoE(MoELayer):
         y = dispatch(rows, routing, self.experts)  # [T, *out]
         return y.view(*leading, *y.shape[1:])
 
-    def routing_stats(self) -> dict[str, object]:
+    def routing_stats(self) -> dict[str, float | list[int]]:
         """Load per expert, mean active experts per input and dropped fraction of the last forward."""
         return self._stats()[0]
 
@@ -372,7 +376,7 @@ class MultiTaskMoE(MoELayer):
             start += r.num_pairs
         return outputs
 
-    def routing_stats(self) -> list[dict[str, object]]:
+    def routing_stats(self) -> list[dict[str, float | list[int]]]:
         """Per task: load per expert, mean active experts per input, dropped fraction."""
         return self._stats()
 
@@ -387,7 +391,8 @@ def _task_gates_from(gate: object, num_tasks: int) -> list[Gate]:
     if isinstance(gate, Sequence):
         gates_ = list(gate)
     elif callable(gate):
-        gates_ = [gate() for _ in range(num_tasks)]
+        factory = cast(Callable[[], Gate], gate)
+        gates_ = [factory() for _ in range(num_tasks)]
     else:
         raise TypeError(f"gate must be a gate spec, a factory or a list of gates, got {type(gate).__name__}")
     if len(gates_) != num_tasks or not all(isinstance(g, Gate) for g in gates_):
@@ -418,10 +423,22 @@ def _make_experts(
     )
 
 
-def moe_layers(model: nn.Module) -> Iterator[tuple[str, MoELayer]]:
+#: module types that count as MoE layers for :func:`aux_loss` and :func:`routing_stats` besides
+#: :class:`MoELayer` (wrappers such as the expert-parallel layer register themselves here)
+_LAYER_TYPES: list[type[nn.Module]] = []
+
+
+def register_layer_type(cls: type[nn.Module]) -> type[nn.Module]:
+    """Count ``cls`` (which must offer ``aux_loss()``, ``routing_stats()`` and ``last_routing``) as an MoE layer."""
+    _LAYER_TYPES.append(cls)
+    return cls
+
+
+def moe_layers(model: nn.Module) -> Iterator[tuple[str, Any]]:
     """``(name, layer)`` of every MoE layer in ``model`` (the model itself included)."""
+    types = (MoELayer, *_LAYER_TYPES)
     for name, module in model.named_modules():
-        if isinstance(module, MoELayer):
+        if isinstance(module, types):
             yield name, module
 
 
@@ -440,5 +457,5 @@ def aux_loss(model: nn.Module) -> torch.Tensor:
 def routing_stats(model: nn.Module) -> dict[str, Any]:
     """Routing statistics of every MoE layer in ``model`` that has run, by module name."""
     return {
-        name or "<model>": layer.routing_stats() for name, layer in moe_layers(model) if layer._routings is not None
+        name or "<model>": layer.routing_stats() for name, layer in moe_layers(model) if layer.last_routing is not None
     }

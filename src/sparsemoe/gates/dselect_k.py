@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +43,8 @@ class DSelectKGate(Gate):
         computes up to all ``n`` experts per input early in training.
     """
 
+    bits: torch.Tensor
+
     def __init__(
         self,
         d_in: int,
@@ -63,13 +66,14 @@ class DSelectKGate(Gate):
         codes = torch.arange(2**self.num_bits, device=device)[:, None]
         shifts = torch.arange(self.num_bits - 1, -1, -1, device=device)
         self.register_buffer("bits", (codes >> shifts) & 1 == 1, persistent=False)  # [2^m, m], MSB first
-        factory = {"device": device, "dtype": dtype}
         if self.per_example:
-            self.z_proj = uniform_linear(d_in, k * self.num_bits, self.gamma / 100, self.gamma / 100, **factory)
-            self.alpha_proj = uniform_linear(d_in, k, 0.05, 0.05, **factory)
+            self.z_proj = uniform_linear(
+                d_in, k * self.num_bits, self.gamma / 100, self.gamma / 100, device=device, dtype=dtype
+            )
+            self.alpha_proj = uniform_linear(d_in, k, 0.05, 0.05, device=device, dtype=dtype)
         else:
-            self.z = nn.Parameter(uniform_(torch.empty(k, self.num_bits, **factory), self.gamma / 100))
-            self.alpha = nn.Parameter(uniform_(torch.empty(k, **factory), 0.05))
+            self.z = nn.Parameter(uniform_(torch.empty(k, self.num_bits, device=device, dtype=dtype), self.gamma / 100))
+            self.alpha = nn.Parameter(uniform_(torch.empty(k, device=device, dtype=dtype), 0.05))
 
     def code_distributions(self, x: torch.Tensor) -> torch.Tensor:
         """``r: [T, k, 2^m]``, each selector's distribution over the binary codes (rows sum to 1)."""
@@ -81,7 +85,7 @@ class DSelectKGate(Gate):
         factors = torch.where(self.bits, s, 1 - s)  # [T, k, 2^m, m]
         # Multiplied bit by bit: the same numbers as ``factors.prod(-1)``, whose backward takes a slow
         # cumprod path whenever a factor is exactly 0 (every saturated smooth-step). n = 1 has no bits.
-        return math.prod(factors.unbind(-1)) if self.num_bits else factors.prod(-1)
+        return cast(torch.Tensor, math.prod(factors.unbind(-1))) if self.num_bits else factors.prod(-1)
 
     def selector_distributions(self, x: torch.Tensor) -> torch.Tensor:
         """``[T, k, n]``: each selector's distribution over the experts (aliased codes folded in)."""

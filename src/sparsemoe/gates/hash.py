@@ -29,6 +29,9 @@ class HashGate(Gate):
         device: where the table lives (``dtype`` is accepted and unused: no float state).
     """
 
+    table: torch.Tensor
+    row_hash: torch.Tensor
+
     def __init__(
         self,
         d_in: int,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -78,6 +78,6 @@ class RecsysMMoE(MMoE):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, ids: torch.Tensor) -> list[torch.Tensor]:  # type: ignore[override]  # ids are the input here
-        h = self.bottom(ids)  # [T, 2d]
+        h = cast(nn.Module, self.bottom)(ids)  # [T, 2d]
         outs = self.moe(h, ids=ids[:, 0])
         return [tower(self.dropout(out)) for tower, out in zip(self.towers, outs, strict=True)]
