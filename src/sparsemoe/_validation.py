@@ -43,7 +43,7 @@ def check_choice(name: str, value: object, choices: Iterable[str]) -> str:
     choices = tuple(choices)
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
-    return value  # type: ignore[return-value]
+    return value  # narrowed to str by the membership test
 
 
 def _all_finite(x: torch.Tensor) -> bool:

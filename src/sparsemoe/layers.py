@@ -436,7 +436,7 @@ def register_layer_type(cls: type[nn.Module]) -> type[nn.Module]:
 
 def moe_layers(model: nn.Module) -> Iterator[tuple[str, Any]]:
     """``(name, layer)`` of every MoE layer in ``model`` (the model itself included)."""
-    types = (MoELayer, *_LAYER_TYPES)
+    types: tuple[type[nn.Module], ...] = (MoELayer, *_LAYER_TYPES)
     for name, module in model.named_modules():
         if isinstance(module, types):
             yield name, module

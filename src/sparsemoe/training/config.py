@@ -82,9 +82,10 @@ class TrainConfig:
             if path.suffix == ".toml":
                 if sys.version_info < (3, 11):
                     raise ValueError("TOML configs need Python 3.11+ (tomllib); use a .json file")
-                import tomllib
+                else:  # an else branch, so that type checkers for Python 3.10 skip it
+                    import tomllib
 
-                values = tomllib.loads(text)
+                    values = tomllib.loads(text)
             elif path.suffix == ".json":
                 values = json.loads(text)
             else:
@@ -123,7 +124,7 @@ def _check_type(key: str, value: object, hint: object, source: str) -> None:
             return
         if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return
-        if kind in (int, str) and isinstance(value, kind) and not isinstance(value, bool):  # type: ignore[arg-type]
+        if kind in (int, str) and isinstance(value, kind) and not isinstance(value, bool):
             return
     names = " or ".join("null" if k is type(None) else getattr(k, "__name__", str(k)) for k in allowed)
     raise TypeError(f"{source}: key {key!r} must be {names}, got {type(value).__name__} ({value!r})")
