@@ -107,3 +107,17 @@ def test_expected_picked_test_metric_matches_resampling() -> None:
     assert abs(expected_at_pick(val_loss, test, np.array([2000]), higher=False)[0] - test[best]) < 1e-6
     lo, hi = bootstrap_band(val_loss, budgets, False, test)
     assert np.all(lo <= hi) and np.all(hi < 100.0)
+
+
+def test_gate_saturation_quick(tmp_path) -> None:
+    from sparsemoe.experiments import gate_saturation
+
+    config = gate_saturation.Config(quick=True, out=tmp_path / "gs", gates=["comet"], entropy_weights=[1.0])
+    results = gate_saturation.run(config)
+    assert _results(tmp_path / "gs" / "quick")["config"]["steps"] == 200
+    (run,) = results["runs"]
+    assert run["curve"][0] == [0, 16.0]  # untrained: every expert for every input (the init is soft)
+    assert 1.0 <= run["final_experts"] <= 16.0
+    assert [s for s, _ in run["curve"]] == [0, 5, 10, 20, 30, 50, 75, 100, 150, 200]
+    with pytest.raises(ValueError, match="gates"):
+        gate_saturation.Config(gates=["topk"])
