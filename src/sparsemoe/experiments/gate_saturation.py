@@ -212,7 +212,8 @@ def render(results: dict[str, Any]) -> str:
     return (
         f"# {NAME}{quick}\n\nProduced by `{results['command']}` ({results['written']}). {cfg['task']}; "
         f"n = {cfg['num_experts']} experts, k = {cfg['k']}, {cfg['steps']} steps, {cfg['seeds']} seeds per candidate "
-        f"(mean ± std over seeds). Experts per input are counted on the held-out set after steps {', '.join(map(str, cfg['eval_steps']))}; "
+        f"(mean ± std over seeds). Experts per input are counted on the held-out set after steps "
+        f"{', '.join(map(str, cfg['eval_steps']))}; "
         "'steps to k' is the first count at or below k.\n\n"
         + markdown_table(
             [
@@ -237,7 +238,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
     cfg = results["config"]
     gates = cfg["gates"]
-    fig, axes = plt.subplots(1, len(gates), figsize=(6 * len(gates), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(gates), figsize=(7.5 * len(gates), 4.2), squeeze=False)
     candidates = list(itertools.product(cfg["gammas"], cfg["entropy_weights"]))
     for ax, gate in zip(axes[0], gates, strict=True):
         for i, (gamma, weight) in enumerate(candidates):
@@ -249,11 +250,12 @@ def plot(results: dict[str, Any], path: Path) -> None:
         ax.axhline(cfg["k"], color="black", ls=":", lw=1, label=f"k = {cfg['k']}")
         ax.set_ylim(0, cfg["num_experts"] + 0.5)
         ax.set_xscale("symlog", linthresh=10)
+        ax.set_xlim(0, cfg["steps"])
         ax.set_xlabel("training step (linear to 10, log beyond)")
         ax.set_ylabel("experts computed per input (held-out set)")
         quick = " (quick)" if cfg["quick"] else ""
         ax.set_title(f"{gate}{quick}: one line per seed", fontsize=10)
-        ax.legend(fontsize=8, loc="upper right")
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
