@@ -29,3 +29,4 @@ def load(name: str) -> ModuleType:
 register("comet-movielens", "sparsemoe.experiments.comet_movielens")
 register("comet-multimnist", "sparsemoe.experiments.comet_multimnist")
 register("comet-tuning", "sparsemoe.experiments.comet_tuning")
+register("thor-multi30k", "sparsemoe.experiments.thor_multi30k")
