@@ -21,7 +21,9 @@ from sparsemoe.thor import (
 )
 
 
-def _reference(l1: list[list[float]], l2: list[list[float]], target: list[int], keep: list[bool], alpha: float, eps: float) -> float:
+def _reference(
+    l1: list[list[float]], l2: list[list[float]], target: list[int], keep: list[bool], alpha: float, eps: float
+) -> float:
     """Plain-Python THOR loss: smoothed target q (1-ε on y, ε/(V-1) elsewhere), both CEs, symmetric KL."""
     total, n = 0.0, 0
     for a, b, y, k in zip(l1, l2, target, keep, strict=True):

@@ -57,6 +57,7 @@ def _non_pad(target: torch.Tensor, pad_id: int | None, pad_mask: torch.Tensor | 
         if pad_mask.shape != target.shape or pad_mask.dtype != torch.bool:
             raise ValueError(f"pad_mask must be a bool tensor shaped like target {tuple(target.shape)}")
         return ~pad_mask
+    assert pad_id is not None
     return target != pad_id
 
 
@@ -216,9 +217,10 @@ class SentenceDrawGate(Gate):
     def route(self, x: torch.Tensor, ids: torch.Tensor | None) -> Routing:
         if ids is None:
             raise ValueError("SentenceDrawGate needs ids= (the sentence id of each row)")
-        if ids.numel() and int(ids.max()) >= self.table.numel():
-            raise ValueError(f"sentence id {int(ids.max())} >= max_sentences={self.table.numel()}; build a larger table")
-        experts = self.table.to(ids.device)[ids].unsqueeze(1)
+        table: torch.Tensor = self.table  # type: ignore[assignment]
+        if ids.numel() and int(ids.max()) >= table.numel():
+            raise ValueError(f"sentence id {int(ids.max())} >= max_sentences={table.numel()}; build a larger table")
+        experts = table.to(ids.device)[ids].unsqueeze(1)
         return Routing.from_topk(experts, x.new_ones(x.shape[0], 1), self.num_experts)
 
 

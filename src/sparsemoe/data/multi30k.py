@@ -49,7 +49,9 @@ class SubwordTokenizer:
         return [str(s) for s in self.sp.decode(ids)]
 
 
-def train_tokenizer(folder: Path, cache_dir: Path, vocab_size: int = 8000, max_sentences: int | None = None) -> SubwordTokenizer:
+def train_tokenizer(
+    folder: Path, cache_dir: Path, vocab_size: int = 8000, max_sentences: int | None = None
+) -> SubwordTokenizer:
     """A joint unigram SentencePiece model on train.en + train.de, trained once and cached.
 
     The cache file name carries the vocabulary size and a hash of the training text, so changing
@@ -109,7 +111,9 @@ def encode_split(
     src, tgt = tokenizer.encode(en), tokenizer.encode(de)
     if split == "train":
         keep = [i for i in range(len(src)) if 0 < len(src[i]) <= max_tokens and 0 < len(tgt[i]) <= max_tokens]
-        return ParallelData([src[i] for i in keep], [tgt[i] for i in keep], [en[i] for i in keep], [de[i] for i in keep])
+        return ParallelData(
+            [src[i] for i in keep], [tgt[i] for i in keep], [en[i] for i in keep], [de[i] for i in keep]
+        )
     return ParallelData(src, tgt, en, de)
 
 
@@ -122,9 +126,7 @@ def pad_batch(seqs: list[list[int]], bos: bool = False, eos: bool = False) -> to
     return out
 
 
-def token_batches(
-    data: ParallelData, max_tokens: int, generator: torch.Generator | None = None
-) -> list[list[int]]:
+def token_batches(data: ParallelData, max_tokens: int, generator: torch.Generator | None = None) -> list[list[int]]:
     """Sentence indices grouped into batches of at most ``max_tokens`` (padded) target+source tokens.
 
     Sentences are sorted by length (with random tie-breaking when ``generator`` is given) so that

@@ -188,11 +188,12 @@ def translate(
         idx = order[start : start + batch_sentences]
         src = m30k.pad_batch([data.src[i] for i in idx], eos=True)
         ids = torch.tensor(idx, dtype=torch.long)
-        kwargs = {"bos_id": m30k.BOS_ID, "eos_id": m30k.EOS_ID, "sentence_ids": ids}
         if beam == 1:
-            hyps = greedy_decode(model, src, **kwargs)  # type: ignore[arg-type]
+            hyps = greedy_decode(model, src, bos_id=m30k.BOS_ID, eos_id=m30k.EOS_ID, sentence_ids=ids)
         else:
-            hyps = beam_search(model, src, beam=beam, alpha=length_penalty, **kwargs)  # type: ignore[arg-type]
+            hyps = beam_search(
+                model, src, bos_id=m30k.BOS_ID, eos_id=m30k.EOS_ID, beam=beam, alpha=length_penalty, sentence_ids=ids
+            )
         for i, text in zip(idx, corpus.tokenizer.decode(hyps), strict=True):
             out[i] = text
     return out
@@ -311,7 +312,13 @@ def train_run(c: Config, corpus: Corpus, kind: str, seed: int, ckpt: Path) -> di
     model = _model(c, kind, corpus.tokenizer.vocab_size, seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=c.lr, betas=(0.9, 0.98), eps=1e-8)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, c))
-    state: dict[str, Any] = {"history": [], "train_seconds": 0.0, "train_cpu_seconds": 0.0}
+    # Everything a resumed run needs besides the tensors; "window" sums the losses since the last eval point.
+    state: dict[str, Any] = {
+        "history": [],
+        "train_seconds": 0.0,
+        "train_cpu_seconds": 0.0,
+        "window": {"ce": 0.0, "loss": 0.0, "kl": 0.0, "n": 0},
+    }
     step = 0
     if ckpt.exists():
         meta = load_checkpoint(ckpt, model, optimizer)
@@ -320,7 +327,7 @@ def train_run(c: Config, corpus: Corpus, kind: str, seed: int, ckpt: Path) -> di
     else:
         torch.manual_seed(seed)
     wall, cpu = time.perf_counter(), time.process_time()
-    window: dict[str, float] = {"ce": 0.0, "loss": 0.0, "kl": 0.0, "n": 0}
+    window = state["window"]
     label = f"{kind} seed {seed}"
     order = BatchOrder(c, corpus, seed)
     with progress() as bar:
@@ -333,7 +340,11 @@ def train_run(c: Config, corpus: Corpus, kind: str, seed: int, ckpt: Path) -> di
             tin, tout = tgt[:, :-1], tgt[:, 1:]
             if kind == "thor":
                 terms = thor_training_loss(
-                    lambda: model(src, tin), tout, c.alpha, pad_id=m30k.PAD_ID, label_smoothing=c.label_smoothing
+                    lambda: model(src, tin),  # noqa: B023 (called right here, inside this iteration)
+                    tout,
+                    c.alpha,
+                    pad_id=m30k.PAD_ID,
+                    label_smoothing=c.label_smoothing,
                 )
                 loss = terms.total
             else:
@@ -366,7 +377,7 @@ def train_run(c: Config, corpus: Corpus, kind: str, seed: int, ckpt: Path) -> di
                     "wall_seconds": state["train_seconds"] + time.perf_counter() - wall,
                 }
                 state["history"].append(point)
-                window = {"ce": 0.0, "loss": 0.0, "kl": 0.0, "n": 0}
+                window = state["window"] = {"ce": 0.0, "loss": 0.0, "kl": 0.0, "n": 0}
                 bar.console.log(
                     f"{label} step {step}: train CE {point['train_ce']:.3f}, val CE {point['val_ce']:.3f}, "
                     f"val BLEU (greedy) {point['val_bleu_greedy']:.2f}"
@@ -376,13 +387,20 @@ def train_run(c: Config, corpus: Corpus, kind: str, seed: int, ckpt: Path) -> di
                 wall, cpu = time.perf_counter(), time.process_time()
     state["train_seconds"] += time.perf_counter() - wall
     state["train_cpu_seconds"] += time.process_time() - cpu
+    del state["window"]
     record = {"model": kind, "seed": seed, **state, **_evaluate(model, kind, corpus, c, seed)}
     record["params"] = model.parameter_counts()
     return record
 
 
 def _save(
-    ckpt: Path, model: nn.Module, optimizer: torch.optim.Optimizer, step: int, state: dict[str, Any], wall: float, cpu: float
+    ckpt: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    step: int,
+    state: dict[str, Any],
+    wall: float,
+    cpu: float,
 ) -> None:
     state["train_seconds"] += time.perf_counter() - wall
     state["train_cpu_seconds"] += time.process_time() - cpu
@@ -486,9 +504,15 @@ def _plot(c: Config, runs: list[dict[str, Any]], path: Path) -> None:
         steps = [p["step"] for p in h]
         lab = f"{r['model']} seed {r['seed']}"
         ax1.plot(steps, [p["train_ce"] for p in h], color=colours[r["model"]], marker="o", ms=3, label=f"{lab} train")
-        ax1.plot(steps, [p["val_ce"] for p in h], color=colours[r["model"]], ls="--", marker="x", ms=3, label=f"{lab} val")
+        ax1.plot(
+            steps, [p["val_ce"] for p in h], color=colours[r["model"]], ls="--", marker="x", ms=3, label=f"{lab} val"
+        )
         ax2.plot(steps, [p["val_bleu_greedy"] for p in h], color=colours[r["model"]], marker="o", ms=3, label=lab)
-    ax1.set(xlabel="update", ylabel="cross-entropy per token (nats)", title="Loss (train: label-smoothed, pass 1; val: plain)")
+    ax1.set(
+        xlabel="update",
+        ylabel="cross-entropy per token (nats)",
+        title="Loss (train: label-smoothed, pass 1; val: plain)",
+    )
     ax2.set(xlabel="update", ylabel="val BLEU (greedy)", title="Validation BLEU", ylim=(0, None))
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
@@ -522,7 +546,10 @@ def run(config: Config) -> dict[str, Any]:
         "quick": c.quick,
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(c).items()},
         "sacrebleu_signature": signature,
-        "tokenizer": {"kind": "sentencepiece unigram, joint en+de, train only", "vocab_size": corpus.tokenizer.vocab_size},
+        "tokenizer": {
+            "kind": "sentencepiece unigram, joint en+de, train only",
+            "vocab_size": corpus.tokenizer.vocab_size,
+        },
         "summary": by_model,
         "runs": runs,
     }

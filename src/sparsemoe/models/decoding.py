@@ -126,7 +126,11 @@ def beam_search(
                         finished[i].append((score / float(length_penalty(len(prefix) + 1, alpha)), prefix))
                     continue
                 if live < k:
-                    new_scores[i, live], new_src[i, live], new_tok[i, live] = score, top_beam_l[i][rank], top_tok_l[i][rank]
+                    new_scores[i, live], new_src[i, live], new_tok[i, live] = (
+                        score,
+                        top_beam_l[i][rank],
+                        top_tok_l[i][rank],
+                    )
                     live += 1
                     if last:
                         finished[i].append(

@@ -275,11 +275,15 @@ class Seq2SeqTransformer(nn.Module):
         self.drop = nn.Dropout(c.dropout)
         layer_index = iter(range(1_000_000))
         self.encoder = nn.ModuleList(
-            TransformerEncoderBlock(c.d_model, c.num_heads, self._ffn(i, next(layer_index)), c.dropout, c.attention_dropout)
+            TransformerEncoderBlock(
+                c.d_model, c.num_heads, self._ffn(i, next(layer_index)), c.dropout, c.attention_dropout
+            )
             for i in range(c.encoder_layers)
         )
         self.decoder = nn.ModuleList(
-            TransformerDecoderBlock(c.d_model, c.num_heads, self._ffn(i, next(layer_index)), c.dropout, c.attention_dropout)
+            TransformerDecoderBlock(
+                c.d_model, c.num_heads, self._ffn(i, next(layer_index)), c.dropout, c.attention_dropout
+            )
             for i in range(c.decoder_layers)
         )
         self.encoder_norm = nn.LayerNorm(c.d_model)
@@ -313,12 +317,11 @@ class Seq2SeqTransformer(nn.Module):
         t = ids.shape[1]
         if start + t > self.config.max_positions:
             raise ValueError(f"sequence of {start + t} tokens exceeds max_positions={self.config.max_positions}")
-        x = self.embed(ids) * math.sqrt(self.config.d_model) + self.positions[start : start + t]
+        positions: torch.Tensor = self.positions  # type: ignore[assignment]
+        x = self.embed(ids) * math.sqrt(self.config.d_model) + positions[start : start + t]
         return self.drop(x)
 
-    def encode(
-        self, src: torch.Tensor, sentence_ids: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(self, src: torch.Tensor, sentence_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(memory [B, S, d], src_pad_mask [B, S])``."""
         pad = src == self.config.pad_id
         x = self._embed(src)
