@@ -9,6 +9,7 @@ embeddings can be tied), cached on disk under a name that includes its settings.
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,12 +68,14 @@ def train_tokenizer(
     prefix = cache_dir / f"spm-unigram-{vocab_size}-{digest}"
     model_file = prefix.with_suffix(".model")
     if not model_file.exists():
+        # Train under a private name, then rename: two studies starting together never see half a model.
         cache_dir.mkdir(parents=True, exist_ok=True)
-        corpus = prefix.with_suffix(".txt")
+        private = cache_dir / f".{prefix.name}.{os.getpid()}"
+        corpus = private.with_suffix(".txt")
         corpus.write_text(text, encoding="utf-8")
         spm.SentencePieceTrainer.train(
             input=str(corpus),
-            model_prefix=str(prefix),
+            model_prefix=str(private),
             vocab_size=vocab_size,
             model_type="unigram",
             character_coverage=1.0,
@@ -85,6 +88,8 @@ def train_tokenizer(
             hard_vocab_limit=False,
         )
         corpus.unlink()
+        private.with_suffix(".vocab").unlink(missing_ok=True)
+        os.replace(private.with_suffix(".model"), model_file)
     return SubwordTokenizer(model_file)
 
 

@@ -12,6 +12,13 @@ can be spread over several sittings. BLEU is sacrebleu on detokenised output (si
 ``results.json``); THOR is decoded in each inference mode. Agreement (THOR's consistency claim):
 the mean symmetric KL per target token between two stochastic passes (dropout + expert draws
 for THOR, dropout only for dense/Switch), and the BLEU of the same model under two different draws.
+
+Cost of the default study (3 models x 2 seeds, 1,600 updates of 4,096 tokens, about 6 epochs), from
+``benchmarks/thor_multi30k_throughput.py`` on one thread: about 55 CPU-minutes per dense or Switch
+run and 110 per THOR run (two passes per update), evaluation included; about 7.5 CPU-hours in all.
+On a 2-core machine run two processes on the same ``--out``, e.g. ``--models thor`` and
+``--models dense switch`` (each about 3.7 hours when it has a core to itself), then once more with
+all models, which trains nothing and writes the combined tables.
 """
 
 from __future__ import annotations
@@ -455,6 +462,7 @@ def _summaries(c: Config, runs: list[dict[str, Any]]) -> tuple[dict[str, Any], d
             "params": rs[0]["params"]["total"],
             "active_params_per_token": rs[0]["params"]["active_per_token"],
             "train_hours": sum(hours),
+            "train_cpu_hours": sum(r["train_cpu_seconds"] for r in rs) / 3600,
             "inference_mode": default,
         }
     return by_model, summary_json
@@ -514,9 +522,9 @@ def _plot(c: Config, runs: list[dict[str, Any]], path: Path) -> None:
         title="Loss (train: label-smoothed, pass 1; val: plain)",
     )
     ax2.set(xlabel="update", ylabel="val BLEU (greedy)", title="Validation BLEU", ylim=(0, None))
-    for ax in (ax1, ax2):
+    for ax, corner in ((ax1, "upper right"), (ax2, "lower right")):  # the corners the curves leave empty
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="best")
+        ax.legend(fontsize=7, loc=corner)
     fig.suptitle(f"THOR / Switch / dense on Multi30k En-De{' — quick smoke run' if c.quick else ''}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
