@@ -69,3 +69,15 @@ def test_config_is_validated() -> None:
         Config(models=["moe"])
     with pytest.raises(ValueError, match="thor_mode"):
         Config(thor_mode="avg")
+
+
+def test_cli_options_come_from_the_config() -> None:
+    import argparse
+
+    from sparsemoe.experiments.thor_multi30k import Config, add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--quick", "--models", "dense", "thor", "--steps", "7", "--alpha", "1.5"])
+    assert args.quick and args.models == ["dense", "thor"] and args.steps == 7 and args.alpha == 1.5
+    assert parser.parse_args([]).steps == Config().steps

@@ -70,7 +70,7 @@ def train_tokenizer(
     if not model_file.exists():
         # Train under a private name, then rename: two studies starting together never see half a model.
         cache_dir.mkdir(parents=True, exist_ok=True)
-        private = cache_dir / f".{prefix.name}.{os.getpid()}"
+        private = cache_dir / f".{prefix.name}-pid{os.getpid()}"  # no dot: with_suffix stays safe
         corpus = private.with_suffix(".txt")
         corpus.write_text(text, encoding="utf-8")
         spm.SentencePieceTrainer.train(

@@ -15,19 +15,20 @@ for THOR, dropout only for dense/Switch), and the BLEU of the same model under t
 
 Cost of the default study (3 models x 2 seeds, 1,600 updates of 4,096 tokens, about 6 epochs), from
 ``benchmarks/thor_multi30k_throughput.py`` on one thread: about 55 CPU-minutes per dense or Switch
-run and 110 per THOR run (two passes per update), evaluation included; about 7.5 CPU-hours in all.
+run and about 100 per THOR run (two passes per update), evaluation included; about 7 CPU-hours in all.
 On a 2-core machine run two processes on the same ``--out``, e.g. ``--models thor`` and
-``--models dense switch`` (each about 3.7 hours when it has a core to itself), then once more with
+``--models dense switch`` (each about 3.5 hours when it has a core to itself), then once more with
 all models, which trains nothing and writes the combined tables.
 """
 
 from __future__ import annotations
 
+import argparse
 import math
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -531,8 +532,26 @@ def _plot(c: Config, runs: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def run(config: Config) -> dict[str, Any]:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--options`` from :class:`Config`'s fields, for the current ``sparsemoe reproduce`` parser.
+
+    Temporary bridge: the generic CLI builds the same options from ``Config`` itself.
+    """
+    for f in fields(Config):
+        default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc,operator]
+        flag, help_ = "--" + f.name.replace("_", "-"), f.metadata.get("help")
+        if isinstance(default, bool):
+            parser.add_argument(flag, dest=f.name, action="store_true", help=help_)
+        elif isinstance(default, list):
+            parser.add_argument(flag, dest=f.name, nargs="+", default=default, help=help_)
+        else:
+            parser.add_argument(flag, dest=f.name, type=type(default), default=default, help=help_)
+
+
+def run(config: Config | argparse.Namespace) -> dict[str, Any]:
     """Train every (model, seed) not yet saved, then rebuild results.json, table.md, summary.json, curves.png."""
+    if isinstance(config, argparse.Namespace):  # from add_arguments' parser
+        config = Config(**{f.name: getattr(config, f.name) for f in fields(Config)})
     c = _effective(config)
     corpus = _corpus(c)
     store = RunStore(c.out)
