@@ -469,12 +469,12 @@ def _summaries(c: Config, runs: list[dict[str, Any]]) -> tuple[dict[str, Any], d
     return by_model, summary_json
 
 
-def _table(c: Config, by_model: dict[str, Any], summary: dict[str, Any], signature: str) -> str:
+def _table(c: Config, by_model: dict[str, Any], summary: dict[str, Any], signature: str, num_test: int) -> str:
     title = f"# THOR vs Switch vs dense on Multi30k En-De{' (quick smoke run, not a result)' if c.quick else ''}"
     lines = [
         title,
         "",
-        f"Test = test2016 (1,000 sentences), beam {c.beam}, GNMT length penalty {c.length_penalty}; "
+        f"Test = test2016 ({num_test:,} sentences), beam {c.beam}, GNMT length penalty {c.length_penalty}; "
         f"sacrebleu `{signature}`; mean ± std over seeds. `train h` is the total wall-clock hours of a "
         f"model's runs; THOR does two forward/backward passes per update.",
         "",
@@ -582,6 +582,6 @@ def run(config: Config | argparse.Namespace) -> dict[str, Any]:
     }
     write_json(c.out / "results.json", results)
     write_json(c.out / "summary.json", summary)
-    atomic_write_text(c.out / "table.md", _table(c, by_model, summary, signature))
+    atomic_write_text(c.out / "table.md", _table(c, by_model, summary, signature, len(corpus.test)))
     _plot(c, runs, c.out / "curves.png")
     return results
