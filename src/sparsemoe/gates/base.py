@@ -12,6 +12,7 @@ from .._validation import check_dtype, check_ids, check_input, check_int
 from ..routing import Routing
 
 KPolicy = Literal["choose", "dense", "fixed"]
+IdKind = Literal["token", "sequence"]
 
 
 class Gate(nn.Module):
@@ -52,6 +53,14 @@ class Gate(nn.Module):
         if ids is not None:
             ids = check_ids(ids, x.shape[0])
         return self.route(x, ids)
+
+    def id_kind(self) -> IdKind | None:
+        """Which ids :meth:`forward` reads: ``"token"`` (token or user ids, e.g. hash), ``"sequence"``
+        (the sequence index of each row, e.g. per-sentence random draws) or ``None`` (ids are ignored).
+
+        Models use it to pass each gate the ids it needs.
+        """
+        return None
 
     def route(self, x: torch.Tensor, ids: torch.Tensor | None) -> Routing:
         """Route already validated input ``x: [T, d_in]`` (``ids`` already checked)."""

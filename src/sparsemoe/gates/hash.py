@@ -6,7 +6,7 @@ import torch
 
 from .._validation import check_int
 from ..routing import Routing
-from .base import Gate
+from .base import Gate, IdKind
 
 _DEFAULT_TABLE_SIZE = 1 << 16
 
@@ -56,6 +56,9 @@ class HashGate(Gate):
         row_hash = torch.randint(1, 1 << 31, (d_in,), generator=generator) * 2 + 1
         self.register_buffer("row_hash", row_hash.to(device))
         del dtype  # no floating-point state: accepted for the factory-argument convention
+
+    def id_kind(self) -> IdKind:
+        return "token"
 
     def route(self, x: torch.Tensor, ids: torch.Tensor | None) -> Routing:
         if ids is None:

@@ -6,7 +6,7 @@ import torch
 
 from .._validation import check_choice, check_int
 from ..routing import Routing
-from .base import Gate
+from .base import Gate, IdKind
 
 GRANULARITIES = ("token", "sequence", "batch")
 
@@ -41,6 +41,9 @@ class RandomGate(Gate):
         self.granularity = check_choice("granularity", granularity, GRANULARITIES)
         self.seed = check_int("seed", seed)
         self.generator = torch.Generator().manual_seed(self.seed)
+
+    def id_kind(self) -> IdKind | None:
+        return "sequence" if self.granularity == "sequence" else None
 
     def route(self, x: torch.Tensor, ids: torch.Tensor | None) -> Routing:
         num_inputs = x.shape[0]

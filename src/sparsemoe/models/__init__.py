@@ -1,7 +1,20 @@
-"""Models built from sparsemoe layers, as used by the demo and the experiments."""
+"""Models built from sparsemoe layers: the COMET paper's MMoEs and a seq2seq Transformer with MoE FFNs."""
 
 from .cnn import CNNExpert, CNNExperts, VisionMMoE
 from .mmoe import MMoE, Tower
 from .recsys import RecsysMMoE, UserItemEmbedding
+from .transformer import Seq2SeqTransformer, TransformerConfig, TransformerDecoderBlock, TransformerEncoderBlock
 
-__all__ = ["CNNExpert", "CNNExperts", "MMoE", "RecsysMMoE", "Tower", "UserItemEmbedding", "VisionMMoE"]
+__all__ = [
+    "CNNExpert",
+    "CNNExperts",
+    "MMoE",
+    "RecsysMMoE",
+    "Seq2SeqTransformer",
+    "Tower",
+    "TransformerConfig",
+    "TransformerDecoderBlock",
+    "TransformerEncoderBlock",
+    "UserItemEmbedding",
+    "VisionMMoE",
+]

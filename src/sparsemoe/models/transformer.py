@@ -1,0 +1,375 @@
+"""A compact pre-norm encoder-decoder Transformer whose FFNs can be any module, MoE included.
+
+``torch.nn.TransformerEncoderLayer`` hard-wires its FFN, so an MoE Transformer is usually written
+by hand. :class:`TransformerEncoderBlock` and :class:`TransformerDecoderBlock` take the FFN as an
+argument instead: a dense :class:`FeedForward`, or a :class:`sparsemoe.MoE` with any gate. The
+blocks pass the ids a gate reads (token ids for the ``hash`` gate, the sentence index for the
+``random`` gate's ``"sequence"`` granularity) and run the FFN on non-pad positions only, so
+padding takes no expert capacity and no compute.
+
+:class:`Seq2SeqTransformer` stacks them with tied source/target/output embeddings over a joint
+vocabulary (Press & Wolf, 2017), sinusoidal positions and ``scaled_dot_product_attention``; the
+FFN of every ``moe_every``-th layer (0, 2, 4, ... as in THOR's code) of both stacks can be dense,
+Switch (top-1, capacity factor, load balancing) or THOR (random experts), all with the same
+active FFN compute per token.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .._validation import check_choice, check_float, check_int
+from ..gates.base import Gate
+from ..gates.random import RandomGate
+from ..gates.topk import SwitchGate
+from ..layers import MoE
+
+FFN_KINDS = ("dense", "switch", "thor")
+
+#: a decoder layer's incremental-decoding state: self-attention keys/values so far, cross K/V
+LayerCache = dict[str, torch.Tensor]
+
+
+class FeedForward(nn.Module):
+    """Dense FFN ``W2 relu(W1 x + b1) + b2``; ``ids`` is accepted and ignored. Shape: ``[..., d]``."""
+
+    def __init__(self, d_model: int, d_hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(d_model, d_hidden)
+        self.fc2 = nn.Linear(d_hidden, d_model)
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
+        return self.fc2(F.relu(self.fc1(x)))
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head attention on ``F.scaled_dot_product_attention``.
+
+    Shape: ``query [B, Tq, d]``, ``source [B, Tk, d]`` -> ``[B, Tq, d]``; ``mask`` is a bool
+    ``[B, 1, Tq|1, Tk]`` (True = may attend) or None.
+    """
+
+    def __init__(self, d_model: int, num_heads: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        if d_model % num_heads:
+            raise ValueError(f"d_model={d_model} must be divisible by num_heads={num_heads}")
+        self.num_heads, self.dropout = num_heads, dropout
+        self.q_proj = nn.Linear(d_model, d_model)
+        self.kv_proj = nn.Linear(d_model, 2 * d_model)
+        self.out_proj = nn.Linear(d_model, d_model)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        return x.view(b, t, self.num_heads, d // self.num_heads).transpose(1, 2)  # [B, h, T, d/h]
+
+    def keys_values(self, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[B, h, Tk, d/h]`` keys and values of ``source`` (cached for cross-attention)."""
+        k, v = self.kv_proj(source).chunk(2, dim=-1)
+        return self._heads(k), self._heads(v)
+
+    def attend(
+        self, query: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool
+    ) -> torch.Tensor:
+        q = self._heads(self.q_proj(query))
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=causal
+        )
+        b, h, t, dh = out.shape
+        return self.out_proj(out.transpose(1, 2).reshape(b, t, h * dh))
+
+
+def apply_ffn(
+    ffn: nn.Module,
+    h: torch.Tensor,
+    keep: torch.Tensor | None,
+    token_ids: torch.Tensor | None,
+    sentence_ids: torch.Tensor | None,
+) -> torch.Tensor:
+    """``ffn`` on the positions where ``keep`` is True (all if None); zeros elsewhere.
+
+    The FFN gets the ids its gate reads: ``sentence_ids`` (``[B]``) broadcast over positions for
+    the random gate and THOR's sentence draw (default: the row index), ``token_ids`` (``[B, T]``)
+    otherwise (hash gate).
+    Shape: ``h [B, T, d]``, ``keep [B, T]`` -> ``[B, T, d]``.
+    """
+    b, t, d = h.shape
+    ids: torch.Tensor | None = None
+    gate = getattr(ffn, "gate", None)
+    kind = gate.id_kind() if isinstance(gate, Gate) else None
+    if kind == "sequence":
+        if sentence_ids is None:
+            sentence_ids = torch.arange(b, device=h.device)
+        ids = sentence_ids.view(b, 1).expand(b, t)
+    elif kind == "token":
+        ids = token_ids
+    if keep is None:
+        flat_ids = None if ids is None else ids.reshape(-1)
+        return ffn(h.reshape(b * t, d), flat_ids).view(b, t, d) if flat_ids is not None else ffn(h)
+    out = h.new_zeros(b, t, d)
+    rows = h[keep]  # [N, d]
+    out[keep] = ffn(rows, ids[keep]) if ids is not None else ffn(rows)
+    return out
+
+
+class TransformerEncoderBlock(nn.Module):
+    """Pre-norm encoder block: ``x + drop(attn(LN x))``, then ``x + drop(ffn(LN x))``.
+
+    Args:
+        ffn: any module mapping ``[N, d]`` (with optional ``ids [N]``) to ``[N, d]``: a
+            :class:`FeedForward` or a :class:`sparsemoe.MoE` with any gate.
+    Shape: ``x [B, T, d]``, ``pad_mask [B, T]`` (True at padding) -> ``[B, T, d]``.
+    """
+
+    def __init__(
+        self, d_model: int, num_heads: int, ffn: nn.Module, dropout: float = 0.1, attention_dropout: float = 0.0
+    ) -> None:
+        super().__init__()
+        self.attn_norm = nn.LayerNorm(d_model)
+        self.attn = MultiHeadAttention(d_model, num_heads, attention_dropout)
+        self.ffn_norm = nn.LayerNorm(d_model)
+        self.ffn = ffn
+        self.drop = nn.Dropout(dropout)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        pad_mask: torch.Tensor | None = None,
+        *,
+        token_ids: torch.Tensor | None = None,
+        sentence_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        h = self.attn_norm(x)
+        k, v = self.attn.keys_values(h)
+        mask = None if pad_mask is None else ~pad_mask[:, None, None, :]
+        x = x + self.drop(self.attn.attend(h, k, v, mask, causal=False))
+        keep = None if pad_mask is None else ~pad_mask
+        return x + self.drop(apply_ffn(self.ffn, self.ffn_norm(x), keep, token_ids, sentence_ids))
+
+
+class TransformerDecoderBlock(nn.Module):
+    """Pre-norm decoder block: causal self-attention, cross-attention, FFN (any module).
+
+    With ``cache`` (a dict, filled on the first call), ``x`` holds only the new positions and the
+    keys/values of earlier ones are reused: incremental decoding.
+    Shape: ``x [B, T, d]``, ``memory [B, S, d]``, ``memory_pad_mask [B, S]`` -> ``[B, T, d]``.
+    """
+
+    def __init__(
+        self, d_model: int, num_heads: int, ffn: nn.Module, dropout: float = 0.1, attention_dropout: float = 0.0
+    ) -> None:
+        super().__init__()
+        self.self_norm = nn.LayerNorm(d_model)
+        self.self_attn = MultiHeadAttention(d_model, num_heads, attention_dropout)
+        self.cross_norm = nn.LayerNorm(d_model)
+        self.cross_attn = MultiHeadAttention(d_model, num_heads, attention_dropout)
+        self.ffn_norm = nn.LayerNorm(d_model)
+        self.ffn = ffn
+        self.drop = nn.Dropout(dropout)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        memory: torch.Tensor,
+        memory_pad_mask: torch.Tensor | None = None,
+        *,
+        pad_mask: torch.Tensor | None = None,
+        token_ids: torch.Tensor | None = None,
+        sentence_ids: torch.Tensor | None = None,
+        cache: LayerCache | None = None,
+    ) -> torch.Tensor:
+        h = self.self_norm(x)
+        k, v = self.self_attn.keys_values(h)
+        if cache is not None and "self_k" in cache:
+            k, v = torch.cat([cache["self_k"], k], 2), torch.cat([cache["self_v"], v], 2)
+        # Padding sits after the real tokens, so the causal mask alone keeps real queries off it.
+        causal = x.shape[1] > 1
+        if cache is not None:
+            cache["self_k"], cache["self_v"] = k, v
+            if causal and k.shape[2] != x.shape[1]:
+                raise ValueError("with a cache, feed the whole prefix on the first call, then one position at a time")
+        x = x + self.drop(self.self_attn.attend(h, k, v, None, causal=causal))
+        if cache is not None and "cross_k" in cache:
+            ck, cv = cache["cross_k"], cache["cross_v"]
+        else:
+            ck, cv = self.cross_attn.keys_values(memory)
+            if cache is not None:
+                cache["cross_k"], cache["cross_v"] = ck, cv
+        mask = None if memory_pad_mask is None else ~memory_pad_mask[:, None, None, :]
+        x = x + self.drop(self.cross_attn.attend(self.cross_norm(x), ck, cv, mask, causal=False))
+        keep = None if pad_mask is None else ~pad_mask
+        return x + self.drop(apply_ffn(self.ffn, self.ffn_norm(x), keep, token_ids, sentence_ids))
+
+
+def sinusoidal_positions(length: int, d_model: int) -> torch.Tensor:
+    """``[length, d_model]`` sine/cosine position encodings (Vaswani et al., 2017)."""
+    position = torch.arange(length, dtype=torch.float32)[:, None]
+    div = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float32) * (-math.log(10000.0) / d_model))
+    table = torch.zeros(length, d_model)
+    table[:, 0::2] = torch.sin(position * div)
+    table[:, 1::2] = torch.cos(position * div[: d_model // 2])
+    return table
+
+
+@dataclass
+class TransformerConfig:
+    """Size and FFN kind of a :class:`Seq2SeqTransformer` (JSON-serialisable)."""
+
+    vocab_size: int
+    pad_id: int = 0
+    d_model: int = 256
+    num_heads: int = 4
+    encoder_layers: int = 3
+    decoder_layers: int = 3
+    d_hidden: int = 1024
+    dropout: float = 0.1
+    attention_dropout: float = 0.0
+    ffn: str = "dense"  # dense | switch | thor
+    num_experts: int = 2
+    moe_every: int = 2  # MoE FFN in layers 0, moe_every, 2*moe_every, ...
+    capacity_factor: float = 1.25  # switch, training
+    eval_capacity_factor: float = 2.0  # switch, evaluation
+    balance_weight: float = 0.01  # switch load-balancing loss
+    z_loss_weight: float = 0.0  # switch router z-loss (0: the original Switch)
+    gate_seed: int = 0  # random gates: layer i is seeded gate_seed * 1000 + i
+    max_positions: int = 256
+
+    def __post_init__(self) -> None:
+        check_int("vocab_size", self.vocab_size, low=2)
+        check_int("d_model", self.d_model, low=2)
+        check_int("num_heads", self.num_heads, low=1)
+        check_int("num_experts", self.num_experts, low=1)
+        check_int("moe_every", self.moe_every, low=1)
+        check_choice("ffn", self.ffn, FFN_KINDS)
+        check_float("dropout", self.dropout, low=0.0)
+        if self.d_model % self.num_heads or self.d_model % 2:
+            raise ValueError(f"d_model={self.d_model} must be even and divisible by num_heads={self.num_heads}")
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+class Seq2SeqTransformer(nn.Module):
+    """Encoder-decoder Transformer with tied embeddings and pluggable FFNs.
+
+    Shape: ``src [B, S]``, ``tgt_in [B, T]`` (token ids; ``pad_id`` pads) -> logits ``[B, T, V]``.
+    ``sentence_ids [B]`` (optional) name each sentence for per-sentence expert draws.
+    """
+
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        self.config = c = config
+        self.embed = nn.Embedding(c.vocab_size, c.d_model, padding_idx=c.pad_id)
+        nn.init.normal_(self.embed.weight, std=c.d_model**-0.5)
+        with torch.no_grad():
+            self.embed.weight[c.pad_id].zero_()
+        self.register_buffer("positions", sinusoidal_positions(c.max_positions, c.d_model), persistent=False)
+        self.drop = nn.Dropout(c.dropout)
+        layer_index = iter(range(1_000_000))
+        self.encoder = nn.ModuleList(
+            TransformerEncoderBlock(
+                c.d_model, c.num_heads, self._ffn(i, next(layer_index)), c.dropout, c.attention_dropout
+            )
+            for i in range(c.encoder_layers)
+        )
+        self.decoder = nn.ModuleList(
+            TransformerDecoderBlock(
+                c.d_model, c.num_heads, self._ffn(i, next(layer_index)), c.dropout, c.attention_dropout
+            )
+            for i in range(c.decoder_layers)
+        )
+        self.encoder_norm = nn.LayerNorm(c.d_model)
+        self.decoder_norm = nn.LayerNorm(c.d_model)
+
+    def _ffn(self, depth: int, index: int) -> nn.Module:
+        c = self.config
+        if c.ffn == "dense" or depth % c.moe_every:
+            return FeedForward(c.d_model, c.d_hidden)
+        if c.ffn == "switch":
+            gate: SwitchGate | RandomGate = SwitchGate(
+                c.d_model,
+                c.num_experts,
+                capacity_factor=c.capacity_factor,
+                balance_weight=c.balance_weight,
+                z_loss_weight=c.z_loss_weight,
+            )
+        else:  # THOR: one expert per layer per forward pass, as the official code
+            gate = RandomGate(c.d_model, c.num_experts, granularity="batch", seed=c.gate_seed * 1000 + index)
+        return MoE(c.d_model, c.d_hidden, c.num_experts, gate=gate, activation="relu", bias=True)
+
+    def train(self, mode: bool = True) -> Seq2SeqTransformer:
+        """Also switch Switch gates between their training and evaluation capacity factors."""
+        super().train(mode)
+        for module in self.modules():
+            if isinstance(module, SwitchGate):
+                module.capacity_factor = self.config.capacity_factor if mode else self.config.eval_capacity_factor
+        return self
+
+    def _embed(self, ids: torch.Tensor, start: int = 0) -> torch.Tensor:
+        t = ids.shape[1]
+        if start + t > self.config.max_positions:
+            raise ValueError(f"sequence of {start + t} tokens exceeds max_positions={self.config.max_positions}")
+        positions: torch.Tensor = self.positions  # type: ignore[assignment]
+        x = self.embed(ids) * math.sqrt(self.config.d_model) + positions[start : start + t]
+        return self.drop(x)
+
+    def encode(self, src: torch.Tensor, sentence_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(memory [B, S, d], src_pad_mask [B, S])``."""
+        pad = src == self.config.pad_id
+        x = self._embed(src)
+        for block in self.encoder:
+            x = block(x, pad, token_ids=src, sentence_ids=sentence_ids)
+        return self.encoder_norm(x), pad
+
+    def decode(
+        self,
+        tgt_in: torch.Tensor,
+        memory: torch.Tensor,
+        memory_pad_mask: torch.Tensor,
+        sentence_ids: torch.Tensor | None = None,
+        cache: list[LayerCache] | None = None,
+        start: int = 0,
+    ) -> torch.Tensor:
+        """Logits ``[B, T, V]`` for ``tgt_in [B, T]`` at positions ``start..start+T-1``."""
+        pad = tgt_in == self.config.pad_id if cache is None else None
+        x = self._embed(tgt_in, start)
+        for i, block in enumerate(self.decoder):
+            x = block(
+                x,
+                memory,
+                memory_pad_mask,
+                pad_mask=pad,
+                token_ids=tgt_in,
+                sentence_ids=sentence_ids,
+                cache=None if cache is None else cache[i],
+            )
+        return self.decoder_norm(x) @ self.embed.weight.t()
+
+    def forward(
+        self, src: torch.Tensor, tgt_in: torch.Tensor, sentence_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        memory, pad = self.encode(src, sentence_ids)
+        return self.decode(tgt_in, memory, pad, sentence_ids)
+
+    def aux_loss(self) -> torch.Tensor:
+        """Sum of the MoE layers' auxiliary losses from the last forward (Switch load balancing)."""
+        losses = [m.aux_loss() for m in self.modules() if isinstance(m, MoE)]
+        return torch.stack(losses).sum() if losses else torch.zeros(())
+
+    def new_cache(self) -> list[LayerCache]:
+        """An empty incremental-decoding cache, one dict per decoder layer."""
+        return [{} for _ in self.decoder]
+
+    def parameter_counts(self) -> dict[str, int]:
+        """``total`` parameters and ``active_per_token``: those one token uses (one expert per MoE)."""
+        total = sum(p.numel() for p in self.parameters())
+        inactive = 0
+        for m in self.modules():
+            if isinstance(m, MoE):
+                expert_params = sum(p.numel() for p in m.experts.parameters())
+                inactive += expert_params - expert_params // m.num_experts
+        return {"total": total, "active_per_token": total - inactive}
