@@ -7,7 +7,7 @@ from torch import nn
 
 from . import gates
 from ._validation import check_float, check_input, check_int
-from .dispatch import combine, dispatch
+from .dispatch import dispatch, dispatch_tasks
 from .experts import ExpertBank, StackedExperts
 from .gates.base import Gate
 from .routing import Routing
@@ -194,18 +194,7 @@ class MultiTaskMoE(nn.Module):
         routings = [gate(gate_input, ids) for gate in self.gates]
         if self.search is not None:
             routings = self.search.permute(routings)
-        num_inputs = gate_input.shape[0]
-        # Compute each pair chosen by any task once: unique (expert, token) keys. torch.unique sorts
-        # them, so the pairs come out grouped by expert, ready for the grouped matmul without a sort.
-        keys = torch.cat([r.expert * num_inputs + r.token for r in routings])
-        unique_keys, position = torch.unique(keys, return_inverse=True)
-        counts = torch.bincount(unique_keys // num_inputs, minlength=self.num_experts)
-        ys = self.experts.forward_sorted(x.index_select(0, unique_keys % num_inputs), counts)  # [N_unique, *out]
-        outputs, start = [], 0
-        for r in routings:
-            pos = position[start : start + r.num_pairs]
-            outputs.append(combine(ys[pos], r.token, r.weight, num_inputs))
-            start += r.num_pairs
+        outputs = dispatch_tasks(x, routings, self.experts)
         self.last_routing = routings
         return outputs
 
