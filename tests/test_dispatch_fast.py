@@ -57,7 +57,7 @@ def test_grouped_matmul_accepts_stride0_gradient() -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("kind", ["mlp", "swiglu", "linear"])
 @pytest.mark.parametrize("tokens", [0, 1, 9])
-def test_dispatch_matches_reference(dtype: torch.dtype, kind: str, tokens: int) -> None:
+def test_dispatch_matches_reference(dtype: torch.dtype, kind: str, tokens: int, dispatch_path: str) -> None:
     torch.manual_seed(0)
     experts = StackedExperts(5, 8, 16, kind=kind, bias=True).to(dtype)
     x = torch.randn(tokens, 8, dtype=dtype, requires_grad=True)
@@ -71,3 +71,24 @@ def test_dispatch_matches_reference(dtype: torch.dtype, kind: str, tokens: int) 
     inputs = (x, weight, *experts.parameters())
     for a, b in zip(torch.autograd.grad(fast.sum(), inputs), torch.autograd.grad(slow.sum(), inputs), strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_dense_path_is_chosen_for_small_experts_and_covering_routings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Small stacked experts and full coverage (softmax) run densely; big experts with sparse routings do not."""
+    import importlib
+
+    module = importlib.import_module("sparsemoe.dispatch")
+    calls: list[int] = []
+    experts = StackedExperts(4, 8, 16)
+    original = experts.forward_all
+    monkeypatch.setattr(experts, "forward_all", lambda x: calls.append(1) or original(x))
+    x = torch.randn(6, 8)
+    sparse = Routing.from_topk(torch.zeros(6, 1, dtype=torch.long), torch.ones(6, 1), 4)
+    dense = Routing.from_dense(torch.rand(6, 4), keep_zeros=True)
+    dispatch(x, sparse, experts)
+    assert calls == [1]  # 18 unchosen pairs x 256 multiply-adds: below the threshold
+    monkeypatch.setattr(module, "DENSE_EXTRA_MACS", 0)
+    dispatch(x, sparse, experts)
+    assert calls == [1]
+    torch.testing.assert_close(dispatch(x, dense, experts), reference_dispatch(x, dense, experts))
+    assert calls == [1, 1]  # every pair covered: dense whatever the threshold
