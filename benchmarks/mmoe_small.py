@@ -21,7 +21,7 @@ import sparsemoe
 
 from . import report
 from .report import Section
-from .timing import Timings, interleaved
+from .timing import interleaved
 
 #: Gate options: ``k=2`` where the gate has a k (hash routes to one expert; softmax is dense, switch top-1).
 GATE_KWARGS: dict[str, dict[str, object]] = {"softmax": {}, "switch": {}, "hash": {"k": 1}}
@@ -110,19 +110,35 @@ def candidates(cfg: SmallConfig) -> dict[str, Callable[[], None]]:
     return steps
 
 
-def measure(cfg: SmallConfig) -> Timings:
-    torch.manual_seed(0)
-    return interleaved(candidates(cfg), repeats=cfg.repeats, min_time=cfg.min_time)
+def op_count(step: Callable[[], None]) -> int:
+    """ATen ops one step dispatches from Python or autograd (nested ops not counted).
+
+    A load-independent measure of per-call overhead: on a busy machine the times below spread by
+    tens of percent, the op count does not move.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    aten = [e for e in prof.events() if e.name.startswith("aten::")]
+    return sum(1 for e in aten if e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))
 
 
 def small_models(cfg: SmallConfig) -> Section:
     """Training-step time of every gate ÷ the plain dense MMoE, with the issue's targets."""
-    t = measure(cfg)
+    torch.manual_seed(0)
+    steps = candidates(cfg)
+    ops = {name: op_count(step) for name, step in steps.items()}
+    t = interleaved(steps, repeats=cfg.repeats, min_time=cfg.min_time)
     plain = "plain dense MMoE (einsum)"
     rows, targets = [], []
     for name in t.samples:
         r = t.ratio(name, plain)
-        rows.append([name, report.us(t.stat(name)), report.ratio(r) if name != plain else "1", t.flag(name, plain)])
+        ratio = report.ratio(r) if name != plain else "1"
+        rows.append(
+            [name, report.us(t.stat(name)), ratio, t.flag(name, plain), ops[name], f"{ops[name] / ops[plain]:.2f}"]
+        )
         if name == plain:
             continue
         limit = 1.1 if name == "softmax" else 1.5

@@ -70,17 +70,21 @@ def prefer_dense(routings: list[Routing], experts: ExpertBank) -> bool:
     return covers_all_pairs(routings, num_inputs, num_experts)
 
 
-def dense_mix(ys_all: torch.Tensor, routing: Routing) -> torch.Tensor:
-    """``y[t] = Σ_e W[t, e] · ys_all[e, t]`` with ``W = routing.to_dense()``: ``[n, T, *out] -> [T, *out]``."""
+def dense_mix(ys_all: torch.Tensor, routings: list[Routing]) -> list[torch.Tensor]:
+    """``y_r[t] = Σ_e W_r[t, e] · ys_all[e, t]`` with ``W_r = routings[r].to_dense()``, one einsum for all.
+
+    Shape: ``ys_all: [n, T, *out]`` -> one ``[T, *out]`` per routing.
+    """
     n, num_inputs = ys_all.shape[:2]
-    mixed = torch.einsum("tn,nto->to", routing.to_dense().to(ys_all.dtype), ys_all.reshape(n, num_inputs, -1))
-    return mixed.view(num_inputs, *ys_all.shape[2:])
+    weights = torch.stack([r.to_dense() for r in routings]).to(ys_all.dtype)  # [R, T, n]
+    mixed = torch.einsum("rtn,nto->rto", weights, ys_all.reshape(n, num_inputs, -1))
+    return list(mixed.view(len(routings), num_inputs, *ys_all.shape[2:]).unbind(0))
 
 
 def dispatch(x: torch.Tensor, routing: Routing, experts: ExpertBank) -> torch.Tensor:
     """Apply the routed experts to ``x: [T, *in]`` and mix: returns ``[T, *out]``."""
     if prefer_dense([routing], experts):
-        return dense_mix(experts.forward_all(x), routing)
+        return dense_mix(experts.forward_all(x), [routing])[0]
     order, counts = sort_by_expert(routing.expert, experts.num_experts)
     token = routing.token[order]
     ys = experts.forward_sorted(x.index_select(0, token), counts)  # [N, *out], grouped by expert
@@ -95,8 +99,7 @@ def dispatch_tasks(x: torch.Tensor, routings: list[Routing], experts: ExpertBank
     """
     num_inputs, num_experts = routings[0].num_inputs, experts.num_experts
     if prefer_dense(routings, experts):
-        ys_all = experts.forward_all(x)  # [n, T, *out]
-        return [dense_mix(ys_all, r) for r in routings]
+        return dense_mix(experts.forward_all(x), routings)
     keys = torch.cat([r.expert * num_inputs + r.token for r in routings])
     unique_keys, position = torch.unique(keys, return_inverse=True)
     counts = torch.bincount(unique_keys // num_inputs, minlength=num_experts)
