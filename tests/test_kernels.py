@@ -109,3 +109,17 @@ def test_custom_ops_pass_opcheck(counts: list[int]) -> None:
     torch.library.opcheck(kernels.weight_grad_op, (xs, grad, offsets))
     token = torch.randint(0, 3, (n_rows,))
     torch.library.opcheck(kernels.combine_op, (grad, token, torch.rand(n_rows, requires_grad=True), 3))
+
+
+def test_uniform_topk_draws_the_generator_stream_and_compiles() -> None:
+    """The op a RandomGate can draw with under torch.compile: same stream as its torch.Generator."""
+    generator = torch.Generator().manual_seed(3)
+    state = torch.Generator().manual_seed(3).get_state()
+    for rows in (4, 7):
+        expected = torch.rand(rows, 5, generator=generator).topk(2, dim=-1).indices
+        torch.testing.assert_close(kernels.uniform_topk(state, rows, 5, 2), expected)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda s, x: kernels.uniform_topk(s, x.shape[0], 5, 2), fullgraph=True, dynamic=True)
+    expected = torch.rand(6, 5, generator=generator).topk(2, dim=-1).indices
+    torch.testing.assert_close(compiled(state, torch.empty(6, 1)), expected)
+    torch.testing.assert_close(state, generator.get_state())
