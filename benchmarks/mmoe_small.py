@@ -87,7 +87,7 @@ def _train_step(cfg: SmallConfig, body: nn.Module, seed: int) -> Callable[[], No
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
         outputs = model(x)
-        loss = sum(torch.nn.functional.mse_loss(o, t) for o, t in zip(outputs, targets, strict=True))
+        loss = torch.stack([torch.nn.functional.mse_loss(o, t) for o, t in zip(outputs, targets, strict=True)]).sum()
         if aux is not None:
             loss = loss + aux()
         loss.backward()

@@ -17,7 +17,7 @@ import gc
 import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -108,7 +108,7 @@ class Timings:
 
 
 def interleaved(
-    candidates: dict[str, Callable[[], object]],
+    candidates: Mapping[str, Callable[[], object]],
     *,
     repeats: int,
     warmup: int = 1,
@@ -140,7 +140,7 @@ def interleaved(
     return timings
 
 
-def _round(candidates: dict[str, Callable[[], object]], timings: Timings, min_time: float) -> None:
+def _round(candidates: Mapping[str, Callable[[], object]], timings: Timings, min_time: float) -> None:
     """One timed call (or batch of calls lasting ``min_time``) of every candidate, in order."""
     timings.load.append(load_per_core())
     for name, fn in candidates.items():
