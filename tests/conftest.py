@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import os
 from pathlib import Path
 
@@ -28,14 +27,6 @@ def _seed() -> None:
 
 @pytest.fixture(params=gates.available())
 def gate_name(request: pytest.FixtureRequest) -> str:
-    return request.param
-
-
-@pytest.fixture(params=["sparse", "dense"])
-def dispatch_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Run a test through both dispatch paths: sorted/grouped (sparse) and every expert on every input (dense)."""
-    module = importlib.import_module("sparsemoe.dispatch")  # `sparsemoe.dispatch` is also a function's name
-    monkeypatch.setattr(module, "DENSE_EXTRA_MACS", 2**62 if request.param == "dense" else -1)
     return request.param
 
 

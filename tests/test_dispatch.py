@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
-from unittest import mock
-
 import pytest
 import torch
 from hypothesis import given, settings
@@ -14,8 +11,6 @@ from sparsemoe import MoE, Routing, StackedExperts, dispatch, reference_dispatch
 from sparsemoe.experts import grouped_matmul, grouped_mm_supported
 
 from conftest import gate_kwargs
-
-dispatch_module = importlib.import_module("sparsemoe.dispatch")
 
 
 def random_routing(num_inputs: int, num_experts: int, k: int, seed: int, dtype: torch.dtype) -> Routing:
@@ -60,15 +55,13 @@ def assert_same_forward_backward(x: torch.Tensor, routing: Routing, experts: Sta
     dtype=st.sampled_from([torch.float32, torch.float64]),
     bias=st.booleans(),
     seed=st.integers(0, 10_000),
-    dense=st.booleans(),
 )
-def test_dispatch_matches_reference(num_inputs, num_experts, k_frac, kind, width, dtype, bias, seed, dense) -> None:
+def test_dispatch_matches_reference(num_inputs, num_experts, k_frac, kind, width, dtype, bias, seed) -> None:
     k = 1 + int(k_frac * (num_experts - 1))
     torch.manual_seed(seed)
     experts = StackedExperts(num_experts, width, 2 * width, kind=kind, bias=bias).to(dtype)
     x = torch.randn(num_inputs, width, dtype=dtype, requires_grad=True)
-    with mock.patch.object(dispatch_module, "DENSE_EXTRA_MACS", 2**62 if dense else -1):
-        assert_same_forward_backward(x, random_routing(num_inputs, num_experts, k, seed, dtype), experts)
+    assert_same_forward_backward(x, random_routing(num_inputs, num_experts, k, seed, dtype), experts)
 
 
 def test_grouped_mm_path_is_taken_and_exact() -> None:
@@ -89,7 +82,7 @@ def test_backward_from_plain_sum() -> None:
     assert x.grad is not None and torch.isfinite(x.grad).all()
 
 
-def test_every_gate_fast_equals_reference(gate_name: str, dispatch_path: str) -> None:
+def test_every_gate_fast_equals_reference(gate_name: str) -> None:
     moe = MoE(8, 12, 5, gate=gate_name, **gate_kwargs(gate_name, 5))
     x = torch.randn(13, 8, requires_grad=True)
     moe(x)

@@ -57,7 +57,7 @@ def test_grouped_matmul_accepts_stride0_gradient() -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("kind", ["mlp", "swiglu", "linear"])
 @pytest.mark.parametrize("tokens", [0, 1, 9])
-def test_dispatch_matches_reference(dtype: torch.dtype, kind: str, tokens: int, dispatch_path: str) -> None:
+def test_dispatch_matches_reference(dtype: torch.dtype, kind: str, tokens: int) -> None:
     torch.manual_seed(0)
     experts = StackedExperts(5, 8, 16, kind=kind, bias=True).to(dtype)
     x = torch.randn(tokens, 8, dtype=dtype, requires_grad=True)
@@ -73,22 +73,35 @@ def test_dispatch_matches_reference(dtype: torch.dtype, kind: str, tokens: int, 
         torch.testing.assert_close(a, b)
 
 
-def test_dense_path_is_chosen_for_small_experts_and_covering_routings(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Small stacked experts and full coverage (softmax) run densely; big experts with sparse routings do not."""
-    import importlib
-
-    module = importlib.import_module("sparsemoe.dispatch")
+def test_dense_path_exactly_when_every_pair_is_covered(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Full coverage (softmax, or top-n) runs every expert on every input; anything less stays sparse."""
     calls: list[int] = []
-    experts = StackedExperts(4, 8, 16)
+    experts = StackedExperts(4, 8, 16, bias=True)
     original = experts.forward_all
     monkeypatch.setattr(experts, "forward_all", lambda x: calls.append(1) or original(x))
-    x = torch.randn(6, 8)
-    sparse = Routing.from_topk(torch.zeros(6, 1, dtype=torch.long), torch.ones(6, 1), 4)
-    dense = Routing.from_dense(torch.rand(6, 4), keep_zeros=True)
-    dispatch(x, sparse, experts)
-    assert calls == [1]  # 18 unchosen pairs x 256 multiply-adds: below the threshold
-    monkeypatch.setattr(module, "DENSE_EXTRA_MACS", 0)
-    dispatch(x, sparse, experts)
-    assert calls == [1]
-    torch.testing.assert_close(dispatch(x, dense, experts), reference_dispatch(x, dense, experts))
-    assert calls == [1, 1]  # every pair covered: dense whatever the threshold
+    x = torch.randn(6, 8, requires_grad=True)
+    almost = torch.rand(6, 4)
+    almost[2, 1] = 0  # one pair missing
+    for weights, dense in ((almost, False), (torch.rand(6, 4), True)):
+        routing = Routing.from_dense(weights.requires_grad_(), keep_zeros=False)
+        calls.clear()
+        fast, slow = dispatch(x, routing, experts), reference_dispatch(x, routing, experts)
+        assert calls == ([1] if dense else [])
+        torch.testing.assert_close(fast, slow)
+        inputs = (x, weights, *experts.parameters())
+        got = torch.autograd.grad(fast.sum(), inputs, retain_graph=True)
+        for a, b in zip(got, torch.autograd.grad(slow.sum(), inputs), strict=True):
+            torch.testing.assert_close(a, b)
+
+
+def test_multitask_dense_path_matches_sparse_tasks() -> None:
+    """Two tasks whose routings together cover every pair: dense mix equals each task dispatched alone."""
+    from sparsemoe.dispatch import dispatch_tasks
+
+    experts = StackedExperts(3, 5, 7)
+    x = torch.randn(4, 5)
+    first = Routing.from_topk(torch.tensor([[0, 1]] * 4), torch.rand(4, 2), 3)
+    second = Routing.from_topk(torch.tensor([[2]] * 4), torch.rand(4, 1), 3)
+    outputs = dispatch_tasks(x, [first, second], experts)
+    for out, routing in zip(outputs, (first, second), strict=True):
+        torch.testing.assert_close(out, reference_dispatch(x, routing, experts))

@@ -69,7 +69,7 @@ def test_weighted_combine_gradgradcheck() -> None:
 
 
 @pytest.mark.parametrize("kind", ["mlp", "swiglu"])
-def test_gradient_penalty_through_dispatch_matches_reference(kind: str, dispatch_path: str) -> None:
+def test_gradient_penalty_through_dispatch_matches_reference(kind: str) -> None:
     """``autograd.grad(create_graph=True)`` then a penalty on that gradient: the fast path must give the
     reference's second-order gradients (it used to give None under ``allow_unused``)."""
     torch.manual_seed(0)

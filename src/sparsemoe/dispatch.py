@@ -4,18 +4,18 @@ Only the pairs in a :class:`~sparsemoe.routing.Routing` are computed; nothing is
 unless a capacity is set on the routing, nothing is dropped.
 
 Dense path: when the routings cover every (input, expert) pair (a dense softmax gate), sorting,
-gathering and scattering buy nothing; and for small stacked experts, computing the pairs nobody
-chose costs less than the sparse path's fixed overhead (sort, unique, gathers, scatter: ~0.5 ms on
-one CPU thread). The experts then run on all inputs as batched GEMMs and the weights, zero for
-pairs not chosen, mix them as one dense product: the same output and gradients (the unchosen
-pairs contribute exact zeros), only the rounding order differs.
+gathering and scattering buy nothing. The experts then run on all inputs as batched GEMMs and the
+weights mix them as one dense product: the same outputs and gradients, up to rounding order.
+(Running small *sparse* routings densely as well was measured and dropped: at the COMET paper's
+scale it was within noise of the sparse path, 0.93-1.0x, and for a single top-2 MoE layer with
+d=100, h=16, n=8, T=256 it was 1.36x slower.)
 """
 
 from __future__ import annotations
 
 import torch
 
-from .experts import ExpertBank, StackedExperts
+from .experts import ExpertBank
 from .kernels import weighted_combine
 from .routing import Routing
 
@@ -52,24 +52,6 @@ def covers_all_pairs(routings: list[Routing], num_inputs: int, num_experts: int)
     return bool(seen.all())
 
 
-#: Dense path for stacked experts when the unchosen pairs add at most this many multiply-adds
-#: (about 0.2 ms of one CPU thread's GEMM time, below the sparse path's fixed overhead).
-DENSE_EXTRA_MACS = 4 * 2**20
-
-
-def prefer_dense(routings: list[Routing], experts: ExpertBank) -> bool:
-    """Whether :func:`dispatch`/:func:`dispatch_tasks` run every expert on every input (see module doc)."""
-    num_inputs, num_experts = routings[0].num_inputs, experts.num_experts
-    if num_inputs == 0 or torch.compiler.is_compiling():
-        return False
-    if isinstance(experts, StackedExperts):
-        macs_per_pair = sum(p[0].numel() for p in (experts.w1, experts.w2) if p is not None)
-        unchosen = max(num_inputs * num_experts - sum(r.num_pairs for r in routings), 0)
-        if unchosen * macs_per_pair <= DENSE_EXTRA_MACS:
-            return True
-    return covers_all_pairs(routings, num_inputs, num_experts)
-
-
 def dense_mix(ys_all: torch.Tensor, routings: list[Routing]) -> list[torch.Tensor]:
     """``y_r[t] = Σ_e W_r[t, e] · ys_all[e, t]`` with ``W_r = routings[r].to_dense()``, one einsum for all.
 
@@ -83,7 +65,7 @@ def dense_mix(ys_all: torch.Tensor, routings: list[Routing]) -> list[torch.Tenso
 
 def dispatch(x: torch.Tensor, routing: Routing, experts: ExpertBank) -> torch.Tensor:
     """Apply the routed experts to ``x: [T, *in]`` and mix: returns ``[T, *out]``."""
-    if prefer_dense([routing], experts):
+    if covers_all_pairs([routing], routing.num_inputs, experts.num_experts):
         return dense_mix(experts.forward_all(x), [routing])[0]
     order, counts = sort_by_expert(routing.expert, experts.num_experts)
     token = routing.token[order]
@@ -98,7 +80,7 @@ def dispatch_tasks(x: torch.Tensor, routings: list[Routing], experts: ExpertBank
     keys, so the unique pairs come out grouped by expert, ready for the grouped matmul without a sort.
     """
     num_inputs, num_experts = routings[0].num_inputs, experts.num_experts
-    if prefer_dense(routings, experts):
+    if covers_all_pairs(routings, num_inputs, num_experts):
         return dense_mix(experts.forward_all(x), routings)
     keys = torch.cat([r.expert * num_inputs + r.token for r in routings])
     unique_keys, position = torch.unique(keys, return_inverse=True)
