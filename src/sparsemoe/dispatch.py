@@ -89,7 +89,7 @@ def dispatch_tasks(x: torch.Tensor, routings: list[Routing], experts: ExpertBank
     outputs, start = [], 0
     for r in routings:
         pos = position[start : start + r.num_pairs]
-        outputs.append(combine(ys[pos], r.token, r.weight, num_inputs))
+        outputs.append(combine(ys.index_select(0, pos), r.token, r.weight, num_inputs))
         start += r.num_pairs
     return outputs
 
