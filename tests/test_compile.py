@@ -62,3 +62,7 @@ def test_compiled_moe_matches_eager(gate: str) -> None:
     if gate == "hash":  # check_finite becomes a device-side assert in the compiled graph
         with pytest.raises(RuntimeError, match="NaN or infinite"):
             compiled(torch.full((5, 16), float("nan")))
+        x, ids = torch.randn(7, 16), torch.arange(7) * 5  # routing by ids: check_ids asserts on the device
+        torch.testing.assert_close(compiled(x, ids), moe(x, ids))
+        with pytest.raises(RuntimeError, match="non-negative"):
+            compiled(x, -ids - 1)
