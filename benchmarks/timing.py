@@ -94,7 +94,9 @@ class Timings:
             return ""
         reasons = []
         r = self.ratio(name, baseline)
-        if r.noisy():
+        if r.repeats < 3:
+            reasons.append(f"only {r.repeats} round{'s' if r.repeats > 1 else ''}")
+        elif r.noisy():
             reasons.append(f"spread ±{50 * r.spread:.0f}% over {r.repeats} rounds")
         if self.overloaded() and CLOCK is time.perf_counter:
             reasons.append(f"load {statistics.median(self.load):.1f}× the cores")
