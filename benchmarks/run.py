@@ -3,7 +3,8 @@
 Families: the layer against its dense-equivalent and the peer libraries (time, peak memory), where
 the time goes (profile), sweeps over T/n/k, gate cost and sparse-gate scaling, local search
 overhead, and small models (an MMoE training step at the COMET paper's scale). ``--quick`` runs
-small shapes with few rounds (about a minute; it prints its own duration) and writes to
+small shapes with few rounds on one thread with the CPU clock (under a minute; it prints its own
+duration) and writes to
 ``benchmarks/quick/`` so it never overwrites the committed full results. Every measurement checks
 its spread and the machine's load, repeats rounds that are too spread, and flags what stays
 uncertain (see ``timing.py``).
@@ -48,13 +49,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--out", type=Path, default=None, help="output folder (default benchmarks/, quick: benchmarks/quick/)"
     )
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own default)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own; --quick: 1)")
     parser.add_argument(
         "--clock",
         choices=("wall", "cpu"),
-        default="wall",
+        default=None,
         help="wall: elapsed time (default); cpu: process CPU time, immune to being descheduled "
-        "on a shared machine (meaningful with --threads 1)",
+        "on a shared machine (meaningful with --threads 1; the default of --quick)",
     )
     parser.add_argument(
         "--only",
@@ -112,6 +113,10 @@ METHOD = """## Method
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.quick:  # a smoke run: two threads on a loaded machine took 4.4 min instead of 1
+        args.threads = args.threads or 1
+        args.clock = args.clock or "cpu"
+    args.clock = args.clock or "wall"
     if args.threads:
         torch.set_num_threads(args.threads)
     timing.CLOCK = time.perf_counter if args.clock == "wall" else time.process_time
