@@ -15,6 +15,9 @@ NORMALISED_GATES = ("softmax", "topk", "hash", "random", "dselect_k", "comet")
 # Gates whose k bounds the experts per input exactly (DSelect-k/COMET only once saturated).
 EXACT_K_GATES = ("topk", "hash", "random")
 
+# The tests run tiny models: extra intra-op threads only add overhead (and thrash on a shared CPU).
+torch.set_num_threads(1)
+
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 if "SPARSEMOE_DATA_DIR" not in os.environ and SHARED_DATA.is_dir():
     os.environ["SPARSEMOE_DATA_DIR"] = str(SHARED_DATA)
@@ -32,6 +35,4 @@ def gate_name(request: pytest.FixtureRequest) -> str:
 
 def gate_kwargs(name: str, num_experts: int) -> dict:
     """Arguments that give each gate a real ``k`` where it has one."""
-    if name in ("softmax", "switch"):
-        return {}
-    return {"k": min(2, num_experts)}
+    return gates.k_options(name, min(2, num_experts))

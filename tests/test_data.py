@@ -1,18 +1,40 @@
-"""Loaders of the real data sets (need ``$SPARSEMOE_DATA_DIR``; CI sets it to ../shared/data)."""
+"""The data directory, and the loaders of the real data sets (they need ``$SPARSEMOE_DATA_DIR``; CI sets it)."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
 
-pytestmark = pytest.mark.skipif(
+from sparsemoe import data
+
+needs_data = pytest.mark.skipif(
     not os.environ.get("SPARSEMOE_DATA_DIR"),
     reason="SPARSEMOE_DATA_DIR is not set (export SPARSEMOE_DATA_DIR=../shared/data to run the data tests)",
 )
 
 
+def test_data_dir_resolves_under_the_environment_variable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "some-set").mkdir()
+    monkeypatch.setenv(data.DATA_ENV, str(tmp_path))
+    assert data.DATA_ENV == "SPARSEMOE_DATA_DIR"
+    assert data.data_dir("some-set") == tmp_path / "some-set"
+    with pytest.raises(FileNotFoundError, match="must contain other-set/"):
+        data.data_dir("other-set")
+    monkeypatch.delenv(data.DATA_ENV)
+    with pytest.raises(FileNotFoundError, match=r"set SPARSEMOE_DATA_DIR .* sparsemoe data fetch some-set"):
+        data.data_dir("some-set")
+
+
+def test_data_dir_old_import_path_is_the_same_function() -> None:
+    from sparsemoe.experiments import store
+
+    assert store.data_dir is data.data_dir and store.DATA_ENV == data.DATA_ENV
+
+
+@needs_data
 def test_movielens_two_tasks_and_fixed_split() -> None:
     from sparsemoe.data import load_movielens
 
@@ -28,6 +50,7 @@ def test_movielens_two_tasks_and_fixed_split() -> None:
     assert torch.equal(again["test"].user, data["test"].user) and torch.equal(again["test"].item, data["test"].item)
 
 
+@needs_data
 def test_movielens_negatives_are_unobserved() -> None:
     from sparsemoe.data import load_movielens
     from sparsemoe.data.movielens import read_ratings
@@ -40,6 +63,7 @@ def test_movielens_negatives_are_unobserved() -> None:
     assert not any(pair in observed for pair in pairs)
 
 
+@needs_data
 def test_multimnist_overlays_two_shifted_digits() -> None:
     from sparsemoe.data import load_multimnist
     from sparsemoe.data.multimnist import overlay, read_digits

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sparsemoe import gates
+from sparsemoe import MoE, gates
 from sparsemoe.gates import smooth_step
 
 from conftest import EXACT_K_GATES, NORMALISED_GATES, gate_kwargs
@@ -81,7 +81,7 @@ def test_topk_noise_and_balance_are_switchable() -> None:
     torch.testing.assert_close(a.weight, b.weight)  # no noise: deterministic in training
     assert a.aux_losses == {}
     noisy = gates.build("topk", D, N, k=2)
-    assert "balance" in noisy(x).aux_losses
+    assert "load_balance" in noisy(x).aux_losses
 
 
 def test_hash_is_fixed_and_balanced() -> None:
@@ -203,3 +203,118 @@ def test_dselect_static_variant_shares_weights() -> None:
     gate = gates.build("dselect_k", D, 5, k=2, per_example=False)
     dense = gate(torch.randn(T, D)).to_dense()
     torch.testing.assert_close(dense, dense[:1].expand(T, -1))
+
+
+def test_gate_spec_parses_local_search_suffix() -> None:
+    spec = gates.parse("comet+", k=2)
+    assert (spec.name, spec.local_search, dict(spec.options)) == ("comet", True, {"k": 2})
+    assert str(spec) == "comet+" and not gates.parse("topk").local_search
+    assert gates.parse(spec, gamma=0.5).options == {"k": 2, "gamma": 0.5}
+    with pytest.raises(ValueError, match="unknown gate 'nope'; available gates: comet"):
+        gates.parse("nope+")
+    with pytest.raises(TypeError, match="gate name"):
+        gates.parse(3)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("name", "policy"), [("softmax", "dense"), ("switch", "fixed"), ("topk", "choose")])
+def test_gates_declare_their_k_policy(name: str, policy: str) -> None:
+    assert gates.k_policy(name) == policy
+    assert gates.takes_k(name) == (policy == "choose")
+    assert gates.k_options(name, 3) == ({"k": 3} if policy == "choose" else {})
+
+
+def test_gate_without_k_choice_rejects_other_k() -> None:
+    assert gates.build("switch", D, N, k=1).k == 1
+    with pytest.raises(ValueError, match="has no k to choose"):
+        gates.build("softmax", D, N, k=2)
+
+
+def test_every_gate_takes_device_and_dtype(gate_name: str) -> None:
+    gate = gates.build(gate_name, D, N, **gate_kwargs(gate_name, N), device="cpu", dtype=torch.float64)
+    floats = [p for p in gate.parameters() if p.is_floating_point()]
+    assert all(p.dtype == torch.float64 for p in floats)
+    r = gate(torch.randn(T, D, dtype=torch.float64))
+    assert r.weight.dtype == torch.float64
+
+
+def test_topk_balance_uses_population_variance() -> None:
+    gate = gates.build("topk", D, N, k=2, noisy=False, balance_weight=1.0).train()
+    x = torch.randn(T, D)
+    r = gate(x)
+    importance = r.to_dense().sum(0)
+    expected = importance.var(correction=0) / importance.mean() ** 2
+    torch.testing.assert_close(r.aux_losses["load_balance"], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_dselect_k_never_leaves_an_input_without_expert() -> None:
+    # n = 3 has a fourth code (binary 11) with no expert of its own. Saturate the only selector on it:
+    # the input must still reach an expert (its alias), with a non-zero output and expert gradients.
+    torch.manual_seed(0)
+    moe = MoE(4, 8, 3, gate="dselect_k", k=1, gamma=1.0)
+    with torch.no_grad():
+        moe.gate.z_proj.weight.zero_()
+        moe.gate.z_proj.bias.fill_(10.0)  # both bits saturate at 1: code 3
+    x = torch.randn(5, 4)
+    y = moe(x)
+    r = moe.last_routing
+    assert r.active_per_input().tolist() == [1] * 5
+    assert r.expert.tolist() == [0] * 5  # code 3 aliases expert 0
+    assert bool((y.abs().sum(-1) > 0).all())
+    y.pow(2).sum().backward()
+    assert moe.experts.w1.grad is not None and float(moe.experts.w1.grad[0].abs().sum()) > 0
+
+
+@pytest.mark.parametrize("num_experts", [3, 5, 6, 7])
+def test_dselect_k_weights_sum_to_one_for_any_n(num_experts: int) -> None:
+    gate = gates.build("dselect_k", D, num_experts, k=2)
+    with torch.no_grad():
+        gate.z_proj.weight.mul_(1e3)  # saturate every selector somewhere, aliased codes included
+    w = gate(torch.randn(64, D)).to_dense()
+    torch.testing.assert_close(w.sum(-1), torch.ones(64))
+
+
+def test_gate_rejects_input_of_another_dtype() -> None:
+    gate = gates.build("topk", D, N, k=2)
+    with pytest.raises(TypeError, match=r"TopKGate layer.s parameters are torch\.float32"):
+        gate(torch.randn(T, D, dtype=torch.float64))
+
+
+# ----------------------------------------------------------------------------- COMET/DSelect-k factor products
+# They multiply their path/bit factors one by one for speed: the same numbers as ``prod``.
+def _comet_reach_by_prod(gate: gates.Gate, x: torch.Tensor) -> torch.Tensor:
+    """The textbook form: gather s along each root-to-leaf path, pick s or 1 - s, take the product."""
+    s = smooth_step(gate.split(x), gate.gamma).view(x.shape[0], gate.num_experts - 1, gate.k)
+    s = torch.cat([s, s.new_ones(x.shape[0], 1, gate.k)], dim=1)
+    along = s[:, gate.path_nodes]
+    return torch.where(gate.path_left[..., None], along, 1 - along).prod(2)
+
+
+@pytest.mark.parametrize("num_experts", [1, 2, 5, 8, 13])
+@pytest.mark.parametrize("scale", [1.0, 1e4])  # soft, and saturated (exact zeros)
+def test_comet_reach_matches_prod(num_experts: int, scale: float) -> None:
+    torch.manual_seed(0)
+    gate = gates.build("comet", 6, num_experts, k=min(2, num_experts)).double()
+    with torch.no_grad():
+        gate.split.weight.mul_(scale * 30)
+    x = torch.randn(9, 6, dtype=torch.float64, requires_grad=True)
+    fast, slow = gate.reach_probabilities(x), _comet_reach_by_prod(gate, x)
+    torch.testing.assert_close(fast, slow)
+    grad = torch.randn_like(fast)
+    torch.testing.assert_close(torch.autograd.grad(fast, x, grad)[0], torch.autograd.grad(slow, x, grad)[0])
+
+
+@pytest.mark.parametrize("num_experts", [2, 5, 8])  # n=1 fails in z_proj.view (pre-existing)
+@pytest.mark.parametrize("scale", [1.0, 1e4])
+def test_dselect_k_selectors_match_prod(num_experts: int, scale: float) -> None:
+    torch.manual_seed(0)
+    gate = gates.build("dselect_k", 6, num_experts, k=min(2, num_experts)).double()
+    with torch.no_grad():
+        gate.z_proj.weight.mul_(scale * 30)
+    x = torch.randn(9, 6, dtype=torch.float64, requires_grad=True)
+    r = gate.code_distributions(x)
+    z = gate.z_proj(x).view(-1, gate.k, 1, gate.num_bits)
+    s = smooth_step(z, gate.gamma)
+    expected = torch.where(gate.bits, s, 1 - s).prod(-1)
+    torch.testing.assert_close(r, expected)
+    grad = torch.randn_like(r)
+    torch.testing.assert_close(torch.autograd.grad(r, x, grad)[0], torch.autograd.grad(expected, x, grad)[0])

@@ -128,8 +128,7 @@ def _toy_accuracy(local_search: bool, seed: int, n: int = 8, steps: int = 200) -
     nothing to learn: its accuracy is whatever the initial (bad) order gives.
     """
     torch.manual_seed(seed)
-    experts = ModuleExperts([_Code(e, n) for e in range(n)])
-    experts.d_out = n
+    experts = ModuleExperts([_Code(e, n) for e in range(n)], d_out=n)
     moe = sparsemoe.MultiTaskMoE(
         1, n, n, 1, gate="hash", k=1, expert=experts, num_ids=n, local_search=local_search, local_search_steps=steps
     )

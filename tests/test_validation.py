@@ -41,7 +41,7 @@ def test_k_for_gates_without_k() -> None:
 
 
 def test_unknown_gate_argument_lists_accepted() -> None:
-    with pytest.raises(TypeError, match=r"unexpected argument\(s\) gama.*accepts: k, gamma"):
+    with pytest.raises(TypeError, match=r"unexpected option\(s\) gama.*accepts: k, gamma"):
         gates.build("comet", 4, 4, gama=1.0)
 
 

@@ -43,7 +43,7 @@ def check_choice(name: str, value: object, choices: Iterable[str]) -> str:
     choices = tuple(choices)
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
-    return value  # type: ignore[return-value]
+    return value  # narrowed to str by the membership test
 
 
 def _all_finite(x: torch.Tensor) -> bool:
@@ -59,8 +59,8 @@ def _all_finite(x: torch.Tensor) -> bool:
     return bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())
 
 
-def check_input(x: object, width: int, *, name: str = "x", check_finite: bool = True) -> torch.Tensor:
-    """Validate a ``[..., width]`` floating-point input.
+def check_input(x: object, width: int | None, *, name: str = "x", check_finite: bool = True) -> torch.Tensor:
+    """Validate a ``[..., width]`` floating-point input (``width=None``: any trailing shape).
 
     ``check_finite`` costs one reduction over ``x``; layers expose it as a flag so that users who
     trust their inputs can switch it off.
@@ -72,7 +72,7 @@ def check_input(x: object, width: int, *, name: str = "x", check_finite: bool = 
             f"{name} must be a floating-point tensor (float16, bfloat16, float32 or float64), "
             f"got dtype {x.dtype}; convert it with {name}.float()"
         )
-    if x.dim() < 1 or x.shape[-1] != width:
+    if width is not None and (x.dim() < 1 or x.shape[-1] != width):
         raise ValueError(
             f"{name} must have shape [..., {width}] (its last dimension is the input width), got shape {tuple(x.shape)}"
         )
@@ -81,6 +81,21 @@ def check_input(x: object, width: int, *, name: str = "x", check_finite: bool = 
             f"{name} contains NaN or infinite values; fix the input, or pass check_finite=False to skip this check"
         )
     return x
+
+
+def check_dtype(x: torch.Tensor, module: torch.nn.Module, *, layer: str, name: str = "x") -> None:
+    """``x`` must have the dtype of ``module``'s floating-point parameters (autocast excepted).
+
+    Without this check a float64 input into a float32 layer ends in a raw matmul error deep inside.
+    """
+    if torch.is_autocast_enabled(x.device.type):
+        return
+    param = next((p for p in module.parameters() if p.is_floating_point()), None)
+    if param is not None and param.dtype != x.dtype:
+        raise TypeError(
+            f"{name} has dtype {x.dtype} but the {layer} layer's parameters are {param.dtype}; convert the input "
+            f"with {name}.to({param.dtype}) or build the layer with dtype={x.dtype} (or call layer.to({x.dtype}))"
+        )
 
 
 def check_ids(ids: object, num_rows: int, *, name: str = "ids") -> torch.Tensor:

@@ -1,16 +1,191 @@
-"""The ``sparsemoe`` command line."""
+"""The sparsemoe command line: the demo, paper reproductions, the gate list and data downloads.
+
+Experiments (sparsemoe demo, sparsemoe reproduce NAME) get their options from their module's Config
+dataclass: one --option per field, with the field's help text, type and bounds. Argument parsing and
+process-wide settings (the number of torch threads) live here and nowhere else. An experiment module
+is imported only when its command runs or its --help is asked for, so the top-level --help is fast.
+"""
 
 from __future__ import annotations
 
 import argparse
+import ast
+import dataclasses
+import importlib
+import importlib.util
+import re
 import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import ModuleType
+from typing import Any
 
-from . import experiments, gates
+from .experiments import EXPERIMENTS
+from .experiments.config import ConfigError, FieldType, bounds_text, field_type, help_text
+
+DEMO_MODULE = "sparsemoe.experiments.demo"
+
+#: RST/Sphinx markup that must not reach a terminal: ``code``, :role:`target`, `title`
+_ROLE = re.compile(r":[a-z]+(?::[a-z]+)?:`~?([^`]+)`")
+_LITERAL = re.compile(r"``([^`]+)``")
+_TITLE = re.compile(r"`([^`]+)`")
+
+
+def plain(text: str) -> str:
+    """``text`` with reStructuredText markup removed (``x``, :class:`x`, `x` all become x)."""
+    return _TITLE.sub(r"\1", _LITERAL.sub(r"\1", _ROLE.sub(r"\1", text)))
+
+
+def _escape(text: str) -> str:
+    """argparse %-formats help strings: a literal % must be doubled."""
+    return text.replace("%", "%%")
+
+
+class _LazyParser(argparse.ArgumentParser):
+    """A subcommand parser whose options are added on first use (parsing or help).
+
+    ``sparsemoe --help`` then lists every experiment without importing any of them.
+    """
+
+    def __init__(self, *args: Any, populate: Callable[[argparse.ArgumentParser], None] | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._populate = populate
+
+    def _ensure_populated(self) -> None:
+        populate, self._populate = self._populate, None
+        if populate is not None:
+            populate(self)
+
+    def parse_known_args(  # type: ignore[override]  # reason: argparse's overloads differ across Pythons
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        self._ensure_populated()
+        return super().parse_known_args(args, namespace)
+
+    def format_help(self) -> str:
+        self._ensure_populated()
+        return super().format_help()
+
+    def format_usage(self) -> str:
+        self._ensure_populated()
+        return super().format_usage()
+
+
+def module_docstring(module: str) -> str:
+    """The docstring of ``module`` (plain text), read from its source without importing it."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:
+        raise ValueError(f"experiment module {module!r} is not importable; check its register() call")
+    doc = ast.get_docstring(ast.parse(Path(spec.origin).read_text(encoding="utf-8"))) or module
+    return plain(doc)
+
+
+def _default_text(value: Any) -> str:
+    if isinstance(value, list | tuple):
+        return " ".join(str(v) for v in value)
+    return str(value)
+
+
+def _field_default(field: dataclasses.Field[Any]) -> Any:
+    if field.default is not dataclasses.MISSING:
+        return field.default
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    raise TypeError(f"Config field {field.name!r} has no default; every option needs one")
+
+
+#: names the command line itself puts in the parsed namespace (--threads and the subcommand plumbing)
+_RESERVED = frozenset({"threads", "func", "command", "experiment", "data_command"})
+
+
+def option_name(field_name: str) -> str:
+    """The command-line spelling of a Config field: ``num_experts`` -> ``--num-experts``."""
+    return "--" + field_name.replace("_", "-")
+
+
+def add_config_options(parser: argparse.ArgumentParser, config_cls: type) -> None:
+    """One ``--option`` per field of the dataclass ``config_cls`` (see ``sparsemoe.experiments.config``).
+
+    Options the user does not give are left out of the namespace, so the Config's own defaults apply.
+    """
+    for field in dataclasses.fields(config_cls):
+        if field.name in _RESERVED:
+            raise TypeError(
+                f"{config_cls.__qualname__}.{field.name}: the command line uses this name; rename the field"
+            )
+        kind: FieldType = field_type(config_cls, field)
+        default = _field_default(field)
+        notes = []
+        if default is not None and kind.scalar is not bool:
+            notes.append(f"default: {_default_text(default)}")
+        if bounds := bounds_text(field):
+            notes.append(bounds)
+        text = plain(help_text(field)) + (f" ({', '.join(notes)})" if notes else "")
+        common: dict[str, Any] = {"dest": field.name, "default": argparse.SUPPRESS, "help": _escape(text)}
+        if kind.scalar is bool and not kind.many:
+            action = "store_true" if default is False else argparse.BooleanOptionalAction
+            parser.add_argument(option_name(field.name), action=action, **common)
+            continue
+        if kind.many:
+            common["nargs"] = "+"
+        if kind.choices is not None:
+            common["choices"] = kind.choices
+        parser.add_argument(option_name(field.name), type=kind.scalar, **common)
+
+
+def config_from_args(config_cls: type, args: argparse.Namespace) -> Any:
+    """Build the Config from the parsed options; a bad value becomes an error naming its option."""
+    names = [f.name for f in dataclasses.fields(config_cls)]
+    given = {name: getattr(args, name) for name in names if hasattr(args, name)}
+    try:
+        return config_cls(**given)
+    except ConfigError as err:
+        raise ValueError(f"argument {option_name(err.field)}: {err.problem}") from None
+
+
+def _check_threads(value: int) -> int:
+    if value < 1:
+        raise ValueError(f"argument --threads: must be at least 1 (got {value})")
+    return value
+
+
+def _run_experiment(module: ModuleType, args: argparse.Namespace) -> int:
+    import torch
+
+    config = config_from_args(module.Config, args) if hasattr(module, "Config") else None
+    torch.set_num_threads(_check_threads(args.threads))
+    if config is None:  # legacy interface: add_arguments(parser) + run(args)
+        module.run(args)
+    else:
+        module.run(config)
+    return 0
+
+
+def _experiment_populator(module_name: str) -> Callable[[argparse.ArgumentParser], None]:
+    """A callback that imports the experiment module and adds its options to ``parser``."""
+
+    def populate(parser: argparse.ArgumentParser) -> None:
+        module = importlib.import_module(module_name)
+        if hasattr(module, "Config"):
+            add_config_options(parser, module.Config)
+        else:
+            module.add_arguments(parser)
+        parser.add_argument(
+            "--threads",
+            type=int,
+            default=1,
+            help="torch CPU threads (default: 1; the models are small, so more threads mostly add overhead)",
+        )
+        parser.set_defaults(func=lambda args: _run_experiment(module, args))
+
+    return populate
 
 
 def _cmd_gates(args: argparse.Namespace) -> int:
+    from . import gates
+
     for name in gates.available():
-        doc = (gates.gate_class(name).__doc__ or "").strip().splitlines()[0]
+        doc = plain((gates.gate_class(name).__doc__ or "").strip().splitlines()[0])
         print(f"{name:14s} {doc}")
     return 0
 
@@ -22,35 +197,42 @@ def _cmd_data_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_experiment(sub: Any, name: str, module: str) -> None:
+    doc = module_docstring(module)
+    sub.add_parser(
+        name,
+        help=_escape(doc.splitlines()[0]),
+        description=doc,  # argparse %-formats descriptions only when they contain %(prog)
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        populate=_experiment_populator(module),
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sparsemoe", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    """The ``sparsemoe`` parser; experiment options are added when their command is parsed."""
+    parser = argparse.ArgumentParser(
+        prog="sparsemoe", description=plain(__doc__ or ""), formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_LazyParser)
 
-    demo = sub.add_parser("demo", help="train every gate in an MMoE on two-task digits and tabulate")
-    from .experiments import demo as demo_module
-
-    demo_module.add_arguments(demo)
-    demo.set_defaults(func=lambda a: demo_module.run(a) and 0)
-
+    _add_experiment(sub, "demo", DEMO_MODULE)
     sub.add_parser("gates", help="list the available gates").set_defaults(func=_cmd_gates)
 
     data = sub.add_parser("data", help="data sets").add_subparsers(dest="data_command", required=True)
     fetch = data.add_parser("fetch", help="download a data set from its canonical source")
     fetch.add_argument("name", choices=["movielens-100k", "mnist-5k"])
-    fetch.add_argument("--root", default=None, help="parent folder (default $SPARSEMOE_DATA_DIR)")
+    fetch.add_argument("--root", default=None, help="parent folder (default: $SPARSEMOE_DATA_DIR)")
     fetch.set_defaults(func=_cmd_data_fetch)
 
     reproduce = sub.add_parser("reproduce", help="run a paper experiment end to end")
-    names = reproduce.add_subparsers(dest="experiment", required=True, metavar="NAME")
-    for name in sorted(experiments.EXPERIMENTS):
-        module = experiments.load(name)
-        exp = names.add_parser(name, help=(module.__doc__ or "").strip().splitlines()[0])
-        module.add_arguments(exp)
-        exp.set_defaults(func=lambda a, m=module: m.run(a) and 0)
+    names = reproduce.add_subparsers(dest="experiment", required=True, metavar="NAME", parser_class=_LazyParser)
+    for name in sorted(EXPERIMENTS):
+        _add_experiment(names, name, EXPERIMENTS[name])
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit status (2 for a bad argument, as argparse)."""
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

@@ -36,9 +36,21 @@ class ExpertBank(nn.Module):
     ``forward_sorted(xs, counts)`` runs rows already sorted by expert (``counts[e]`` rows for expert
     ``e``, in order); the default loops over :meth:`forward_expert`, so any list of modules (CNN
     experts, say) works. Banks with stacked weights override it with one grouped matmul.
+
+    Attributes:
+        num_experts: number of experts ``n``.
+        d_out: width of each expert's output (its last dimension), or ``None`` if unknown.
+        input_dims: how many trailing dimensions of the layer input one row of an expert takes
+            (1 for vectors; 3 for ``[C, H, W]`` images); the dimensions before them are leading
+            (batch) dimensions that the layer flattens.
+
+    Shape:
+        ``forward_sorted(xs [N, *in], counts LongTensor[n]) -> [N, *out]``.
     """
 
     num_experts: int
+    d_out: int | None = None
+    input_dims: int = 1
 
     def forward_expert(self, expert: int, x: torch.Tensor) -> torch.Tensor:
         """Apply expert ``expert`` to the rows ``x``: the plain reference path."""
@@ -52,19 +64,34 @@ class ExpertBank(nn.Module):
         return torch.cat(outputs)
 
     def forward_all(self, x: torch.Tensor) -> torch.Tensor:
-        """Every expert on every row: ``x: [T, *in] -> [n, T, *out]`` (the dense path of a softmax gate)."""
-        return torch.stack([self.forward_expert(e, x) for e in range(self.num_experts)])
+        """Every expert on every row: ``x: [T, *in] -> [n, T, *out]`` (the dense path of a softmax gate).
+
+        The default goes through :meth:`forward_sorted` (rows repeated once per expert), the one
+        bulk interface every bank has (expert-parallel banks compute rows only in bulk).
+        """
+        n, num_rows = self.num_experts, x.shape[0]
+        counts = torch.full((n,), num_rows, dtype=torch.long, device=x.device)
+        ys = self.forward_sorted(x.repeat(n, *([1] * (x.dim() - 1))), counts)  # [n·T, *out], expert-major
+        return ys.view(n, num_rows, *ys.shape[1:])
 
 
 class ModuleExperts(ExpertBank):
-    """Experts given as arbitrary modules (one per expert), run one after another."""
+    """Experts given as arbitrary modules (one per expert), run one after another.
 
-    def __init__(self, experts: Sequence[nn.Module]) -> None:
+    Args:
+        experts: one module per expert, each mapping ``[rows, *in] -> [rows, *out]``.
+        d_out: width of their output (what towers after a multi-task layer are sized from).
+        input_dims: number of trailing input dimensions one expert row takes (3 for images).
+    """
+
+    def __init__(self, experts: Sequence[nn.Module], *, d_out: int | None = None, input_dims: int = 1) -> None:
         super().__init__()
         if len(experts) < 1:
             raise ValueError("experts must hold at least one module")
         self.experts = nn.ModuleList(experts)
         self.num_experts = len(self.experts)
+        self.d_out = None if d_out is None else check_int("d_out", d_out, low=1)
+        self.input_dims = check_int("input_dims", input_dims, low=1)
 
     def forward_expert(self, expert: int, x: torch.Tensor) -> torch.Tensor:
         return self.experts[expert](x)
@@ -78,6 +105,14 @@ def grouped_matmul(xs: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor)
     :mod:`sparsemoe.kernels` for the autograd and ``torch.compile`` forms.
     """
     return grouped_matmul_offsets(xs, weight, torch.cumsum(counts, 0, dtype=torch.int32))
+
+
+def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast would run a matmul on ``x``'s device in, or ``None`` outside autocast."""
+    device = x.device.type
+    if not torch.is_autocast_enabled(device):
+        return None
+    return torch.get_autocast_dtype(device)
 
 
 class StackedExperts(ExpertBank):
@@ -96,6 +131,13 @@ class StackedExperts(ExpertBank):
         kind: one of ``mlp``, ``swiglu``, ``linear``.
         activation: ``gelu``, ``relu``, ``silu`` or ``identity`` (``mlp``/``linear``).
         bias: learn biases.
+        device, dtype: where and in which dtype to create the weights (as ``torch.nn.Linear``).
+
+    Under ``torch.autocast`` the grouped matmuls run in the autocast dtype (the weights are cast
+    per call, as autocast does for ``torch.nn.Linear``).
+
+    Shape:
+        ``forward_sorted(xs [N, d_in], counts LongTensor[n]) -> [N, d_out]``.
     """
 
     def __init__(
@@ -108,6 +150,8 @@ class StackedExperts(ExpertBank):
         kind: str = "mlp",
         activation: str = "gelu",
         bias: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         self.num_experts = check_int("num_experts", num_experts, low=1)
@@ -117,17 +161,23 @@ class StackedExperts(ExpertBank):
         self.d_out = check_int("d_out", d_out if d_out is not None else d_in, low=1)
         if kind == "linear":
             self.d_hidden = self.d_out
-            self.w1 = nn.Parameter(torch.empty(num_experts, d_in, self.d_out))
+            self.w1 = nn.Parameter(torch.empty(num_experts, d_in, self.d_out, device=device, dtype=dtype))
             self.w2 = None
         else:
             if d_hidden is None:
                 raise ValueError(f"d_hidden is required for expert={kind!r}")
             self.d_hidden = check_int("d_hidden", d_hidden, low=1)
             width1 = 2 * d_hidden if kind == "swiglu" else d_hidden
-            self.w1 = nn.Parameter(torch.empty(num_experts, d_in, width1))
-            self.w2 = nn.Parameter(torch.empty(num_experts, d_hidden, self.d_out))
-        self.b1 = nn.Parameter(torch.zeros(num_experts, self.w1.shape[-1])) if bias else None
-        self.b2 = nn.Parameter(torch.zeros(num_experts, self.d_out)) if bias and self.w2 is not None else None
+            self.w1 = nn.Parameter(torch.empty(num_experts, d_in, width1, device=device, dtype=dtype))
+            self.w2 = nn.Parameter(torch.empty(num_experts, d_hidden, self.d_out, device=device, dtype=dtype))
+        self.b1 = (
+            nn.Parameter(torch.zeros(num_experts, self.w1.shape[-1], device=device, dtype=dtype)) if bias else None
+        )
+        self.b2 = (
+            nn.Parameter(torch.zeros(num_experts, self.d_out, device=device, dtype=dtype))
+            if bias and self.w2 is not None
+            else None
+        )
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -168,10 +218,15 @@ class StackedExperts(ExpertBank):
         return self._forward(x, lambda rows, w: rows @ w[expert], lambda b: b[expert])
 
     def forward_sorted(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        compute = _autocast_dtype(xs)
+        if compute is not None:  # the custom matmul is not on autocast's op list: cast here, as autocast would
+            xs = xs.to(compute)
         return self._forward(
             xs,
-            lambda rows, w: grouped_matmul(rows, w, counts),
-            lambda b: b.repeat_interleave(counts, dim=0, output_size=xs.shape[0]),
+            lambda rows, w: grouped_matmul(rows, w if compute is None else w.to(compute), counts),
+            lambda b: (b if compute is None else b.to(compute)).repeat_interleave(
+                counts, dim=0, output_size=xs.shape[0]
+            ),
         )
 
     def forward_all(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,146 +1,294 @@
-"""MoE layers: a gate, a bank of experts, and the dispatch between them."""
+"""MoE layers: gates, a bank of experts, and the dispatch between them.
+
+:class:`MoE` (one gate) and :class:`MultiTaskMoE` (one gate per task over shared experts) share
+one base, :class:`MoELayer`, so they take their arguments, validate their inputs, route and report
+statistics the same way. :func:`aux_loss` and :func:`routing_stats` collect over every MoE layer
+of a model.
+"""
 
 from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, cast
 
 import torch
 from torch import nn
 
-from . import gates
-from ._validation import check_float, check_input, check_int
+from ._validation import check_dtype, check_float, check_ids, check_input, check_int
 from .dispatch import dispatch, dispatch_tasks
 from .experts import ExpertBank, StackedExperts
-from .gates.base import Gate
+from .gates import Gate, GateSpec
 from .routing import Routing
-from .search import PermutationSearch, split_gate_name
+from .search import PermutationSearch
+
+#: a gate as layers accept it: a spec string (``"comet+"``), a parsed :class:`GateSpec`, or a built gate
+GateArg = str | GateSpec | Gate
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
-def _make_gate(gate: str | Gate, d_in: int, num_experts: int, k: int | None, check_finite: bool, kwargs: dict) -> Gate:
+def resolve_router_dtype(dtype: torch.dtype | None, router_dtype: torch.dtype | None) -> torch.dtype | None:
+    """The dtype gates are built in: ``router_dtype`` if given, float32 for bf16/fp16 layers, else ``dtype``.
+
+    Routing decisions are discrete, so a low-precision router changes which experts are chosen;
+    keeping it in float32 costs little (as Hugging Face and tutel do).
+    """
+    if router_dtype is not None:
+        return router_dtype
+    return torch.float32 if dtype in _LOW_PRECISION else dtype
+
+
+def _build_gate(
+    gate: GateArg, d_in: int, num_experts: int, options: dict[str, Any], factory: dict[str, Any]
+) -> tuple[Gate, bool]:
+    """A layer's gate and whether its spec asks for local search."""
     if isinstance(gate, Gate):
-        if kwargs or k is not None:
-            raise ValueError("pass gate options to the gate itself when giving a Gate instance, not to the layer")
+        if options:
+            raise ValueError(
+                f"gate options ({', '.join(sorted(options))}) go to the gate itself when a Gate instance is given"
+            )
         if (gate.d_in, gate.num_experts) != (d_in, num_experts):
             raise ValueError(
                 f"gate has d_in={gate.d_in}, num_experts={gate.num_experts}; the layer needs {d_in}, {num_experts}"
             )
-        return gate
-    if not isinstance(gate, str):
-        raise TypeError(f"gate must be a gate name or a Gate, got {type(gate).__name__}")
-    return gates.build(gate, d_in, num_experts, k=k, check_finite=check_finite, **kwargs)
+        return gate, False
+    spec = GateSpec.parse(gate)
+    return spec.build(d_in, num_experts, **options, **factory), spec.local_search
 
 
-def _make_experts(
-    expert: str | ExpertBank, num_experts: int, d_in: int, d_hidden: int | None, d_out: int, activation: str, bias: bool
-) -> ExpertBank:
-    """The layer's expert bank: a given :class:`ExpertBank`, or stacked experts of kind ``expert``."""
-    if isinstance(expert, ExpertBank):
-        if expert.num_experts != num_experts:
-            raise ValueError(f"expert bank has {expert.num_experts} experts, num_experts={num_experts}")
-        return expert
-    return StackedExperts(num_experts, d_in, d_hidden, d_out, kind=expert, activation=activation, bias=bias)
+def _with_k(options: dict[str, Any], k: int | None) -> dict[str, Any]:
+    return options if k is None else {**options, "k": k}
 
 
-class MoE(nn.Module):
+class MoELayer(nn.Module):
+    """What :class:`MoE` and :class:`MultiTaskMoE` share: input checks, routing, losses, statistics.
+
+    Subclasses set ``experts``, ``d_in`` (values per row of the experts' input), ``d_gate``,
+    ``router_dtype`` and call :meth:`_init_routing`, and implement :meth:`task_gates`.
+    """
+
+    experts: ExpertBank
+    d_in: int
+    search: PermutationSearch | None
+    capacity_limit: float | None
+    check_finite: bool
+    d_gate: int
+    router_dtype: torch.dtype | None
+
+    def _init_routing(
+        self,
+        num_experts: int,
+        local_search: bool,
+        local_search_steps: int,
+        capacity_limit: float | None,
+        check_finite: bool,
+        device: torch.device | str | None,
+    ) -> None:
+        self.search = PermutationSearch(num_experts, local_search_steps).to(device) if local_search else None
+        self.capacity_limit = (
+            None if capacity_limit is None else check_float("capacity_limit", capacity_limit, low=0.0, strict=True)
+        )
+        self.check_finite = bool(check_finite)
+        self._routings: list[Routing] | None = None
+
+    @property
+    def num_experts(self) -> int:
+        return self.experts.num_experts
+
+    def task_gates(self) -> Sequence[Gate]:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ input handling
+    def _flatten(
+        self, x: torch.Tensor, gate_input: torch.Tensor | None, ids: torch.Tensor | None
+    ) -> tuple[torch.Size, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Validate; returns the leading shape, ``x`` as rows, the gate input as ``[T, d_gate]`` rows, ids ``[T]``."""
+        row_dims = self.experts.input_dims
+        check_input(x, self.d_in if row_dims == 1 else None, check_finite=self.check_finite)
+        check_dtype(x, self.experts, layer=type(self).__name__)
+        if x.dim() < row_dims or math.prod(x.shape[x.dim() - row_dims :]) != self.d_in:
+            raise ValueError(
+                f"each row of x must hold d_in={self.d_in} values in its last {row_dims} dimension(s), "
+                f"got shape {tuple(x.shape)}"
+            )
+        leading = x.shape[: x.dim() - row_dims]
+        rows = x.reshape(-1, *x.shape[x.dim() - row_dims :])  # [T, *in]
+        if gate_input is None:
+            gate_rows = rows.flatten(1)
+            if gate_rows.shape[1] != self.d_gate:
+                raise ValueError(
+                    f"the gates take inputs of width {self.d_gate} but a row of x has {gate_rows.shape[1]} values; "
+                    "pass gate_input= of that width"
+                )
+        else:
+            check_input(gate_input, self.d_gate, name="gate_input", check_finite=self.check_finite)
+            gate_rows = gate_input.reshape(-1, self.d_gate)
+            if gate_rows.shape[0] != rows.shape[0]:
+                raise ValueError(
+                    f"gate_input has {gate_rows.shape[0]} rows but x has {rows.shape[0]}; give one gate input per "
+                    f"row of x (shape {(*leading, self.d_gate)})"
+                )
+        flat_ids = None if ids is None else check_ids(ids, rows.shape[0])
+        return leading, rows, gate_rows, flat_ids
+
+    @contextlib.contextmanager
+    def _router_precision(self, device: torch.device) -> Iterator[None]:
+        """Run the gates outside autocast, so logits and routing stay in the router's dtype."""
+        if torch.is_autocast_enabled(device.type):
+            with torch.autocast(device.type, enabled=False):
+                yield
+        else:
+            yield
+
+    def _route_rows(self, gate_rows: torch.Tensor, ids: torch.Tensor | None) -> list[Routing]:
+        """Every task gate, then the shared local search, then the capacity limit."""
+        if self.router_dtype is not None:
+            gate_rows = gate_rows.to(self.router_dtype)
+        with self._router_precision(gate_rows.device):
+            routings = [gate.route(gate_rows, ids) for gate in self.task_gates()]
+            if self.search is not None:
+                routings = self.search.permute(routings)
+        if self.capacity_limit is not None:
+            routings = [r.with_capacity(self.capacity_limit) for r in routings]
+        self._routings = routings
+        return routings
+
+    # ------------------------------------------------------------------ losses and statistics
+    def aux_loss(self) -> torch.Tensor:
+        """Weighted sum of the last forward's auxiliary losses over all gates (zero before any forward)."""
+        if not self._routings:
+            return torch.zeros((), device=next(self.parameters()).device)
+        return torch.stack([r.aux_loss() for r in self._routings]).sum()
+
+    def routing_stats(self) -> object:
+        """Statistics of the last forward's routing (per task for multi-task layers)."""
+        raise NotImplementedError
+
+    def _stats(self) -> list[dict[str, float | list[int]]]:
+        if self._routings is None:
+            raise RuntimeError("routing_stats() needs a forward pass first")
+        return [r.stats().as_dict() for r in self._routings]
+
+
+class MoE(MoELayer):
     """Sparse Mixture-of-Experts layer: ``[..., d_model] -> [..., d_model]``.
 
     Args:
         d_model: input and output width.
         d_hidden: hidden width of each expert.
         num_experts: number of experts ``n``.
-        gate: a name from :func:`sparsemoe.gates.available` or a :class:`~sparsemoe.gates.Gate`.
-        k: experts per input (``None``: the gate's default).
-        expert: ``"mlp"`` or ``"swiglu"`` (or ``"linear"``), or an :class:`ExpertBank` of your own.
-        activation: activation of ``mlp`` experts.
-        capacity_factor: if set, each expert takes at most ``ceil(capacity_factor · N / n)`` pairs;
-            the rest are dropped (reported in :meth:`routing_stats`). Default: dropless.
+        gate: a gate spec (``"topk"``, ``"comet+"``: the ``+`` switches local search on), a parsed
+            :class:`~sparsemoe.gates.GateSpec`, or a built :class:`~sparsemoe.gates.Gate`.
+        k: experts per input (``None``: the gate's default; gates without a choice of k reject others).
+        expert: ``"mlp"``, ``"swiglu"`` or ``"linear"``, or an :class:`ExpertBank` of your own.
+        activation: activation of ``mlp``/``linear`` experts.
+        bias: learn expert biases.
+        capacity_limit: if set, each expert takes at most ``ceil(capacity_limit · N / n)`` of the
+            ``N`` pairs (first choices first, GShard-style); the rest are dropped and reported in
+            :meth:`routing_stats`. Default: dropless. (A gate's own ``capacity_factor`` option, for
+            ``switch`` and ``expert_choice``, is a gate option and goes to the gate.)
         check_finite: reject inputs holding NaN/inf (one reduction per call).
         local_search: learn a permutation between gate outputs and experts (COMET's "+" gates, see
-            :mod:`sparsemoe.search`); a gate name ending in ``+`` (``"comet+"``) switches it on too.
+            :mod:`sparsemoe.search`).
         local_search_steps: training forwards before the permutation is hardened and frozen.
-        **gate_kwargs: passed to the gate (``gamma=``, ``entropy_weight=``, ``noisy=``, ...).
+        device, dtype: factory arguments, as for ``torch.nn.Linear``.
+        router_dtype: dtype of the gate (default: float32 when ``dtype`` is bf16/fp16, else ``dtype``).
+        **gate_options: passed to the gate (``gamma=``, ``entropy_weight=``, ``noisy=``, ...).
+
+    Shape:
+        ``forward(x [..., d_model], ids LongTensor[...] | None) -> [..., d_model]``; ``ids`` gives each
+        position an integer id for the gates that read one (hash: token ids; random: sequence index).
 
     After each forward, ``last_routing`` holds the routing and :meth:`aux_loss` the sum of the
-    gate's auxiliary losses, to be added to the training loss.
+    gate's auxiliary losses, to be added to the training loss (:func:`sparsemoe.aux_loss` collects
+    them over a whole model).
     """
 
     def __init__(
         self,
         d_model: int,
-        d_hidden: int,
+        d_hidden: int | None,
         num_experts: int,
-        gate: str | Gate = "topk",
+        gate: GateArg = "topk",
         k: int | None = None,
         *,
         expert: str | ExpertBank = "mlp",
         activation: str = "gelu",
         bias: bool = False,
-        capacity_factor: float | None = None,
+        capacity_limit: float | None = None,
         check_finite: bool = True,
         local_search: bool = False,
         local_search_steps: int = 1000,
-        **gate_kwargs: object,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        router_dtype: torch.dtype | None = None,
+        **gate_options: Any,
     ) -> None:
         super().__init__()
-        self.d_model = check_int("d_model", d_model, low=1)
+        self.d_model = self.d_in = self.d_gate = check_int("d_model", d_model, low=1)
         num_experts = check_int("num_experts", num_experts, low=1)
-        gate, local_search = split_gate_name(gate, local_search)
-        self.gate = _make_gate(gate, d_model, num_experts, k, check_finite, gate_kwargs)  # type: ignore[arg-type]
-        self.search = PermutationSearch(num_experts, local_search_steps) if local_search else None
-        self.experts = _make_experts(expert, num_experts, d_model, d_hidden, d_model, activation, bias)
-        self.capacity_factor = (
-            None if capacity_factor is None else check_float("capacity_factor", capacity_factor, low=0.0, strict=True)
+        self.router_dtype = resolve_router_dtype(dtype, router_dtype)
+        self.gate, spec_search = _build_gate(
+            gate,
+            d_model,
+            num_experts,
+            _with_k(gate_options, k),
+            {"check_finite": check_finite, "device": device, "dtype": self.router_dtype},
         )
-        self.check_finite = check_finite
-        self.last_routing: Routing | None = None
+        self.experts = _make_experts(expert, num_experts, d_model, d_hidden, d_model, activation, bias, device, dtype)
+        self._init_routing(
+            num_experts, local_search or spec_search, local_search_steps, capacity_limit, check_finite, device
+        )
+
+    def task_gates(self) -> Sequence[Gate]:
+        return (self.gate,)
 
     @property
-    def num_experts(self) -> int:
-        return self.experts.num_experts
+    def last_routing(self) -> Routing | None:
+        """The routing of the last forward (``None`` before any)."""
+        return None if self._routings is None else self._routings[0]
+
+    def route(self, x: torch.Tensor, ids: torch.Tensor | None = None) -> Routing:
+        """Routing of validated rows ``x: [T, d_model]``: gate, local search, capacity limit."""
+        return self._route_rows(x, ids)[0]
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
-        """``x: [..., d_model]``; ``ids: [...]`` integer ids per position for gates that use them."""
-        check_input(x, self.d_model, check_finite=self.check_finite)
-        flat = x.reshape(-1, self.d_model)  # [T, d]
-        routing = self.gate(flat, None if ids is None else ids.reshape(-1))
-        if self.search is not None:
-            routing = self.search.permute([routing])[0]
-        if self.capacity_factor is not None:
-            routing = routing.with_capacity(self.capacity_factor)
-        self.last_routing = routing
-        return dispatch(flat, routing, self.experts).view_as(x)
+        leading, rows, gate_rows, flat_ids = self._flatten(x, None, ids)
+        routing = self.route(gate_rows, flat_ids)
+        y = dispatch(rows, routing, self.experts)  # [T, *out]
+        return y.view(*leading, *y.shape[1:])
 
-    def aux_loss(self) -> torch.Tensor:
-        """Weighted sum of the last forward's auxiliary losses (zero before any forward)."""
-        if self.last_routing is None:
-            return torch.zeros(())
-        return self.last_routing.aux_loss()
-
-    def routing_stats(self) -> dict[str, object]:
+    def routing_stats(self) -> dict[str, float | list[int]]:
         """Load per expert, mean active experts per input and dropped fraction of the last forward."""
-        if self.last_routing is None:
-            raise RuntimeError("routing_stats() needs a forward pass first")
-        return self.last_routing.stats().as_dict()
+        return self._stats()[0]
 
 
-class MultiTaskMoE(nn.Module):
+class MultiTaskMoE(MoELayer):
     """Multi-gate MoE (MMoE, Ma et al. 2018): shared experts, one gate per task.
 
     Each (input, expert) pair chosen by any task is computed once; every task then mixes the
-    expert outputs with its own weights. Returns one ``[..., d_expert_out]`` tensor per task, to
-    be fed to a tower per task.
+    expert outputs with its own weights, to be fed to a tower per task.
 
     Args:
         d_in: input width of the experts (and of the gates, unless ``d_gate`` is given).
         d_expert_out: output width of each expert.
         num_experts: number of shared experts.
         num_tasks: number of tasks (= gates).
-        gate, k, check_finite, **gate_kwargs: as in :class:`MoE`; the same for every task.
+        gate: a gate spec or :class:`~sparsemoe.gates.GateSpec` (one such gate per task), a factory
+            ``() -> Gate`` called once per task, or a sequence of ``num_tasks`` built gates.
+        k, capacity_limit, check_finite, device, dtype, router_dtype, **gate_options: as in :class:`MoE`.
         expert: ``"linear"`` (one dense layer with ``activation``, as in the COMET paper), ``"mlp"``,
-            ``"swiglu"``, or an :class:`ExpertBank` (e.g. :class:`ModuleExperts` of CNNs, whose
-            inputs may have any trailing shape).
+            ``"swiglu"``, or an :class:`ExpertBank` (e.g. :class:`ModuleExperts` of CNNs, whose rows
+            may have any trailing shape: see ``ExpertBank.input_dims``).
         d_hidden: hidden width for ``mlp``/``swiglu`` experts.
         d_gate: width of a separate gate input (``forward(x, gate_input=...)``).
         local_search, local_search_steps: as in :class:`MoE`; ONE permutation is shared by all the
             task gates, as in the COMET paper.
+
+    Shape:
+        ``forward(x [..., d_in], gate_input [..., d_gate] | None, ids LongTensor[...] | None)`` returns
+        a list of ``num_tasks`` tensors ``[..., d_expert_out]`` (the same leading shape as ``x``).
     """
 
     def __init__(
@@ -149,7 +297,7 @@ class MultiTaskMoE(nn.Module):
         d_expert_out: int,
         num_experts: int,
         num_tasks: int,
-        gate: str = "softmax",
+        gate: str | GateSpec | Callable[[], Gate] | Sequence[Gate] = "softmax",
         k: int | None = None,
         *,
         expert: str | ExpertBank = "linear",
@@ -157,55 +305,148 @@ class MultiTaskMoE(nn.Module):
         activation: str = "relu",
         bias: bool = True,
         d_gate: int | None = None,
+        capacity_limit: float | None = None,
         check_finite: bool = True,
         local_search: bool = False,
         local_search_steps: int = 1000,
-        **gate_kwargs: object,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        router_dtype: torch.dtype | None = None,
+        **gate_options: Any,
     ) -> None:
         super().__init__()
-        gate, local_search = split_gate_name(gate, local_search)  # type: ignore[assignment]
         self.d_in = check_int("d_in", d_in, low=1)
         self.num_tasks = check_int("num_tasks", num_tasks, low=1)
         num_experts = check_int("num_experts", num_experts, low=1)
         self.d_gate = check_int("d_gate", d_gate if d_gate is not None else d_in, low=1)
-        if not isinstance(gate, str):
-            raise TypeError("MultiTaskMoE builds one gate per task and takes the gate by name")
-        self.gates = nn.ModuleList(
-            _make_gate(gate, self.d_gate, num_experts, k, check_finite, dict(gate_kwargs)) for _ in range(num_tasks)
+        self.router_dtype = resolve_router_dtype(dtype, router_dtype)
+        options = _with_k(gate_options, k)
+        factory = {"check_finite": check_finite, "device": device, "dtype": self.router_dtype}
+        task_gates: list[Gate] = []
+        spec_search = False
+        if isinstance(gate, (str, GateSpec)):
+            for _ in range(num_tasks):
+                built, spec_search = _build_gate(gate, self.d_gate, num_experts, options, factory)
+                task_gates.append(built)
+        else:
+            if options:
+                raise ValueError(
+                    f"gate options ({', '.join(sorted(options))}) go to the gates themselves when gates are given"
+                )
+            task_gates = _task_gates_from(gate, num_tasks)
+            for built in task_gates:
+                _build_gate(built, self.d_gate, num_experts, {}, factory)  # checks sizes
+        self.gates = nn.ModuleList(task_gates)
+        self.experts = _make_experts(
+            expert, num_experts, d_in, d_hidden, check_int("d_expert_out", d_expert_out, low=1), activation, bias,
+            device, dtype,
+        )  # fmt: skip
+        self._init_routing(
+            num_experts, local_search or spec_search, local_search_steps, capacity_limit, check_finite, device
         )
-        d_out = check_int("d_expert_out", d_expert_out, low=1)
-        self.experts = _make_experts(expert, num_experts, d_in, d_hidden, d_out, activation, bias)
-        self.search = PermutationSearch(num_experts, local_search_steps) if local_search else None
-        self.check_finite = check_finite
-        self.last_routing: list[Routing] | None = None
+
+    def task_gates(self) -> Sequence[Gate]:
+        return list(self.gates)  # type: ignore[arg-type]
 
     @property
-    def num_experts(self) -> int:
-        return self.experts.num_experts
+    def last_routing(self) -> list[Routing] | None:
+        """The routing of each task gate in the last forward (``None`` before any)."""
+        return self._routings
+
+    def route(self, gate_input: torch.Tensor, ids: torch.Tensor | None = None) -> list[Routing]:
+        """One routing per task for validated rows ``gate_input: [T, d_gate]``."""
+        return self._route_rows(gate_input, ids)
 
     def forward(
         self, x: torch.Tensor, gate_input: torch.Tensor | None = None, ids: torch.Tensor | None = None
     ) -> list[torch.Tensor]:
-        """``x: [T, ...]`` expert inputs; ``gate_input: [T, d_gate]`` (default ``x``); a list of outputs."""
-        if gate_input is None:
-            if isinstance(self.experts, StackedExperts):
-                check_input(x, self.d_in, check_finite=self.check_finite)
-            gate_input = x.reshape(-1, self.d_gate) if x.dim() != 2 else x
-        routings = [gate(gate_input, ids) for gate in self.gates]
-        if self.search is not None:
-            routings = self.search.permute(routings)
-        outputs = dispatch_tasks(x, routings, self.experts)
-        self.last_routing = routings
+        leading, rows, gate_rows, flat_ids = self._flatten(x, gate_input, ids)
+        routings = self.route(gate_rows, flat_ids)
+        # Each pair chosen by any task is computed once (see dispatch_tasks; dense when every pair is chosen).
+        outputs = dispatch_tasks(rows, routings, self.experts)
+        outputs = [out.view(*leading, *out.shape[1:]) for out in outputs]
         return outputs
 
-    def aux_loss(self) -> torch.Tensor:
-        """Sum over tasks of the last forward's auxiliary losses."""
-        if self.last_routing is None:
-            return torch.zeros(())
-        return torch.stack([r.aux_loss() for r in self.last_routing]).sum()
-
-    def routing_stats(self) -> list[dict[str, object]]:
+    def routing_stats(self) -> list[dict[str, float | list[int]]]:
         """Per task: load per expert, mean active experts per input, dropped fraction."""
-        if self.last_routing is None:
-            raise RuntimeError("routing_stats() needs a forward pass first")
-        return [r.stats().as_dict() for r in self.last_routing]
+        return self._stats()
+
+
+def _task_gates_from(gate: object, num_tasks: int) -> list[Gate]:
+    """Gates from a factory or a sequence, one per task."""
+    if isinstance(gate, Gate):
+        raise TypeError(
+            "MultiTaskMoE needs one gate per task: pass a gate spec such as 'topk', a factory "
+            "(lambda: MyGate(...)), or a list of num_tasks gates"
+        )
+    if isinstance(gate, Sequence):
+        gates_ = list(gate)
+    elif callable(gate):
+        factory = cast(Callable[[], Gate], gate)
+        gates_ = [factory() for _ in range(num_tasks)]
+    else:
+        raise TypeError(f"gate must be a gate spec, a factory or a list of gates, got {type(gate).__name__}")
+    if len(gates_) != num_tasks or not all(isinstance(g, Gate) for g in gates_):
+        raise ValueError(f"need exactly num_tasks={num_tasks} Gate objects, got {len(gates_)} item(s)")
+    if len({id(g) for g in gates_}) != len(gates_):
+        raise ValueError("each task needs its own gate object; the list repeats one")
+    return gates_
+
+
+def _make_experts(
+    expert: str | ExpertBank,
+    num_experts: int,
+    d_in: int,
+    d_hidden: int | None,
+    d_out: int,
+    activation: str,
+    bias: bool,
+    device: torch.device | str | None,
+    dtype: torch.dtype | None,
+) -> ExpertBank:
+    """The layer's expert bank: a given :class:`ExpertBank`, or stacked experts of kind ``expert``."""
+    if isinstance(expert, ExpertBank):
+        if expert.num_experts != num_experts:
+            raise ValueError(f"expert bank has {expert.num_experts} experts, num_experts={num_experts}")
+        return expert
+    return StackedExperts(
+        num_experts, d_in, d_hidden, d_out, kind=expert, activation=activation, bias=bias, device=device, dtype=dtype
+    )
+
+
+#: module types that count as MoE layers for :func:`aux_loss` and :func:`routing_stats` besides
+#: :class:`MoELayer` (wrappers such as the expert-parallel layer register themselves here)
+_LAYER_TYPES: list[type[nn.Module]] = []
+
+
+def register_layer_type(cls: type[nn.Module]) -> type[nn.Module]:
+    """Count ``cls`` (which must offer ``aux_loss()``, ``routing_stats()`` and ``last_routing``) as an MoE layer."""
+    _LAYER_TYPES.append(cls)
+    return cls
+
+
+def moe_layers(model: nn.Module) -> Iterator[tuple[str, Any]]:
+    """``(name, layer)`` of every MoE layer in ``model`` (the model itself included)."""
+    types: tuple[type[nn.Module], ...] = (MoELayer, *_LAYER_TYPES)
+    for name, module in model.named_modules():
+        if isinstance(module, types):
+            yield name, module
+
+
+def aux_loss(model: nn.Module) -> torch.Tensor:
+    """Sum of the auxiliary losses of every MoE layer in ``model`` from its last forward.
+
+    Add it to the training loss; it is zero for a model without MoE layers or gate losses.
+    """
+    losses = [layer.aux_loss() for _, layer in moe_layers(model)]
+    if not losses:
+        param = next(model.parameters(), None)
+        return torch.zeros((), device=None if param is None else param.device)
+    return torch.stack([loss.to(losses[0].device) for loss in losses]).sum()
+
+
+def routing_stats(model: nn.Module) -> dict[str, Any]:
+    """Routing statistics of every MoE layer in ``model`` that has run, by module name."""
+    return {
+        name or "<model>": layer.routing_stats() for name, layer in moe_layers(model) if layer.last_routing is not None
+    }

@@ -2,14 +2,32 @@
 
 Everything after the gate (dispatch, experts, combine, statistics, local search) reads only a
 :class:`Routing`, so adding a gate means writing one small module that produces one.
+
+A routing is immutable: transforms (:meth:`Routing.select`, :meth:`Routing.relabel`,
+:meth:`Routing.with_capacity`, :meth:`Routing.with_aux_losses`) return new objects, so a routing kept
+in ``layer.last_routing`` never changes behind the caller's back.
 """
 
 from __future__ import annotations
 
 import math
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from types import MappingProxyType
 
 import torch
+
+_DEBUG = os.environ.get("SPARSEMOE_DEBUG", "") not in ("", "0")
+
+
+def set_debug(enabled: bool) -> None:
+    """Check every routing's index bounds on construction (costs a device sync; off by default).
+
+    Also switched on by the environment variable ``SPARSEMOE_DEBUG=1``.
+    """
+    global _DEBUG
+    _DEBUG = bool(enabled)
 
 
 @dataclass(frozen=True)
@@ -30,20 +48,22 @@ class RoutingStats:
         }
 
 
-@dataclass
+@dataclass(frozen=True)
 class Routing:
     """Sparse routing of ``num_inputs`` rows to ``num_experts`` experts.
 
     Attributes:
         token: ``LongTensor[N]`` input row of each pair.
         expert: ``LongTensor[N]`` expert of each pair.
-        weight: ``Tensor[N]`` combine weight (differentiable).
+        weight: ``Tensor[N]`` combine weight (floating point, differentiable).
         num_experts: number of experts ``n``.
         num_inputs: number of input rows ``T``.
-        aux_losses: auxiliary losses, already multiplied by their coefficients.
+        aux_losses: auxiliary losses, already multiplied by their coefficients (read-only mapping).
         dropped_fraction: share of the gate's pairs removed by a capacity limit.
 
     Only computed pairs are listed: a gate leaves out every pair whose weight is exactly zero.
+    Construction checks the cheap invariants (1-D, equal lengths, dtypes); index bounds are checked
+    only in debug mode (:func:`set_debug`), since they need a device sync.
     """
 
     token: torch.Tensor
@@ -51,8 +71,45 @@ class Routing:
     weight: torch.Tensor
     num_experts: int
     num_inputs: int
-    aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    aux_losses: Mapping[str, torch.Tensor] = field(default_factory=dict)
     dropped_fraction: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("token", "expert", "weight"):
+            value = getattr(self, name)
+            if not isinstance(value, torch.Tensor) or value.dim() != 1:
+                raise ValueError(f"Routing.{name} must be a 1-D tensor, got {_describe(value)}")
+        if not self.token.numel() == self.expert.numel() == self.weight.numel():
+            raise ValueError(
+                "Routing.token, expert and weight must have one entry per pair, got lengths "
+                f"{self.token.numel()}, {self.expert.numel()}, {self.weight.numel()}"
+            )
+        for name in ("token", "expert"):
+            dtype = getattr(self, name).dtype
+            if dtype.is_floating_point or dtype.is_complex or dtype == torch.bool:
+                raise TypeError(f"Routing.{name} must have an integer dtype, got {dtype}")
+        if not self.weight.dtype.is_floating_point:
+            raise TypeError(f"Routing.weight must be floating point, got {self.weight.dtype}")
+        if self.num_experts < 1 or self.num_inputs < 0:
+            raise ValueError(
+                f"Routing needs num_experts >= 1 and num_inputs >= 0, got {self.num_experts}, {self.num_inputs}"
+            )
+        object.__setattr__(self, "aux_losses", MappingProxyType(dict(self.aux_losses)))
+        if _DEBUG:
+            self.check_bounds()
+
+    def check_bounds(self) -> None:
+        """Raise if a pair points outside ``[0, T) x [0, n)`` (syncs with the device)."""
+        if self.num_pairs == 0:
+            return
+        if int(self.token.min()) < 0 or int(self.token.max()) >= self.num_inputs:
+            raise ValueError(
+                f"Routing.token must lie in [0, {self.num_inputs}), got {self.token.min()}..{self.token.max()}"
+            )
+        if int(self.expert.min()) < 0 or int(self.expert.max()) >= self.num_experts:
+            raise ValueError(
+                f"Routing.expert must lie in [0, {self.num_experts}), got {self.expert.min()}..{self.expert.max()}"
+            )
 
     @property
     def num_pairs(self) -> int:
@@ -60,7 +117,9 @@ class Routing:
 
     # ----------------------------------------------------------------------------- constructors
     @classmethod
-    def from_dense(cls, weights: torch.Tensor, *, keep_zeros: bool = False, **kwargs: object) -> Routing:
+    def from_dense(
+        cls, weights: torch.Tensor, *, keep_zeros: bool = False, aux_losses: Mapping[str, torch.Tensor] | None = None
+    ) -> Routing:
         """Pairs from a dense ``[T, n]`` weight matrix.
 
         With ``keep_zeros=False`` exact zeros are left out, which is how DSelect-k and COMET turn
@@ -74,14 +133,21 @@ class Routing:
         else:
             token, expert = (weights != 0).nonzero(as_tuple=True)
             weight = weights[token, expert]
-        return cls(token, expert, weight, num_experts, num_inputs, **kwargs)  # type: ignore[arg-type]
+        return cls(token, expert, weight, num_experts, num_inputs, aux_losses or {})
 
     @classmethod
-    def from_topk(cls, indices: torch.Tensor, weights: torch.Tensor, num_experts: int, **kwargs: object) -> Routing:
-        """Pairs from per-row expert indices and weights, both ``[T, k]``."""
+    def from_topk(
+        cls,
+        indices: torch.Tensor,
+        weights: torch.Tensor,
+        num_experts: int,
+        *,
+        aux_losses: Mapping[str, torch.Tensor] | None = None,
+    ) -> Routing:
+        """Pairs from per-row expert indices and weights, both ``[T, k]`` (column = choice rank)."""
         num_inputs, k = indices.shape
         token = torch.arange(num_inputs, device=indices.device).repeat_interleave(k)
-        return cls(token, indices.reshape(-1), weights.reshape(-1), num_experts, num_inputs, **kwargs)  # type: ignore[arg-type]
+        return cls(token, indices.reshape(-1), weights.reshape(-1), num_experts, num_inputs, aux_losses or {})
 
     # ----------------------------------------------------------------------------- transforms
     def select(self, mask: torch.Tensor) -> Routing:
@@ -92,25 +158,45 @@ class Routing:
         """Send the pairs of gate coordinate ``j`` to expert ``expert_of_slot[j]`` (a permutation)."""
         return replace(self, expert=expert_of_slot[self.expert])
 
+    def with_aux_losses(self, **losses: torch.Tensor) -> Routing:
+        """A copy with ``losses`` added to (or replacing entries of) :attr:`aux_losses`."""
+        return replace(self, aux_losses={**self.aux_losses, **losses})
+
+    def choice_rank(self) -> torch.Tensor:
+        """``LongTensor[N]``: 0 for each input's highest-weight pair, 1 for its second, ...
+
+        Ties keep the routing's order (for :meth:`from_topk`, the gate's order of choice).
+        """
+        by_weight = torch.argsort(self.weight.detach(), descending=True, stable=True)
+        order = by_weight[torch.argsort(self.token[by_weight], stable=True)]  # by token, then weight
+        counts = torch.bincount(self.token, minlength=self.num_inputs)
+        starts = torch.cumsum(counts, 0) - counts
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(self.num_pairs, device=order.device) - starts[self.token[order]]
+        return rank
+
     def with_capacity(self, capacity_factor: float) -> Routing:
-        """Keep at most ``ceil(capacity_factor * N / n)`` pairs per expert, first inputs first.
+        """Keep at most ``ceil(capacity_factor * N / n)`` pairs per expert.
 
         ``N`` is the number of pairs the gate produced (``T * k`` for a top-k gate), so a factor of
-        1.0 is exactly enough for a perfectly balanced gate. Dropped pairs contribute nothing to the
-        output, as in Switch Transformer; the share dropped is kept in ``dropped_fraction``.
+        1.0 is exactly enough for a perfectly balanced gate. Priority follows GShard: every input's
+        first choice before any second choice, and within a choice rank the earlier input first.
+        Dropped pairs contribute nothing to the output, as in Switch Transformer; the share dropped
+        is kept in ``dropped_fraction``.
         """
         if self.num_pairs == 0:
             return self
         capacity = math.ceil(capacity_factor * self.num_pairs / self.num_experts)
-        order = torch.argsort(self.expert, stable=True)
+        priority = self.choice_rank() * max(self.num_inputs, 1) + self.token  # [N]
+        by_priority = torch.argsort(priority)
+        order = by_priority[torch.argsort(self.expert[by_priority], stable=True)]  # by expert, then priority
         counts = torch.bincount(self.expert, minlength=self.num_experts)
         starts = torch.cumsum(counts, 0) - counts
-        rank_in_expert = torch.empty_like(order)
-        rank_in_expert[order] = torch.arange(self.num_pairs, device=order.device) - starts[self.expert[order]]
-        keep = rank_in_expert < capacity
-        kept = self.select(keep)
-        kept.dropped_fraction = 1.0 - kept.num_pairs / self.num_pairs
-        return kept
+        slot = torch.empty_like(order)
+        slot[order] = torch.arange(self.num_pairs, device=order.device) - starts[self.expert[order]]
+        kept = self.select(slot < capacity)
+        dropped = 1.0 - (1.0 - self.dropped_fraction) * kept.num_pairs / self.num_pairs
+        return replace(kept, dropped_fraction=dropped)
 
     # ----------------------------------------------------------------------------- views
     def to_dense(self) -> torch.Tensor:
@@ -140,3 +226,9 @@ class Routing:
             dropped_fraction=self.dropped_fraction,
             num_inputs=self.num_inputs,
         )
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    return type(value).__name__

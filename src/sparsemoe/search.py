@@ -27,6 +27,7 @@ would freeze if it hardened now.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 from scipy.optimize import linear_sum_assignment
@@ -180,7 +181,7 @@ class PermutationSearch(nn.Module):
                 self.step += 1
                 penalty = self.entropy_weight * (_entropy(pi) + _entropy(pi / pi.sum(1, keepdim=True).clamp_min(1e-30)))
                 out = [self._soft_permute(r, pi, self.prune_below) for r in routings]
-                out[0].aux_losses[ENTROPY_LOSS] = penalty
+                out[0] = out[0].with_aux_losses(**{ENTROPY_LOSS: penalty})
                 return out
         return [r.relabel(self.permutation.to(r.expert.device)) for r in routings]
 
@@ -191,16 +192,9 @@ class PermutationSearch(nn.Module):
         if prune_below > 0:
             weights = weights.masked_fill(weights < prune_below, 0.0)
             weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-12)
-        return Routing.from_dense(
-            weights, aux_losses=dict(routing.aux_losses), dropped_fraction=routing.dropped_fraction
+        return replace(
+            Routing.from_dense(weights, aux_losses=routing.aux_losses), dropped_fraction=routing.dropped_fraction
         )
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, steps={self.steps}, hardened={bool(self.hardened)}"
-
-
-def split_gate_name(gate: object, local_search: bool) -> tuple[object, bool]:
-    """``"comet+"`` -> ``("comet", True)``; other names and gate objects pass through."""
-    if isinstance(gate, str) and gate.endswith("+"):
-        return gate[:-1], True
-    return gate, local_search

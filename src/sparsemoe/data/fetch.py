@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..experiments.store import DATA_ENV
+from ._paths import DATA_ENV
 
 SOURCES = {
     "movielens-100k": "https://files.grouplens.org/datasets/movielens/ml-100k.zip",

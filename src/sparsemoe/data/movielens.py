@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..experiments.store import data_dir
+from ._paths import data_dir
+from .table import read_table
 
 NAME = "movielens-100k"
 
@@ -42,7 +43,7 @@ class MovieLens:
 def read_ratings(path: str | None = None) -> np.ndarray:
     """``[100000, 3]`` int array of (user id, item id, rating) as in the RecBole atomic file (1-based ids)."""
     folder = data_dir(NAME) if path is None else path
-    return np.loadtxt(f"{folder}/ml-100k.inter", skiprows=1, usecols=(0, 1, 2), dtype=np.int64)
+    return read_table(f"{folder}/ml-100k.inter", columns=4, delimiter="\t", usecols=(0, 1, 2), header_lines=1)
 
 
 def load_movielens(

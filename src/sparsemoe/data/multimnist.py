@@ -8,13 +8,13 @@ train/val/test first, and pairs are drawn within each split, so no test digit is
 
 from __future__ import annotations
 
-import gzip
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from ..experiments.store import data_dir
+from ._paths import data_dir
+from .table import read_table
 
 NAME = "mnist-5k"
 CANVAS = 36
@@ -34,8 +34,7 @@ class MultiMNIST:
 
 def read_digits() -> tuple[np.ndarray, np.ndarray]:
     """``([5000, 28, 28] uint8, [5000] int64)`` from ``mnist_5k.csv.gz``."""
-    with gzip.open(data_dir(NAME) / "mnist_5k.csv.gz", "rt") as f:
-        table = np.loadtxt(f, delimiter=",", dtype=np.int64)
+    table = read_table(data_dir(NAME) / "mnist_5k.csv.gz", columns=785, delimiter=",")
     return table[:, :784].reshape(-1, 28, 28).astype(np.uint8), table[:, 784]
 
 

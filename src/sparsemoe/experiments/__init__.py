@@ -1,8 +1,10 @@
 """Experiments runnable as ``sparsemoe reproduce NAME`` (plus ``sparsemoe demo``).
 
-Each experiment module exposes ``add_arguments(parser)`` and ``run(args) -> dict`` and writes its
-results to ``results/<name>/`` (results.json, table.md, PNG plots). Modules are imported only when
-their command is used.
+Each experiment module defines ``NAME``, a ``Config`` dataclass (every field has a default and
+``metadata={"help": ...}``; ``__post_init__`` validates, see :mod:`sparsemoe.experiments.config`)
+and ``run(config) -> dict``, which writes ``results/<name>/`` (results.json, table.md, PNG plots).
+The command line turns the Config fields into ``--options``. Modules are imported only when their
+command is used, and this package imports nothing heavy, so listing experiments stays fast.
 """
 
 from __future__ import annotations
@@ -15,12 +17,14 @@ EXPERIMENTS: dict[str, str] = {}
 
 
 def register(name: str, module: str) -> None:
+    """Make the experiment module ``module`` (a dotted name, not imported now) runnable as ``name``."""
     if name in EXPERIMENTS:
         raise ValueError(f"experiment {name!r} is already registered")
     EXPERIMENTS[name] = module
 
 
 def load(name: str) -> ModuleType:
+    """Import and return the module registered as ``name``."""
     if name not in EXPERIMENTS:
         raise ValueError(f"unknown experiment {name!r}; available: {', '.join(sorted(EXPERIMENTS))}")
     return importlib.import_module(EXPERIMENTS[name])

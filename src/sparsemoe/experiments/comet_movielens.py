@@ -77,13 +77,12 @@ def train(config: dict[str, Any], gate: str, params: dict[str, Any], seed: int) 
         train_split.num_items,
         gate,
         num_experts=config["num_experts"],
-        k=config["k"],
         embed_dim=config["embed_dim"],
         expert_dim=config["expert_dim"],
         tower_hidden=config["tower_hidden"],
         dropout=config["dropout"],
         local_search_steps=params.get("perm_epochs", 1) * steps_per_epoch,
-        **gate_options(gate, params),
+        **gate_options(gate, params, config["k"]),
     )
     w_watch, w_rating = config["task_weights"]
 

@@ -66,10 +66,9 @@ def train(config: dict[str, Any], gate: str, params: dict[str, Any], seed: int) 
     model = VisionMMoE(
         gate,
         num_experts=config["num_experts"],
-        k=config["k"],
         num_tasks=len(TASKS),
         local_search_steps=params.get("perm_epochs", 1) * steps_per_epoch,
-        **gate_options(gate, params),
+        **gate_options(gate, params, config["k"]),
     )
     result = fit(
         model,

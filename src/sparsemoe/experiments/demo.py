@@ -1,4 +1,4 @@
-"""``sparsemoe demo``: every gate in an MMoE on a two-task problem from scikit-learn's digits.
+"""sparsemoe demo: every gate in an MMoE on a two-task problem from scikit-learn's digits.
 
 Task 1: "the digit is >= 5"; task 2: "the digit is even". Both binary, scored by ROC-AUC on a
 held-out test split. The data ships with scikit-learn, so the demo needs no download.
@@ -6,29 +6,38 @@ held-out test split. The data ships with scikit-learn, so the demo needs no down
 
 from __future__ import annotations
 
-import argparse
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.datasets import load_digits
-from sklearn.metrics import roc_auc_score
-from sklearn.model_selection import train_test_split
 
-from .. import gates
+from .. import gates as gate_registry
 from ..layers import MultiTaskMoE
 from ..models import MMoE
 from ..training import fit
+from .config import ConfigError, validate
 from .progress import console, progress
 from .report import fmt, markdown_table, mean_std
 from .store import RunStore, write_json
 
+if TYPE_CHECKING:  # matplotlib is imported only when a figure is drawn
+    from matplotlib.figure import Figure
+
+NAME = "demo"
 TASKS = ("digit >= 5", "digit is even")
-DEFAULTS = {"epochs": 60, "batch_size": 64, "lr": 3e-3, "num_experts": 8, "d_expert": 32, "tower_hidden": 16}
-QUICK = {"epochs": 4}
+DEFAULTS: dict[str, Any] = {
+    "epochs": 60,
+    "batch_size": 64,
+    "lr": 3e-3,
+    "num_experts": 8,
+    "d_expert": 32,
+    "tower_hidden": 16,
+}
+QUICK: dict[str, Any] = {"epochs": 4}
 #: per-gate options: k=2 where the gate has a k (hash: 1, as in Hash layers); top-k without noise
 GATE_KWARGS: dict[str, dict[str, object]] = {
     "topk": {"k": 2, "noisy": False},
@@ -40,8 +49,59 @@ GATE_KWARGS: dict[str, dict[str, object]] = {
 }
 
 
+@dataclass
+class Config:
+    """Options of ``sparsemoe demo`` (each field is a command-line option of the same name)."""
+
+    quick: bool = field(default=False, metadata={"help": "a few epochs and one seed (smoke test); writes to OUT/quick"})
+    out: Path = field(default=Path("results/demo"), metadata={"help": "output folder"})
+    seeds: int = field(default=3, metadata={"help": "seeds per gate; --quick uses 1", "min": 1})
+    gates: list[str] = field(
+        default_factory=gate_registry.available, metadata={"help": "gates to run; NAME+ adds local search"}
+    )
+    epochs: int | None = field(
+        default=None,
+        metadata={
+            "help": f"training epochs; default {DEFAULTS['epochs']}, or {QUICK['epochs']} with --quick",
+            "min": 1,
+        },
+    )
+    fresh: bool = field(default=False, metadata={"help": "train every run again instead of reusing saved runs"})
+
+    def __post_init__(self) -> None:
+        validate(self)
+        if not self.gates:
+            raise ConfigError("gates", f"name at least one gate; available: {' '.join(gate_registry.available())}")
+        for name in self.gates:
+            try:
+                gate_registry.parse(name)  # unknown names fail before any training; "name+" adds local search
+            except ValueError as err:
+                raise ConfigError("gates", str(err)) from None
+        if len(set(self.gates)) < len(self.gates):
+            raise ConfigError("gates", f"lists a gate twice ({' '.join(self.gates)}); name each gate once")
+
+    @property
+    def seed_count(self) -> int:
+        """Seeds actually run: one for a quick run."""
+        return 1 if self.quick else self.seeds
+
+    @property
+    def epoch_count(self) -> int:
+        """Epochs actually trained: ``epochs`` if given, else the (quick) default."""
+        if self.epochs is not None:
+            return self.epochs
+        return QUICK["epochs"] if self.quick else DEFAULTS["epochs"]
+
+
 def load_two_task_digits(seed: int) -> dict[str, torch.Tensor]:
-    """Digits split 60/20/20 (stratified by digit), pixels scaled to [0, 1]."""
+    """Digits split 60/20/20 (stratified by digit), pixels scaled to [0, 1].
+
+    Shape: ``*_x`` is ``[rows, 64]`` float32, ``*_y`` is ``[rows, 2]`` (one 0/1 column per task).
+    """
+    # scikit-learn is imported here, not at the top, so that ``sparsemoe demo --help`` stays fast
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
     digits = load_digits()
     x = digits.data.astype(np.float32) / 16.0
     y = np.stack([digits.target >= 5, digits.target % 2 == 0], axis=1).astype(np.float32)
@@ -56,12 +116,22 @@ def load_two_task_digits(seed: int) -> dict[str, torch.Tensor]:
 
 
 def train_one(gate: str, seed: int, config: dict[str, Any]) -> dict[str, Any]:
-    """Train one MMoE with ``gate`` and return its test metrics."""
+    """Train one MMoE with ``gate`` and return its test metrics.
+
+    ``config`` holds ``DEFAULTS``' keys (with the epochs to train) and ``gate_kwargs``.
+    """
+    from sklearn.metrics import roc_auc_score
+
     torch.manual_seed(seed)
     data = load_two_task_digits(seed)
     d_in = data["train_x"].shape[1]
     moe = MultiTaskMoE(
-        d_in, config["d_expert"], config["num_experts"], len(TASKS), gate=gate, **config["gate_kwargs"].get(gate, {})
+        d_in,
+        config["d_expert"],
+        config["num_experts"],
+        len(TASKS),
+        gate=gate,
+        **config["gate_kwargs"].get(gate_registry.parse(gate).name, {}),
     )
     model = MMoE(moe, config["tower_hidden"], [1] * len(TASKS))
 
@@ -84,7 +154,10 @@ def train_one(gate: str, seed: int, config: dict[str, Any]) -> dict[str, Any]:
     )
     with torch.no_grad():
         scores = torch.sigmoid(torch.cat(model(data["test_x"]), dim=1)).numpy()
-    active = float(np.mean([r.num_pairs / r.num_inputs for r in model.moe.last_routing]))
+    routings = model.moe.last_routing
+    if routings is None:  # cannot happen after the forward above; narrows the type
+        raise RuntimeError("the MMoE recorded no routing in its test forward")
+    active = float(np.mean([r.num_pairs / r.num_inputs for r in routings]))
     aucs = [float(roc_auc_score(data["test_y"][:, t].numpy(), scores[:, t])) for t in range(len(TASKS))]
     return {
         "gate": gate,
@@ -98,6 +171,7 @@ def train_one(gate: str, seed: int, config: dict[str, Any]) -> dict[str, Any]:
 
 
 def summarise(records: list[dict[str, Any]], gate_names: list[str]) -> dict[str, dict[str, Any]]:
+    """Per gate: mean/std over seeds of each metric (gates without runs are left out)."""
     summary = {}
     for gate in gate_names:
         runs = [r for r in records if r["gate"] == gate]
@@ -112,6 +186,7 @@ def summarise(records: list[dict[str, Any]], gate_names: list[str]) -> dict[str,
 
 
 def table(summary: dict[str, dict[str, Any]]) -> str:
+    """The Markdown results table: one row per gate."""
     headers = ["gate", *(f"ROC-AUC: {t}" for t in TASKS), "mean ROC-AUC", "active experts / input", "train time (s)"]
     rows = [
         [
@@ -126,66 +201,92 @@ def table(summary: dict[str, dict[str, Any]]) -> str:
     return markdown_table(headers, rows)
 
 
-def plot(summary: dict[str, dict[str, Any]], num_experts: int, path: Path) -> None:
-    import matplotlib
+def figure(summary: dict[str, dict[str, Any]], records: list[dict[str, Any]], config: dict[str, Any]) -> Figure:
+    """Quality and sparsity per gate, side by side.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Quality is drawn as points (mean over seeds, whiskers ±1 std, each seed a small dot) on the whole
+    meaningful ROC-AUC range, from chance (0.5) to perfect (1.0), so that the axis does not magnify
+    differences; sparsity bars start at 0. Legends sit below the axes, clear of the data. A bare
+    ``Figure`` (no pyplot) leaves matplotlib's process-wide backend alone.
+    """
+    from matplotlib.figure import Figure
 
     names = list(summary)
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    x = np.arange(len(names))
+    seeds = config["seeds"]
+    fig = Figure(figsize=(11, 4.8))
+    ax1, ax2 = fig.subplots(1, 2)
+
+    for i, gate in enumerate(names):
+        per_seed = [r["mean_auc"] for r in records if r["gate"] == gate]
+        ax1.scatter(
+            np.full(len(per_seed), i + 0.18),
+            per_seed,
+            s=10,
+            color="grey",
+            zorder=2,
+            label="one seed" if i == 0 else None,
+        )
     means = [summary[g]["mean_auc"]["mean"] for g in names]
-    errs = [summary[g]["mean_auc"]["std"] for g in names]
-    ax1.bar(names, means, yerr=errs, capsize=3, color="tab:blue")
-    ax1.set_ylim(max(0.0, min(means) - 0.05), 1.0)
-    ax1.set_ylabel("mean test ROC-AUC (2 tasks)")
-    ax1.set_title("Quality (mean ± std over seeds)")
-    ax2.bar(names, [summary[g]["active_experts"]["mean"] for g in names], color="tab:orange")
-    ax2.axhline(num_experts, color="grey", linestyle="--", label=f"all {num_experts} experts")
-    ax2.set_ylabel("experts computed per input (test)")
+    stds = [summary[g]["mean_auc"]["std"] for g in names]
+    spread = f"whiskers: ±1 std over {seeds} seeds" if seeds > 1 else "one seed: no spread shown"
+    ax1.errorbar(x, means, yerr=stds, fmt="o", color="tab:blue", capsize=4, zorder=3, label=f"mean ({spread})")
+    ax1.axhline(0.5, color="grey", linestyle=":", label="chance (0.5)")
+    ax1.set_ylim(0.45, 1.01)
+    ax1.set_ylabel("test ROC-AUC, mean of the 2 tasks")
+    ax1.set_title("Quality")
+
+    active = [summary[g]["active_experts"]["mean"] for g in names]
+    ax2.bar(x, active, color="tab:orange", label="experts computed per test input (mean over seeds)")
+    ax2.axhline(config["num_experts"], color="grey", linestyle="--", label=f"all {config['num_experts']} experts")
+    ax2.set_ylim(0, config["num_experts"] * 1.1)
+    ax2.set_ylabel("experts computed per input")
     ax2.set_title("Sparsity")
-    ax2.legend()
+
     for ax in (ax1, ax2):
-        ax.tick_params(axis="x", rotation=35)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--quick", action="store_true", help="a few epochs, one seed (smoke test)")
-    parser.add_argument("--seeds", type=int, default=3, help="seeds per gate (default 3)")
-    parser.add_argument(
-        "--gates", nargs="+", default=None, help=f"gates to run (default all: {' '.join(gates.available())})"
+        ax.set_xticks(x, names, rotation=35, ha="right")
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.3), fontsize="small", frameon=False)
+    quick = " (quick run)" if config["quick"] else ""
+    fig.suptitle(
+        f"sparsemoe demo{quick}: MMoE on two-task digits, {config['num_experts']} experts, "
+        f"{config['epochs']} epochs, {seeds} seed(s)"
     )
-    parser.add_argument("--epochs", type=int, default=None, help=f"training epochs (default {DEFAULTS['epochs']})")
-    parser.add_argument("--out", type=Path, default=Path("results/demo"), help="output folder")
-    parser.add_argument("--fresh", action="store_true", help="ignore runs saved by an earlier call")
+    return fig
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    gate_names = args.gates or gates.available()
-    for name in gate_names:
-        gates.gate_class(name)  # unknown names fail before any training
-    torch.set_num_threads(1)  # the models are tiny: threads only add overhead (and contend on shared CPUs)
-    seeds = 1 if args.quick else args.seeds
-    config = {**DEFAULTS, **(QUICK if args.quick else {}), "seeds": seeds, "gates": gate_names, "quick": args.quick}
-    if args.epochs is not None:
-        config["epochs"] = args.epochs
-    config["gate_kwargs"] = GATE_KWARGS
-    store = RunStore(args.out / ("quick" if args.quick else ""))
-    if args.fresh:
+def plot(summary: dict[str, dict[str, Any]], records: list[dict[str, Any]], config: dict[str, Any], path: Path) -> None:
+    """Write :func:`figure` to ``path`` (PNG), cropped to its content so no label or legend is cut off."""
+    figure(summary, records, config).savefig(path, dpi=120, bbox_inches="tight")
+
+
+def run(config: Config) -> dict[str, Any]:
+    """Train every (gate, seed) not saved yet, then write results.json, table.md and demo.png.
+
+    Returns the results dict written to results.json (config, per-gate summary, every run).
+    """
+    gate_names = list(config.gates)
+    seeds, epochs = config.seed_count, config.epoch_count
+    settings: dict[str, Any] = {
+        **DEFAULTS,
+        "epochs": epochs,
+        "seeds": seeds,
+        "gates": gate_names,
+        "quick": config.quick,
+        "gate_kwargs": GATE_KWARGS,
+    }
+    store = RunStore(config.out / "quick" if config.quick else config.out)
+    if config.fresh:
         store.clear()
     records = []
     with progress() as bar:
         task = bar.add_task("demo: training", total=len(gate_names) * seeds)
         for gate in gate_names:
             for seed in range(seeds):
-                key = RunStore.key(gate=gate, seed=seed, epochs=config["epochs"])
+                key = RunStore.key(gate=gate, seed=seed, epochs=epochs)
                 record = store.get(key)
                 if record is None:
                     bar.update(task, description=f"demo: {gate} (seed {seed})")
-                    record = train_one(gate, seed, config)
+                    record = train_one(gate, seed, settings)
                     store.put(key, record)
                     bar.console.log(
                         f"{gate} seed {seed}: mean ROC-AUC {record['mean_auc']:.4f}, "
@@ -195,18 +296,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 bar.advance(task)
     summary = summarise(records, gate_names)
     out = store.out_dir
-    started = time.strftime("%Y-%m-%d %H:%M:%S")
-    write_json(
-        out / "results.json",
-        {"experiment": "demo", "written": started, "config": config, "summary": summary, "runs": records},
-    )
+    results = {
+        "experiment": NAME,
+        "written": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "torch_threads": torch.get_num_threads(),
+        "config": settings,
+        "summary": summary,
+        "runs": records,
+    }
+    write_json(out / "results.json", results)
     text = table(summary)
-    command = "sparsemoe demo" + (" --quick" if args.quick else "")
+    command = "sparsemoe demo" + (" --quick" if config.quick else "")
+    quick = " (quick run)" if config.quick else ""
     (out / "table.md").write_text(
-        f"# sparsemoe demo: MMoE on two-task digits\n\nTasks: {', '.join(TASKS)}; {config['num_experts']} experts; "
-        f"{seeds} seed(s); {config['epochs']} epochs. Produced by `{command}`.\n\n{text}"
+        f"# sparsemoe demo{quick}: MMoE on two-task digits\n\nTasks: {', '.join(TASKS)}; "
+        f"{settings['num_experts']} experts; {seeds} seed(s); {epochs} epochs. Produced by `{command}`.\n\n{text}"
     )
-    plot(summary, config["num_experts"], out / "demo.png")
+    plot(summary, records, settings, out / "demo.png")
     print(text)
     console.print(f"wrote {out / 'results.json'}, {out / 'table.md'}, {out / 'demo.png'}", soft_wrap=True)
-    return summary
+    return results

@@ -8,45 +8,28 @@ stopped, and the final tables are always rebuilt from the saved runs alone.
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-DATA_ENV = "SPARSEMOE_DATA_DIR"
+from .._atomic import atomic_write_text
+
+__all__ = ["RunStore", "atomic_write_text", "write_json"]
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so that readers see the old file or the new one, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json(path: Path, obj: Any) -> None:
+def write_json(path: str | Path, obj: Any) -> None:
+    """``obj`` as indented JSON, written atomically with the umask's permissions."""
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
-def data_dir(name: str) -> Path:
-    """``$SPARSEMOE_DATA_DIR/<name>``, checked to exist, with a message saying how to fix it."""
-    root = os.environ.get(DATA_ENV)
-    if not root:
-        raise FileNotFoundError(
-            f"set {DATA_ENV} to the folder holding {name}/ (e.g. export {DATA_ENV}=../shared/data), "
-            f"or download it with: sparsemoe data fetch {name}"
-        )
-    path = Path(root).expanduser() / name
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path} does not exist; {DATA_ENV}={root} must contain {name}/")
-    return path
+def __getattr__(name: str) -> Any:
+    """``data_dir`` and ``DATA_ENV`` moved to ``sparsemoe.data``; the old import path still finds them."""
+    if name in ("data_dir", "DATA_ENV"):
+        from ..data import _paths
+
+        return getattr(_paths, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class RunStore:

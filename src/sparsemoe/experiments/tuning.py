@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import gates
 from .progress import console, progress
 from .report import fmt, markdown_table, mean_std
 from .store import RunStore, write_json
@@ -102,27 +103,32 @@ def add_tuning_arguments(parser: argparse.ArgumentParser, *, trials: int, seeds:
 def sample(config: dict[str, Any], trial: Any, gate: str) -> dict[str, Any]:
     """One configuration from the gate's grid, read from ``config`` (``lr_range``, ``gamma_grid``,
     ``comet_plus_gamma``, ``entropy_grid``, ``perm_epochs_grid``): the paper's grid per data set."""
-    base = gate.removesuffix("+")
+    spec = gates.parse(gate)
+    base = spec.name
     params: dict[str, Any] = {"lr": trial.suggest_float("lr", *config["lr_range"], log=True)}
     if base in ("dselect_k", "comet"):
-        if gate == "comet+":
+        if base == "comet" and spec.local_search:
             params["gamma"] = config["comet_plus_gamma"]  # fixed for COMET+ in the paper
         else:
             params["gamma"] = trial.suggest_categorical("gamma", config["gamma_grid"])
         params["entropy_weight"] = trial.suggest_categorical("entropy_weight", config["entropy_grid"])
-    if gate.endswith("+"):
+    if spec.local_search:
         params["perm_epochs"] = trial.suggest_categorical("perm_epochs", config["perm_epochs_grid"])
     return params
 
 
-def gate_options(gate: str, params: dict[str, Any]) -> dict[str, Any]:
-    """Keyword arguments for the gates, as the COMET paper ran them (Top-k without noise or balance loss)."""
-    base = gate.removesuffix("+")
+def gate_options(gate: str, params: dict[str, Any], k: int) -> dict[str, Any]:
+    """Keyword arguments for the gates (``k`` included), as the COMET paper ran them.
+
+    Top-k without noise or balance loss; Hash routes each input to one expert (Hash layers).
+    """
+    base = gates.parse(gate).name
+    options: dict[str, Any] = gates.k_options(base, 1 if base == "hash" else k)
     if base == "topk":
-        return {"noisy": False, "balance_weight": 0.0}
+        options.update(noisy=False, balance_weight=0.0)
     if base in ("dselect_k", "comet"):
-        return {"gamma": params["gamma"], "entropy_weight": params["entropy_weight"]}
-    return {}
+        options.update(gamma=params["gamma"], entropy_weight=params["entropy_weight"])
+    return options
 
 
 def top_fraction(trials: list[Record], fraction: float = 0.05) -> list[Record]:

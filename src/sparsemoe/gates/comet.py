@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 
@@ -57,7 +58,15 @@ class CometGate(Gate):
         k: number of trees (experts per input once saturated).
         gamma: width of the smooth-step's soft band.
         entropy_weight: ``λ`` of the entropy regulariser.
+
+    Note:
+        Until its splits saturate, every leaf is reachable, so a layer computes up to all ``n``
+        experts per input early in training (the routing becomes ``k``-sparse as it trains).
     """
+
+    path_nodes: torch.Tensor
+    path_left: torch.Tensor
+    path_sides: torch.Tensor
 
     def __init__(
         self,
@@ -68,13 +77,18 @@ class CometGate(Gate):
         gamma: float = 1.0,
         entropy_weight: float = 0.1,
         check_finite: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(d_in, num_experts, k, check_finite=check_finite)
         self.gamma = check_float("gamma", gamma, low=0.0, strict=True)
         self.entropy_weight = check_float("entropy_weight", entropy_weight, low=0.0)
-        self.split = uniform_linear(d_in, (num_experts - 1) * k, self.gamma / 100, self.gamma / 100)
-        self.leaf = uniform_linear(d_in, num_experts * k, 0.05, 0.0)
+        self.split = uniform_linear(
+            d_in, (num_experts - 1) * k, self.gamma / 100, self.gamma / 100, device=device, dtype=dtype
+        )
+        self.leaf = uniform_linear(d_in, num_experts * k, 0.05, 0.0, device=device, dtype=dtype)
         nodes, goes_left = _leaf_paths(num_experts)
+        nodes, goes_left = nodes.to(device), goes_left.to(device)
         self.register_buffer("path_nodes", nodes, persistent=False)
         self.register_buffer("path_left", goes_left, persistent=False)
         # Where each path step reads in [s, 1 - s] (node v going left at v, going right at n + v).
@@ -89,7 +103,7 @@ class CometGate(Gate):
         factors = sides.index_select(0, self.path_sides).view(*self.path_nodes.shape, x.shape[0], self.k)
         # The product over the path, level by level: the same numbers as ``factors.prod(1)``, whose
         # backward takes a slow cumprod path whenever a factor is exactly 0 (every saturated split).
-        return math.prod(factors.unbind(1)).transpose(0, 1).contiguous()  # [T, n, k]
+        return cast(torch.Tensor, math.prod(factors.unbind(1))).transpose(0, 1).contiguous()  # [T, n, k]
 
     def route(self, x: torch.Tensor, ids: torch.Tensor | None) -> Routing:
         reach = self.reach_probabilities(x)  # [T, n, k]

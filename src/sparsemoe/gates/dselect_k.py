@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .._validation import check_float
@@ -16,15 +18,18 @@ from .smooth_step import smooth_step
 class DSelectKGate(Gate):
     """Mixture of ``k`` selectors; selector ``i`` spreads mass over experts by their binary codes.
 
-    With ``m = ceil(log2 n)`` smooth-steps ``s = S_γ(z)``, selector ``i`` gives expert ``e`` the mass
-    ``r_e = Π_j (s_j if bit_j(e) else 1 - s_j)``; the gate weights are ``q = Σ_i softmax(α)_i r^(i)``.
+    With ``m = ceil(log2 n)`` smooth-steps ``s = S_γ(z)``, selector ``i`` gives code ``c`` the mass
+    ``r_c = Π_j (s_j if bit_j(c) else 1 - s_j)``; the gate weights are ``q = Σ_i softmax(α)_i r^(i)``.
     Once every ``s`` is exactly 0 or 1 each selector is one-hot, so at most ``k`` experts have
     non-zero weight and only those are computed.
 
-    Losses (training only): ``entropy_weight · mean_x Σ_i H(r^(i))`` pushes the selectors to
-    saturate; when ``n`` is not a power of two, ``unreachable_weight · mean_x Σ_i (1/Σ_{e<n} r_e - 1)``
-    keeps mass off the codes that have no expert (and ``r`` is renormalised over the real ones). The
-    official code omits the ``- 1``; it changes no gradient and makes the loss 0 at its optimum.
+    When ``n`` is not a power of two, codes ``c >= n`` have no expert of their own and stand for
+    expert ``c - n`` (an alias). The official code instead penalises and renormalises the mass on
+    such codes, but a selector whose smooth-steps saturate on one of them then has zero mass, zero
+    output and zero gradient for good (a dead selector); with aliases every code reaches an expert.
+
+    Loss (training only): ``entropy_weight · mean_x Σ_i H(r^(i))`` (over codes) pushes the
+    selectors to saturate.
 
     Args:
         k: number of selectors (experts per input once saturated).
@@ -32,8 +37,13 @@ class DSelectKGate(Gate):
         entropy_weight: ``λ`` of the entropy regulariser.
         per_example: ``z`` and ``α`` depend on the input (``z = W x``); if False they are
             parameters shared by all inputs (task-only routing).
-        unreachable_weight: weight of the unreachable-code penalty.
+
+    Note:
+        Until its smooth-steps saturate, the gate gives every expert a non-zero weight, so a layer
+        computes up to all ``n`` experts per input early in training.
     """
+
+    bits: torch.Tensor
 
     def __init__(
         self,
@@ -44,52 +54,59 @@ class DSelectKGate(Gate):
         gamma: float = 1.0,
         entropy_weight: float = 0.1,
         per_example: bool = True,
-        unreachable_weight: float = 1.0,
         check_finite: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(d_in, num_experts, k, check_finite=check_finite)
         self.gamma = check_float("gamma", gamma, low=0.0, strict=True)
         self.entropy_weight = check_float("entropy_weight", entropy_weight, low=0.0)
-        self.unreachable_weight = check_float("unreachable_weight", unreachable_weight, low=0.0)
         self.per_example = bool(per_example)
         self.num_bits = (num_experts - 1).bit_length()
-        codes = torch.arange(num_experts)[:, None]
-        shifts = torch.arange(self.num_bits - 1, -1, -1)
-        self.register_buffer("bits", (codes >> shifts) & 1 == 1, persistent=False)  # [n, m], MSB first
+        codes = torch.arange(2**self.num_bits, device=device)[:, None]
+        shifts = torch.arange(self.num_bits - 1, -1, -1, device=device)
+        self.register_buffer("bits", (codes >> shifts) & 1 == 1, persistent=False)  # [2^m, m], MSB first
         if self.per_example:
-            self.z_proj = uniform_linear(d_in, k * self.num_bits, self.gamma / 100, self.gamma / 100)
-            self.alpha_proj = uniform_linear(d_in, k, 0.05, 0.05)
+            self.z_proj = uniform_linear(
+                d_in, k * self.num_bits, self.gamma / 100, self.gamma / 100, device=device, dtype=dtype
+            )
+            self.alpha_proj = uniform_linear(d_in, k, 0.05, 0.05, device=device, dtype=dtype)
         else:
-            self.z = nn.Parameter(uniform_(torch.empty(k, self.num_bits), self.gamma / 100))
-            self.alpha = nn.Parameter(uniform_(torch.empty(k), 0.05))
+            self.z = nn.Parameter(uniform_(torch.empty(k, self.num_bits, device=device, dtype=dtype), self.gamma / 100))
+            self.alpha = nn.Parameter(uniform_(torch.empty(k, device=device, dtype=dtype), 0.05))
 
-    def selector_distributions(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``r: [T, k, n]`` (each row sums to 1) and the mass each selector put on real experts ``[T, k]``."""
+    def code_distributions(self, x: torch.Tensor) -> torch.Tensor:
+        """``r: [T, k, 2^m]``, each selector's distribution over the binary codes (rows sum to 1)."""
         if self.per_example:
             z = self.z_proj(x).view(x.shape[0], self.k, 1, self.num_bits)  # [T, k, 1, m]
         else:
             z = self.z.view(1, self.k, 1, self.num_bits).expand(x.shape[0], -1, -1, -1)
         s = smooth_step(z, self.gamma)
-        factors = torch.where(self.bits, s, 1 - s)  # [T, k, n, m]
+        factors = torch.where(self.bits, s, 1 - s)  # [T, k, 2^m, m]
         # Multiplied bit by bit: the same numbers as ``factors.prod(-1)``, whose backward takes a slow
         # cumprod path whenever a factor is exactly 0 (every saturated smooth-step). n = 1 has no bits.
-        r = math.prod(factors.unbind(-1)) if self.num_bits else factors.prod(-1)  # [T, k, n]
-        mass = r.sum(-1)
-        if self.num_experts < 2**self.num_bits:
-            r = r / mass.clamp_min(1e-6)[..., None]
-        return r, mass
+        return cast(torch.Tensor, math.prod(factors.unbind(-1))) if self.num_bits else factors.prod(-1)
+
+    def selector_distributions(self, x: torch.Tensor) -> torch.Tensor:
+        """``[T, k, n]``: each selector's distribution over the experts (aliased codes folded in)."""
+        return self._fold_aliases(self.code_distributions(x))
+
+    def _fold_aliases(self, codes: torch.Tensor) -> torch.Tensor:
+        """``[..., 2^m] -> [..., n]``: add the mass of code ``n + e`` to expert ``e``."""
+        aliases = codes.shape[-1] - self.num_experts
+        if aliases == 0:
+            return codes
+        return codes[..., : self.num_experts] + F.pad(codes[..., self.num_experts :], (0, self.num_experts - aliases))
 
     def route(self, x: torch.Tensor, ids: torch.Tensor | None) -> Routing:
-        r, mass = self.selector_distributions(x)
+        codes = self.code_distributions(x)  # [T, k, 2^m]
+        r = self._fold_aliases(codes)  # [T, k, n]
         alpha_logits = self.alpha_proj(x) if self.per_example else self.alpha.expand(x.shape[0], -1)
         mix = torch.softmax(alpha_logits, dim=-1)  # [T, k]
         weights = (mix[..., None] * r).sum(1)  # [T, n]
         aux = {}
-        if self.training and x.shape[0] > 0:
-            if self.entropy_weight > 0:
-                aux["entropy"] = self.entropy_weight * entropy(r).sum(-1).mean()
-            if self.num_experts < 2**self.num_bits and self.unreachable_weight > 0:
-                aux["unreachable"] = self.unreachable_weight * (1.0 / (mass + 1e-6) - 1.0).sum(-1).mean()
+        if self.training and self.entropy_weight > 0 and x.shape[0] > 0:
+            aux["entropy"] = self.entropy_weight * entropy(codes).sum(-1).mean()
         return Routing.from_dense(weights, aux_losses=aux)
 
     def extra_repr(self) -> str:

@@ -31,10 +31,12 @@ class ExpertChoiceGate(Gate):
         *,
         capacity_factor: float = 1.0,
         check_finite: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(d_in, num_experts, k, check_finite=check_finite)
         self.capacity_factor = check_float("capacity_factor", capacity_factor, low=0.0, strict=True)
-        self.proj = nn.Linear(d_in, num_experts)
+        self.proj = nn.Linear(d_in, num_experts, device=device, dtype=dtype)
 
     def route(self, x: torch.Tensor, ids: torch.Tensor | None) -> Routing:
         num_inputs = x.shape[0]

@@ -26,9 +26,11 @@ class HashGate(Gate):
         num_ids: size of the id space; ids must lie in ``[0, num_ids)``. If not given, ids (and row
             hashes) are reduced modulo 65,536.
         seed: seed of the table.
+        device: where the table lives (``dtype`` is accepted and unused: no float state).
     """
 
-    uses_ids = True
+    table: torch.Tensor
+    row_hash: torch.Tensor
 
     def __init__(
         self,
@@ -39,6 +41,8 @@ class HashGate(Gate):
         num_ids: int | None = None,
         seed: int = 0,
         check_finite: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(d_in, num_experts, k, check_finite=check_finite)
         self.num_ids = None if num_ids is None else check_int("num_ids", num_ids, low=1)
@@ -47,9 +51,11 @@ class HashGate(Gate):
         order = torch.randperm(size, generator=generator)
         table = torch.empty(size, dtype=torch.long)
         table[order] = torch.arange(size) % num_experts
-        self.register_buffer("table", table)
+        self.register_buffer("table", table.to(device))
         # Odd multipliers for hashing the bits of a row (used only when no ids are given).
-        self.register_buffer("row_hash", torch.randint(1, 1 << 31, (d_in,), generator=generator) * 2 + 1)
+        row_hash = torch.randint(1, 1 << 31, (d_in,), generator=generator) * 2 + 1
+        self.register_buffer("row_hash", row_hash.to(device))
+        del dtype  # no floating-point state: accepted for the factory-argument convention
 
     def route(self, x: torch.Tensor, ids: torch.Tensor | None) -> Routing:
         if ids is None:

@@ -24,8 +24,6 @@ class RandomGate(Gate):
         seed: seed of the gate's generator.
     """
 
-    uses_ids = True
-
     def __init__(
         self,
         d_in: int,
@@ -35,8 +33,11 @@ class RandomGate(Gate):
         granularity: str = "token",
         seed: int = 0,
         check_finite: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(d_in, num_experts, k, check_finite=check_finite)
+        del device, dtype  # no parameters; the generator draws on the CPU, the routing follows x
         self.granularity = check_choice("granularity", granularity, GRANULARITIES)
         self.seed = check_int("seed", seed)
         self.generator = torch.Generator().manual_seed(self.seed)

@@ -8,25 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from .._validation import check_float
-
 
 def smooth_step(t: torch.Tensor, gamma: float) -> torch.Tensor:
     """``S_γ(t)``: 0 for ``t <= -γ/2``, 1 for ``t >= γ/2``, ``-2t³/γ³ + 3t/(2γ) + 1/2`` between."""
     half = gamma / 2
     cubic = -2.0 / gamma**3 * t**3 + 1.5 / gamma * t + 0.5
     return torch.where(t <= -half, torch.zeros_like(t), torch.where(t >= half, torch.ones_like(t), cubic))
-
-
-class SmoothStep(torch.nn.Module):
-    """Module form of :func:`smooth_step`; ``gamma`` sets the width of the soft band."""
-
-    def __init__(self, gamma: float = 1.0) -> None:
-        super().__init__()
-        self.gamma = check_float("gamma", gamma, low=0.0, strict=True)
-
-    def forward(self, t: torch.Tensor) -> torch.Tensor:
-        return smooth_step(t, self.gamma)
-
-    def extra_repr(self) -> str:
-        return f"gamma={self.gamma}"

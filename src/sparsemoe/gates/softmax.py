@@ -17,10 +17,23 @@ class SoftmaxGate(Gate):
         num_experts: number of experts.
     """
 
-    def __init__(self, d_in: int, num_experts: int, *, check_finite: bool = True) -> None:
+    k_policy = "dense"
+
+    def __init__(
+        self,
+        d_in: int,
+        num_experts: int,
+        *,
+        check_finite: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__(d_in, num_experts, k=num_experts, check_finite=check_finite)
-        self.proj = nn.Linear(d_in, num_experts)
+        self.proj = nn.Linear(d_in, num_experts, device=device, dtype=dtype)
 
     def route(self, x: torch.Tensor, ids: torch.Tensor | None) -> Routing:
-        probs = torch.softmax(self.proj(x), dim=-1)  # [T, n]
-        return Routing.from_dense(probs, keep_zeros=True)
+        return Routing.from_dense(self.dense_weights(x), keep_zeros=True)
+
+    def dense_weights(self, x: torch.Tensor) -> torch.Tensor:
+        """``[T, n]`` weight of every expert for every input (all pairs are computed)."""
+        return torch.softmax(self.proj(x), dim=-1)

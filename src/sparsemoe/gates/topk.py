@@ -12,18 +12,22 @@ from .base import Gate
 
 
 def _cv_squared(v: torch.Tensor) -> torch.Tensor:
-    """Squared coefficient of variation, the balance penalty of Shazeer et al. (2017)."""
+    """Squared coefficient of variation, the balance penalty of Shazeer et al. (2017).
+
+    Uses the population variance (divide by ``n``), as the reference implementation does.
+    """
     if v.numel() <= 1:
         return v.new_zeros(())
-    return v.float().var() / (v.float().mean() ** 2 + 1e-10)
+    return v.float().var(correction=0) / (v.float().mean() ** 2 + 1e-10)
 
 
 class TopKGate(Gate):
     """Noisy top-k gating (Shazeer et al., 2017).
 
     ``h = W x + b (+ ε · softplus(W_noise x) while training)``; keep the ``k`` largest and softmax
-    over them. The balance loss is ``balance_weight · (CV²(importance) + CV²(load))``, with the
-    smooth load estimator when noise is on (importance only otherwise).
+    over them. The balance loss (``aux_losses["load_balance"]``) is
+    ``balance_weight · (CV²(importance) + CV²(load))``, with the smooth load estimator when noise is
+    on (importance only otherwise); CV² uses the population variance.
 
     Args:
         k: experts per input.
@@ -40,12 +44,14 @@ class TopKGate(Gate):
         noisy: bool = True,
         balance_weight: float = 1e-2,
         check_finite: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(d_in, num_experts, k, check_finite=check_finite)
         self.noisy = bool(noisy)
         self.balance_weight = check_float("balance_weight", balance_weight, low=0.0)
-        self.proj = nn.Linear(d_in, num_experts)
-        self.noise_proj = nn.Linear(d_in, num_experts) if self.noisy else None
+        self.proj = nn.Linear(d_in, num_experts, device=device, dtype=dtype)
+        self.noise_proj = nn.Linear(d_in, num_experts, device=device, dtype=dtype) if self.noisy else None
         if self.noise_proj is not None:
             nn.init.zeros_(self.noise_proj.weight)
             nn.init.zeros_(self.noise_proj.bias)
@@ -64,7 +70,7 @@ class TopKGate(Gate):
             penalty = _cv_squared(gates.sum(0))
             if noise_std is not None and self.k < self.num_experts:
                 penalty = penalty + _cv_squared(self._smooth_load(clean, logits, noise_std, top_idx))
-            aux["balance"] = self.balance_weight * penalty
+            aux["load_balance"] = self.balance_weight * penalty
         return Routing.from_topk(top_idx, weights, self.num_experts, aux_losses=aux)
 
     def _smooth_load(
@@ -85,7 +91,8 @@ class SwitchGate(Gate):
     """Switch Transformer routing (Fedus et al., 2022): top-1 of ``softmax(W x)``.
 
     The weight is the chosen expert's probability. Losses: load balancing
-    ``α · n · Σ_i f_i P_i`` and router z-loss ``β · mean(logsumexp(W x)²)`` (Zoph et al., 2022).
+    ``α · n · Σ_i f_i P_i`` (``aux_losses["load_balance"]``) and router z-loss
+    ``β · mean(logsumexp(W x)²)`` (``aux_losses["z_loss"]``, Zoph et al., 2022).
 
     Args:
         capacity_factor: if set, each expert takes at most ``ceil(capacity_factor · T / n)`` inputs
@@ -93,6 +100,8 @@ class SwitchGate(Gate):
         balance_weight: ``α`` (0.01 in the paper).
         z_loss_weight: ``β`` (1e-3 in ST-MoE).
     """
+
+    k_policy = "fixed"
 
     def __init__(
         self,
@@ -103,6 +112,8 @@ class SwitchGate(Gate):
         balance_weight: float = 1e-2,
         z_loss_weight: float = 1e-3,
         check_finite: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(d_in, num_experts, k=1, check_finite=check_finite)
         self.capacity_factor = (
@@ -110,7 +121,7 @@ class SwitchGate(Gate):
         )
         self.balance_weight = check_float("balance_weight", balance_weight, low=0.0)
         self.z_loss_weight = check_float("z_loss_weight", z_loss_weight, low=0.0)
-        self.proj = nn.Linear(d_in, num_experts, bias=False)
+        self.proj = nn.Linear(d_in, num_experts, bias=False, device=device, dtype=dtype)
 
     def route(self, x: torch.Tensor, ids: torch.Tensor | None) -> Routing:
         logits = self.proj(x)  # [T, n]

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
+from .. import gates
 from ..experts import ModuleExperts
 from ..layers import MultiTaskMoE
 from .mmoe import MMoE
@@ -33,11 +36,10 @@ class CNNExpert(nn.Sequential):
 
 
 class CNNExperts(ModuleExperts):
-    """A bank of :class:`CNNExpert` (exposes ``d_out`` so the towers can be sized)."""
+    """A bank of :class:`CNNExpert`: rows are ``[1, H, W]`` images, outputs ``[d_out]``."""
 
     def __init__(self, num_experts: int, image_size: int = 36, d_out: int = 50) -> None:
-        super().__init__([CNNExpert(image_size, d_out=d_out) for _ in range(num_experts)])
-        self.d_out = d_out
+        super().__init__([CNNExpert(image_size, d_out=d_out) for _ in range(num_experts)], d_out=d_out, input_dims=3)
 
 
 class VisionMMoE(MMoE):
@@ -57,21 +59,20 @@ class VisionMMoE(MMoE):
         num_classes: int = 10,
         image_size: int = 36,
         local_search_steps: int = 1000,
-        **gate_kwargs: object,
+        **gate_options: Any,
     ) -> None:
-        base = gate.removesuffix("+")
+        spec = gates.parse(gate)
         moe = MultiTaskMoE(
             image_size * image_size,
             50,
             num_experts,
             num_tasks,
-            gate=gate,
-            k=None if base == "softmax" else (1 if base == "hash" else k),
+            gate=spec,
             expert=CNNExperts(num_experts, image_size),
             local_search_steps=local_search_steps,
-            **gate_kwargs,
+            **{**gates.k_options(spec.name, k), **gate_options},
         )
         super().__init__(moe, 50, [num_classes] * num_tasks, gate_from_input=True)
 
-    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:  # type: ignore[override]
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:  # type: ignore[override]  # no ids: images only
         return super().forward(images)

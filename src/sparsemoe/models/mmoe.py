@@ -45,9 +45,9 @@ class MMoE(nn.Module):
         self.bottom = bottom
         self.moe = moe
         self.gate_from_input = gate_from_input
-        d_expert_out = moe.experts.d_out if hasattr(moe.experts, "d_out") else None
+        d_expert_out = moe.experts.d_out
         if d_expert_out is None:
-            raise ValueError("the expert bank must expose d_out (its output width) to size the towers")
+            raise ValueError("the expert bank's d_out is None: give ModuleExperts(..., d_out=) to size the towers")
         self.towers = nn.ModuleList(Tower(d_expert_out, tower_hidden, d) for d in task_outputs)
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor | None = None) -> list[torch.Tensor]:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import torch
 from torch import nn
 
+from .. import gates
 from ..layers import MultiTaskMoE
 from .mmoe import MMoE
 
@@ -27,11 +30,14 @@ class RecsysMMoE(MMoE):
     Dropout is applied to each task's mixed expert output (the paper puts it inside each expert:
     the same rate, but one mask per task instead of one per expert).
 
-    ``forward(ids [T, 2])`` returns ``[watch logit [T, 1], rating [T, 1]]``. Hash gates route by user
-    id (``num_ids=num_users``), as in the official code, where every user is pre-assigned to an expert.
+    ``forward(ids [T, 2])`` returns ``[watch logit [T, 1], rating [T, 1]]``. The gates receive the user
+    id of each row as ``ids`` (gates that read ids, such as hash, route by user, as in the official
+    code where every user is pre-assigned to an expert; ``num_ids=num_users`` where a gate takes it).
 
     Args:
-        gate: gate name (``"comet+"`` etc. switches local search on); ``**gate_kwargs`` go to the gates.
+        gate: gate spec (``"comet+"`` etc. switches local search on); ``**gate_options`` go to the gates.
+        k: experts per input for gates with a choice of ``k`` (ignored by dense and top-1 gates;
+            ``gate_options["k"]`` overrides it).
         embed_dim: width of each embedding (the paper: 128).
         expert_dim: width of each Dense expert (the paper: 256).
         tower_hidden: hidden width of each tower (the paper: 256).
@@ -51,28 +57,27 @@ class RecsysMMoE(MMoE):
         tower_hidden: int = 256,
         dropout: float = 0.5,
         local_search_steps: int = 1000,
-        **gate_kwargs: object,
+        **gate_options: Any,
     ) -> None:
-        base = gate.removesuffix("+")
-        if base == "hash":
-            gate_kwargs.setdefault("num_ids", num_users)
+        spec = gates.parse(gate)
+        options = {**gates.k_options(spec.name, k), **gate_options}
+        if gates.accepts_option(spec.name, "num_ids"):
+            options.setdefault("num_ids", num_users)
         moe = MultiTaskMoE(
             2 * embed_dim,
             expert_dim,
             num_experts,
             2,
-            gate=gate,
-            k=None if base == "softmax" else (1 if base == "hash" else k),
+            gate=spec,
             expert="linear",
             activation="relu",
             local_search_steps=local_search_steps,
-            **gate_kwargs,
+            **options,
         )
         super().__init__(moe, tower_hidden, [1, 1], bottom=UserItemEmbedding(num_users, num_items, embed_dim))
         self.dropout = nn.Dropout(dropout)
-        self.hash_by_user = base == "hash"
 
-    def forward(self, ids: torch.Tensor) -> list[torch.Tensor]:  # type: ignore[override]
-        h = self.bottom(ids)  # [T, 2d]
-        outs = self.moe(h, ids=ids[:, 0] if self.hash_by_user else None)
+    def forward(self, ids: torch.Tensor) -> list[torch.Tensor]:  # type: ignore[override]  # ids are the input here
+        h = cast(nn.Module, self.bottom)(ids)  # [T, 2d]
+        outs = self.moe(h, ids=ids[:, 0])
         return [tower(self.dropout(out)) for tower, out in zip(self.towers, outs, strict=True)]

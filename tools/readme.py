@@ -6,7 +6,7 @@ between the markers is replaced by that file's content, minus its top-level ``#`
 numbers in the README always come from a command, never from typing. Relative links inside the
 file are rewritten to stay valid from the README's folder.
 
-Usage: ``python -m sparsemoe.experiments.readme [README.md]``.
+Usage, from the repository root: ``python -m tools.readme [README.md]``.
 """
 
 from __future__ import annotations

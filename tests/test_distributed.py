@@ -1,0 +1,263 @@
+"""Expert parallelism on 2 gloo processes equals the unsharded layer, forward and backward.
+
+One ``torch.multiprocessing.spawn`` of 2 ranks runs every check (starting processes dominates the
+cost); each rank writes what it found to a JSON file and the tests below read those.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import socket
+import traceback
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import sparsemoe
+from sparsemoe import MoE, MultiTaskMoE
+from sparsemoe.checkpoint import load_checkpoint, save_checkpoint
+from sparsemoe.distributed import average_replicated_gradients, expert_parallel
+
+WORLD = 2
+NUM_EXPERTS = 4
+D = 6
+# (case name, gate, layer options)
+CASES: list[tuple[str, str, dict]] = [
+    ("topk", "topk", {"k": 2}),  # noisy: the noise draws come from the global RNG
+    ("switch", "switch", {"capacity_factor": 1.0}),
+    ("hash", "hash", {"k": 2, "num_ids": 50}),
+    ("random", "random", {"k": 2}),
+    ("expert_choice", "expert_choice", {"k": 2}),
+    ("softmax", "softmax", {}),
+    ("dselect_k", "dselect_k", {"k": 2}),
+    ("comet", "comet", {"k": 2}),
+    ("comet+soft", "comet", {"k": 2, "local_search": True, "local_search_steps": 5}),
+    ("topk+hard", "topk", {"k": 2, "local_search": True, "local_search_steps": 0}),
+    # MultiTaskMoE (2 tasks, linear experts): one shared exchange for the pairs of both task gates
+    ("mmoe-softmax", "mmoe:softmax", {}),
+    ("mmoe-topk", "mmoe:topk", {"k": 2}),
+    ("mmoe-comet+soft", "mmoe:comet", {"k": 2, "local_search": True, "local_search_steps": 5}),
+]
+TOKENS = (7, 5)  # uneven batches per rank
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
+    torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=lambda m: f"{what}: {m}")
+
+
+def _check_gate(rank: int, gate: str, options: dict) -> str:
+    torch.manual_seed(0)  # the same layer on every rank
+    if gate.startswith("mmoe:"):
+        gate = gate.split(":")[1]
+        moe: torch.nn.Module = MultiTaskMoE(D, D, NUM_EXPERTS, 2, gate=gate, **options).double()
+    else:
+        moe = MoE(D, 8, NUM_EXPERTS, gate=gate, **options).double()
+    ref = copy.deepcopy(moe)
+    layer = expert_parallel(moe)
+    gen = torch.Generator().manual_seed(100 + rank)
+    x = torch.randn(TOKENS[rank], D, generator=gen, dtype=torch.float64)
+    ids = torch.randint(0, 50, (TOKENS[rank],), generator=gen)
+    target = torch.randn(TOKENS[rank], D, generator=gen, dtype=torch.float64)
+    results = []
+    for module in (layer, ref):
+        xi = x.clone().requires_grad_(True)
+        torch.manual_seed(7 + rank)  # same global draws (noisy top-k) for both
+        y = module(xi, ids=ids if gate == "hash" else None)
+        if isinstance(y, list):  # one output per task
+            y = torch.stack(y)
+        loss = (y * target).sum() + module.aux_loss()
+        loss.backward()
+        results.append((y.detach(), xi.grad, loss.detach()))
+    # collectives first, checks after, so a failed check cannot leave the other rank waiting
+    ref_expert_grads = {n: p.grad.clone() for n, p in ref.experts.named_parameters()}
+    for g in ref_expert_grads.values():
+        dist.all_reduce(g)
+    last = layer.last_routing
+    remote = torch.cat([r.expert for r in last]) if isinstance(last, list) else last.expert  # type: ignore[union-attr]
+    lo, hi = layer.expert_range
+    sent_away = int(((remote < lo) | (remote >= hi)).sum())
+    (y, gx, loss), (y_ref, gx_ref, loss_ref) = results
+    _close(y, y_ref, "output")
+    _close(loss, loss_ref, "loss")
+    _close(gx, gx_ref, "input gradient")
+    _close(sparsemoe.aux_loss(torch.nn.Sequential(layer)), layer.aux_loss(), "model-wide aux_loss")
+    assert list(sparsemoe.routing_stats(torch.nn.Sequential(layer))) == ["0"]
+    for (name, p), (_, p_ref) in zip(layer.named_parameters(), ref.named_parameters(), strict=True):
+        if name.startswith("experts."):
+            _close(p.grad, ref_expert_grads[name[len("experts.") :]][lo:hi], f"{name} gradient (sum over ranks)")
+        elif p_ref.grad is None:
+            assert p.grad is None, name
+        else:
+            _close(p.grad, p_ref.grad, f"{name} gradient")
+    assert sent_away > 0, "no pair left the rank: the exchange was not exercised"
+    return "ok"
+
+
+def _model(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Linear(D, D),
+        MoE(
+            D,
+            8,
+            NUM_EXPERTS,
+            gate="topk",
+            k=2,
+            noisy=False,
+            balance_weight=0.0,
+            local_search=True,
+            local_search_steps=2,
+        ),
+        torch.nn.Linear(D, 1),
+    ).double()
+
+
+def _check_training(rank: int) -> str:
+    """4 Adam steps: 2 ranks (DDP-style averaging) vs one process on the concatenated batch."""
+    single, sharded = _model(1), _model(1)
+    sharded[1] = expert_parallel(sharded[1])
+    opt_single = torch.optim.Adam(single.parameters(), lr=0.05)
+    opt_sharded = torch.optim.Adam(sharded.parameters(), lr=0.05)
+    gen = torch.Generator().manual_seed(5)
+    losses, ref_losses = [], []
+    for _ in range(4):
+        x = torch.randn(2 * 6, D, generator=gen, dtype=torch.float64)
+        t = torch.randn(2 * 6, 1, generator=gen, dtype=torch.float64)
+        ref_loss = (single(x) - t).pow(2).mean()
+        opt_single.zero_grad()
+        ref_loss.backward()
+        opt_single.step()
+        mine = slice(6 * rank, 6 * rank + 6)
+        loss = (sharded(x[mine]) - t[mine]).pow(2).mean()
+        opt_sharded.zero_grad()
+        loss.backward()
+        average_replicated_gradients(sharded)
+        opt_sharded.step()
+        total = loss.detach().clone()
+        dist.all_reduce(total)
+        losses.append(float(total) / WORLD)
+        ref_losses.append(float(ref_loss))
+    assert bool(sharded[1].search.hardened), "the run should cross the local-search hardening step"
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-12, atol=0)
+    return "ok"
+
+
+def _check_indivisible(rank: int) -> str:
+    try:
+        expert_parallel(MoE(D, 8, 3, gate="topk"))
+    except ValueError as e:
+        assert "num_experts=3 is not divisible by the world size 2" in str(e), str(e)
+        return "ok"
+    raise AssertionError("no error for 3 experts on 2 ranks")
+
+
+def _check_checkpoint(rank: int, out: str) -> str:
+    """A 2-rank checkpoint loads onto 1 process and back, with the same outputs and optimizer state."""
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 6, D, generator=gen, dtype=torch.float64)  # x[r]: rank r's tokens
+    sharded = _model(2)
+    sharded[1] = expert_parallel(sharded[1])
+    opt = torch.optim.Adam(sharded.parameters(), lr=0.05)
+    for _ in range(3):  # crosses the hardening step too
+        opt.zero_grad()
+        sharded(x[rank]).pow(2).mean().backward()
+        average_replicated_gradients(sharded)
+        opt.step()
+    path = Path(out, "ep.safetensors")
+    save_checkpoint(path, sharded, opt, step=3)  # collective: gathers the experts
+    with torch.no_grad():
+        y_sharded = sharded(x[rank])
+        parts = [torch.empty_like(y_sharded) for _ in range(WORLD)]
+        dist.all_gather(parts, y_sharded)
+    # 2 -> 1: an unsharded model on each process
+    single = _model(3)
+    single_opt = torch.optim.Adam(single.parameters(), lr=0.05)
+    load_checkpoint(path, single, single_opt)
+    with torch.no_grad():
+        _close(single(x.reshape(-1, D)), torch.cat(parts), "unsharded model loaded from a 2-rank checkpoint")
+    lo, hi = sharded[1].expert_range
+    for name in ("w1", "w2"):
+        p_single, p_sharded = getattr(single[1].experts, name), getattr(sharded[1].experts, name)
+        _close(single_opt.state[p_single]["exp_avg_sq"][lo:hi], opt.state[p_sharded]["exp_avg_sq"], f"Adam {name}")
+    # 1 -> 2: rank 0 saves the unsharded model alone; both ranks load it into a fresh sharded one
+    path1 = Path(out, "single.safetensors")
+    if rank == 0:
+        save_checkpoint(path1, single, single_opt, step=3)
+    dist.barrier()
+    again = _model(4)
+    again[1] = expert_parallel(again[1])
+    load_checkpoint(path1, again, torch.optim.Adam(again.parameters(), lr=0.05))
+    with torch.no_grad():
+        _close(again(x[rank]), y_sharded, "2-rank model loaded from an unsharded checkpoint")
+    return "ok"
+
+
+def _run(fn: Callable[[], str]) -> str:
+    try:
+        return fn()
+    except Exception:
+        return traceback.format_exc()
+
+
+def _worker(rank: int, port: int, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60)
+    )
+    results = {name: _run(lambda g=gate, o=options: _check_gate(rank, g, o)) for name, gate, options in CASES}
+    results["training"] = _run(lambda: _check_training(rank))
+    results["indivisible"] = _run(lambda: _check_indivisible(rank))
+    results["checkpoint 2<->1"] = _run(lambda: _check_checkpoint(rank, out))
+    Path(out, f"rank{rank}.json").write_text(json.dumps(results))
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, str]]:
+    out = tmp_path_factory.mktemp("expert_parallel")
+    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
+
+
+@pytest.mark.parametrize("case", [c[0] for c in CASES] + ["training", "indivisible", "checkpoint 2<->1"])
+def test_expert_parallel_matches_unsharded(results: list[dict[str, str]], case: str) -> None:
+    for rank, found in enumerate(results):
+        assert found[case] == "ok", f"rank {rank}:\n{found[case]}"
+
+
+def test_needs_initialised_process_group() -> None:
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        expert_parallel(MoE(D, 8, NUM_EXPERTS))
+
+
+def test_torchrun_example_matches_one_process(tmp_path) -> None:
+    """examples/expert_parallel.py: expert parallelism + DDP on 2 ranks equals one process."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root / "src"), os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1"]
+    command += ["--master-port", str(_free_port()), str(root / "examples" / "expert_parallel.py")]
+    command += ["--steps", "5", "--out", str(tmp_path)]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    steps = [line.split() for line in done.stdout.splitlines() if line.startswith("step")]
+    assert len(steps) == 2  # steps 1 and 5
+    for words in steps:
+        assert words[6] == words[9], words  # loss on 2 ranks == one process (6 decimals)
+    diff = float(done.stdout.rsplit("by ", 1)[1].split()[0])
+    assert diff < 1e-6

@@ -1,0 +1,71 @@
+"""The run store and atomic writes: resumable runs, whole files only, normal permissions."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from sparsemoe._atomic import atomic_path, atomic_write_text
+from sparsemoe.experiments.store import RunStore, write_json
+
+
+@pytest.fixture
+def umask() -> Iterator[None]:
+    """Restore the process umask after a test that changes it."""
+    old = os.umask(0o022)
+    os.umask(old)
+    yield
+    os.umask(old)
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o027, 0o002, 0o077])
+def test_atomic_writes_follow_the_umask(tmp_path: Path, umask: None, mask: int) -> None:
+    os.umask(mask)
+    target = tmp_path / "sub" / "a.json"
+    write_json(target, {"x": 1})
+    assert _mode(target) == 0o666 & ~mask
+    atomic_write_text(target, "second")  # replacing an existing file gives the same mode
+    assert _mode(target) == 0o666 & ~mask and target.read_text() == "second"
+    assert [p.name for p in target.parent.iterdir()] == ["a.json"]  # no temporary file left
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path: Path) -> None:
+    target = tmp_path / "keep.txt"
+    target.write_text("old")
+    with pytest.raises(RuntimeError, match="boom"), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("boom")
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
+
+
+def test_atomic_path_hands_a_sibling_to_path_based_writers(tmp_path: Path) -> None:
+    target = tmp_path / "model.bin"
+    with atomic_path(target) as tmp:
+        assert tmp.parent == tmp_path and tmp.exists() and tmp != target
+        assert not target.exists()
+        tmp.write_bytes(b"\x00\x01")
+    assert target.read_bytes() == b"\x00\x01"
+
+
+def test_run_store_saves_finds_lists_and_clears(tmp_path: Path) -> None:
+    store = RunStore(tmp_path)
+    key = RunStore.key(gate="comet+", seed=0, lr=1e-3, note="a/b c")
+    assert "/" not in key and " " not in key and key.startswith("gate=comet+__seed=0")
+    assert store.get(key) is None
+    store.put(key, {"auc": 0.9})
+    store.put(RunStore.key(gate="topk", seed=1), {"auc": 0.8})
+    assert store.get(key) == {"auc": 0.9}
+    assert json.loads(store.path(key).read_text()) == {"auc": 0.9}
+    assert sorted(r["auc"] for r in store) == [0.8, 0.9]
+    store.clear()
+    assert list(store) == [] and store.get(key) is None
