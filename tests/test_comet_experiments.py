@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from sparsemoe.cli import main
+from sparsemoe.experiments import comet_movielens, comet_multimnist, comet_tuning
 
 pytestmark = pytest.mark.skipif(
     not os.environ.get("SPARSEMOE_DATA_DIR"),
@@ -22,32 +22,46 @@ def _results(folder) -> dict:
 
 
 def test_comet_movielens_quick(tmp_path) -> None:
-    out = tmp_path / "ml"
-    args = ["reproduce", "comet-movielens", "--quick", "--trials", "1", "--seeds", "1", "--out", str(out)]
-    assert main([*args, "--gates", "topk", "comet+"]) == 0
-    results = _results(out / "quick")
+    config = comet_movielens.Config(quick=True, trials=1, seeds=1, out=tmp_path / "ml", gates=["topk", "comet+"])
+    comet_movielens.run(config)
+    results = _results(tmp_path / "ml" / "quick")
     assert set(results["summary"]) == {"topk", "comet+"}
     assert results["summary"]["topk"]["active_experts"]["mean"] == 2.0
+    run = results["best_runs"]["comet+"][0]
+    assert len(run["active_experts_per_epoch"]) == run["epochs_run"] == 1  # quick: one epoch
+    assert (tmp_path / "ml" / "quick" / "comet-movielens-experts-per-input.png").exists()
     # Rerunning resumes: the trial and the seed run are loaded, nothing is trained again.
-    assert main([*args, "--gates", "topk", "comet+"]) == 0
-    assert _results(out / "quick")["cost"]["training_seconds_total"] == results["cost"]["training_seconds_total"]
+    comet_movielens.run(config)
+    assert (
+        _results(tmp_path / "ml" / "quick")["cost"]["training_seconds_total"]
+        == results["cost"]["training_seconds_total"]
+    )
 
 
 def test_comet_multimnist_quick(tmp_path) -> None:
-    out = tmp_path / "mm"
-    args = ["reproduce", "comet-multimnist", "--quick", "--trials", "1", "--seeds", "1", "--out", str(out)]
-    assert main([*args, "--gates", "hash+", "dselect_k"]) == 0
-    results = _results(out / "quick")
+    config = comet_multimnist.Config(quick=True, trials=1, seeds=1, out=tmp_path / "mm", gates=["hash+", "dselect_k"])
+    comet_multimnist.run(config)
+    results = _results(tmp_path / "mm" / "quick")
     assert 0.0 <= results["summary"]["hash+"]["best"]["accuracy"]["mean"] <= 1.0
 
 
 def test_comet_tuning_quick(tmp_path) -> None:
-    args = ["reproduce", "comet-tuning", "--quick", "--trials", "2", "--movielens-out", str(tmp_path / "ml")]
-    assert main([*args, "--out", str(tmp_path / "tuning")]) == 0
+    config = comet_tuning.Config(quick=True, trials=2, movielens_out=tmp_path / "ml", out=tmp_path / "tuning")
+    comet_tuning.run(config)
     results = _results(tmp_path / "tuning" / "quick")
     assert results["trials_per_gate"] == 2
-    assert len(results["expected_best"]["val_auc"]["topk+"]) == 2
+    assert set(results["expected"]) == {"val_loss", "val_auc", "picked_test_auc"}
+    assert len(results["expected"]["picked_test_auc"]["topk+"]) == 2
     assert {r["target_from"] for r in results["reach"]} == {"topk", "topk+", "hash", "hash+"}
+
+
+def test_configs_reject_bad_fields() -> None:
+    with pytest.raises(ValueError, match="gates"):
+        comet_movielens.Config(gates=["nope"])
+    with pytest.raises(ValueError, match="seeds"):
+        comet_multimnist.Config(seeds=0)
+    with pytest.raises(ValueError, match="trials"):
+        comet_tuning.Config(trials=-1)
 
 
 def test_expected_best_matches_resampling() -> None:
@@ -68,3 +82,42 @@ def test_expected_best_matches_resampling() -> None:
     assert np.all(lo <= hi)
     assert budget_to_reach(exact, budgets, float(exact[1]), higher=True) == 3
     assert budget_to_reach(lower, budgets, float(lower[2]) - 1.0, higher=False) is None
+
+
+def test_expected_picked_test_metric_matches_resampling() -> None:
+    """E[test score of the lowest-val-loss trial among m] (exact) against brute-force resampling."""
+    import numpy as np
+
+    from sparsemoe.experiments.comet_tuning import bootstrap_band, expected_at_pick
+
+    rng = np.random.default_rng(1)
+    val_loss = np.append(rng.random(15), np.nan)  # one diverged trial: never picked
+    test = rng.random(16)
+    test[-1] = 100.0  # a diverged trial's payoff must never count
+    budgets = np.array([1, 4, 12])
+    exact = expected_at_pick(val_loss, test, budgets, higher=False)
+    for m, value in zip(budgets, exact, strict=True):
+        draws = rng.integers(0, 16, size=(40000, m))
+        keys = np.where(np.isnan(val_loss[draws]), np.inf, val_loss[draws])
+        picked = draws[np.arange(40000), keys.argmin(1)]
+        ok = np.isfinite(val_loss[picked])
+        assert abs(test[picked][ok].mean() - value) < 0.01
+    # A large budget picks the lowest-val-loss trial almost surely.
+    best = int(np.nanargmin(val_loss))
+    assert abs(expected_at_pick(val_loss, test, np.array([2000]), higher=False)[0] - test[best]) < 1e-6
+    lo, hi = bootstrap_band(val_loss, budgets, False, test)
+    assert np.all(lo <= hi) and np.all(hi < 100.0)
+
+
+def test_gate_saturation_quick(tmp_path) -> None:
+    from sparsemoe.experiments import gate_saturation
+
+    config = gate_saturation.Config(quick=True, out=tmp_path / "gs", gates=["comet"], entropy_weights=[1.0])
+    results = gate_saturation.run(config)
+    assert _results(tmp_path / "gs" / "quick")["config"]["steps"] == 200
+    (run,) = results["runs"]
+    assert run["curve"][0] == [0, 16.0]  # untrained: every expert for every input (the init is soft)
+    assert 1.0 <= run["final_experts"] <= 16.0
+    assert [s for s, _ in run["curve"]] == [0, 5, 10, 20, 30, 50, 75, 100, 150, 200]
+    with pytest.raises(ValueError, match="gates"):
+        gate_saturation.Config(gates=["topk"])

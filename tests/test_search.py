@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -31,6 +33,107 @@ def test_hardened_is_a_true_permutation() -> None:
 def test_sinkhorn_truncated_gradient_keeps_the_forward_value() -> None:
     log_alpha = torch.randn(8, 8) * 30
     assert torch.allclose(sinkhorn(log_alpha, 60), sinkhorn(log_alpha, 60, grad_iterations=3), atol=1e-5)
+
+
+def _sinkhorn_reference(x: torch.Tensor, iterations: int) -> torch.Tensor:
+    """The textbook unrolled iteration (``x - logsumexp``), differentiated by autograd."""
+    for _ in range(iterations):
+        x = x - torch.logsumexp(x, dim=-1, keepdim=True)
+        x = x - torch.logsumexp(x, dim=-2, keepdim=True)
+    return x.exp()
+
+
+#: (temperature, Sinkhorn iterations) at the start, middle and end of the default schedule (1000 steps)
+SCHEDULE_POINTS = [(1e-3, 20), (10**-5.002, 85), (1e-7, 150)]
+
+
+def _linear_loss(n: int) -> torch.Tensor:
+    return torch.randn(n, n, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+
+
+def test_schedule_points_are_the_default_schedule() -> None:
+    search = PermutationSearch(8, steps=1000)
+    for step, (tau, iters) in zip((0, 500, 999), SCHEDULE_POINTS, strict=True):
+        got_tau, got_iters = search.schedule(step)
+        assert got_iters == iters and got_tau == pytest.approx(tau, rel=1e-3)
+
+
+@pytest.mark.parametrize(("tau", "iterations"), SCHEDULE_POINTS)
+def test_sinkhorn_gradient_matches_central_differences(tau: float, iterations: int) -> None:
+    """float64 d(loss)/d(log α) of ``Σ W ⊙ Sinkhorn(log α / τ)`` against central finite differences.
+
+    At these temperatures ``log α ~ U(±0.05)`` (the init) puts ``log α / τ`` at ±50 to ±5e5, where
+    the map is saturated beyond float64: every derivative underflows to exactly 0 (checked against
+    autograd in the next test). Central differences are meaningful where ``log α / τ`` is O(1)
+    (a near-tie, the entries the search is still deciding), so ``log α = τ · Z`` with ``Z ~ N(0, 2²)``
+    and a step of ``τ · 1e-4``: a relative change of 1e-4 in ``Z``.
+    """
+    n = 8
+    generator = torch.Generator().manual_seed(int(-math.log10(tau)))
+    log_alpha = tau * 2.0 * torch.randn(n, n, generator=generator, dtype=torch.float64)
+    weights = _linear_loss(n)
+
+    def loss(z: torch.Tensor) -> torch.Tensor:
+        return (weights * sinkhorn(z / tau, iterations)).sum()
+
+    x = log_alpha.clone().requires_grad_()
+    loss(x).backward()
+    h = tau * 1e-4
+    numeric = torch.empty_like(log_alpha)
+    with torch.no_grad():
+        for i in range(n):
+            for j in range(n):
+                step = torch.zeros_like(log_alpha)
+                step[i, j] = h
+                numeric[i, j] = (loss(log_alpha + step) - loss(log_alpha - step)) / (2 * h)
+    assert numeric.abs().max() > 1.0 / tau * 1e-2  # a non-trivial gradient (scale 1/τ)
+    torch.testing.assert_close(x.grad, numeric, rtol=1e-5, atol=1e-6 * float(numeric.abs().max()))
+
+
+@pytest.mark.parametrize(("tau", "iterations"), SCHEDULE_POINTS)
+@pytest.mark.parametrize("init", ["init", "near-tie"])
+def test_sinkhorn_gradient_equals_full_unrolling(tau: float, iterations: int, init: str) -> None:
+    """The default gradient is that of autograd through every textbook iteration, at every temperature."""
+    n = 8
+    generator = torch.Generator().manual_seed(3)
+    if init == "init":
+        log_alpha = torch.empty(n, n, dtype=torch.float64).uniform_(-0.05, 0.05, generator=generator)
+    else:
+        log_alpha = tau * 2.0 * torch.randn(n, n, generator=generator, dtype=torch.float64)
+    weights = _linear_loss(n)
+    grads = []
+    for fn in (sinkhorn, _sinkhorn_reference):
+        x = log_alpha.clone().requires_grad_()
+        (weights * fn(x / tau, iterations)).sum().backward()
+        grads.append(x.grad)
+    scale = float(grads[1].abs().max())
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-9, atol=1e-12 * scale)
+
+
+def test_truncated_gradient_is_an_approximation() -> None:
+    """Backpropagating through only the last iterations gives a different gradient (why it is off by default)."""
+    tau, iterations, n = 1e-3, 20, 8  # the start of the schedule, at the init's scale
+    log_alpha = torch.empty(n, n, dtype=torch.float64).uniform_(-0.05, 0.05, generator=torch.Generator().manual_seed(3))
+    weights = _linear_loss(n)
+    grads = []
+    for grad_iterations in (None, 5):
+        x = log_alpha.clone().requires_grad_()
+        (weights * sinkhorn(x / tau, iterations, grad_iterations)).sum().backward()
+        grads.append(x.grad)
+    assert (grads[0] - grads[1]).abs().max() > 0.5 * grads[0].abs().max(), grads
+
+
+def test_search_backpropagates_through_every_iteration_by_default() -> None:
+    search = PermutationSearch(8, steps=1000).double()
+    assert search.grad_iterations is None
+    for step, (tau, iters) in zip((0, 500, 999), SCHEDULE_POINTS, strict=True):
+        search.log_alpha.grad = None
+        search.log_alpha.data.copy_(tau * 2.0 * torch.randn(8, 8, dtype=torch.float64))
+        (_linear_loss(8) * search.soft(step)).sum().backward()
+        got = search.log_alpha.grad.clone()
+        x = search.log_alpha.detach().clone().requires_grad_()
+        (_linear_loss(8) * _sinkhorn_reference(x / search.schedule(step)[0], iters)).sum().backward()
+        torch.testing.assert_close(got, x.grad, rtol=1e-9, atol=1e-12 * float(x.grad.abs().max()))
 
 
 def test_hardened_routing_is_exact_sparse_relabelling() -> None:

@@ -33,3 +33,4 @@ def load(name: str) -> ModuleType:
 register("comet-movielens", "sparsemoe.experiments.comet_movielens")
 register("comet-multimnist", "sparsemoe.experiments.comet_multimnist")
 register("comet-tuning", "sparsemoe.experiments.comet_tuning")
+register("gate-saturation", "sparsemoe.experiments.gate_saturation")

@@ -1,20 +1,26 @@
 """COMET paper's tuning-budget claim: Top-k vs Top-k+ and Hash vs Hash+ as a function of random-search trials.
 
-Reuses the MovieLens random-search trials of ``comet-movielens`` (no new training when they exist).
-The expected best validation score after ``m`` trials is the bootstrap expectation over the ``N``
-trials run: draw ``m`` of them with replacement and keep the best score (as in Dodge et al. 2019,
-"expected validation performance"). Two scores: the validation loss the search minimises (both
-tasks) and the validation ROC-AUC of task 1. The expectation is computed exactly from the order
-statistics (``P(rank i is the best of m) = ((N-i)/N)^m - ((N-i-1)/N)^m``, ranks from 0); a 5-95%
-band comes from resampling.
+Reuses the MovieLens random-search trials of ``comet-movielens`` (the same Optuna studies in the same
+folder, so nothing is trained twice; missing trials are run and saved there). For a budget of ``m``
+trials drawn with replacement from the ``N`` run (Dodge et al. 2019, "expected validation
+performance"), three curves per gate:
+
+* the expected best validation loss (the search objective, both tasks);
+* the expected best validation ROC-AUC of task 1;
+* the expected TEST ROC-AUC of the trial the protocol picks, i.e. the one with the lowest
+  validation loss among the ``m`` (the paper selects by validation loss).
+
+Each expectation is exact, from the order statistics of the validation loss (or AUC):
+``P(rank i is the best of m) = ((N-i)/N)^m - ((N-i-1)/N)^m`` (ranks from 0; diverged trials never
+win). Each band is the 5-95% range of the same quantity over 2,000 bootstrap resamples of ``m``
+trials: it shows how much the best (or picked) trial varies between searches of that size.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,113 +30,149 @@ from . import comet_movielens
 from .progress import console, progress
 from .report import markdown_table
 from .store import write_json
-from .tuning import config_tag, experiment_config, run_gate_study
+from .tuning import command_line, interruptible, run_gate_study, storage_url
 
 NAME = "comet-tuning"
 PAIRS = (("topk", "topk+"), ("hash", "hash+"))
-#: name -> (label, higher is better)
-SCORES = {"val_auc": ("val ROC-AUC (T1)", True), "val_loss": ("val loss (both tasks)", False)}
+#: name -> (label, higher is better); what each curve reports at the trial picked among m
+SCORES = {
+    "val_loss": ("best val loss (both tasks)", False),
+    "val_auc": ("best val ROC-AUC (T1)", True),
+    "picked_test_auc": ("test ROC-AUC (T1) of the trial with the lowest val loss", True),
+}
 BOOTSTRAP = 2000
-#: trials per gate: twice comet-movielens' 50, so a budget ratio up to 100x is measurable at all
-DEFAULT_TRIALS = 50
+QUICK_TRIALS = 2
+
+
+@dataclass
+class Config:
+    quick: bool = field(default=False, metadata={"help": "use (or run) the quick comet-movielens studies"})
+    out: Path = field(default=Path(f"results/{NAME}"), metadata={"help": "output folder"})
+    trials: int = field(
+        default=0, metadata={"help": "trials per gate (0: comet-movielens' 100; quick: 2); missing ones are run"}
+    )
+    movielens_out: Path = field(
+        default=Path("results/comet-movielens"), metadata={"help": "comet-movielens output folder (its studies)"}
+    )
+    epochs: int = field(default=60, metadata={"help": "as comet-movielens --epochs (must match its studies)"})
+    patience: int = field(default=10, metadata={"help": "as comet-movielens --patience (must match its studies)"})
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.trials, int) or self.trials < 0:
+            raise ValueError(f"trials: must be an integer >= 0 (0: the default), got {self.trials!r}")
+        self.out, self.movielens_out = Path(self.out), Path(self.movielens_out)
+        self.movielens_config()  # validates epochs and patience
+
+    def movielens_config(self) -> comet_movielens.Config:
+        """The comet-movielens configuration whose studies this one reads."""
+        return comet_movielens.Config(
+            quick=self.quick,
+            out=self.movielens_out,
+            gates=[g for pair in PAIRS for g in pair],
+            trials=self.trials,
+            epochs=self.epochs,
+            patience=self.patience,
+        )
 
 
 def scores(records: list[dict[str, Any]], name: str) -> np.ndarray:
-    """``[N]`` validation scores of the trials; a diverged trial scores NaN (it never wins)."""
+    """``[N]`` one number per trial: its val loss, val AUC or test AUC; NaN for a diverged trial."""
     out = []
     for r in records:
-        ok = math.isfinite(r["val_loss"])
-        out.append((r["val"]["auc"] if name == "val_auc" else r["val_loss"]) if ok else math.nan)
+        if not math.isfinite(r["val_loss"]):
+            out.append(math.nan)
+        elif name == "val_loss":
+            out.append(r["val_loss"])
+        else:
+            out.append(r["val" if name == "val_auc" else "test"]["auc"])
     return np.array(out, dtype=float)
+
+
+def expected_at_pick(key: np.ndarray, payoff: np.ndarray, budgets: np.ndarray, higher: bool) -> np.ndarray:
+    """``E[payoff of the trial with the best key among m drawn with replacement]`` for each ``m``.
+
+    Exact: with ranks by ``key`` (0 = best; NaN keys never win), rank ``i`` is the best of ``m``
+    draws with probability ``((N-i)/N)^m - ((N-i-1)/N)^m``; conditioned on a finite draw.
+    """
+    n = len(key)
+    finite = np.flatnonzero(np.isfinite(key))
+    order = finite[np.argsort(key[finite], kind="stable")]
+    if higher:
+        order = order[::-1]
+    i = np.arange(len(order))[None, :]
+    m = budgets[:, None].astype(float)
+    win = ((n - i) / n) ** m - ((n - i - 1) / n) ** m  # [budgets, ranked]
+    return (win * payoff[order]).sum(1) / win.sum(1)
 
 
 def expected_best(values: np.ndarray, budgets: np.ndarray, higher: bool) -> np.ndarray:
     """``E[best of m values drawn with replacement]`` for each ``m`` in ``budgets`` (NaNs never win)."""
-    n = len(values)
-    finite = np.sort(values[np.isfinite(values)])
-    ranked = finite[::-1] if higher else finite  # rank 0 = best
-    i = np.arange(len(ranked))[None, :]
-    m = budgets[:, None].astype(float)
-    win = ((n - i) / n) ** m - ((n - i - 1) / n) ** m  # [budgets, ranked]
-    return (win * ranked).sum(1) / win.sum(1)
+    return expected_at_pick(values, values, budgets, higher)
 
 
-def bootstrap_band(values: np.ndarray, budgets: np.ndarray, higher: bool, seed: int = 0) -> np.ndarray:
-    """``[2, len(budgets)]``: 5th and 95th percentile of the best of ``m`` resampled values."""
+def bootstrap_band(
+    key: np.ndarray, budgets: np.ndarray, higher: bool, payoff: np.ndarray | None = None, seed: int = 0
+) -> np.ndarray:
+    """``[2, len(budgets)]``: 5th and 95th percentile over resamples of ``m`` trials of the payoff of
+    the trial with the best key (``payoff=None``: the best key itself)."""
+    payoff = key if payoff is None else payoff
     rng = np.random.default_rng(seed)
-    band = np.empty((2, len(budgets)))
+    ranked = np.where(np.isfinite(key), -key if higher else key, np.inf)  # lower is better; NaN never wins
+    band = np.full((2, len(budgets)), np.nan)
     for j, m in enumerate(budgets):
-        draws = values[rng.integers(0, len(values), size=(BOOTSTRAP, int(m)))]
-        best = (np.fmax if higher else np.fmin).reduce(draws, axis=1)  # NaN only if every draw is NaN
-        band[:, j] = np.nanpercentile(best, [5, 95])
+        draws = rng.integers(0, len(key), size=(BOOTSTRAP, int(m)))
+        picked = draws[np.arange(BOOTSTRAP), ranked[draws].argmin(1)]
+        values = payoff[picked][np.isfinite(key[picked])]  # drop resamples where every draw diverged
+        if values.size:
+            band[:, j] = np.percentile(values, [5, 95])
     return band
 
 
 def budget_to_reach(curve: np.ndarray, budgets: np.ndarray, target: float, higher: bool) -> int | None:
-    """Smallest ``m`` whose expected best score reaches ``target`` (``None``: never within the trials)."""
+    """Smallest ``m`` whose expected score reaches ``target`` (``None``: never within the trials)."""
     hits = np.flatnonzero(curve >= target - 1e-12) if higher else np.flatnonzero(curve <= target + 1e-12)
     return int(budgets[hits[0]]) if hits.size else None
 
 
-def load_trials(args: argparse.Namespace, config: dict[str, Any], gates: list[str]) -> dict[str, list[dict[str, Any]]]:
-    """The MovieLens trials of ``gates``: from results.json if it matches the settings, else from (or by
-    running) the Optuna studies of ``comet-movielens`` in the same folder."""
-    folder = args.movielens_out / "quick" if args.quick else args.movielens_out
-    tag = config_tag(config)
+def load_trials(config: Config) -> dict[str, list[dict[str, Any]]]:
+    """The MovieLens trials of the four gates, from (or by running) comet-movielens' Optuna studies."""
+    ml = config.movielens_config()
+    folder = ml.out / "quick" if ml.quick else ml.out
+    folder.mkdir(parents=True, exist_ok=True)
+    counts = comet_movielens.trial_counts(ml, ml.gates)
+    settings = comet_movielens.settings_of(ml)
+    problem = comet_movielens.problem(settings)
     found: dict[str, list[dict[str, Any]]] = {}
-    results = folder / "results.json"
-    if results.exists():
-        saved = json.loads(results.read_text())
-        if saved.get("config_tag") == tag:
-            found = {g: saved["trials"][g] for g in gates if len(saved["trials"].get(g, [])) >= config["trials"]}
-    missing = [g for g in gates if g not in found]
-    if missing:
-        console.print(
-            f"{NAME}: no finished comet-movielens trials for {', '.join(missing)} in {folder}; running them "
-            f"({config['trials']} trials each; resumable)"
-        )
-        problem = comet_movielens.problem(config)
-        with progress() as bar:
-            task = bar.add_task(f"{NAME}: MovieLens random search", total=len(missing) * config["trials"])
-            for gate in missing:
-                url = f"sqlite:///{(folder / f'optuna-{gate}-{tag}.db').resolve()}"
-                folder.mkdir(parents=True, exist_ok=True)
-                found[gate] = run_gate_study(problem, gate, config["trials"], url, lambda: bar.advance(task))
-    return {g: found[g][: config["trials"]] for g in gates}
+    with progress() as bar:
+        task = bar.add_task(f"{NAME}: MovieLens random search (saved trials are loaded)", total=sum(counts.values()))
+        for gate in ml.gates:
+            url = storage_url(folder, gate, settings)
+            found[gate] = run_gate_study(problem, gate, counts[gate], url, lambda: bar.advance(task))
+    return found
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--quick", action="store_true", help="use (or run) the quick MovieLens studies")
-    parser.add_argument(
-        "--trials",
-        type=int,
-        default=None,
-        help=f"trials per gate (default {DEFAULT_TRIALS}, quick: as comet-movielens --quick); missing ones are run",
-    )
-    parser.add_argument("--movielens-out", type=Path, default=Path("results/comet-movielens"), help="MovieLens folder")
-    parser.add_argument("--out", type=Path, default=Path(f"results/{NAME}"), help="output folder")
-
-
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    import torch
-
-    torch.set_num_threads(1)
-    args.seeds = None
-    if args.trials is None and not args.quick:
-        args.trials = DEFAULT_TRIALS
-    config = experiment_config(args, comet_movielens.DEFAULTS, comet_movielens.QUICK)
+def run(config: Config) -> dict[str, Any]:
+    """Curves of expected score against the tuning budget for Top-k/Top-k+ and Hash/Hash+."""
+    command = command_line(NAME, config)
+    trials = interruptible(command)(load_trials)(config)
     gates = [g for pair in PAIRS for g in pair]
-    trials = load_trials(args, config, gates)
     n = min(len(t) for t in trials.values())
     budgets = np.arange(1, n + 1)
     curves: dict[str, dict[str, list[float]]] = {}
     bands: dict[str, dict[str, list[list[float]]]] = {}
     reach: list[dict[str, Any]] = []
     for score, (_, higher) in SCORES.items():
-        values = {g: scores(trials[g][:n], score) for g in gates}
-        curve = {g: expected_best(values[g], budgets, higher) for g in gates}
+        curve, band = {}, {}
+        for g in gates:
+            if score == "picked_test_auc":  # picked by the lowest val loss, scored on test
+                key, payoff, key_higher = scores(trials[g], "val_loss"), scores(trials[g], score), False
+            else:
+                key = payoff = scores(trials[g], score)
+                key_higher = higher
+            curve[g] = expected_at_pick(key, payoff, budgets, key_higher)
+            band[g] = bootstrap_band(key, budgets, key_higher, payoff).tolist()
         curves[score] = {g: c.tolist() for g, c in curve.items()}
-        bands[score] = {g: bootstrap_band(values[g], budgets, higher).tolist() for g in gates}
+        bands[score] = band
         for plain, plus in PAIRS:
             for owner in (plain, plus):
                 target = float(curve[owner][-1])  # what `owner` reaches with the whole budget
@@ -144,19 +186,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         "trials_needed": need,
                     }
                 )
-    out = args.out / "quick" if args.quick else args.out
+    out = config.out / "quick" if config.quick else config.out
     out.mkdir(parents=True, exist_ok=True)
     checkpoints = [m for m in (1, 2, 5, 10, 20, 50, 100, 200, 500) if m <= n]
-    command = f"sparsemoe reproduce {NAME}" + (" --quick" if args.quick else f" --trials {n}")
     results = {
         "experiment": NAME,
         "command": command,
         "written": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-        "config": {"movielens_config": config, "scores": {k: v[0] for k, v in SCORES.items()}},
+        "config": {
+            "movielens_settings": comet_movielens.settings_of(config.movielens_config()),
+            "scores": {k: v[0] for k, v in SCORES.items()},
+            "bootstrap_resamples": BOOTSTRAP,
+            "quick": config.quick,
+        },
         "trials_per_gate": n,
-        # Training time of the trials used; those also in comet-movielens (its first trials) are not extra cost.
+        # Training time of the trials used; those also in comet-movielens are not extra cost.
         "cost": {"training_seconds_of_trials_used": sum(r["seconds"] for g in gates for r in trials[g][:n])},
-        "expected_best": curves,
+        "expected": curves,
         "band_5_95": bands,
         "reach": reach,
     }
@@ -175,15 +221,20 @@ def _need(m: int | None, n: int) -> str:
 
 def render(results: dict[str, Any], checkpoints: list[int]) -> str:
     n = results["trials_per_gate"]
+    quick = " (quick)" if results["config"]["quick"] else ""
     parts = [
-        f"# {NAME}: tuning budget on MovieLens\n\nProduced by `{results['command']}` ({results['written']}) from the "
-        f"comet-movielens random-search trials ({n} per gate). Expected best validation score among m random-search "
-        "trials (exact bootstrap expectation over the trials).\n"
+        f"# {NAME}{quick}: tuning budget on MovieLens\n\nProduced by `{results['command']}` ({results['written']}) "
+        f"from the comet-movielens random-search trials ({n} per gate). Each value is the exact expectation over "
+        "searches of m trials drawn with replacement from those run; in brackets, the 5-95% range of the same "
+        f"quantity over {BOOTSTRAP} bootstrap resamples of m trials (how much one search of that size varies).\n"
     ]
     for score, (label, higher) in SCORES.items():
-        curves = results["expected_best"][score]
-        rows = [[g, *(f"{curves[g][m - 1]:.4f}" for m in checkpoints)] for g in curves]
-        parts.append(f"\n## Expected best {label} ({'higher' if higher else 'lower'} is better)\n\n")
+        curves, bands = results["expected"][score], results["band_5_95"][score]
+        rows = [
+            [g, *(f"{curves[g][m - 1]:.4f} [{bands[g][0][m - 1]:.4f}, {bands[g][1][m - 1]:.4f}]" for m in checkpoints)]
+            for g in curves
+        ]
+        parts.append(f"\n## Expected {label} among m trials ({'higher' if higher else 'lower'} is better)\n\n")
         parts.append(markdown_table(["gate", *(f"m={m}" for m in checkpoints)], rows))
     reach_rows = [
         [
@@ -194,9 +245,7 @@ def render(results: dict[str, Any], checkpoints: list[int]) -> str:
         ]
         for r in results["reach"]
     ]
-    parts.append(
-        "\n## Trials needed to reach a fixed target (the expected best score of one gate at the full budget)\n\n"
-    )
+    parts.append("\n## Trials needed to reach a fixed target (one gate's expected score at the full budget)\n\n")
     parts.append(markdown_table(["score", "pair", "target", "plain gate needs", "+ gate needs"], reach_rows))
     return "".join(parts)
 
@@ -207,19 +256,25 @@ def plot(results: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(len(SCORES), len(PAIRS), figsize=(11, 7.5), squeeze=False)
+    fig, axes = plt.subplots(len(SCORES), len(PAIRS), figsize=(11, 3.4 * len(SCORES)), squeeze=False)
     budgets = np.arange(1, results["trials_per_gate"] + 1)
     for row, (score, (label, _)) in enumerate(SCORES.items()):
         for ax, pair in zip(axes[row], PAIRS, strict=True):
             for g, colour in zip(pair, ("tab:blue", "tab:red"), strict=True):
-                ax.plot(budgets, results["expected_best"][score][g], color=colour, label=g)
+                ax.plot(budgets, results["expected"][score][g], color=colour, label=f"{g} (expectation)")
                 lo, hi = results["band_5_95"][score][g]
-                ax.fill_between(budgets, lo, hi, color=colour, alpha=0.15)
+                ax.fill_between(budgets, lo, hi, color=colour, alpha=0.15, label=f"{g} 5-95% of resamples")
             ax.set_xscale("log")
             ax.set_xlabel("random-search trials m")
-            ax.set_ylabel(f"expected best {label}")
-            ax.set_title(f"{pair[0]} vs {pair[1]} (MovieLens)")
-            ax.legend()
+            ax.set_ylabel(label if len(label) < 30 else label.replace(" of the", "\nof the"), fontsize=8)
+            ax.set_title(f"{pair[0]} vs {pair[1]} (MovieLens)", fontsize=9)
+            ax.legend(fontsize=7, loc="best")
+    quick = " (quick)" if results["config"]["quick"] else ""
+    fig.suptitle(
+        f"{NAME}{quick}: lines = exact expectation over searches of m trials; "
+        f"bands = 5-95% over {BOOTSTRAP} bootstrap searches of m trials",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -11,14 +11,15 @@ trials by validation loss; then the best trial's configuration is retrained over
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
+import shlex
+import sys
 import time
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -54,50 +55,74 @@ class Problem:
     config: dict[str, Any] = field(default_factory=dict)
 
 
-def experiment_config(args: argparse.Namespace, defaults: dict[str, Any], quick: dict[str, Any]) -> dict[str, Any]:
-    """An experiment's fixed settings: its defaults, shrunk by ``--quick``, with the CLI's counts."""
-    config = {**defaults, **(quick if args.quick else {}), "quick": bool(args.quick)}
-    config["trials"] = args.trials or config["trials"]
-    config["seeds"] = args.seeds or config["seeds"]
-    return config
-
-
-def run_experiment(
-    args: argparse.Namespace,
-    problem: Callable[[dict[str, Any]], Problem],
-    defaults: dict[str, Any],
-    quick: dict[str, Any],
+def study_settings(
+    quick: bool, defaults: dict[str, Any], quick_changes: dict[str, Any], **fields: Any
 ) -> dict[str, Any]:
-    """``sparsemoe reproduce NAME`` for a tuning experiment: tune every gate, retrain the best, report."""
-    import torch
-
-    torch.set_num_threads(1)  # a study is many small models: one thread each is the efficient use of a CPU
-    config = experiment_config(args, defaults, quick)
-    prob = problem(config)
-    gates = args.gates or list(PAPER_GATES)
-    out = args.out / "quick" if args.quick else args.out
-    command = f"sparsemoe reproduce {prob.name}" + (" --quick" if args.quick else f" --trials {config['trials']}")
-    return run_tuning(prob, gates, config["trials"], config["seeds"], out, command)
+    """An experiment's fixed settings: ``defaults``, changed by ``quick_changes`` in quick mode, plus
+    the Config fields that change what a trial computes (``epochs``, ``patience``, ...)."""
+    return {**defaults, **(quick_changes if quick else {}), **fields, "quick": bool(quick)}
 
 
-def trial_record(result: Any, metrics: dict[str, dict[str, Any]], last_routing: list[Any]) -> Record:
-    """What a ``train`` function returns: the fit's outcome, per-split metrics, experts used per input."""
+def trials_per_gate(gates: list[str], trials: int, defaults: dict[str, int], default: int) -> dict[str, int]:
+    """``trials`` for every gate, or (``trials == 0``) each gate's default count."""
+    return {g: trials or defaults.get(g, default) for g in gates}
+
+
+def command_line(name: str, config: Any) -> str:
+    """The ``sparsemoe reproduce`` command that reruns (and so resumes) ``config``: every field that
+    differs from its default, as ``--field-name value`` (``--flag`` for a true bool)."""
+    parts = [f"sparsemoe reproduce {name}"]
+    for f in fields(config):
+        value = getattr(config, f.name)
+        default = f.default_factory() if f.default_factory is not MISSING else f.default
+        if value == default:
+            continue
+        option = "--" + f.name.replace("_", "-")
+        if isinstance(value, bool):
+            parts.append(option if value else f"--no-{f.name.replace('_', '-')}")
+        elif isinstance(value, list | tuple):
+            parts.append(" ".join([option, *(shlex.quote(str(v)) for v in value)]))
+        else:
+            parts.append(f"{option} {shlex.quote(str(value))}")
+    return " ".join(parts)
+
+
+def check_study_config(config: Any, gates_allowed: tuple[str, ...]) -> None:
+    """Validation shared by the tuning experiments' ``Config.__post_init__``."""
+    unknown = [g for g in config.gates if g not in gates_allowed]
+    if unknown:
+        raise ValueError(f"gates: unknown {unknown}; choose from {' '.join(gates_allowed)}")
+    if not config.gates:
+        raise ValueError("gates: give at least one gate")
+    for name in ("trials", "seeds", "epochs", "patience"):
+        value = getattr(config, name, 0)
+        low = 1 if name in ("seeds", "epochs") else 0
+        if not isinstance(value, int) or value < low:
+            raise ValueError(f"{name}: must be an integer >= {low}, got {value!r}")
+    config.out = Path(config.out)
+
+
+def active_experts(routing: Any) -> float:
+    """Experts computed per input in the last forward: one routing, or the mean over task gates."""
+    routings = routing if isinstance(routing, list) else [routing]
+    return float(np.mean([r.num_pairs / max(r.num_inputs, 1) for r in routings]))
+
+
+def trial_record(
+    result: Any, metrics: dict[str, dict[str, Any]], last_routing: Any, active_per_epoch: list[float]
+) -> Record:
+    """What a ``train`` function returns: the fit's outcome, per-split metrics, experts used per input
+    (at the end, and after each epoch on a fixed validation probe), the validation loss per epoch."""
     return {
         "val_loss": result.best_val_loss,
         **metrics,
-        "active_experts": float(np.mean([r.num_pairs / r.num_inputs for r in last_routing])),
+        "active_experts": active_experts(last_routing),
+        "active_experts_per_epoch": active_per_epoch,
+        "val_loss_per_epoch": [h["val_loss"] for h in result.history],
         "seconds": result.seconds,
         "best_epoch": result.best_epoch,
         "epochs_run": result.epochs_run,
     }
-
-
-def add_tuning_arguments(parser: argparse.ArgumentParser, *, trials: int, seeds: int, out: str) -> None:
-    parser.add_argument("--quick", action="store_true", help="tiny data and trial counts (smoke test, CI)")
-    parser.add_argument("--trials", type=int, default=None, help=f"random-search trials per gate (default {trials})")
-    parser.add_argument("--seeds", type=int, default=None, help=f"seeds for the best configuration (default {seeds})")
-    parser.add_argument("--gates", nargs="+", default=None, help=f"gates (default: {' '.join(PAPER_GATES)})")
-    parser.add_argument("--out", type=Path, default=Path(out), help=f"output folder (default {out})")
 
 
 def sample(config: dict[str, Any], trial: Any, gate: str) -> dict[str, Any]:
@@ -162,84 +187,100 @@ def storage_url(out: Path, gate: str, config: dict[str, Any]) -> str:
     return f"sqlite:///{(out / f'optuna-{gate}-{config_tag(config)}.db').resolve()}"
 
 
+def slot_seed(gate: str, slot: int) -> int:
+    """The sampler seed of trial ``slot`` of ``gate``'s study: its configuration depends on nothing else."""
+    return zlib.crc32(f"{gate}/{slot}".encode())
+
+
 def run_gate_study(problem: Problem, gate: str, trials: int, storage: str, advance: Callable[[], None]) -> list[Record]:
-    """Run (or resume) the random search of one gate until it has ``trials`` finished trials."""
+    """Run (or resume) the random search of one gate until trials ``0 .. trials-1`` are finished.
+
+    Trial ``i`` (its "slot", saved as ``record["number"]``) draws its configuration from a
+    ``RandomSampler`` seeded by ``(gate, i)`` alone and trains with seed ``i``, so its record is the
+    same however often the study was stopped: a trial interrupted by Ctrl-C (marked failed on the
+    spot) or by a kill (left ``RUNNING`` in the database, marked failed here) is simply run again.
+    One process per gate study: a ``RUNNING`` trial found at start is taken to be a dead one.
+    """
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(study_name=gate, storage=storage, direction="minimize", load_if_exists=True)
-    finished = [t for t in study.trials if t.state.is_finished() and "record" in t.user_attrs]
-    for _ in finished[:trials]:
+    for stale in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        study.tell(stale.number, state=optuna.trial.TrialState.FAIL)
+    done: dict[int, Record] = {}
+    for t in study.get_trials(deepcopy=False):
+        if t.state.is_finished() and "record" in t.user_attrs and t.datetime_start and t.datetime_complete:
+            times = {"started": t.datetime_start.timestamp(), "finished": t.datetime_complete.timestamp()}
+            done.setdefault(t.user_attrs["record"]["number"], {**t.user_attrs["record"], **times})
+    for slot in range(trials):
+        if slot not in done:
+            done[slot] = _run_trial(study, problem, gate, slot)
         advance()
-    # A fresh sampler seed per resume, so a resumed study does not redraw the configurations it has.
-    study.sampler = optuna.samplers.RandomSampler(seed=zlib.crc32(gate.encode()) + len(finished))
-    while len(finished) < trials:
-        trial = study.ask()
+    return [done[slot] for slot in range(trials)]
+
+
+def _run_trial(study: Any, problem: Problem, gate: str, slot: int) -> Record:
+    """Ask, train and tell one trial; an interrupt marks it failed (it is rerun on resume) and propagates."""
+    import optuna
+
+    study.sampler = optuna.samplers.RandomSampler(seed=slot_seed(gate, slot))
+    trial = study.ask()
+    started = time.time()
+    try:
         params = problem.sample(trial, gate)
         try:
-            record = problem.train(gate, params, trial.number)
+            record = problem.train(gate, params, slot)
         except FloatingPointError as err:  # a diverged configuration is a result, not a crash
             record = {"val_loss": math.inf, "error": str(err), "seconds": 0.0}
-        record = {"number": trial.number, "params": params, **record}
-        trial.set_user_attr("record", record)
-        if math.isfinite(record["val_loss"]):
-            study.tell(trial, record["val_loss"])
-        else:
-            study.tell(trial, state=optuna.trial.TrialState.FAIL)
-        finished.append(trial)
-        advance()
-    records = [
-        {**t.user_attrs["record"], "started": t.datetime_start.timestamp(), "finished": t.datetime_complete.timestamp()}
-        for t in study.trials
-        if t.state.is_finished() and "record" in t.user_attrs
-    ]
-    return sorted(records, key=lambda r: r["number"])[:trials]
+    except BaseException:
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        raise
+    record = {"number": slot, "params": params, **record}
+    trial.set_user_attr("record", record)
+    if math.isfinite(record["val_loss"]):
+        study.tell(trial, record["val_loss"])
+    else:
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+    return {**record, "started": started, "finished": time.time()}
 
 
 def summarise_metrics(records: list[Record], problem: Problem, part: str = "test") -> dict[str, dict[str, float]]:
     return {key: mean_std([r[part][key] for r in records]) for key, _, _ in problem.metrics}
 
 
-def run_tuning(problem: Problem, gates: list[str], trials: int, seeds: int, out: Path, command: str) -> dict[str, Any]:
-    """Tune every gate, retrain each best configuration over seeds, write results.json/table.md/PNGs."""
+def interruptible(command: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Turn Ctrl-C inside the decorated call into one line saying how to continue, and exit code 130."""
+
+    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(*args, **kwargs)
+            except KeyboardInterrupt:
+                print(f"interrupted; finished trials are saved. Continue with: {command}", file=sys.stderr, flush=True)
+                raise SystemExit(130) from None
+
+        return call
+
+    return wrap
+
+
+def run_tuning(
+    problem: Problem, gates: list[str], trials: dict[str, int], seeds: int, out: Path, command: str
+) -> dict[str, Any]:
+    """Tune every gate (``trials[gate]`` trials), retrain each best configuration over seeds, write
+    results.json/table.md/PNGs. Ctrl-C stops it with one line naming ``command``, which resumes it."""
     out.mkdir(parents=True, exist_ok=True)
-    store = RunStore(out)
     started = time.perf_counter()
-    studies: dict[str, list[Record]] = {}
-    best: dict[str, dict[str, Any]] = {}
-    with progress() as bar:
-        task = bar.add_task(f"{problem.name}: tuning", total=len(gates) * (trials + seeds))
-        for gate in gates:
-            bar.update(task, description=f"{problem.name}: {gate} random search")
-            studies[gate] = run_gate_study(
-                problem, gate, trials, storage_url(out, gate, problem.config), lambda: bar.advance(task)
-            )
-            ranked = top_fraction(studies[gate], 1.0)
-            if not ranked:
-                raise RuntimeError(f"every trial of gate {gate!r} diverged; nothing to report")
-            params = ranked[0]["params"]
-            runs = []
-            bar.update(task, description=f"{problem.name}: {gate} best config x {seeds} seeds")
-            for seed in range(seeds):
-                key = RunStore.key(**_run_key({"gate": gate, "seed": seed, "params": params}, problem.config))
-                record = store.get(key)
-                if record is None:
-                    record = {
-                        "gate": gate,
-                        "seed": seed,
-                        "params": params,
-                        **problem.train(gate, params, 10_000 + seed),
-                    }
-                    store.put(key, record)
-                runs.append(record)
-                bar.advance(task)
-            best[gate] = {"params": params, "runs": runs}
+    studies, best = interruptible(command)(_tune)(problem, gates, trials, seeds, out)
+    store = RunStore(out)
     summary = {
         gate: {
             "top5": {"n": len(top_fraction(studies[gate])), **summarise_metrics(top_fraction(studies[gate]), problem)},
             "best": summarise_metrics(best[gate]["runs"], problem),
             "best_params": best[gate]["params"],
             "active_experts": mean_std([r["active_experts"] for r in best[gate]["runs"]]),
+            "epochs_run": mean_std([r["epochs_run"] for r in best[gate]["runs"]]),
+            "best_epoch": mean_std([r["best_epoch"] + 1 for r in best[gate]["runs"]]),
             "trials": len(studies[gate]),
             "diverged": sum(not math.isfinite(r["val_loss"]) for r in studies[gate]),
         }
@@ -262,6 +303,9 @@ def run_tuning(problem: Problem, gates: list[str], trials: int, seeds: int, out:
         "command": command,
         "written": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "config": {**problem.config, "trials_per_gate": trials, "seeds": seeds, "gates": gates},
+        "active_experts_per_epoch": {
+            g: _mean_curve([r["active_experts_per_epoch"] for r in best[g]["runs"]]) for g in gates
+        },
         "config_tag": config_tag(problem.config),
         "cost": {
             "training_seconds_total": compute,
@@ -276,13 +320,104 @@ def run_tuning(problem: Problem, gates: list[str], trials: int, seeds: int, out:
     text = render_tables(results, problem.metrics)
     (out / "table.md").write_text(text)
     plot_results(results, problem.metrics, out / f"{problem.name}.png")
+    plot_saturation(results, out / f"{problem.name}-experts-per-input.png")
     print(text)
-    console.print(f"wrote {out / 'results.json'}, {out / 'table.md'}, {out / (problem.name + '.png')}")
+    console.print(f"wrote {out / 'results.json'}, {out / 'table.md'} and PNG plots in {out}")
     return results
+
+
+def _tune(
+    problem: Problem, gates: list[str], trials: dict[str, int], seeds: int, out: Path
+) -> tuple[dict[str, list[Record]], dict[str, dict[str, Any]]]:
+    store = RunStore(out)
+    studies: dict[str, list[Record]] = {}
+    best: dict[str, dict[str, Any]] = {}
+    with progress() as bar:
+        task = bar.add_task(f"{problem.name}: tuning", total=sum(trials[g] + seeds for g in gates))
+        for gate in gates:
+            bar.update(task, description=f"{problem.name}: {gate} random search")
+            studies[gate] = run_gate_study(
+                problem, gate, trials[gate], storage_url(out, gate, problem.config), lambda: bar.advance(task)
+            )
+            ranked = top_fraction(studies[gate], 1.0)
+            if not ranked:
+                raise RuntimeError(f"every trial of gate {gate!r} diverged; nothing to report")
+            params = ranked[0]["params"]
+            runs = []
+            bar.update(task, description=f"{problem.name}: {gate} best config x {seeds} seeds")
+            for seed in range(seeds):
+                key = RunStore.key(**_run_key({"gate": gate, "seed": seed, "params": params}, problem.config))
+                record = store.get(key)
+                if record is None:
+                    begun = time.time()
+                    record = {
+                        "gate": gate,
+                        "seed": seed,
+                        "params": params,
+                        **problem.train(gate, params, 10_000 + seed),
+                    }
+                    record.update(started=begun, finished=time.time())
+                    store.put(key, record)
+                runs.append(record)
+                bar.advance(task)
+            best[gate] = {"params": params, "runs": runs}
+    return studies, best
+
+
+def _mean_curve(curves: list[list[float]]) -> list[float]:
+    """Mean over runs per epoch, over the runs still training at that epoch (early stopping ends runs)."""
+    length = max((len(c) for c in curves), default=0)
+    return [float(np.mean([c[e] for c in curves if len(c) > e])) for e in range(length)]
+
+
+#: gates whose experts per input are learned (they reach k only once their smooth-steps saturate)
+LEARNED_SPARSE = ("dselect_k", "comet", "dselect_k+", "comet+")
+
+
+def plot_saturation(results: dict[str, Any], path: Path) -> None:
+    """Experts computed per input after each epoch, best configuration, each seed (learned sparse gates)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    gates = [g for g in results["best_runs"] if g in LEARNED_SPARSE]
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    k = results["config"].get("k")
+    for i, gate in enumerate(gates):
+        colour = f"C{i}"
+        for j, run in enumerate(results["best_runs"][gate]):
+            curve = run["active_experts_per_epoch"]
+            ax.plot(range(1, len(curve) + 1), curve, color=colour, alpha=0.8, lw=1, label=gate if j == 0 else None)
+    if k is not None:
+        ax.axhline(k, color="black", ls=":", lw=1, label=f"k = {k}")
+    ax.set_ylim(0, results["config"].get("num_experts", 16) + 0.5)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("experts computed per input (validation probe)")
+    quick = " (quick)" if results["config"].get("quick") else ""
+    ax.set_title(f"{results['experiment']}{quick}: sparsity during training, best configuration, one line per seed")
+    ax.title.set_fontsize(9)
+    if not gates:
+        ax.text(
+            0.5, 0.5, "no learned sparse gate (DSelect-k, COMET, +) in this run", ha="center", transform=ax.transAxes
+        )
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _sem(stat: dict[str, float], digits: int = 4) -> str:
     return f"{stat['mean']:.{digits}f} ± {stat['sem']:.{digits}f}" if stat["n"] > 1 else f"{stat['mean']:.{digits}f}"
+
+
+def _counts(trials: dict[str, int]) -> str:
+    """``{"topk": 100, "comet": 50, ...}`` as ``100 (topk, ...), 50 (comet, ...)``."""
+    groups: dict[int, list[str]] = {}
+    for gate, n in trials.items():
+        groups.setdefault(n, []).append(gate)
+    return ", ".join(f"{n} ({', '.join(g)})" for n, g in groups.items())
 
 
 def render_tables(results: dict[str, Any], metrics: list[tuple[str, str, bool]]) -> str:
@@ -291,20 +426,25 @@ def render_tables(results: dict[str, Any], metrics: list[tuple[str, str, bool]])
     headers = ["gate", *(label for _, label, _ in metrics)]
     top = [[g, *(_sem(s["top5"][k]) for k, _, _ in metrics)] for g, s in summary.items()]
     best = [
-        [g, *(fmt(s["best"][k]) for k, _, _ in metrics), f"{s['active_experts']['mean']:.2f}"]
+        [
+            g,
+            *(fmt(s["best"][k]) for k, _, _ in metrics),
+            f"{s['active_experts']['mean']:.2f}",
+            f"{s['best_epoch']['mean']:.1f} / {s['epochs_run']['mean']:.1f}",
+        ]
         for g, s in summary.items()
     ]
     n_top = {s["top5"]["n"] for s in summary.values()}
     hours = results["cost"]["training_seconds_total"] / 3600
     return (
         f"# {results['experiment']}\n\nProduced by `{results['command']}` ({results['written']}); "
-        f"{cfg['trials_per_gate']} random-search trials per gate, best configuration retrained over "
+        f"random-search trials per gate: {_counts(cfg['trials_per_gate'])}; best configuration retrained over "
         f"{cfg['seeds']} seeds; total training time {hours:.2f} h (single thread).\n\n"
         f"## Test metrics over the top 5% of trials by validation loss (mean ± standard error, "
         f"{'/'.join(map(str, sorted(n_top)))} trials)\n\n"
         + markdown_table(headers, top)
         + f"\n## Test metrics at the best configuration, {cfg['seeds']} seeds (mean ± std)\n\n"
-        + markdown_table([*headers, "experts / input"], best)
+        + markdown_table([*headers, "experts / input", "best epoch / epochs run"], best)
     )
 
 

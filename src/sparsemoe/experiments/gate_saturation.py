@@ -1,0 +1,261 @@
+"""How fast DSelect-k and COMET become sparse: experts computed per input against training steps.
+
+Both gates are soft until their smooth-steps saturate (``|w·x + b| >= γ/2``); until then a layer
+computes up to all ``n`` experts per input. This study trains one MoE layer (16 experts, k = 2,
+MLP experts) plus a linear classifier on scikit-learn's bundled 8x8 digits (1,797 images, 64
+features; no download) with Adam (lr 1e-3, batch 64) for a few thousand steps, for a grid of
+candidate ``(gamma, entropy_weight)`` per gate over several seeds, and records the experts per
+input on a held-out set at about log-spaced steps (``EVAL_STEPS``). The gates' defaults are chosen from it: the
+candidate that reaches k experts per input earliest without losing accuracy.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..layers import MoE
+from .progress import console, progress
+from .report import markdown_table, mean_std
+from .store import RunStore, write_json
+
+NAME = "gate-saturation"
+GATES = ("dselect_k", "comet")
+#: steps after which experts per input are counted (about log-spaced; plus the last step)
+EVAL_STEPS = (0, 5, 10, 20, 30, 50, 75, 100, 150, 200, 300, 500, 750, 1000, 1500, 2000, 2500, 3000, 4000, 5000)
+
+
+@dataclass
+class Config:
+    quick: bool = field(default=False, metadata={"help": "tiny smoke run (CI): 200 steps, 1 seed, 2 candidates"})
+    out: Path = field(default=Path(f"results/{NAME}"), metadata={"help": "output folder"})
+    gates: list[str] = field(default_factory=lambda: list(GATES), metadata={"help": "gates to study"})
+    gammas: list[float] = field(default_factory=lambda: [0.1, 1.0, 10.0], metadata={"help": "candidate gamma values"})
+    entropy_weights: list[float] = field(
+        default_factory=lambda: [0.1, 1.0], metadata={"help": "candidate entropy weights"}
+    )
+    seeds: int = field(default=2, metadata={"help": "seeds per candidate"})
+    steps: int = field(default=3000, metadata={"help": "optimiser steps per run"})
+    num_experts: int = field(default=16, metadata={"help": "experts in the layer"})
+    k: int = field(default=2, metadata={"help": "the gates' k"})
+
+    def __post_init__(self) -> None:
+        bad = [g for g in self.gates if g not in GATES]
+        if bad or not self.gates:
+            raise ValueError(f"gates: choose one or more of {' '.join(GATES)}, got {self.gates}")
+        for name in ("seeds", "steps", "num_experts", "k"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be a positive integer, got {getattr(self, name)!r}")
+        if any(g <= 0 for g in self.gammas) or not self.gammas:
+            raise ValueError(f"gammas: give positive values, got {self.gammas}")
+        if any(w < 0 for w in self.entropy_weights) or not self.entropy_weights:
+            raise ValueError(f"entropy_weights: give values >= 0, got {self.entropy_weights}")
+        self.out = Path(self.out)
+
+
+def _digits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    x = torch.tensor(data.data, dtype=torch.float32) / 16.0
+    y = torch.tensor(data.target)
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    x, y = x[order], y[order]
+    return x[:1400], y[:1400], x[1400:], y[1400:]  # train, held out (397)
+
+
+def train_one(config: Config, gate: str, gamma: float, entropy_weight: float, seed: int, steps: int) -> dict[str, Any]:
+    """One run: experts per input on the held-out set after each of ``EVAL_STEPS``, final accuracy."""
+    torch.manual_seed(seed)
+    x, y, x_test, y_test = _digits()
+    moe = MoE(64, 32, config.num_experts, gate=gate, k=config.k, gamma=gamma, entropy_weight=entropy_weight)
+    head = nn.Linear(64, 10)
+    params = [*moe.parameters(), *head.parameters()]
+    optimizer = torch.optim.Adam(params, lr=1e-3)
+    generator = torch.Generator().manual_seed(seed)
+    curve: list[list[float]] = []
+    started = time.perf_counter()
+
+    def evaluate(step: int) -> float:
+        moe.eval()
+        with torch.no_grad():
+            logits = head(moe(x_test))
+            routing = moe.last_routing
+            assert routing is not None
+            curve.append([step, routing.num_pairs / routing.num_inputs])
+        moe.train()
+        return float((logits.argmax(1) == y_test).float().mean())
+
+    evaluate(0)
+    step = 0
+    while step < steps:
+        for rows in torch.randperm(len(x), generator=generator).split(64):
+            loss = F.cross_entropy(head(moe(x[rows])), y[rows]) + moe.aux_loss()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            if step in EVAL_STEPS or step == steps:
+                accuracy = evaluate(step)
+            if step == steps:
+                break
+    reach = next((s for s, a in curve if a <= config.k + 1e-9), None)
+    return {
+        "gate": gate,
+        "gamma": gamma,
+        "entropy_weight": entropy_weight,
+        "seed": seed,
+        "curve": curve,
+        "steps_to_k": reach,
+        "final_experts": curve[-1][1],
+        "test_accuracy": accuracy,
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def run(config: Config) -> dict[str, Any]:
+    """Train every (gate, gamma, entropy weight, seed); write results.json, table.md and a plot."""
+    steps = min(config.steps, 200) if config.quick else config.steps
+    seeds = 1 if config.quick else config.seeds
+    gammas = config.gammas[:1] if config.quick else config.gammas
+    out = config.out / "quick" if config.quick else config.out
+    store = RunStore(out)
+    grid = list(itertools.product(config.gates, gammas, config.entropy_weights, range(seeds)))
+    runs = []
+    with progress() as bar:
+        task = bar.add_task(f"{NAME}: runs", total=len(grid))
+        for gate, gamma, weight, seed in grid:
+            key = RunStore.key(
+                evals=len(EVAL_STEPS),
+                gate=gate,
+                gamma=gamma,
+                entropy=weight,
+                seed=seed,
+                steps=steps,
+                n=config.num_experts,
+                k=config.k,
+            )
+            record = store.get(key)
+            if record is None:
+                record = train_one(config, gate, gamma, weight, seed, steps)
+                store.put(key, record)
+            runs.append(record)
+            bar.advance(task)
+    summary = []
+    for gate, gamma, weight in itertools.product(config.gates, gammas, config.entropy_weights):
+        group = [r for r in runs if (r["gate"], r["gamma"], r["entropy_weight"]) == (gate, gamma, weight)]
+        reached = [r["steps_to_k"] for r in group if r["steps_to_k"] is not None]
+        summary.append(
+            {
+                "gate": gate,
+                "gamma": gamma,
+                "entropy_weight": weight,
+                "runs_reaching_k": f"{len(reached)}/{len(group)}",
+                "steps_to_k": mean_std(reached) if len(reached) == len(group) else None,
+                "final_experts": mean_std([r["final_experts"] for r in group]),
+                "test_accuracy": mean_std([r["test_accuracy"] for r in group]),
+            }
+        )
+    results = {
+        "experiment": NAME,
+        "command": f"sparsemoe reproduce {NAME}" + (" --quick" if config.quick else ""),
+        "written": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "config": {
+            "quick": config.quick,
+            "gates": config.gates,
+            "gammas": gammas,
+            "entropy_weights": config.entropy_weights,
+            "seeds": seeds,
+            "steps": steps,
+            "eval_steps": [s for s in EVAL_STEPS if s < steps] + [steps],
+            "num_experts": config.num_experts,
+            "k": config.k,
+            "task": "sklearn digits, 1400 train / 397 held out; MoE(64, 32, n) + Linear(64, 10); "
+            "Adam lr 1e-3, batch 64",
+        },
+        "summary": summary,
+        "runs": runs,
+    }
+    write_json(out / "results.json", results)
+    text = render(results)
+    (out / "table.md").write_text(text)
+    plot(results, out / f"{NAME}.png")
+    print(text)
+    console.print(f"wrote {out / 'results.json'}, {out / 'table.md'}, {out / (NAME + '.png')}")
+    return results
+
+
+def render(results: dict[str, Any]) -> str:
+    cfg = results["config"]
+    rows = []
+    for s in results["summary"]:
+        steps = s["steps_to_k"]
+        rows.append(
+            [
+                s["gate"],
+                s["gamma"],
+                s["entropy_weight"],
+                s["runs_reaching_k"],
+                "not all runs" if steps is None else f"{steps['mean']:.0f} ± {steps['std']:.0f}",
+                f"{s['final_experts']['mean']:.2f}",
+                f"{s['test_accuracy']['mean']:.3f} ± {s['test_accuracy']['std']:.3f}",
+            ]
+        )
+    quick = " (quick)" if cfg["quick"] else ""
+    return (
+        f"# {NAME}{quick}\n\nProduced by `{results['command']}` ({results['written']}). {cfg['task']}; "
+        f"n = {cfg['num_experts']} experts, k = {cfg['k']}, {cfg['steps']} steps, {cfg['seeds']} seeds per candidate "
+        f"(mean ± std over seeds). Experts per input are counted on the held-out set after steps "
+        f"{', '.join(map(str, cfg['eval_steps']))}; "
+        "'steps to k' is the first count at or below k.\n\n"
+        + markdown_table(
+            [
+                "gate",
+                "gamma",
+                "entropy weight",
+                "runs reaching k",
+                "steps to k",
+                "final experts / input",
+                "test accuracy",
+            ],
+            rows,
+        )
+    )
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cfg = results["config"]
+    gates = cfg["gates"]
+    fig, axes = plt.subplots(1, len(gates), figsize=(7.5 * len(gates), 4.2), squeeze=False)
+    candidates = list(itertools.product(cfg["gammas"], cfg["entropy_weights"]))
+    for ax, gate in zip(axes[0], gates, strict=True):
+        for i, (gamma, weight) in enumerate(candidates):
+            runs = [r for r in results["runs"] if (r["gate"], r["gamma"], r["entropy_weight"]) == (gate, gamma, weight)]
+            for j, r in enumerate(runs):
+                steps, active = zip(*r["curve"], strict=True)
+                label = f"γ={gamma:g}, λ={weight:g}" if j == 0 else None
+                ax.plot(steps, active, color=f"C{i}", lw=1, alpha=0.8, label=label)
+        ax.axhline(cfg["k"], color="black", ls=":", lw=1, label=f"k = {cfg['k']}")
+        ax.set_ylim(0, cfg["num_experts"] + 0.5)
+        ax.set_xscale("symlog", linthresh=10)
+        ax.set_xlim(0, cfg["steps"])
+        ax.set_xlabel("training step (linear to 10, log beyond)")
+        ax.set_ylabel("experts computed per input (held-out set)")
+        quick = " (quick)" if cfg["quick"] else ""
+        ax.set_title(f"{gate}{quick}: one line per seed", fontsize=10)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
