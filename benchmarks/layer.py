@@ -129,7 +129,7 @@ def headline(cfg: LayerConfig, label: str, out_dir: Path, figure: str, peers: bo
             [
                 f"{label}: fwd+bwd ≤ 1.10× dense-equivalent ({kind})",
                 report.ratio(ours_time),
-                report.verdict(ours_time.median <= 1.10),
+                report.verdict(ours_time.median <= 1.10, ours_time),
                 "" if ours_time.median <= 1.10 else TIME_WHY + (PAGE_FAULT_WHY if "glibc" in label else ""),
             ]
         )
@@ -140,7 +140,7 @@ def headline(cfg: LayerConfig, label: str, out_dir: Path, figure: str, peers: bo
                 [
                     f"{label}: faster than HF grouped_mm block ({mine.removeprefix('sparsemoe (')}",
                     f"ours ÷ HF = {report.ratio(vs_hf)}",
-                    report.verdict(vs_hf.median < 1.0),
+                    report.verdict(vs_hf.median < 1.0, vs_hf),
                     "" if vs_hf.median < 1.0 else HF_WHY,
                 ]
             )

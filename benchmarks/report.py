@@ -30,16 +30,24 @@ def ms(stat: Stat) -> str:
     return stat.fmt(1e3, 1)
 
 
+def us(stat: Stat) -> str:
+    """Microseconds, ``median [min–max]``."""
+    return stat.fmt(1e6, 0)
+
+
 def ratio(stat: Stat) -> str:
-    return f"{stat.median:.3f} [{stat.low:.3f}–{stat.high:.3f}]"
+    """``median [min–max]``, marked "(noisy)" when the rounds spread too wide to read it as a fact."""
+    return f"{stat.median:.3f} [{stat.low:.3f}–{stat.high:.3f}]" + (" (noisy)" if stat.noisy() else "")
 
 
 def mib(num_bytes: float) -> str:
     return f"{num_bytes / 2**20:.0f}"
 
 
-def verdict(ok: bool) -> str:
-    return "met" if ok else "**missed**"
+def verdict(ok: bool, stat: Stat | None = None) -> str:
+    """``met`` / ``**missed**``; with a ``stat`` whose spread is too wide, only a likely verdict."""
+    word = "met" if ok else "**missed**"
+    return f"{word}? (uncertain: noisy)" if stat is not None and stat.noisy() else word
 
 
 def pyplot():

@@ -2,8 +2,12 @@
 
 Families: the layer against its dense-equivalent and the peer libraries (time, peak memory), where
 the time goes (profile), sweeps over T/n/k, gate cost and sparse-gate scaling, local search
-overhead, and the demo's training throughput. ``--quick`` runs small shapes in under a minute and
-writes to ``benchmarks/quick/`` so it never overwrites the committed full results.
+overhead, and small models (an MMoE training step at the COMET paper's scale). ``--quick`` runs
+small shapes with few rounds on one thread with the CPU clock (under a minute; it prints its own
+duration) and writes to
+``benchmarks/quick/`` so it never overwrites the committed full results. Every measurement checks
+its spread and the machine's load, repeats rounds that are too spread, and flags what stays
+uncertain (see ``timing.py``).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from . import gates, layer, profile, search, timing, training
+from . import bench_gates, bench_profile, bench_search, layer, mmoe_small, timing
 from .report import Section, table
 
 HERE = Path(__file__).resolve().parent
@@ -36,32 +40,42 @@ def reuse_freed_memory() -> bool:
         return False
 
 
+FAMILIES = ("headline", "profile", "sweeps", "gates", "search", "small")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small shapes, few repeats (< 1 minute)")
+    parser.add_argument("--quick", action="store_true", help="small shapes, few rounds (about a minute, for CI)")
     parser.add_argument(
         "--out", type=Path, default=None, help="output folder (default benchmarks/, quick: benchmarks/quick/)"
     )
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own default)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own; --quick: 1)")
     parser.add_argument(
         "--clock",
         choices=("wall", "cpu"),
-        default="wall",
+        default=None,
         help="wall: elapsed time (default); cpu: process CPU time, immune to being descheduled "
-        "on a shared machine (meaningful with --threads 1)",
+        "on a shared machine (meaningful with --threads 1; the default of --quick)",
     )
     parser.add_argument(
         "--only",
         nargs="+",
         default=None,
-        choices=("headline", "profile", "sweeps", "gates", "search", "training"),
+        choices=FAMILIES,
         help="run only these families",
     )
     return parser.parse_args(argv)
 
 
-def header(args: argparse.Namespace, command: str, seconds: float, reused: bool) -> str:
+def header(args: argparse.Namespace, command: str, seconds: float, reused: bool, load: list[float]) -> str:
     info = timing.machine_info()
+    busy = max(load) > 1.0
+    load_line = (
+        f"- Machine load (1-min load average ÷ cores) at start and end: {load[0]:.1f}, {load[-1]:.1f}"
+        + (" — **loaded**: more runnable processes than cores, so wall-clock ratios are uncertain" if busy else "")
+        + ". Ratios whose rounds spread by more than "
+        f"±{50 * timing.MAX_SPREAD:.1f}% (interquartile range) after repeated rounds are marked *(noisy)*.\n"
+    )
     return (
         "# sparsemoe benchmarks\n\n"
         f"Command: `{command}` (regenerates this file and the PNGs next to it).\n\n"
@@ -71,6 +85,7 @@ def header(args: argparse.Namespace, command: str, seconds: float, reused: bool)
         f"- Clock: {'wall time' if args.clock == 'wall' else 'process CPU time'}; allocator: glibc, "
         f"{'freed memory reused after the first headline (see Method)' if reused else 'default'}\n"
         "- Peers installed with `pip install -c constraints.txt -e '.[bench]'`; missing ones are skipped with a line.\n"
+        + load_line
     )
 
 
@@ -98,15 +113,20 @@ METHOD = """## Method
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.quick:  # a smoke run: two threads on a loaded machine took 4.4 min instead of 1
+        args.threads = args.threads or 1
+        args.clock = args.clock or "cpu"
+    args.clock = args.clock or "wall"
     if args.threads:
         torch.set_num_threads(args.threads)
     timing.CLOCK = time.perf_counter if args.clock == "wall" else time.process_time
     out = args.out or (HERE / "quick" if args.quick else HERE)
     out.mkdir(parents=True, exist_ok=True)
-    families = set(args.only or ("headline", "profile", "sweeps", "gates", "search", "training"))
+    families = set(args.only or FAMILIES)
     layer_cfg = layer.QUICK if args.quick else layer.FULL
-    gate_cfg = gates.QUICK if args.quick else gates.FULL
+    gate_cfg = bench_gates.QUICK if args.quick else bench_gates.FULL
     start = time.perf_counter()
+    load = [timing.load_per_core()]
     sections: list[Section] = []
 
     def run(name: str, fn, *fargs: object) -> None:
@@ -128,16 +148,17 @@ def main(argv: list[str] | None = None) -> None:
         run("headline (memory reused)", layer.headline, layer_cfg, "freed memory reused", out, "layer_headline.png")
     if "profile" in families:
         for kind in layer.KINDS:
-            run(f"profile {kind}", profile.breakdown, layer_cfg.shape, kind, layer_cfg.sweep_repeats + 2)
+            run(f"profile {kind}", bench_profile.breakdown, layer_cfg.shape, kind, layer_cfg.sweep_repeats + 2)
     if "sweeps" in families:
         run("sweeps", layer.sweeps, layer_cfg, out)
     if "gates" in families:
-        run("gate cost", gates.routing_cost, gate_cfg, out)
-        run("sparse gates", gates.sparse_gate_layers, gate_cfg, out)
+        run("gate cost", bench_gates.routing_cost, gate_cfg, out)
+        run("sparse gates", bench_gates.sparse_gate_layers, gate_cfg, out)
     if "search" in families:
-        run("local search", search.local_search_overhead, layer_cfg.shape, layer_cfg.sweep_repeats, out)
-    if "training" in families:
-        run("training throughput", training.throughput, 1 if args.quick else 3, 1 if args.quick else 3, out)
+        run("local search", bench_search.local_search_overhead, layer_cfg.shape, layer_cfg.sweep_repeats, out)
+    if "small" in families:
+        run("small models", mmoe_small.small_models, mmoe_small.QUICK if args.quick else mmoe_small.FULL)
+    load.append(timing.load_per_core())
 
     command = (
         "python -m benchmarks.run"
@@ -146,7 +167,7 @@ def main(argv: list[str] | None = None) -> None:
         + (" --clock cpu" if args.clock == "cpu" else "")
     )
     targets = [row for s in sections for row in s.targets]
-    text = header(args, command, time.perf_counter() - start, reused)
+    text = header(args, command, time.perf_counter() - start, reused, load)
     text += "\nNotes on what was optimised, and why a target is missed where it is: [NOTES.md](NOTES.md).\n"
     if targets:
         text += "\n## Targets\n\n" + table(

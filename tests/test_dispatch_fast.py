@@ -6,8 +6,9 @@ import pytest
 import torch
 from torch.autograd import gradcheck
 
-from sparsemoe.dispatch import _WeightedIndexAdd, dispatch, reference_dispatch
-from sparsemoe.experts import StackedExperts, _GroupedMatmul, grouped_matmul
+from sparsemoe.dispatch import dispatch, reference_dispatch
+from sparsemoe.experts import StackedExperts, grouped_matmul
+from sparsemoe.kernels import _GroupedMatmul, _WeightedIndexAdd
 from sparsemoe.routing import Routing
 
 
@@ -20,7 +21,7 @@ def test_grouped_matmul_gradcheck(counts: list[int]) -> None:
     torch.manual_seed(0)
     xs = torch.randn(sum(counts), 4, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(len(counts), 4, 5, dtype=torch.float64, requires_grad=True)
-    assert gradcheck(lambda a, w: _GroupedMatmul.apply(a, w, counts, _offsets(counts)), (xs, weight))
+    assert gradcheck(lambda a, w: _GroupedMatmul.apply(a, w, _offsets(counts)), (xs, weight))
 
 
 def test_weighted_index_add_gradcheck() -> None:
@@ -70,3 +71,37 @@ def test_dispatch_matches_reference(dtype: torch.dtype, kind: str, tokens: int) 
     inputs = (x, weight, *experts.parameters())
     for a, b in zip(torch.autograd.grad(fast.sum(), inputs), torch.autograd.grad(slow.sum(), inputs), strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_dense_path_exactly_when_every_pair_is_covered(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Full coverage (softmax, or top-n) runs every expert on every input; anything less stays sparse."""
+    calls: list[int] = []
+    experts = StackedExperts(4, 8, 16, bias=True)
+    original = experts.forward_all
+    monkeypatch.setattr(experts, "forward_all", lambda x: calls.append(1) or original(x))
+    x = torch.randn(6, 8, requires_grad=True)
+    almost = torch.rand(6, 4)
+    almost[2, 1] = 0  # one pair missing
+    for weights, dense in ((almost, False), (torch.rand(6, 4), True)):
+        routing = Routing.from_dense(weights.requires_grad_(), keep_zeros=False)
+        calls.clear()
+        fast, slow = dispatch(x, routing, experts), reference_dispatch(x, routing, experts)
+        assert calls == ([1] if dense else [])
+        torch.testing.assert_close(fast, slow)
+        inputs = (x, weights, *experts.parameters())
+        got = torch.autograd.grad(fast.sum(), inputs, retain_graph=True)
+        for a, b in zip(got, torch.autograd.grad(slow.sum(), inputs), strict=True):
+            torch.testing.assert_close(a, b)
+
+
+def test_multitask_dense_path_matches_sparse_tasks() -> None:
+    """Two tasks whose routings together cover every pair: dense mix equals each task dispatched alone."""
+    from sparsemoe.dispatch import dispatch_tasks
+
+    experts = StackedExperts(3, 5, 7)
+    x = torch.randn(4, 5)
+    first = Routing.from_topk(torch.tensor([[0, 1]] * 4), torch.rand(4, 2), 3)
+    second = Routing.from_topk(torch.tensor([[2]] * 4), torch.rand(4, 1), 3)
+    outputs = dispatch_tasks(x, [first, second], experts)
+    for out, routing in zip(outputs, (first, second), strict=True):
+        torch.testing.assert_close(out, reference_dispatch(x, routing, experts))

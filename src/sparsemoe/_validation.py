@@ -53,6 +53,9 @@ def _all_finite(x: torch.Tensor) -> bool:
     non-finite sum (a bad value, or an overflow of large finite ones) pays for the elementwise test.
     """
     x = x.detach()
+    if torch.compiler.is_compiling():  # no host read in a compiled graph: a device-side assert instead
+        torch._assert_async(torch.isfinite(x).all(), "input contains NaN or infinite values")
+        return True
     return bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())
 
 
@@ -104,6 +107,8 @@ def check_ids(ids: object, num_rows: int, *, name: str = "ids") -> torch.Tensor:
     ids = ids.reshape(-1)
     if ids.numel() != num_rows:
         raise ValueError(f"{name} must hold one id per input row ({num_rows}), got {ids.numel()}")
-    if ids.numel() and int(ids.min()) < 0:
+    if ids.numel() and torch.compiler.is_compiling():  # no host read in a compiled graph
+        torch._assert_async((ids >= 0).all(), f"{name} must be non-negative")
+    elif ids.numel() and int(ids.min()) < 0:
         raise ValueError(f"{name} must be non-negative, got minimum {int(ids.min())}")
     return ids.long()

@@ -2,66 +2,96 @@
 
 Only the pairs in a :class:`~sparsemoe.routing.Routing` are computed; nothing is padded and,
 unless a capacity is set on the routing, nothing is dropped.
+
+Dense path: when the routings cover every (input, expert) pair (a dense softmax gate), sorting,
+gathering and scattering buy nothing. The experts then run on all inputs as batched GEMMs and the
+weights mix them as one dense product: the same outputs and gradients, up to rounding order.
+(Running small *sparse* routings densely as well was measured and dropped: at the COMET paper's
+scale it was within noise of the sparse path, 0.93-1.0x, and for a single top-2 MoE layer with
+d=100, h=16, n=8, T=256 it was 1.36x slower.)
 """
 
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from .experts import ExpertBank
+from .kernels import weighted_combine
 from .routing import Routing
 
 
 def sort_by_expert(expert: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The stable order that groups pairs by expert, and the pairs per expert ``[n]``."""
-    order = torch.argsort(expert, stable=True)
-    return order, torch.bincount(expert, minlength=num_experts)
+    """The stable order that groups pairs by expert, and the pairs per expert ``LongTensor[n]``.
 
-
-class _WeightedIndexAdd(torch.autograd.Function):
-    """``out[token[i]] += weight[i] · ys[i]`` for every pair ``i``, into ``[T, *out]``.
-
-    Autograd would keep the scaled copy's graph and allocate three ``[N, *out]`` gradients; this
-    backward gathers the output gradient once and reuses it in place for ``∂ys``. First-order only.
+    The counts have a fixed size ``[n]`` (``bincount`` sizes its output by the data, which
+    ``torch.compile`` cannot trace without a graph break).
     """
-
-    @staticmethod
-    def forward(
-        ctx: torch.autograd.function.FunctionCtx,
-        ys: torch.Tensor,
-        token: torch.Tensor,
-        weight: torch.Tensor,
-        num_inputs: int,
-    ) -> torch.Tensor:
-        ctx.save_for_backward(ys, token, weight)
-        scale = weight.view(-1, *([1] * (ys.dim() - 1)))
-        return ys.new_zeros(num_inputs, *ys.shape[1:]).index_add_(0, token, ys * scale)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        ys, token, weight = ctx.saved_tensors
-        grad_rows = grad.index_select(0, token)  # [N, *out]: the gradient reaching each pair
-        grad_weight = None
-        if ctx.needs_input_grad[2]:
-            grad_weight = (grad_rows * ys).flatten(1).sum(1)
-        if ctx.needs_input_grad[0]:
-            grad_rows.mul_(weight.view(-1, *([1] * (ys.dim() - 1))))
-        return grad_rows, None, grad_weight, None
+    order = torch.argsort(expert, stable=True)
+    counts = expert.new_zeros(num_experts).index_add_(0, expert, torch.ones_like(expert))
+    return order, counts
 
 
 def combine(ys: torch.Tensor, token: torch.Tensor, weight: torch.Tensor, num_inputs: int) -> torch.Tensor:
     """``y[t] = Σ_{pairs of t} weight · ys``: ``[N, *out] -> [T, *out]``."""
-    return _WeightedIndexAdd.apply(ys, token, weight.to(ys.dtype), num_inputs)
+    return weighted_combine(ys, token, weight, num_inputs)
+
+
+def covers_all_pairs(routings: list[Routing], num_inputs: int, num_experts: int) -> bool:
+    """Whether every ``(input, expert)`` pair appears in at least one routing.
+
+    Costs nothing when the routings hold fewer than ``T·n`` pairs in all (a sparse gate) or there are
+    no inputs, else one
+    ``[T·n]`` scatter and a host read of one bool. Always False while compiling (the answer is data).
+    """
+    cells = num_inputs * num_experts
+    if cells == 0 or sum(r.num_pairs for r in routings) < cells or torch.compiler.is_compiling():
+        return False
+    seen = torch.zeros(cells, dtype=torch.bool, device=routings[0].token.device)
+    for r in routings:
+        seen[r.token * num_experts + r.expert] = True
+    return bool(seen.all())
+
+
+def dense_mix(ys_all: torch.Tensor, routings: list[Routing]) -> list[torch.Tensor]:
+    """``y_r[t] = Σ_e W_r[t, e] · ys_all[e, t]`` with ``W_r = routings[r].to_dense()``, one einsum for all.
+
+    Shape: ``ys_all: [n, T, *out]`` -> one ``[T, *out]`` per routing.
+    """
+    n, num_inputs = ys_all.shape[:2]
+    weights = torch.stack([r.to_dense() for r in routings]).to(ys_all.dtype)  # [R, T, n]
+    mixed = torch.einsum("rtn,nto->rto", weights, ys_all.reshape(n, num_inputs, -1))
+    return list(mixed.view(len(routings), num_inputs, *ys_all.shape[2:]).unbind(0))
 
 
 def dispatch(x: torch.Tensor, routing: Routing, experts: ExpertBank) -> torch.Tensor:
     """Apply the routed experts to ``x: [T, *in]`` and mix: returns ``[T, *out]``."""
+    if covers_all_pairs([routing], routing.num_inputs, experts.num_experts):
+        return dense_mix(experts.forward_all(x), [routing])[0]
     order, counts = sort_by_expert(routing.expert, experts.num_experts)
     token = routing.token[order]
     ys = experts.forward_sorted(x.index_select(0, token), counts)  # [N, *out], grouped by expert
     return combine(ys, token, routing.weight[order], routing.num_inputs)
+
+
+def dispatch_tasks(x: torch.Tensor, routings: list[Routing], experts: ExpertBank) -> list[torch.Tensor]:
+    """Several routings of the same inputs (one per task, MMoE) over shared experts: one ``[T, *out]`` each.
+
+    Each pair chosen by any routing is computed once. ``torch.unique`` sorts the ``(expert, input)``
+    keys, so the unique pairs come out grouped by expert, ready for the grouped matmul without a sort.
+    """
+    num_inputs, num_experts = routings[0].num_inputs, experts.num_experts
+    if covers_all_pairs(routings, num_inputs, num_experts):
+        return dense_mix(experts.forward_all(x), routings)
+    keys = torch.cat([r.expert * num_inputs + r.token for r in routings])
+    unique_keys, position = torch.unique(keys, return_inverse=True)
+    counts = torch.bincount(unique_keys // num_inputs, minlength=num_experts)
+    ys = experts.forward_sorted(x.index_select(0, unique_keys % num_inputs), counts)  # [N_unique, *out]
+    outputs, start = [], 0
+    for r in routings:
+        pos = position[start : start + r.num_pairs]
+        outputs.append(combine(ys.index_select(0, pos), r.token, r.weight, num_inputs))
+        start += r.num_pairs
+    return outputs
 
 
 def reference_dispatch(x: torch.Tensor, routing: Routing, experts: ExpertBank) -> torch.Tensor:

@@ -8,9 +8,9 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 from ._validation import check_choice, check_int
+from .kernels import grouped_matmul_offsets, grouped_mm_supported
 
 EXPERT_KINDS = ("mlp", "swiglu", "linear")
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -19,7 +19,15 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "silu": F.silu,
     "identity": lambda t: t,
 }
-_GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+__all__ = [
+    "ACTIVATIONS",
+    "EXPERT_KINDS",
+    "ExpertBank",
+    "ModuleExperts",
+    "StackedExperts",
+    "grouped_matmul",
+    "grouped_mm_supported",
+]
 
 
 class ExpertBank(nn.Module):
@@ -55,6 +63,17 @@ class ExpertBank(nn.Module):
             return self.forward_expert(0, xs)
         return torch.cat(outputs)
 
+    def forward_all(self, x: torch.Tensor) -> torch.Tensor:
+        """Every expert on every row: ``x: [T, *in] -> [n, T, *out]`` (the dense path of a softmax gate).
+
+        The default goes through :meth:`forward_sorted` (rows repeated once per expert), the one
+        bulk interface every bank has (expert-parallel banks compute rows only in bulk).
+        """
+        n, num_rows = self.num_experts, x.shape[0]
+        counts = torch.full((n,), num_rows, dtype=torch.long, device=x.device)
+        ys = self.forward_sorted(x.repeat(n, *([1] * (x.dim() - 1))), counts)  # [n·T, *out], expert-major
+        return ys.view(n, num_rows, *ys.shape[1:])
+
 
 class ModuleExperts(ExpertBank):
     """Experts given as arbitrary modules (one per expert), run one after another.
@@ -78,88 +97,14 @@ class ModuleExperts(ExpertBank):
         return self.experts[expert](x)
 
 
-def grouped_mm_supported(xs: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether ``torch.nn.functional.grouped_mm`` can take these operands.
-
-    It needs float32/bf16/fp16 and rows whose byte strides are multiples of 16.
-    """
-    if not hasattr(F, "grouped_mm") or xs.dtype not in _GROUPED_MM_DTYPES or weight.dtype != xs.dtype:
-        return False
-    size = xs.element_size()
-    return all((dim * size) % 16 == 0 for dim in weight.shape[1:])
-
-
-def _segments(counts: list[int]) -> list[tuple[int, slice]]:
-    """``(expert, rows)`` of every non-empty expert, for rows sorted by expert."""
-    bounds, start = [], 0
-    for expert, count in enumerate(counts):
-        if count:
-            bounds.append((expert, slice(start, start + count)))
-        start += count
-    return bounds
-
-
-def _segment_mm(xs: torch.Tensor, weight: torch.Tensor, counts: list[int], offsets: torch.Tensor) -> torch.Tensor:
-    """``xs[rows of e] @ weight[e]`` into one ``[N, h]`` output: one ``grouped_mm`` or a loop of ``mm``."""
-    if grouped_mm_supported(xs, weight):
-        return F.grouped_mm(xs, weight, offs=offsets)
-    out = xs.new_empty(xs.shape[0], weight.shape[-1])
-    for e, rows in _segments(counts):
-        torch.mm(xs[rows], weight[e], out=out[rows])
-    return out
-
-
-class _GroupedMatmul(torch.autograd.Function):
-    """``xs[rows of e] @ weight[e]``, with a backward written out for speed.
-
-    Saves only ``xs`` and ``weight``. The input gradient is the same grouped product with the
-    transposed weights. The weight gradient ``xs[rows of e]^T @ grad[rows of e]`` is written
-    straight into its slot of ``[n, d, h]``: on CPU this loop is ~1.2x faster than ``grouped_mm``'s
-    own weight gradient (measured with torch 2.13: it runs at ~1.3x a single GEMM of the same FLOPs,
-    the loop at ~1.06x); on GPU ``grouped_mm`` is one fused kernel and is kept. The incoming
-    gradient is made contiguous (``grouped_mm`` rejects the stride-0 gradient of ``y.sum()``).
-    First-order only (no double backward).
-    """
-
-    @staticmethod
-    def forward(
-        ctx: torch.autograd.function.FunctionCtx,
-        xs: torch.Tensor,
-        weight: torch.Tensor,
-        counts: list[int],
-        offsets: torch.Tensor,
-    ) -> torch.Tensor:
-        ctx.save_for_backward(xs, weight, offsets)
-        ctx.counts = counts
-        return _segment_mm(xs, weight, counts, offsets)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        xs, weight, offsets = ctx.saved_tensors
-        grad = grad.contiguous()
-        grad_xs = grad_weight = None
-        if ctx.needs_input_grad[0]:
-            grad_xs = _segment_mm(grad, weight.transpose(1, 2), ctx.counts, offsets)
-        if ctx.needs_input_grad[1]:
-            if grad.is_cuda and grouped_mm_supported(xs, weight):
-                grad_weight = F.grouped_mm(xs.t(), grad, offs=offsets)
-            else:
-                # Experts without rows get a zero gradient; the others are overwritten.
-                grad_weight = torch.zeros_like(weight) if 0 in ctx.counts else torch.empty_like(weight)
-                for e, rows in _segments(ctx.counts):
-                    torch.mm(xs[rows].t(), grad[rows], out=grad_weight[e])
-        return grad_xs, grad_weight, None, None
-
-
 def grouped_matmul(xs: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """``xs[rows of e] @ weight[e]`` for every expert ``e``: ``[N, d] x [n, d, h] -> [N, h]``.
 
-    One ``grouped_mm`` call when supported (float32/bf16/fp16), else a loop over the experts'
-    contiguous segments (float64, for instance); both share one autograd Function.
+    ``counts: LongTensor[n]`` rows per expert, in order. One ``grouped_mm`` call when supported
+    (float32/bf16/fp16), else a loop over the experts' segments (float64, for instance); see
+    :mod:`sparsemoe.kernels` for the autograd and ``torch.compile`` forms.
     """
-    offsets = torch.cumsum(counts, 0, dtype=torch.int32)
-    return _GroupedMatmul.apply(xs.contiguous(), weight, counts.tolist(), offsets)
+    return grouped_matmul_offsets(xs, weight, torch.cumsum(counts, 0, dtype=torch.int32))
 
 
 def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
@@ -243,7 +188,7 @@ class StackedExperts(ExpertBank):
                     bound = 1 / math.sqrt(w.shape[1])
                     w.uniform_(-bound, bound)
             for b, w in ((self.b1, self.w1), (self.b2, self.w2)):
-                if b is not None:
+                if b is not None and w is not None:
                     bound = 1 / math.sqrt(w.shape[1])
                     b.uniform_(-bound, bound)
 
@@ -283,6 +228,10 @@ class StackedExperts(ExpertBank):
                 counts, dim=0, output_size=xs.shape[0]
             ),
         )
+
+    def forward_all(self, x: torch.Tensor) -> torch.Tensor:
+        """``[T, d_in] -> [n, T, d_out]`` as batched GEMMs, with no sorting or gathering."""
+        return self._forward(x, torch.matmul, lambda b: b.unsqueeze(1))
 
     def extra_repr(self) -> str:
         return (

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ._validation import check_dtype, check_float, check_ids, check_input, check_int
-from .dispatch import combine, dispatch
+from .dispatch import dispatch, dispatch_tasks
 from .experts import ExpertBank, StackedExperts
 from .gates import Gate, GateSpec
 from .routing import Routing
@@ -362,18 +362,9 @@ class MultiTaskMoE(MoELayer):
     ) -> list[torch.Tensor]:
         leading, rows, gate_rows, flat_ids = self._flatten(x, gate_input, ids)
         routings = self.route(gate_rows, flat_ids)
-        num_inputs = rows.shape[0]
-        # Compute each pair chosen by any task once: unique (expert, token) keys. torch.unique sorts
-        # them, so the pairs come out grouped by expert, ready for the grouped matmul without a sort.
-        keys = torch.cat([r.expert * num_inputs + r.token for r in routings])
-        unique_keys, position = torch.unique(keys, return_inverse=True)
-        counts = torch.bincount(unique_keys // num_inputs, minlength=self.num_experts)
-        ys = self.experts.forward_sorted(rows.index_select(0, unique_keys % num_inputs), counts)  # [N_unique, *out]
-        outputs, start = [], 0
-        for r in routings:
-            pos = position[start : start + r.num_pairs]
-            outputs.append(combine(ys[pos], r.token, r.weight, num_inputs).view(*leading, *ys.shape[1:]))
-            start += r.num_pairs
+        # Each pair chosen by any task is computed once (see dispatch_tasks; dense when every pair is chosen).
+        outputs = dispatch_tasks(rows, routings, self.experts)
+        outputs = [out.view(*leading, *out.shape[1:]) for out in outputs]
         return outputs
 
     def routing_stats(self) -> list[dict[str, float | list[int]]]:

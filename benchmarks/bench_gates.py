@@ -147,7 +147,7 @@ def sparse_gate_layers(cfg: GateConfig, out_dir: Path) -> Section:
                 [
                     f"{gate} layer time n={last} ≤ 1.25× n={first} (saturated, k=2)",
                     f"{report.ratio(growth[-1])}; per computed pair {per_pair:.3f}",
-                    report.verdict(growth[-1].median <= 1.25),
+                    report.verdict(growth[-1].median <= 1.25, growth[-1]),
                     "" if growth[-1].median <= 1.25 else why,
                 ]
             )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import torch
@@ -15,24 +14,10 @@ from .layer import Shape
 from .report import Section
 from .timing import interleaved
 
-UNAVAILABLE = "local search not available in this build"
-
-
-def available() -> bool:
-    return importlib.util.find_spec("sparsemoe.search") is not None
-
 
 def local_search_overhead(shape: Shape, repeats: int, out_dir: Path) -> Section:
     """Layer step with the soft permutation (Gumbel-Sinkhorn phase) vs the same layer without it."""
     title = "Local search overhead"
-    if not available():
-        return Section(
-            title,
-            f"{UNAVAILABLE} (`sparsemoe.search` does not import).\n",
-            targets=[
-                ["local search ≤ 5% of a training step", UNAVAILABLE, "not measured", "feature not in this build"]
-            ],
-        )
     # The soft phase's cost depends on where the schedule is: early on the Sinkhorn matrix is diffuse
     # (more experts per input); late in the schedule it is nearly a permutation; once hardened it is free.
     phases = {"without": None, "soft, first step": 0, "soft, mid-schedule": 500_000, "hardened": -1}

@@ -1,0 +1,126 @@
+"""sparsemoe.kernels: empty experts get zero weight gradients, double backward, and the custom ops' contracts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.autograd import gradcheck, gradgradcheck
+
+from sparsemoe import kernels
+from sparsemoe.dispatch import dispatch, reference_dispatch
+from sparsemoe.experts import StackedExperts, grouped_matmul
+from sparsemoe.routing import Routing
+
+
+def _offsets(counts: list[int]) -> torch.Tensor:
+    return torch.cumsum(torch.tensor(counts), 0, dtype=torch.int32)
+
+
+@pytest.mark.parametrize("sync_free", [True, False])  # True: the masked fill used on CUDA
+def test_zero_empty_groups_clears_exactly_the_empty_experts(sync_free: bool) -> None:
+    grad = torch.full((4, 2, 3), float("nan"))
+    grad[0] = grad[2] = 7.0
+    kernels.zero_empty_groups(grad, _offsets([5, 0, 2, 0]), sync_free=sync_free)
+    assert (grad[0] == 7).all() and (grad[2] == 7).all()
+    assert (grad[1] == 0).all() and (grad[3] == 0).all()
+
+
+def test_fused_weight_grad_path_zeroes_groups_the_kernel_left_uninitialised(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU branch (fused ``grouped_mm`` weight gradient), forced on CPU with a kernel that leaves
+    garbage in zero-size groups, as ``grouped_mm`` may on some GPUs."""
+    calls = []
+
+    def garbage_in_empty_groups(xs: torch.Tensor, grad: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        out = torch.full((offsets.shape[0], xs.shape[1], grad.shape[1]), float("nan"))
+        for e, rows in kernels._segments(offsets):
+            out[e] = xs[rows].t() @ grad[rows]
+        return out
+
+    monkeypatch.setattr(kernels, "_use_fused_weight_grad", lambda xs, grad: True)
+    monkeypatch.setattr(kernels, "_fused_weight_grad", garbage_in_empty_groups)
+    torch.manual_seed(0)
+    counts = torch.tensor([3, 0, 5, 0])
+    xs = torch.randn(8, 4, requires_grad=True)
+    weight = torch.randn(4, 4, 8, requires_grad=True)
+    grad_out = torch.randn(8, 8)
+    grouped_matmul(xs, weight, counts).backward(grad_out)
+    assert calls, "the fused branch was not taken"
+    expected = torch.zeros(4, 4, 8)
+    expected[0] = xs[:3].detach().t() @ grad_out[:3]
+    expected[2] = xs[3:].detach().t() @ grad_out[3:]
+    torch.testing.assert_close(weight.grad, expected)
+
+
+@pytest.mark.parametrize("counts", [[2, 0, 3], [0, 0, 2], [0, 0, 0]])
+def test_grouped_matmul_gradgradcheck(counts: list[int]) -> None:
+    torch.manual_seed(0)
+    xs = torch.randn(sum(counts), 3, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(len(counts), 3, 4, dtype=torch.float64, requires_grad=True)
+    count_tensor = torch.tensor(counts)
+    assert gradgradcheck(lambda a, w: grouped_matmul(a, w, count_tensor), (xs, weight))
+
+
+def test_weighted_combine_gradgradcheck() -> None:
+    torch.manual_seed(0)
+    ys = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    weight = torch.rand(6, dtype=torch.float64, requires_grad=True)
+    token = torch.tensor([0, 2, 2, 1, 0, 4])
+    assert gradgradcheck(lambda y, w: kernels.weighted_combine(y, token, w, 5), (ys, weight))
+
+
+@pytest.mark.parametrize("kind", ["mlp", "swiglu"])
+def test_gradient_penalty_through_dispatch_matches_reference(kind: str) -> None:
+    """``autograd.grad(create_graph=True)`` then a penalty on that gradient: the fast path must give the
+    reference's second-order gradients (it used to give None under ``allow_unused``)."""
+    torch.manual_seed(0)
+    experts = StackedExperts(4, 5, 6, kind=kind, bias=True).double()
+    x = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    weight = torch.rand(7, 2, dtype=torch.float64, requires_grad=True)
+    routing = Routing.from_topk(torch.randint(0, 3, (7, 2)), weight, 4)  # expert 3 stays empty
+    params = [experts.w1, experts.w2, experts.b1]
+    results = []
+    for run in (dispatch, reference_dispatch):
+        y = run(x, routing, experts)
+        grads = torch.autograd.grad(y.pow(2).sum(), params, create_graph=True)
+        penalty = sum(g.pow(2).sum() for g in grads)
+        results.append(torch.autograd.grad(penalty, [*params, x, weight]))
+    for fast, slow in zip(*results, strict=True):
+        torch.testing.assert_close(fast, slow)
+    assert results[0][0][3].abs().sum() == 0  # the empty expert
+
+
+def test_eager_functions_first_order_gradcheck() -> None:
+    torch.manual_seed(0)
+    xs = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(3, 3, 2, dtype=torch.float64, requires_grad=True)
+    assert gradcheck(lambda a, w: kernels._GroupedMatmul.apply(a, w, _offsets([1, 0, 4])), (xs, weight))
+
+
+@pytest.mark.parametrize("counts", [[2, 0, 3], [0, 0, 0]])
+def test_custom_ops_pass_opcheck(counts: list[int]) -> None:
+    """Schema, fake (shape-only) implementation and registered autograd agree with the real kernels."""
+    torch.manual_seed(0)
+    offsets = _offsets(counts)
+    n_rows = sum(counts)
+    xs = torch.randn(n_rows, 4, requires_grad=True)
+    weight = torch.randn(len(counts), 4, 8, requires_grad=True)
+    grad = torch.randn(n_rows, 8, requires_grad=True)
+    torch.library.opcheck(kernels.grouped_mm_op, (xs, weight, offsets))
+    torch.library.opcheck(kernels.weight_grad_op, (xs, grad, offsets))
+    token = torch.randint(0, 3, (n_rows,))
+    torch.library.opcheck(kernels.combine_op, (grad, token, torch.rand(n_rows, requires_grad=True), 3))
+
+
+def test_uniform_topk_draws_the_generator_stream_and_compiles() -> None:
+    """The op a RandomGate can draw with under torch.compile: same stream as its torch.Generator."""
+    generator = torch.Generator().manual_seed(3)
+    state = torch.Generator().manual_seed(3).get_state()
+    for rows in (4, 7):
+        expected = torch.rand(rows, 5, generator=generator).topk(2, dim=-1).indices
+        torch.testing.assert_close(kernels.uniform_topk(state, rows, 5, 2), expected)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda s, x: kernels.uniform_topk(s, x.shape[0], 5, 2), fullgraph=True, dynamic=True)
+    expected = torch.rand(6, 5, generator=generator).topk(2, dim=-1).indices
+    torch.testing.assert_close(compiled(state, torch.empty(6, 1)), expected)
+    torch.testing.assert_close(state, generator.get_state())
