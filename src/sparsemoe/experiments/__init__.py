@@ -29,3 +29,4 @@ def load(name: str) -> ModuleType:
 register("comet-movielens", "sparsemoe.experiments.comet_movielens")
 register("comet-multimnist", "sparsemoe.experiments.comet_multimnist")
 register("comet-tuning", "sparsemoe.experiments.comet_tuning")
+register("moebert-sst2", "sparsemoe.experiments.moebert_sst2")

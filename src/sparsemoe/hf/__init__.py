@@ -1,0 +1,19 @@
+"""Hugging Face encoders as sparse MoEs: convert (MoEBERT), importance, distil, save, predict.
+
+Nothing here imports ``transformers`` at import time; the functions that build Hugging Face
+objects import it when called (install the ``hf`` extra).
+"""
+
+from .convert import MoEFFN, MoefyConfig, aux_loss, expert_neurons, ffn_blocks, moe_layers, moefy
+from .importance import ffn_importance
+
+__all__ = [
+    "MoEFFN",
+    "MoefyConfig",
+    "aux_loss",
+    "expert_neurons",
+    "ffn_blocks",
+    "ffn_importance",
+    "moe_layers",
+    "moefy",
+]
