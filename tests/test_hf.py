@@ -277,3 +277,38 @@ def test_predict_prints_label_and_probability(tmp_path, pretrained, capsys) -> N
         assert label == ["negative", "positive"][int(row.argmax())]
         assert float(p) == pytest.approx(float(row.max()), abs=1e-4) and text == sentence
     assert predict_main(["--model", str(tmp_path / "missing"), "x"]) == 2
+
+
+# ------------------------------------------------------------------------------------------- experiment
+def test_moebert_sst2_quick_writes_the_summary_and_resumes(tmp_path) -> None:
+    import json
+
+    import sparsemoe
+    from sparsemoe.experiments import load
+    from sparsemoe.experiments.moebert_sst2 import Config, run
+
+    assert sparsemoe.moefy is moefy
+    assert load("moebert-sst2").NAME == "moebert-sst2"
+    with pytest.raises(ValueError, match="shared"):
+        Config(shared=500, expert_dim=384)
+    run(Config(quick=True, out=tmp_path))
+    out = tmp_path / "quick"
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary) == ["dense", "hash", "topk", "comet", "comet+"]
+    fields = ["accuracy", "accuracy_std", "seeds", "params", "active_params_per_token", "sentences_per_second"]
+    for row in summary.values():
+        assert list(row) == fields
+        assert 0 <= row["accuracy"] <= 100 and row["sentences_per_second"] > 0
+        assert row["active_params_per_token"] <= row["params"]
+    # hash and top-k with k=1 use one expert of four per token: 3/4 of the FFN weights are idle
+    ffn_expert = 384 * 384 * 2 + 384  # w1, w2, b1 of one expert
+    assert summary["hash"]["active_params_per_token"] == summary["hash"]["params"] - 6 * 3 * ffn_expert
+    assert (out / "table.md").read_text().startswith("# moebert-sst2 (quick")
+    assert (out / "accuracy_throughput.png").stat().st_size > 0
+    stamps = {p.name: p.stat().st_mtime_ns for p in (out / "runs").glob("*.json")}
+    assert len(stamps) == 6  # dense, 4 students, throughput
+    assert not list((out / "ckpt").glob("*"))  # finished runs leave no resume files
+    run(Config(quick=True, out=tmp_path))  # resumes: nothing is trained again
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "runs").glob("*.json")} == stamps
+    reloaded = load_moefied(out / "models" / "gate=hash__seed=0")
+    assert reloaded.config.id2label == {0: "negative", 1: "positive"}

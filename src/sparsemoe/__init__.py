@@ -10,6 +10,7 @@ from . import gates
 from .checkpoint import load_checkpoint, save_checkpoint
 from .dispatch import dispatch, reference_dispatch
 from .experts import ExpertBank, ModuleExperts, StackedExperts
+from .hf import moefy
 from .layers import MoE, MultiTaskMoE
 from .routing import Routing, RoutingStats
 from .search import PermutationSearch
@@ -28,6 +29,7 @@ __all__ = [
     "dispatch",
     "gates",
     "load_checkpoint",
+    "moefy",
     "reference_dispatch",
     "save_checkpoint",
 ]

@@ -207,6 +207,12 @@ def _advance(bars: Any, task: Any, overall: Any, base: int) -> Callable[[int], N
     return update
 
 
+def _remove_checkpoints(path: Path) -> None:
+    """A finished run is saved as a model folder; its resume files (hundreds of MB) can go."""
+    path.unlink(missing_ok=True)
+    path.with_suffix(".best.safetensors").unlink(missing_ok=True)
+
+
 def _load_dense(path: Path) -> nn.Module:
     from transformers import AutoModelForSequenceClassification
 
@@ -277,6 +283,7 @@ def run(config: Config) -> dict[str, Any]:
                 "train_seconds": time.perf_counter() - started,
             }
             store.put("dense", record)
+            _remove_checkpoints(ckpt_dir / "dense.safetensors")
         dense = _load_dense(dense_dir)
         bars.update(overall, completed=config.teacher_steps)
         # 2. importance of every FFN neuron
@@ -349,6 +356,7 @@ def run(config: Config) -> dict[str, Any]:
                     "train_seconds": seconds,
                 },
             )
+            _remove_checkpoints(ckpt_dir / f"{key}.safetensors")
     # 4. throughput, interleaved in this process (seed-0 student of each gate against the dense model)
     timing = store.get("throughput")
     if timing is None:
@@ -363,8 +371,9 @@ def run(config: Config) -> dict[str, Any]:
     return _report(config, store, timing)
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+def _mean_std(values: list[float]) -> tuple[float, float | None]:
+    """Mean and sample std (``None`` for a single run: no spread was measured)."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
 
 
 def _report(config: Config, store: RunStore, timing: dict[str, Any]) -> dict[str, Any]:
@@ -398,6 +407,10 @@ def _report(config: Config, store: RunStore, timing: dict[str, Any]) -> dict[str
     return results
 
 
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
 def _table(config: Config, summary: dict[str, dict[str, Any]]) -> None:
     title = f"# {NAME}{' (quick smoke run: numbers mean nothing)' if config.quick else ''}\n\n"
     lines = [
@@ -406,7 +419,7 @@ def _table(config: Config, summary: dict[str, dict[str, Any]]) -> None:
     ]
     for name, s in summary.items():
         lines.append(
-            f"| {name} | {s['accuracy']:.2f} ± {s['accuracy_std']:.2f} | {s['seeds']} | {s['params'] / 1e6:.2f}M "
+            f"| {name} | {s['accuracy']:.2f} ± {_fmt(s['accuracy_std'])} | {s['seeds']} | {s['params'] / 1e6:.2f}M "
             f"| {s['active_params_per_token'] / 1e6:.2f}M | {s['sentences_per_second']:.1f} |"
         )
     note = (
@@ -428,13 +441,13 @@ def _plot(config: Config, summary: dict[str, dict[str, Any]]) -> None:
     names = list(summary)
     fig, (ax_acc, ax_speed) = plt.subplots(1, 2, figsize=(10, 4), layout="constrained")
     acc = [summary[n]["accuracy"] for n in names]
-    std = [summary[n]["accuracy_std"] for n in names]
+    std = [summary[n]["accuracy_std"] or 0.0 for n in names]
     colors = ["0.5" if n == "dense" else f"C{i}" for i, n in enumerate(names)]
     ax_acc.bar(names, acc, yerr=std, capsize=4, color=colors)
     ax_acc.axhline(50, color="k", lw=0.8, ls=":", label="chance (50%)")
     ax_acc.set_ylim(0, 100)
     ax_acc.set_ylabel("SST-2 test accuracy (%)")
-    ax_acc.set_title("accuracy (error bars: std over seeds)")
+    ax_acc.set_title("accuracy (error bars: std over seeds; dense: one run)")
     ax_acc.legend(loc="lower right")
     speed = [summary[n]["sentences_per_second"] or math.nan for n in names]
     ax_speed.bar(names, speed, color=colors)

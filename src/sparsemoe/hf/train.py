@@ -139,8 +139,10 @@ def train(
         config: see :class:`TrainConfig`.
         teacher: the frozen dense model to distil from; ``None`` = plain fine-tuning.
         dev: evaluation batches for model selection every ``config.eval_every`` steps.
-        checkpoint: file for the resumable state (``<checkpoint>`` = last step; the best weights go
-            to ``<checkpoint stem>.best.safetensors``). An existing file is resumed from.
+        checkpoint: file for the resumable state, written every ``config.checkpoint_every`` steps
+            (weights, optimiser, RNG, step); the best weights go to ``<checkpoint stem>.best.safetensors``.
+            An existing file is resumed from. Nothing is written after the last step: the caller
+            saves the finished model (and may delete both files).
         on_step: called after each step with the number of steps done (progress bars).
 
     Returns ``{"best_dev": accuracy or None, "best_step", "history": [{"step", "dev", "loss"}...]}``.
@@ -190,7 +192,7 @@ def train(
                     if best_path is not None:
                         save_checkpoint(best_path, model, step=done)
             state["history"].append(record)
-        if checkpoint is not None and (done % config.checkpoint_every == 0 or done == config.steps):
+        if checkpoint is not None and done % config.checkpoint_every == 0 and done < config.steps:
             saved = {**state, "running": (running, counted)}
             save_checkpoint(checkpoint, model, optimizer, step=done, config={"train": asdict(config), "state": saved})
         if on_step is not None:
