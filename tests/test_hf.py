@@ -132,6 +132,13 @@ def test_hash_routing_follows_token_ids_with_one_table_per_layer() -> None:
         assert torch.equal(routing.expert[order], expected)
     with pytest.raises(ValueError, match="input_ids"):
         model(inputs_embeds=torch.randn(1, 3, 16))
+    # a deep copy routes by its own inputs (its hooks write to its own id slot)
+    clone = copy.deepcopy(model)
+    ffn, ffn_clone = model.bert.encoder.layer[0].intermediate, clone.bert.encoder.layer[0].intermediate
+    assert ffn_clone._slot is not ffn._slot
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    with torch.no_grad():
+        torch.testing.assert_close(clone(**inputs).logits, model(**inputs).logits, atol=0, rtol=0)
 
 
 # ------------------------------------------------------------------------------------------- importance
