@@ -319,3 +319,15 @@ def test_moebert_sst2_quick_writes_the_summary_and_resumes(tmp_path) -> None:
     assert {p.name: p.stat().st_mtime_ns for p in (out / "runs").glob("*.json")} == stamps
     reloaded = load_moefied(out / "models" / "gate=hash__seed=0")
     assert reloaded.config.id2label == {0: "negative", 1: "positive"}
+
+
+def test_moebert_sst2_command_line_options_build_the_config() -> None:
+    import argparse
+
+    from sparsemoe.experiments.moebert_sst2 import Config, add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--quick", "--gates", "hash", "comet+", "--student-steps", "7", "--out", "x"])
+    assert (args.quick, args.gates, args.student_steps, str(args.out)) == (True, ["hash", "comet+"], 7, "x")
+    assert parser.parse_args([]).gates == Config().gates
