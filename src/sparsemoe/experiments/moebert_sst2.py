@@ -385,7 +385,7 @@ def run(config: Config | argparse.Namespace) -> dict[str, Any]:
             _remove_checkpoints(ckpt_dir / f"{key}.safetensors")
     # 4. throughput, interleaved in this process (seed-0 student of each gate against the dense model)
     timing = store.get("throughput")
-    if timing is None:
+    if timing is None or not {"dense", *config.gates} <= set(timing["sentences_per_second"]):
         models = {"dense": dense, **{g: load_moefied(models_dir / RunStore.key(gate=g, seed=0)) for g in config.gates}}
         timing = {
             "sentences_per_second": throughput(models, test, config.throughput_rounds),
@@ -429,12 +429,12 @@ def _report(config: Config, store: RunStore, timing: dict[str, Any]) -> dict[str
     write_json(config.out / "results.json", results)
     write_json(config.out / "summary.json", summary)
     _table(config, summary)
-    _plot(config, summary)
+    _plot(config, summary, timing["threads"])
     return results
 
 
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.2f}"
+def _fmt(value: float | None, digits: int = 2) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
 
 
 def _table(config: Config, summary: dict[str, dict[str, Any]]) -> None:
@@ -446,7 +446,7 @@ def _table(config: Config, summary: dict[str, dict[str, Any]]) -> None:
     for name, s in summary.items():
         lines.append(
             f"| {name} | {s['accuracy']:.2f} ± {_fmt(s['accuracy_std'])} | {s['seeds']} | {s['params'] / 1e6:.2f}M "
-            f"| {s['active_params_per_token'] / 1e6:.2f}M | {s['sentences_per_second']:.1f} |"
+            f"| {s['active_params_per_token'] / 1e6:.2f}M | {_fmt(s['sentences_per_second'], 1)} |"
         )
     note = (
         f"\nSST-2 test.tsv (GLUE validation, {QUICK_ROWS['test'] if config.quick else 872} sentences); "
@@ -458,27 +458,35 @@ def _table(config: Config, summary: dict[str, dict[str, Any]]) -> None:
     (config.out / "table.md").write_text(title + "\n".join(lines) + "\n" + note)
 
 
-def _plot(config: Config, summary: dict[str, dict[str, Any]]) -> None:
+def _plot(config: Config, summary: dict[str, dict[str, Any]], threads: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = list(summary)
-    fig, (ax_acc, ax_speed) = plt.subplots(1, 2, figsize=(10, 4), layout="constrained")
+    fig, (ax_acc, ax_speed) = plt.subplots(1, 2, figsize=(10, 4.6), layout="constrained")
     acc = [summary[n]["accuracy"] for n in names]
     std = [summary[n]["accuracy_std"] or 0.0 for n in names]
-    colors = ["0.5" if n == "dense" else f"C{i}" for i, n in enumerate(names)]
-    ax_acc.bar(names, acc, yerr=std, capsize=4, color=colors)
-    ax_acc.axhline(50, color="k", lw=0.8, ls=":", label="chance (50%)")
-    ax_acc.set_ylim(0, 100)
+    colors = ["0.4" if n == "dense" else f"C{i}" for i, n in enumerate(names)]
+    for x, (a, e, c) in enumerate(zip(acc, std, colors, strict=True)):
+        ax_acc.errorbar([x], [a], yerr=[e], fmt="o", color=c, capsize=5, markersize=7)
+    if "dense" in summary:
+        teacher = summary["dense"]["accuracy"]
+        ax_acc.axhline(teacher, color="0.4", ls="--", lw=1, label="dense teacher")
+        ax_acc.axhspan(teacher - 1, teacher, color="0.4", alpha=0.12, label="within 1 point below the teacher (goal)")
+    low, high = min(a - e for a, e in zip(acc, std, strict=True)), max(a + e for a, e in zip(acc, std, strict=True))
+    ax_acc.set_ylim(low - 2, high + 2)
+    ax_acc.set_xticks(range(len(names)), names)
+    ax_acc.set_xlim(-0.5, len(names) - 0.5)
     ax_acc.set_ylabel("SST-2 test accuracy (%)")
-    ax_acc.set_title("accuracy (error bars: std over seeds; dense: one run)")
-    ax_acc.legend(loc="lower right")
+    ax_acc.set_title("accuracy (bars: std over seeds; dense: one run)")
+    ax_acc.grid(axis="y", alpha=0.3)
     speed = [summary[n]["sentences_per_second"] or math.nan for n in names]
     ax_speed.bar(names, speed, color=colors)
     ax_speed.set_ylabel("sentences / s (inference, in-process)")
-    ax_speed.set_title(f"throughput ({torch.get_num_threads()} thread(s))")
+    ax_speed.set_title(f"throughput ({threads} thread(s))")
+    fig.legend(loc="outside lower center", ncols=2, frameon=False)
     fig.suptitle(f"MoEBERT on SST-2, MiniLM-L6, 4 experts{' (quick smoke run)' if config.quick else ''}")
     fig.savefig(config.out / "accuracy_throughput.png", dpi=120)
     plt.close(fig)

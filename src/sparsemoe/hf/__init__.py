@@ -6,14 +6,19 @@ objects import it when called (install the ``hf`` extra).
 
 from .convert import MoEFFN, MoefyConfig, aux_loss, expert_neurons, ffn_blocks, moe_layers, moefy
 from .importance import ffn_importance
+from .io import load_moefied, save_moefied
+from .train import TrainConfig
 
 __all__ = [
     "MoEFFN",
     "MoefyConfig",
+    "TrainConfig",
     "aux_loss",
     "expert_neurons",
     "ffn_blocks",
     "ffn_importance",
+    "load_moefied",
     "moe_layers",
     "moefy",
+    "save_moefied",
 ]
