@@ -298,6 +298,8 @@ def test_moebert_sst2_quick_writes_the_summary_and_resumes(tmp_path) -> None:
     assert load("moebert-sst2").NAME == "moebert-sst2"
     with pytest.raises(ValueError, match="shared"):
         Config(shared=500, expert_dim=384)
+    with pytest.raises(ValueError, match="student_lr"):
+        Config(student_lr=0.0)
     run(Config(quick=True, out=tmp_path))
     out = tmp_path / "quick"
     summary = json.loads((out / "summary.json").read_text())

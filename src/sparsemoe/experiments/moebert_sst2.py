@@ -94,6 +94,12 @@ class Config:
                 raise ValueError(
                     f"{name} must be >= 1, got {getattr(self, name)}; pass --{name.replace('_', '-')} 1 or more"
                 )
+        for name in ("teacher_lr", "student_lr", "comet_gamma"):
+            if not float(getattr(self, name)) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("distill_weight", "comet_entropy", "topk_balance"):
+            if float(getattr(self, name)) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.gates:
             raise ValueError("gates must name at least one gate, e.g. --gates hash comet")
         if not 0 <= self.search_fraction <= 1:
