@@ -203,3 +203,15 @@ def test_aux_loss_and_routing_stats_over_a_model() -> None:
     stats = sparsemoe.routing_stats(model)
     assert set(stats) == {"0", "2"} and stats["2"]["active_per_input"] == 2.0
     assert float(sparsemoe.aux_loss(nn.Linear(2, 2))) == 0.0
+
+
+def test_layer_deep_copies_and_pickles_after_a_training_forward() -> None:
+    import copy
+    import pickle
+
+    moe = MoE(8, 16, 4, gate="comet", k=2).train()
+    moe(torch.randn(5, 8)).sum()  # the last routing holds an autograd graph
+    for clone in (copy.deepcopy(moe), pickle.loads(pickle.dumps(moe))):
+        assert clone.last_routing is None and moe.last_routing is not None
+        torch.testing.assert_close(clone.eval()(torch.ones(2, 8)), moe.eval()(torch.ones(2, 8)))
+        moe.train()

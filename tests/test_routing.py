@@ -88,3 +88,14 @@ def test_choice_rank_orders_by_weight_within_input() -> None:
 def test_aux_loss_sums_losses() -> None:
     r = _routing([0], [0], [1.0]).with_aux_losses(a=torch.tensor(1.5), b=torch.tensor(0.5))
     assert float(r.aux_loss()) == 2.0
+
+
+def test_routing_pickles_and_deep_copies() -> None:
+    import copy
+    import pickle
+
+    r = _routing([0], [1], [1.0]).with_aux_losses(a=torch.tensor(2.0))
+    for clone in (copy.deepcopy(r), pickle.loads(pickle.dumps(r))):
+        assert dict(clone.aux_losses) == {"a": torch.tensor(2.0)} and clone.expert.tolist() == [1]
+        with pytest.raises(TypeError):
+            clone.aux_losses["b"] = torch.zeros(())  # type: ignore[index]

@@ -11,6 +11,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .dispatch import dispatch, reference_dispatch
 from .experts import ExpertBank, ModuleExperts, StackedExperts
 from .gates import GateSpec
+from .hf import moefy
 from .layers import MoE, MoELayer, MultiTaskMoE, aux_loss, routing_stats
 from .routing import Routing, RoutingStats
 from .search import PermutationSearch
@@ -32,6 +33,7 @@ __all__ = [
     "dispatch",
     "gates",
     "load_checkpoint",
+    "moefy",
     "reference_dispatch",
     "routing_stats",
     "save_checkpoint",

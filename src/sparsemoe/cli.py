@@ -208,6 +208,23 @@ def _add_experiment(sub: Any, name: str, module: str) -> None:
     )
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 (got {value})")
+    return value
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from .hf.predict import predict
+
+    for sentence, (label, probability) in zip(
+        args.sentences, predict(args.model, args.sentences, max_length=args.max_length), strict=True
+    ):
+        print(f"{label}\t{probability:.4f}\t{sentence}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``sparsemoe`` parser; experiment options are added when their command is parsed."""
     parser = argparse.ArgumentParser(
@@ -223,6 +240,14 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("name", choices=["movielens-100k", "mnist-5k"])
     fetch.add_argument("--root", default=None, help="parent folder (default: $SPARSEMOE_DATA_DIR)")
     fetch.set_defaults(func=_cmd_data_fetch)
+
+    predict = sub.add_parser("predict", help="classify sentences with a saved model (sparsemoe.hf.save_moefied)")
+    predict.add_argument("--model", required=True, type=Path, help="folder written by save_moefied or save_pretrained")
+    predict.add_argument("sentences", nargs="+", help="sentences to classify")
+    predict.add_argument(
+        "--max-length", type=_positive_int, default=64, help="truncate sentences to this many tokens (default 64)"
+    )
+    predict.set_defaults(func=_cmd_predict)
 
     reproduce = sub.add_parser("reproduce", help="run a paper experiment end to end")
     names = reproduce.add_subparsers(dest="experiment", required=True, metavar="NAME", parser_class=_LazyParser)

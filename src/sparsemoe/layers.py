@@ -96,6 +96,11 @@ class MoELayer(nn.Module):
     def num_experts(self) -> int:
         return self.experts.num_experts
 
+    def __getstate__(self) -> dict[str, Any]:
+        # The last routing is a record of one forward (its weights may hold an autograd graph):
+        # copies and pickles of the layer start without one, like a freshly built layer.
+        return {**super().__getstate__(), "_routings": None}
+
     def task_gates(self) -> Sequence[Gate]:
         raise NotImplementedError
 

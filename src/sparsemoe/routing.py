@@ -15,6 +15,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
+from typing import Any
 
 import torch
 
@@ -97,6 +98,11 @@ class Routing:
         object.__setattr__(self, "aux_losses", MappingProxyType(dict(self.aux_losses)))
         if _DEBUG:
             self.check_bounds()
+
+    def __reduce__(self) -> tuple[type[Routing], tuple[Any, ...]]:
+        # A read-only mapping cannot be pickled or deep-copied as it is: rebuild from a plain dict.
+        fields_ = (self.token, self.expert, self.weight, self.num_experts, self.num_inputs)
+        return type(self), (*fields_, dict(self.aux_losses), self.dropped_fraction)
 
     def check_bounds(self) -> None:
         """Raise if a pair points outside ``[0, T) x [0, n)`` (syncs with the device)."""

@@ -1,0 +1,71 @@
+"""Save and reload converted (moefied) Hugging Face models: safetensors weights + JSON configs.
+
+A folder holds ``config.json`` (the Hugging Face config, with the architecture's class name),
+``model.safetensors`` (every weight and buffer, hash tables and learned permutations included),
+``sparsemoe.json`` (the :func:`~sparsemoe.hf.moefy` arguments that rebuild the structure) and,
+when given, the tokenizer files. No pickle anywhere. A folder without ``sparsemoe.json`` is an
+ordinary dense model and loads as one.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from .convert import MoefyConfig, moefy
+
+SPARSEMOE_FILE = "sparsemoe.json"
+WEIGHTS_FILE = "model.safetensors"
+_FORMAT = 1
+
+
+def save_moefied(model: nn.Module, directory: str | Path, tokenizer: Any = None) -> Path:
+    """Write ``model`` (converted by :func:`moefy`, or dense) and ``tokenizer`` to ``directory``."""
+    directory = Path(directory)
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "save_pretrained"):
+        raise TypeError(f"save_moefied needs a Hugging Face model with a .config; got {type(model).__name__}")
+    directory.mkdir(parents=True, exist_ok=True)
+    config.architectures = [type(model).__name__]
+    config.save_pretrained(directory)
+    save_model(model, str(directory / WEIGHTS_FILE))
+    moefy_config: MoefyConfig | None = getattr(model, "moefy_config", None)
+    sidecar = directory / SPARSEMOE_FILE
+    if moefy_config is not None:
+        meta = {"format": _FORMAT, "architecture": type(model).__name__, "moefy": moefy_config.to_dict()}
+        sidecar.write_text(json.dumps(meta, indent=2) + "\n")
+    else:
+        sidecar.unlink(missing_ok=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    return directory
+
+
+def load_moefied(directory: str | Path) -> nn.Module:
+    """Rebuild the model saved by :func:`save_moefied` (offline, from the folder only), in eval mode."""
+    import transformers
+
+    directory = Path(directory)
+    if not (directory / "config.json").is_file():
+        raise FileNotFoundError(f"{directory} holds no config.json; pass a folder written by save_moefied")
+    config = transformers.AutoConfig.from_pretrained(directory, local_files_only=True)
+    sidecar = directory / SPARSEMOE_FILE
+    if not sidecar.is_file():  # a dense model
+        model = transformers.AutoModelForSequenceClassification.from_pretrained(directory, local_files_only=True)
+        return model.eval()
+    meta = json.loads(sidecar.read_text())
+    if meta.get("format") != _FORMAT:
+        raise ValueError(f"{sidecar} has format {meta.get('format')}; this sparsemoe reads format {_FORMAT}")
+    cls = getattr(transformers, meta["architecture"], None)
+    if cls is None:
+        raise ValueError(f"transformers has no class {meta['architecture']!r} (saved in {sidecar})")
+    model = cls(config)
+    options = dict(meta["moefy"])
+    gate_options = options.pop("gate_options")
+    moefy(model, **options, **gate_options)
+    load_model(model, str(directory / WEIGHTS_FILE), strict=True)
+    return model.eval()
