@@ -250,28 +250,6 @@ def test_reproduce_runs_a_config_module_with_the_chosen_threads(
         sys.modules.pop("fake_config_exp", None)
 
 
-def test_reproduce_still_runs_legacy_add_arguments_modules(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    source = '''
-        """A fake experiment on the old interface."""
-        SEEN = []
-
-        def add_arguments(parser):
-            parser.add_argument("--n", type=int, default=1, help="n")
-
-        def run(args):
-            SEEN.append(args.n)
-            return {}
-    '''
-    _fake_module(tmp_path, monkeypatch, "fake_legacy_exp", source)
-    try:
-        assert main(["reproduce", "fake-legacy-exp", "--n", "3"]) == 0
-        import fake_legacy_exp  # type: ignore[import-not-found]  # reason: written by this test
-
-        assert fake_legacy_exp.SEEN == [3]
-    finally:
-        sys.modules.pop("fake_legacy_exp", None)
-
-
 # ----------------------------------------------------------------------------------- imports and layering
 
 

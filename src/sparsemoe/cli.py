@@ -152,12 +152,9 @@ def _check_threads(value: int) -> int:
 def _run_experiment(module: ModuleType, args: argparse.Namespace) -> int:
     import torch
 
-    config = config_from_args(module.Config, args) if hasattr(module, "Config") else None
+    config = config_from_args(module.Config, args)
     torch.set_num_threads(_check_threads(args.threads))
-    if config is None:  # legacy interface: add_arguments(parser) + run(args)
-        module.run(args)
-    else:
-        module.run(config)
+    module.run(config)
     return 0
 
 
@@ -166,10 +163,7 @@ def _experiment_populator(module_name: str) -> Callable[[argparse.ArgumentParser
 
     def populate(parser: argparse.ArgumentParser) -> None:
         module = importlib.import_module(module_name)
-        if hasattr(module, "Config"):
-            add_config_options(parser, module.Config)
-        else:
-            module.add_arguments(parser)
+        add_config_options(parser, module.Config)
         parser.add_argument(
             "--threads",
             type=int,
