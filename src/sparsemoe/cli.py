@@ -1,10 +1,13 @@
-"""The sparsemoe command line: the demo, paper reproductions, the gate list and data downloads.
+"""sparsemoe: sparse Mixture-of-Experts for PyTorch.
 
-Experiments (sparsemoe demo, sparsemoe reproduce NAME) get their options from their module's Config
-dataclass: one --option per field, with the field's help text, type and bounds. Argument parsing and
-process-wide settings (the number of torch threads) live here and nowhere else. An experiment module
-is imported only when its command runs or its --help is asked for, so the top-level --help is fast.
+Run the demo, reproduce a paper's experiments, classify sentences with a converted model, list the
+gates, or download a data set. Each command's --help lists its options.
 """
+
+# Experiments (sparsemoe demo, sparsemoe reproduce NAME) get their options from their module's Config
+# dataclass: one --option per field, with the field's help text, type and bounds. Argument parsing and
+# process-wide settings (the number of torch threads) live here and nowhere else. An experiment module
+# is imported only when its command runs or its --help is asked for, so the top-level --help is fast.
 
 from __future__ import annotations
 
