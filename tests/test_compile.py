@@ -24,6 +24,8 @@ def _step(module: torch.nn.Module, moe: sparsemoe.MoE, x: torch.Tensor) -> tuple
     moe.zero_grad(set_to_none=True)
     x.grad = None
     torch.manual_seed(1)  # the top-k gate's noise
+    if isinstance(moe.gate, sparsemoe.gates.RandomGate):
+        moe.gate.manual_seed(1)  # the same expert draws in the compiled and the eager step
     y = module(x)
     (y.pow(2).sum() + moe.aux_loss()).backward()
     grads = [p.grad for p in moe.parameters() if p.grad is not None]
@@ -33,16 +35,7 @@ def _step(module: torch.nn.Module, moe: sparsemoe.MoE, x: torch.Tensor) -> tuple
 
 @pytest.mark.parametrize(
     "gate",
-    [
-        *[g for g in GATES if g != "random"],
-        pytest.param(
-            "random",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="RandomGate draws with its own torch.Generator, which dynamo cannot trace (graph break)",
-            ),
-        ),
-    ],
+    list(GATES),
 )
 @torch._inductor.config.patch(fallback_random=True)
 def test_compiled_moe_matches_eager(gate: str) -> None:

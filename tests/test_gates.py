@@ -318,3 +318,15 @@ def test_dselect_k_selectors_match_prod(num_experts: int, scale: float) -> None:
     torch.testing.assert_close(r, expected)
     grad = torch.randn_like(r)
     torch.testing.assert_close(torch.autograd.grad(r, x, grad)[0], torch.autograd.grad(expected, x, grad)[0])
+
+
+def test_random_gate_stream_is_part_of_its_state() -> None:
+    gate = gates.build("random", D, N, k=2, seed=5)
+    x = torch.randn(T, D)
+    gate(x)  # advance the stream
+    saved = {k: v.clone() for k, v in gate.state_dict().items()}
+    expected = gate(x).expert
+    restored = gates.build("random", D, N, k=2, seed=99)
+    restored.load_state_dict(saved)
+    assert torch.equal(restored(x).expert, expected)  # a reloaded gate continues the same draws
+    assert torch.equal(gate.manual_seed(5)(x).expert, gates.build("random", D, N, k=2, seed=5)(x).expert)

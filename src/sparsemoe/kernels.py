@@ -288,9 +288,9 @@ def uniform_topk(state: torch.Tensor, rows: int, num_experts: int, k: int) -> to
     ``Generator`` object).
     """
     generator = torch.Generator()
-    generator.set_state(state)
+    generator.set_state(state.cpu())
     indices = torch.rand(rows, num_experts, generator=generator).topk(k, dim=-1).indices
-    state.copy_(generator.get_state())
+    state.copy_(generator.get_state().to(state.device))
     return indices
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .._validation import check_choice, check_int
+from ..kernels import uniform_topk
 from ..routing import Routing
 from .base import Gate, IdKind
 
@@ -14,8 +15,9 @@ GRANULARITIES = ("token", "sequence", "batch")
 class RandomGate(Gate):
     """``k`` distinct experts drawn uniformly at random, each with weight ``1/k``.
 
-    The draw uses the gate's own seeded generator, in training and in inference (THOR routes at
-    random in both), so runs are reproducible and independent of the global RNG.
+    The draw uses the gate's own seeded stream (its state is the ``rng_state`` buffer, saved with the
+    model), in training and in inference (THOR routes at random in both), so runs are reproducible,
+    independent of the global RNG, and traceable by ``torch.compile``.
 
     Args:
         k: experts per input.
@@ -23,6 +25,8 @@ class RandomGate(Gate):
             ``forward(x, ids=sequence_index)``, ``"batch"`` once per call (THOR's official code).
         seed: seed of the gate's generator.
     """
+
+    rng_state: torch.Tensor
 
     def __init__(
         self,
@@ -37,10 +41,17 @@ class RandomGate(Gate):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(d_in, num_experts, k, check_finite=check_finite)
-        del device, dtype  # no parameters; the generator draws on the CPU, the routing follows x
+        del device, dtype  # no parameters; draws happen on the CPU, the routing follows x
         self.granularity = check_choice("granularity", granularity, GRANULARITIES)
         self.seed = check_int("seed", seed)
-        self.generator = torch.Generator().manual_seed(self.seed)
+        # The generator's state is a buffer, not a torch.Generator: it is saved in the state_dict (a
+        # resumed run continues the same stream) and torch.compile can trace the draws.
+        self.register_buffer("rng_state", torch.Generator().manual_seed(self.seed).get_state())
+
+    def manual_seed(self, seed: int) -> RandomGate:
+        """Restart the gate's stream of draws from ``seed`` (as ``torch.Generator.manual_seed``)."""
+        self.rng_state.copy_(torch.Generator().manual_seed(check_int("seed", seed)).get_state())
+        return self
 
     def id_kind(self) -> IdKind | None:
         return "sequence" if self.granularity == "sequence" else None
@@ -61,8 +72,7 @@ class RandomGate(Gate):
 
     def _draw(self, rows: int) -> torch.Tensor:
         """``[rows, k]`` distinct uniform experts: the top-k of i.i.d. uniform scores."""
-        scores = torch.rand(rows, self.num_experts, generator=self.generator)
-        return scores.topk(self.k, dim=-1).indices
+        return uniform_topk(self.rng_state, rows, self.num_experts, self.k)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, granularity={self.granularity!r}, seed={self.seed}"
