@@ -69,3 +69,25 @@ def test_run_store_saves_finds_lists_and_clears(tmp_path: Path) -> None:
     assert sorted(r["auc"] for r in store) == [0.8, 0.9]
     store.clear()
     assert list(store) == [] and store.get(key) is None
+
+
+def test_store_refuses_runs_made_with_other_settings(tmp_path: Path) -> None:
+    store = RunStore(tmp_path, {"steps": 100, "lr": 0.1, "seeds": 2}, selection=("seeds",))
+    store.put("seed=0", {"auc": 0.5})
+    # Choosing other runs (seeds) resumes; changing what shapes a run does not.
+    assert RunStore(tmp_path, {"steps": 100, "lr": 0.1, "seeds": 5}, selection=("seeds",)).get("seed=0") == {"auc": 0.5}
+    with pytest.raises(ValueError, match=r"steps: saved 100, now 200.*new --out"):
+        RunStore(tmp_path, {"steps": 200, "lr": 0.1, "seeds": 2}, selection=("seeds",))
+    with pytest.raises(ValueError, match=r"momentum: saved None, now 0\.9"):
+        RunStore(tmp_path, {"steps": 100, "lr": 0.1, "momentum": 0.9})
+    # The recorded settings are not a run, and clearing forgets them.
+    assert list(store) == [{"auc": 0.5}]
+    store.clear()
+    assert list(store) == []
+    RunStore(tmp_path, {"steps": 200})  # a cleared folder takes new settings
+
+
+def test_store_settings_survive_paths_and_tuples(tmp_path: Path) -> None:
+    config = {"out": tmp_path / "x", "shape": (1, 2)}
+    RunStore(tmp_path, config)
+    RunStore(tmp_path, config)  # JSON turns tuples into lists and paths into strings: still equal

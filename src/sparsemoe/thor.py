@@ -203,7 +203,6 @@ class SentenceDrawGate(Gate):
         max_sentences: table size; ``ids`` must be below it.
     """
 
-
     def id_kind(self) -> IdKind:
         return "sequence"
 

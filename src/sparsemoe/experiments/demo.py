@@ -7,7 +7,7 @@ held-out test split. The data ships with scikit-learn, so the demo needs no down
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -274,9 +274,10 @@ def run(config: Config) -> dict[str, Any]:
         "quick": config.quick,
         "gate_kwargs": GATE_KWARGS,
     }
-    store = RunStore(config.out / "quick" if config.quick else config.out)
+    out = config.out / "quick" if config.quick else config.out
     if config.fresh:
-        store.clear()
+        RunStore(out).clear()
+    store = RunStore(out, asdict(config), selection=("quick", "out", "seeds", "gates", "fresh", "epochs"))
     records = []
     with progress() as bar:
         task = bar.add_task("demo: training", total=len(gate_names) * seeds)

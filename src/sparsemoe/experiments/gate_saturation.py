@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -126,7 +126,7 @@ def run(config: Config) -> dict[str, Any]:
     seeds = 1 if config.quick else config.seeds
     gammas = config.gammas[:1] if config.quick else config.gammas
     out = config.out / "quick" if config.quick else config.out
-    store = RunStore(out)
+    store = RunStore(out, asdict(config), selection=("quick", "out", "seeds", "gates", "gammas", "entropy_weights"))
     grid = list(itertools.product(config.gates, gammas, config.entropy_weights, range(seeds)))
     runs = []
     with progress() as bar:

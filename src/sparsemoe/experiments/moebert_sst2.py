@@ -58,9 +58,9 @@ class Config:
     k: int = field(default=1, metadata={"help": "experts per token"})
     max_length: int = field(default=64, metadata={"help": "tokens per sentence (truncation)"})
     batch_size: int = field(default=32, metadata={"help": "training batch size"})
-    teacher_steps: int = field(default=400, metadata={"help": "dense fine-tuning steps"})
+    teacher_steps: int = field(default=2000, metadata={"help": "dense fine-tuning steps (about one epoch of SST-2)"})
     teacher_lr: float = field(default=1e-4, metadata={"help": "dense fine-tuning learning rate"})
-    student_steps: int = field(default=200, metadata={"help": "distillation steps per student"})
+    student_steps: int = field(default=400, metadata={"help": "distillation steps per student"})
     student_lr: float = field(default=1e-4, metadata={"help": "distillation learning rate"})
     distill_weight: float = field(default=1.0, metadata={"help": "λ of the distillation losses"})
     eval_every: int = field(default=100, metadata={"help": "steps between dev evaluations (model selection)"})
@@ -240,7 +240,7 @@ def run(config: Config) -> dict[str, Any]:
 
     config = _quick(config)
     out = config.out
-    store = RunStore(out)
+    store = RunStore(out, asdict(config), selection=("quick", "out", "seeds", "gates", "throughput_rounds"))
     models_dir, ckpt_dir = out / "models", out / "ckpt"
     source = pretrained_path()
     tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)

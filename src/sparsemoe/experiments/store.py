@@ -3,13 +3,18 @@
 Each finished run is written as ``<out>/runs/<key>.json`` the moment it ends (atomically: temp file
 + rename), and a rerun skips every key already there. So a study killed halfway continues where it
 stopped, and the final tables are always rebuilt from the saved runs alone.
+
+A store made with ``config=`` records the settings that shape its results in
+``<out>/runs/.config`` and refuses to reuse runs made under different settings: a study rerun
+with, say, more training steps must not silently mix new runs with old ones. Settings that only
+choose *which* runs to do (seeds, gates, output folder) are left out by the caller.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +38,42 @@ def __getattr__(name: str) -> Any:
 
 
 class RunStore:
-    """Finished runs of one experiment, one JSON file per run key."""
+    """Finished runs of one experiment, one JSON file per run key.
 
-    def __init__(self, out_dir: str | Path) -> None:
+    Args:
+        out_dir: the experiment's output folder; runs go to ``<out_dir>/runs/``.
+        config: the experiment's settings (a mapping of JSON-able values). When given, the first
+            store records them, and a later store with different values raises ``ValueError``
+            naming the differences, before anything is written or reused.
+        selection: keys of ``config`` that only select runs (seeds, gates, ``out``, ``quick``) and
+            may differ between sittings.
+    """
+
+    CONFIG_FILE = ".config"  # JSON, but outside the runs' "*.json" pattern
+
+    def __init__(
+        self, out_dir: str | Path, config: Mapping[str, Any] | None = None, selection: Iterable[str] = ()
+    ) -> None:
         self.out_dir = Path(out_dir)
         self.runs_dir = self.out_dir / "runs"
+        if config is not None:
+            skip = set(selection)
+            self._check_config({k: v for k, v in config.items() if k not in skip})
+
+    def _check_config(self, settings: dict[str, Any]) -> None:
+        settings = json.loads(json.dumps(settings, default=str))  # as it reads back from disk
+        path = self.runs_dir / self.CONFIG_FILE
+        if not path.exists():
+            write_json(path, settings)
+            return
+        saved = json.loads(path.read_text())
+        changed = sorted(k for k in saved.keys() | settings.keys() if saved.get(k) != settings.get(k))
+        if changed:
+            details = ", ".join(f"{k}: saved {saved.get(k)!r}, now {settings.get(k)!r}" for k in changed)
+            raise ValueError(
+                f"the runs saved in {self.runs_dir} were made with other settings ({details}); "
+                "rerun with the saved settings to resume, or pass a new --out (or delete that folder) to start afresh"
+            )
 
     @staticmethod
     def key(**parts: object) -> str:
@@ -56,9 +92,14 @@ class RunStore:
         write_json(self.path(key), record)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        for path in sorted(self.runs_dir.glob("*.json")):
+        for path in self._run_files():
             yield json.loads(path.read_text())
 
+    def _run_files(self) -> list[Path]:
+        return sorted(self.runs_dir.glob("*.json"))
+
     def clear(self) -> None:
-        for path in self.runs_dir.glob("*.json"):
+        """Delete every saved run and the recorded settings."""
+        for path in self._run_files():
             path.unlink()
+        (self.runs_dir / self.CONFIG_FILE).unlink(missing_ok=True)

@@ -535,7 +535,7 @@ def run(config: Config) -> dict[str, Any]:
     """Train every (model, seed) not yet saved, then rebuild results.json, table.md, summary.json, curves.png."""
     c = _effective(config)
     corpus = _corpus(c)
-    store = RunStore(c.out)
+    store = RunStore(c.out, asdict(c), selection=("quick", "out", "seeds", "models", "thor_mode"))
     for kind in c.models:
         for seed in range(c.seeds):
             key = store.key(model=kind, seed=seed)
