@@ -30,14 +30,28 @@ def grads(y: torch.Tensor, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return list(torch.autograd.grad((y * upstream).sum(), tensors, allow_unused=True, retain_graph=True))
 
 
-def assert_same_forward_backward(x: torch.Tensor, routing: Routing, experts: StackedExperts) -> None:
-    params = [t for t in (x, routing.weight, *experts.parameters()) if t.requires_grad]
+def assert_same_forward_backward(
+    x: torch.Tensor, routing: Routing, experts: StackedExperts, upstream: list[torch.Tensor] = ()
+) -> None:
+    """Forward and gradients of the fast path equal the definition's.
+
+    A routing read from a dense matrix may take the dense path, which reaches the weights through
+    ``routing.dense`` rather than ``routing.weight``: there the gradient is compared on the pairs'
+    cells of that matrix (and, through ``upstream``, on whatever produced it).
+    """
+    weights = routing.weight if routing.dense is None else routing.dense
+    params = [t for t in (x, weights, *experts.parameters(), *upstream) if t.requires_grad]
     torch.manual_seed(1)
     fast = dispatch(x, routing, experts)
     g_fast = grads(fast, params)
     ref = reference_dispatch(x, routing, experts)
     torch.manual_seed(1)
     g_ref = grads(ref, params)
+    if routing.dense is not None and routing.dense.requires_grad:
+        i = next(j for j, t in enumerate(params) if t is routing.dense)
+        pairs = torch.zeros_like(routing.dense, dtype=torch.bool)
+        pairs[routing.token, routing.expert] = True
+        g_fast[i], g_ref[i] = (None if g is None else g * pairs for g in (g_fast[i], g_ref[i]))
     tol = {"atol": 1e-5, "rtol": 1e-4} if x.dtype == torch.float32 else {"atol": 1e-10, "rtol": 1e-9}
     torch.testing.assert_close(fast, ref, **tol)
     for a, b in zip(g_fast, g_ref, strict=True):
@@ -88,7 +102,7 @@ def test_every_gate_fast_equals_reference(gate_name: str) -> None:
     moe = MoE(8, 12, 5, gate=gate_name, **gate_kwargs(gate_name, 5))
     x = torch.randn(13, 8, requires_grad=True)
     moe(x)
-    assert_same_forward_backward(x, moe.last_routing, moe.experts)
+    assert_same_forward_backward(x, moe.last_routing, moe.experts, upstream=list(moe.gate.parameters()))
 
 
 @pytest.mark.parametrize("kind", ["mlp", "swiglu"])

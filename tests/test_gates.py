@@ -191,6 +191,20 @@ def test_smooth_step_gradcheck() -> None:
     assert flat.grad.abs().sum() == 0  # exactly flat outside the band
 
 
+@pytest.mark.parametrize("gamma", [0.01, 1.0, 7.0])
+def test_smooth_step_is_the_papers_cubic(gamma: float) -> None:
+    """The clamp form equals the piecewise definition; saturated inputs give exact 0/1 and zero gradient."""
+    t = torch.cat([torch.linspace(-gamma, gamma, 201, dtype=torch.float64), torch.tensor([-gamma / 2, gamma / 2])])
+    cubic = -2.0 / gamma**3 * t**3 + 1.5 / gamma * t + 0.5
+    piecewise = torch.where(t <= -gamma / 2, 0.0, torch.where(t >= gamma / 2, 1.0, cubic))
+    torch.testing.assert_close(smooth_step(t, gamma), piecewise, rtol=0, atol=1e-12)
+    knots = torch.tensor([-gamma / 2, gamma / 2, -gamma, gamma], requires_grad=True)  # float32
+    s = smooth_step(knots, gamma)
+    assert s.tolist() == [0.0, 1.0, 0.0, 1.0]
+    s.sum().backward()
+    assert knots.grad is not None and knots.grad.abs().sum() == 0
+
+
 @pytest.mark.parametrize("name", ["dselect_k", "comet"])
 @pytest.mark.parametrize("n", [4, 6])
 def test_sparse_gate_weights_gradcheck(name: str, n: int) -> None:
@@ -330,3 +344,31 @@ def test_random_gate_stream_is_part_of_its_state() -> None:
     restored.load_state_dict(saved)
     assert torch.equal(restored(x).expert, expected)  # a reloaded gate continues the same draws
     assert torch.equal(gate.manual_seed(5)(x).expert, gates.build("random", D, N, k=2, seed=5)(x).expert)
+
+
+def test_noisy_topk_load_is_shazeers_estimator() -> None:
+    """The smooth load: P(expert e stays in the top k when only its own noise is redrawn), by brute force."""
+    k = 2
+    gate = gates.build("topk", D, N, k=k, noisy=True, balance_weight=1.0).train()
+    with torch.no_grad():
+        gate.noise_proj.weight.normal_(0, 0.3)
+    x = torch.randn(T, D)
+    torch.manual_seed(3)
+    r = gate(x)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        clean = gate.proj(x)
+        std = torch.nn.functional.softplus(gate.noise_proj(x)) + 1e-2
+        noisy = clean + torch.randn_like(clean) * std
+    load = torch.zeros(N)
+    for t in range(T):
+        for e in range(N):
+            others = torch.cat([noisy[t, :e], noisy[t, e + 1 :]])
+            kth_other = others.topk(k).values[-1]  # e is in the top k iff its value beats this
+            load[e] += torch.distributions.Normal(0.0, 1.0).cdf((clean[t, e] - kth_other) / std[t, e])
+    importance = r.to_dense().detach().sum(0)
+
+    def cv2(v: torch.Tensor) -> torch.Tensor:
+        return v.var(correction=0) / v.mean() ** 2
+
+    torch.testing.assert_close(r.aux_losses["load_balance"].detach(), cv2(importance) + cv2(load), rtol=1e-4, atol=1e-6)

@@ -39,13 +39,16 @@ def combine(ys: torch.Tensor, token: torch.Tensor, weight: torch.Tensor, num_inp
 def covers_all_pairs(routings: list[Routing], num_inputs: int, num_experts: int) -> bool:
     """Whether every ``(input, expert)`` pair appears in at least one routing.
 
-    Costs nothing when the routings hold fewer than ``T·n`` pairs in all (a sparse gate) or there are
-    no inputs, else one
-    ``[T·n]`` scatter and a host read of one bool. Always False while compiling (the answer is data).
+    Costs nothing when the routings hold fewer than ``T·n`` pairs in all (a sparse gate), when there
+    are no inputs, or when one routing read from a dense matrix has all ``T·n`` cells (its pairs are
+    distinct); else one ``[T·n]`` scatter and a host read of one bool. Always False while compiling
+    (the answer is data).
     """
     cells = num_inputs * num_experts
     if cells == 0 or sum(r.num_pairs for r in routings) < cells or torch.compiler.is_compiling():
         return False
+    if any(r.dense is not None and r.num_pairs == cells for r in routings):
+        return True
     seen = torch.zeros(cells, dtype=torch.bool, device=routings[0].token.device)
     for r in routings:
         seen[r.token * num_experts + r.expert] = True

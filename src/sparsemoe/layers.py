@@ -164,7 +164,9 @@ class MoELayer(nn.Module):
         """Weighted sum of the last forward's auxiliary losses over all gates (zero before any forward)."""
         if not self._routings:
             return torch.zeros((), device=next(self.parameters()).device)
-        return torch.stack([r.aux_loss() for r in self._routings]).sum()
+        weight = self._routings[0].weight
+        losses = [loss.to(weight.dtype) for r in self._routings for loss in r.aux_losses.values()]
+        return torch.stack(losses).sum() if losses else weight.new_zeros(())
 
     def routing_stats(self) -> object:
         """Statistics of the last forward's routing (per task for multi-task layers)."""

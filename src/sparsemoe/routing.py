@@ -61,6 +61,10 @@ class Routing:
         num_inputs: number of input rows ``T``.
         aux_losses: auxiliary losses, already multiplied by their coefficients (read-only mapping).
         dropped_fraction: share of the gate's pairs removed by a capacity limit.
+        dense: the ``[T, n]`` weight matrix the pairs were read from (:meth:`from_dense`), or ``None``.
+            Each pair is then a distinct cell and every other cell is exactly 0, so :meth:`to_dense`
+            returns it as it is (with its autograd graph) instead of rebuilding it from the pairs;
+            transforms that change the pairs drop it.
 
     Only computed pairs are listed: a gate leaves out every pair whose weight is exactly zero.
     Construction checks the cheap invariants (1-D, equal lengths, dtypes); index bounds are checked
@@ -74,6 +78,7 @@ class Routing:
     num_inputs: int
     aux_losses: Mapping[str, torch.Tensor] = field(default_factory=dict)
     dropped_fraction: float = 0.0
+    dense: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         for name in ("token", "expert", "weight"):
@@ -95,6 +100,11 @@ class Routing:
             raise ValueError(
                 f"Routing needs num_experts >= 1 and num_inputs >= 0, got {self.num_experts}, {self.num_inputs}"
             )
+        if self.dense is not None and tuple(self.dense.shape) != (self.num_inputs, self.num_experts):
+            raise ValueError(
+                f"Routing.dense must have shape [num_inputs, num_experts] = [{self.num_inputs}, {self.num_experts}], "
+                f"got {tuple(self.dense.shape)}"
+            )
         object.__setattr__(self, "aux_losses", MappingProxyType(dict(self.aux_losses)))
         if _DEBUG:
             self.check_bounds()
@@ -102,7 +112,7 @@ class Routing:
     def __reduce__(self) -> tuple[type[Routing], tuple[Any, ...]]:
         # A read-only mapping cannot be pickled or deep-copied as it is: rebuild from a plain dict.
         fields_ = (self.token, self.expert, self.weight, self.num_experts, self.num_inputs)
-        return type(self), (*fields_, dict(self.aux_losses), self.dropped_fraction)
+        return type(self), (*fields_, dict(self.aux_losses), self.dropped_fraction, self.dense)
 
     def check_bounds(self) -> None:
         """Raise if a pair points outside ``[0, T) x [0, n)`` (syncs with the device)."""
@@ -129,7 +139,7 @@ class Routing:
         """Pairs from a dense ``[T, n]`` weight matrix.
 
         With ``keep_zeros=False`` exact zeros are left out, which is how DSelect-k and COMET turn
-        their saturated smooth-steps into skipped experts.
+        their saturated smooth-steps into skipped experts. ``weights`` is kept as :attr:`dense`.
         """
         num_inputs, num_experts = weights.shape
         if keep_zeros:
@@ -139,7 +149,7 @@ class Routing:
         else:
             token, expert = (weights != 0).nonzero(as_tuple=True)
             weight = weights[token, expert]
-        return cls(token, expert, weight, num_experts, num_inputs, aux_losses or {})
+        return cls(token, expert, weight, num_experts, num_inputs, aux_losses or {}, dense=weights)
 
     @classmethod
     def from_topk(
@@ -158,11 +168,11 @@ class Routing:
     # ----------------------------------------------------------------------------- transforms
     def select(self, mask: torch.Tensor) -> Routing:
         """The pairs where ``mask`` is true; everything else unchanged."""
-        return replace(self, token=self.token[mask], expert=self.expert[mask], weight=self.weight[mask])
+        return replace(self, token=self.token[mask], expert=self.expert[mask], weight=self.weight[mask], dense=None)
 
     def relabel(self, expert_of_slot: torch.Tensor) -> Routing:
         """Send the pairs of gate coordinate ``j`` to expert ``expert_of_slot[j]`` (a permutation)."""
-        return replace(self, expert=expert_of_slot[self.expert])
+        return replace(self, expert=expert_of_slot[self.expert], dense=None)
 
     def with_aux_losses(self, **losses: torch.Tensor) -> Routing:
         """A copy with ``losses`` added to (or replacing entries of) :attr:`aux_losses`."""
@@ -207,6 +217,8 @@ class Routing:
     # ----------------------------------------------------------------------------- views
     def to_dense(self) -> torch.Tensor:
         """The ``[T, n]`` weight matrix (pairs on the same cell add up)."""
+        if self.dense is not None:
+            return self.dense
         dense = self.weight.new_zeros(self.num_inputs * self.num_experts)
         dense = dense.index_add(0, self.token * self.num_experts + self.expert, self.weight)
         return dense.view(self.num_inputs, self.num_experts)

@@ -12,13 +12,16 @@ from .base import Gate
 
 
 def _cv_squared(v: torch.Tensor) -> torch.Tensor:
-    """Squared coefficient of variation, the balance penalty of Shazeer et al. (2017).
+    """Squared coefficient of variation along the last dimension, the balance penalty of Shazeer et al. (2017).
 
-    Uses the population variance (divide by ``n``), as the reference implementation does.
+    Uses the population variance (divide by ``n``), as the reference implementation does. Several
+    vectors stacked as ``[m, n]`` give ``[m]`` penalties in one pass (fewer ops for small models).
     """
-    if v.numel() <= 1:
-        return v.new_zeros(())
-    return v.float().var(correction=0) / (v.float().mean() ** 2 + 1e-10)
+    if v.shape[-1] <= 1:
+        return v.new_zeros(v.shape[:-1])
+    v = v.float()
+    var, mean = torch.var_mean(v, dim=-1, correction=0)
+    return var / (mean**2 + 1e-10)
 
 
 class TopKGate(Gate):
@@ -62,25 +65,35 @@ class TopKGate(Gate):
         if self.noise_proj is not None and self.training:
             noise_std = F.softplus(self.noise_proj(x)) + 1e-2
             logits = clean + torch.randn_like(clean) * noise_std
-        top_logits, top_idx = logits.topk(self.k, dim=-1)  # [T, k]
-        weights = torch.softmax(top_logits, dim=-1)
+        balance = self.balance_weight > 0 and self.training and x.shape[0] > 0
+        smooth_load = balance and noise_std is not None and self.k < self.num_experts
+        # The smooth load needs the (k+1)-th value too: one topk serves both.
+        top_values, top_idx = logits.topk(self.k + 1 if smooth_load else self.k, dim=-1)  # [T, k(+1)]
+        top_idx = top_idx[:, : self.k]
+        weights = torch.softmax(top_values[:, : self.k], dim=-1)  # [T, k]
         aux = {}
-        if self.balance_weight > 0 and self.training and x.shape[0] > 0:
-            gates = torch.zeros_like(logits).scatter(1, top_idx, weights)
-            penalty = _cv_squared(gates.sum(0))
-            if noise_std is not None and self.k < self.num_experts:
-                penalty = penalty + _cv_squared(self._smooth_load(clean, logits, noise_std, top_idx))
+        if balance:
+            importance = logits.new_zeros(self.num_experts).index_add(0, top_idx.flatten(), weights.flatten())
+            if smooth_load:
+                assert noise_std is not None
+                load = self._smooth_load(clean, logits, noise_std, top_values)
+                penalty = _cv_squared(torch.stack([importance, load])).sum()
+            else:
+                penalty = _cv_squared(importance)
             aux["load_balance"] = self.balance_weight * penalty
         return Routing.from_topk(top_idx, weights, self.num_experts, aux_losses=aux)
 
     def _smooth_load(
-        self, clean: torch.Tensor, noisy: torch.Tensor, noise_std: torch.Tensor, top_idx: torch.Tensor
+        self, clean: torch.Tensor, noisy: torch.Tensor, noise_std: torch.Tensor, top_kp1: torch.Tensor
     ) -> torch.Tensor:
-        """Expected number of inputs per expert under the noise: a differentiable load."""
-        top_kp1 = noisy.topk(self.k + 1, dim=-1).values  # [T, k+1]
-        in_top = torch.zeros_like(noisy, dtype=torch.bool).scatter(1, top_idx, True)
-        # An expert in the top k must beat the (k+1)-th value; one outside must beat the k-th.
-        threshold = torch.where(in_top, top_kp1[:, self.k : self.k + 1], top_kp1[:, self.k - 1 : self.k])
+        """Expected number of inputs per expert under the noise: a differentiable load.
+
+        ``top_kp1: [T, k+1]`` holds the ``k + 1`` largest noisy logits of each row, in order.
+        """
+        kth, next_ = top_kp1[:, self.k - 1 : self.k], top_kp1[:, self.k : self.k + 1]
+        # An expert in the top k (noisy >= the k-th value) must beat the (k+1)-th value to stay there;
+        # one outside must beat the k-th to get in.
+        threshold = torch.where(noisy >= kth, next_, kth)
         return torch.special.ndtr((clean - threshold) / noise_std).sum(0)
 
     def extra_repr(self) -> str:
