@@ -406,42 +406,66 @@ def _report(config: Config, store: RunStore, timing: dict[str, Any]) -> dict[str
             "active_params_per_token": statistics.fmean(r["active_params_per_token"] for r in rows),
             "sentences_per_second": timing["sentences_per_second"].get(name),
         }
+    details = _details(summary, records)
     results = {
         "name": NAME,
         "quick": config.quick,
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()},
         "summary": summary,
+        "details": details,
         "runs": records,
         "throughput": timing,
     }
     write_json(config.out / "results.json", results)
     write_json(config.out / "summary.json", summary)
-    _table(config, summary)
+    _table(config, summary, details)
     _plot(config, summary, timing["threads"])
     return results
+
+
+def _details(summary: dict[str, dict[str, Any]], records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per model: accuracy minus the teacher's, experts computed per token, training time over its seeds."""
+    teacher = summary.get("dense", {}).get("accuracy")
+    out: dict[str, dict[str, Any]] = {}
+    for name, row in summary.items():
+        runs = [r for r in records if r["model"] == name]
+        per_layer = [statistics.fmean(r["active_experts_per_token"]) for r in runs if r.get("active_experts_per_token")]
+        out[name] = {
+            "vs_teacher": None if teacher is None or name == "dense" else row["accuracy"] - teacher,
+            "experts_per_token": statistics.fmean(per_layer) if per_layer else None,
+            "train_minutes": sum(r["train_seconds"] for r in runs) / 60,
+        }
+    return out
 
 
 def _fmt(value: float | None, digits: int = 2) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
-def _table(config: Config, summary: dict[str, dict[str, Any]]) -> None:
+def _table(config: Config, summary: dict[str, dict[str, Any]], details: dict[str, dict[str, Any]]) -> None:
     title = f"# {NAME}{' (quick smoke run: numbers mean nothing)' if config.quick else ''}\n\n"
     lines = [
-        "| model | test accuracy % (mean ± std) | seeds | params | active params / token | sentences/s |",
-        "|---|---|---|---|---|---|",
+        "| model | test accuracy % (mean ± std) | − teacher | seeds | params | active params / token "
+        "| experts / token | sentences/s | train min (all seeds) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, s in summary.items():
+        d = details[name]
+        delta = "" if d["vs_teacher"] is None else f"{d['vs_teacher']:+.2f}"
         lines.append(
-            f"| {name} | {s['accuracy']:.2f} ± {_fmt(s['accuracy_std'])} | {s['seeds']} | {s['params'] / 1e6:.2f}M "
-            f"| {s['active_params_per_token'] / 1e6:.2f}M | {_fmt(s['sentences_per_second'], 1)} |"
+            f"| {name} | {s['accuracy']:.2f} ± {_fmt(s['accuracy_std'])} | {delta} | {s['seeds']} "
+            f"| {s['params'] / 1e6:.2f}M | {s['active_params_per_token'] / 1e6:.2f}M "
+            f"| {_fmt(d['experts_per_token'])} | {_fmt(s['sentences_per_second'], 1)} | {d['train_minutes']:.1f} |"
         )
+    total = sum(d["train_minutes"] for d in details.values())
     note = (
         f"\nSST-2 test.tsv (GLUE validation, {QUICK_ROWS['test'] if config.quick else 872} sentences); "
         f"dense = the fine-tuned all-MiniLM-L6-v2 teacher ({config.teacher_steps} steps); students: "
         f"{config.num_experts} experts x {config.expert_dim} neurons ({config.shared} shared), k={config.k}, "
         f"{config.student_steps} distillation steps, std over seeds. Throughput: inference over test.tsv in "
-        f"batches of 64, models interleaved in one process, median of {config.throughput_rounds} rounds.\n"
+        f"batches of 64, models interleaved in one process, median of {config.throughput_rounds} rounds. "
+        f"Experts / token: experts computed per real token, averaged over the MoE layers (4 = all). "
+        f"Training time of the whole study: {total:.0f} min (wall clock, one thread per process).\n"
     )
     (config.out / "table.md").write_text(title + "\n".join(lines) + "\n" + note)
 
