@@ -80,6 +80,7 @@ def _data(seed: int, sizes: tuple[int, int, int]) -> dict[str, MultiMNIST]:
 
 
 def _logits(model: VisionMMoE, images: torch.Tensor, batch: int = 1000) -> list[torch.Tensor]:
+    """Per-task logits in chunks of ``batch`` images (the 500-image validation split is one chunk)."""
     outs = [model(chunk) for chunk in images.split(batch)]
     return [torch.cat([o[t] for o in outs]) for t in range(len(TASKS))]
 
@@ -104,9 +105,11 @@ def train(settings: dict[str, Any], gate: str, params: dict[str, Any], seed: int
     active_per_epoch: list[float] = []
 
     def count_experts(epoch: int, val_loss: float) -> None:
-        with torch.no_grad():  # fit calls this in eval mode, after the validation loss
-            model(data["val"].images)  # the whole validation split (500 images) is the probe
-        active_per_epoch.append(active_experts(model.moe.last_routing))
+        # fit calls this right after the validation loss, whose one eval-mode forward over the whole
+        # validation split (the probe) left its routing in the layer: no second forward needed.
+        routings = model.moe.last_routing
+        assert routings is not None and routings[0].num_inputs == len(data["val"].images)
+        active_per_epoch.append(active_experts(routings))
 
     result = fit(
         model,
