@@ -432,3 +432,17 @@ def test_demo_figure_is_honest(quick: bool) -> None:
         assert legend.get_window_extent(renderer).y1 < ax.get_window_extent(renderer).y0
     spread = " ".join(t.get_text() for t in quality.get_legend().get_texts())
     assert (f"±1 std over {seeds} seeds" in spread) == (not quick)
+
+
+def test_ctrl_c_in_an_experiment_is_one_line_naming_the_command(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def interrupted(config: demo.Config) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo, "run", interrupted)
+    argv = ["demo", "--quick", "--out", str(tmp_path / "my out")]
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.strip().endswith(f"Continue with: sparsemoe demo --quick --out '{tmp_path / 'my out'}'")

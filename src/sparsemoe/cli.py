@@ -17,6 +17,7 @@ import dataclasses
 import importlib
 import importlib.util
 import re
+import shlex
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -261,6 +262,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError, FileNotFoundError) as err:
         print(f"sparsemoe: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Experiments save each finished run, so the same command continues: say so in one line.
+        command = shlex.join(["sparsemoe", *(sys.argv[1:] if argv is None else argv)])
+        print(f"sparsemoe: interrupted; finished runs are saved. Continue with: {command}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
