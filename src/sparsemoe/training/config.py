@@ -9,14 +9,13 @@ from __future__ import annotations
 import difflib
 import json
 import sys
-import types
-import typing
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .._fields import check_value, field_type
 from .._validation import check_choice, check_float, check_int
 from .loop import NAN_POLICIES, SchedulerFactory
 
@@ -65,7 +64,7 @@ class TrainConfig:
                 close = difflib.get_close_matches(key, list(known), n=1)
                 hint = f"; did you mean {close[0]!r}?" if close else ""
                 raise ValueError(f"{source}: unknown key {key!r}{hint} (known keys: {', '.join(known)})")
-            _check_type(key, value, typing.get_type_hints(cls)[key], source)
+            check_value(f"{source}: key {key!r}", field_type(cls, known[key]), value)
         try:
             return cls(**values)
         except (TypeError, ValueError) as e:
@@ -114,17 +113,3 @@ class TrainConfig:
         """Keyword arguments for :func:`~sparsemoe.training.fit`."""
         kwargs = {k: v for k, v in self.to_dict().items() if k != "warmup_steps"}
         return {**kwargs, "scheduler": self.scheduler()}
-
-
-def _check_type(key: str, value: object, hint: object, source: str) -> None:
-    """``value`` must match the field's annotation exactly (no bool for int; int is fine for float)."""
-    allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
-    for kind in allowed:
-        if kind is type(None) and value is None:
-            return
-        if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return
-        if kind in (int, str) and isinstance(value, kind) and not isinstance(value, bool):
-            return
-    names = " or ".join("null" if k is type(None) else getattr(k, "__name__", str(k)) for k in allowed)
-    raise TypeError(f"{source}: key {key!r} must be {names}, got {type(value).__name__} ({value!r})")
