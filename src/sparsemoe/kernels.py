@@ -287,15 +287,17 @@ TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _TRITON_WANTED = os.environ.get("SPARSEMOE_TRITON", "1") != "0"
 
 
-def set_triton(enabled: bool) -> None:
+def set_triton(enabled: bool) -> bool:
     """Use the fused Triton kernels of :mod:`sparsemoe.triton_kernels` on CUDA (on by default).
 
-    They give the eager path's results up to summation order (float32 accumulation, atomic adds in
-    the combine), so they are on by default where they apply; switch them off here or with the
-    environment variable ``SPARSEMOE_TRITON=0`` to compare or to debug. They never run on CPU.
+    Returns the previous setting. The kernels give the eager path's results up to summation order
+    (float32 accumulation, atomic adds in the combine), so they are on by default where they apply;
+    switch them off here or with the environment variable ``SPARSEMOE_TRITON=0`` to compare or to
+    debug. They never run on CPU.
     """
     global _TRITON_WANTED
-    _TRITON_WANTED = bool(enabled)
+    previous, _TRITON_WANTED = _TRITON_WANTED, bool(enabled)
+    return previous
 
 
 @functools.cache
