@@ -6,11 +6,13 @@ numbers are quoted.
 
 For each of the issue's three shapes it times one training step (forward + backward, bf16, top-k
 routing without noise or balance loss, ``swiglu`` experts) of the dense-equivalent (``T·k`` rows
-through one expert-sized network: the FLOP floor), our layer, our layer under
-``torch.compile(fullgraph=True, dynamic=True)``, and the HF Mixtral block with its ``grouped_mm``
-experts where ``transformers`` is installed; then every gate's layer at the third shape against
-top-k. Peak memory is ``torch.cuda.max_memory_allocated`` over one step. Rounds are interleaved and
-checked for spread as in every benchmark here (:mod:`benchmarks.timing`). Writes
+through one expert-sized network: the FLOP floor), our layer with the fused Triton kernels of
+:mod:`sparsemoe.triton_kernels` (CUDA with ``triton`` installed only) and without them, our layer
+under ``torch.compile(fullgraph=True, dynamic=True)`` (which does not use them), and the HF Mixtral
+block with its ``grouped_mm`` experts where ``transformers`` is installed; then every gate's layer
+at the third shape against top-k (the library's default: Triton kernels where they apply). Peak
+memory is ``torch.cuda.max_memory_allocated`` over one step. Rounds are interleaved and checked for
+spread as in every benchmark here (:mod:`benchmarks.timing`). Writes
 ``RESULTS-gpu.md`` next to this file (``--out`` to change), naming the device.
 """
 
@@ -24,6 +26,7 @@ from pathlib import Path
 import torch
 
 import sparsemoe
+from sparsemoe import kernels
 
 from . import report, timing
 from .cases import Case, DenseEquivalent
@@ -63,6 +66,30 @@ def _ours(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype, gate
     moe = sparsemoe.MoE(d, h, n, gate=gate, expert="swiglu", check_finite=False, **options, **kw).to(device, dtype)
     x, grad = _data(tokens, d, device, dtype)
     return Case(f"sparsemoe ({gate})", moe, lambda inp: (moe(inp), moe.aux_loss()), x, grad)
+
+
+def _switched(case: Case, triton: bool) -> Case:
+    """``case`` with the fused Triton kernels switched on or off for its forward (restored after)."""
+
+    def forward(inp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        previous = kernels.set_triton(triton)
+        try:
+            return case.forward(inp)
+        finally:
+            kernels.set_triton(previous)
+
+    label = ", Triton kernels" if triton else ", no Triton"
+    return Case(case.name + label, case.module, forward, case.x, case.grad_out)
+
+
+def _triton_rows(ours: Case, device: torch.device) -> tuple[list[Case], str]:
+    """Our layer with and without the Triton kernels; the Triton row only on CUDA with triton installed."""
+    plain = _switched(ours, False)
+    if device.type != "cuda":
+        return [plain], "\n- Triton row skipped: its kernels run on CUDA only\n"
+    if kernels.triton_kernels() is None:
+        return [plain], "\n- Triton row skipped: triton is not installed (`pip install -e '.[gpu]'`)\n"
+    return [_switched(ours, True), plain], ""
 
 
 def _compiled(case: Case) -> Case:
@@ -111,11 +138,12 @@ def shape_table(
     shape: tuple[int, ...], device: torch.device, dtype: torch.dtype, repeats: int, compile_too: bool
 ) -> str:
     ours = _ours(shape, device, dtype)
-    cases = [_dense(shape, device, dtype), ours]
+    variants, skipped = _triton_rows(ours, device)
+    cases = [_dense(shape, device, dtype), *variants]
     if compile_too:
         cases.append(_compiled(ours))
     hf = _hf(shape, device, dtype)
-    skipped = f"\n- HF block skipped: {hf}\n" if isinstance(hf, str) else ""
+    skipped += f"\n- HF block skipped: {hf}\n" if isinstance(hf, str) else ""
     if not isinstance(hf, str):
         cases.append(hf)
     t = timing.interleaved({c.name: _synchronised(c.step, device) for c in cases}, repeats=repeats)

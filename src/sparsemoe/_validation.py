@@ -46,14 +46,28 @@ def check_choice(name: str, value: object, choices: Iterable[str]) -> str:
     return value  # narrowed to str by the membership test
 
 
+def device_side_checks(t: torch.Tensor) -> bool:
+    """Whether checks of ``t``'s values are device-side asserts rather than host reads.
+
+    On CUDA a host read waits for every queued kernel (a synchronisation that stalls the forward),
+    and a compiled graph cannot read values at all; there a failed check raises asynchronously: a
+    CUDA "device-side assert triggered" error at a later synchronisation, with the check's message
+    in the device log, after which the CUDA context is unusable (rerun on CPU, or with
+    ``CUDA_LAUNCH_BLOCKING=1``, to see the clear ``ValueError``). Elsewhere checks raise that
+    ``ValueError`` at once.
+    """
+    return t.is_cuda or torch.compiler.is_compiling()
+
+
 def _all_finite(x: torch.Tensor) -> bool:
-    """Exactly ``isfinite(x).all()``, usually for the cost of one sum.
+    """Exactly ``isfinite(x).all()``, usually for the cost of one sum (on the host).
 
     A NaN or infinity anywhere makes the sum non-finite, so a finite sum proves the check; only a
     non-finite sum (a bad value, or an overflow of large finite ones) pays for the elementwise test.
+    With :func:`device_side_checks` it is an asynchronous assert instead, and returns True.
     """
     x = x.detach()
-    if torch.compiler.is_compiling():  # no host read in a compiled graph: a device-side assert instead
+    if device_side_checks(x):
         torch._assert_async(torch.isfinite(x).all(), "input contains NaN or infinite values")
         return True
     return bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())
@@ -107,7 +121,7 @@ def check_ids(ids: object, num_rows: int, *, name: str = "ids") -> torch.Tensor:
     ids = ids.reshape(-1)
     if ids.numel() != num_rows:
         raise ValueError(f"{name} must hold one id per input row ({num_rows}), got {ids.numel()}")
-    if ids.numel() and torch.compiler.is_compiling():  # no host read in a compiled graph
+    if ids.numel() and device_side_checks(ids):  # no host read on CUDA or in a compiled graph
         torch._assert_async((ids >= 0).all(), f"{name} must be non-negative")
     elif ids.numel() and int(ids.min()) < 0:
         raise ValueError(f"{name} must be non-negative, got minimum {int(ids.min())}")

@@ -72,6 +72,10 @@ def dispatch(x: torch.Tensor, routing: Routing, experts: ExpertBank) -> torch.Te
         return dense_mix(experts.forward_all(x), [routing])[0]
     order, counts = sort_by_expert(routing.expert, experts.num_experts)
     token = routing.token[order]
+    if x.is_cuda:  # a bank may fuse gather, experts and combine (Triton kernels); never on CPU
+        fused = experts.forward_combined(x, token, counts, routing.weight[order], routing.num_inputs)
+        if fused is not None:
+            return fused
     ys = experts.forward_sorted(x.index_select(0, token), counts)  # [N, *out], grouped by expert
     return combine(ys, token, routing.weight[order], routing.num_inputs)
 

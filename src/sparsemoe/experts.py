@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ._validation import check_choice, check_int
-from .kernels import grouped_matmul_offsets, grouped_mm_supported
+from .kernels import grouped_matmul_offsets, grouped_mm_supported, triton_kernels, use_triton, weighted_combine
 
 EXPERT_KINDS = ("mlp", "swiglu", "linear")
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -62,6 +63,20 @@ class ExpertBank(nn.Module):
         if not outputs:  # no rows at all: ask expert 0 for the output shape
             return self.forward_expert(0, xs)
         return torch.cat(outputs)
+
+    def forward_combined(
+        self, x: torch.Tensor, token: torch.Tensor, counts: torch.Tensor, weight: torch.Tensor, num_inputs: int
+    ) -> torch.Tensor | None:
+        """Gather, experts and combine in one step where the bank has a fused path for ``x``, else ``None``.
+
+        The dispatcher asks only for CUDA inputs (``None`` sends it down the generic path: gather,
+        :meth:`forward_sorted`, combine). ``token`` and ``weight`` are the pairs' input rows and
+        combine weights sorted by expert, ``counts[e]`` pairs for expert ``e``.
+
+        Shape: ``x [T, *in]``, ``token LongTensor[N]``, ``counts LongTensor[n]``, ``weight [N]`` ->
+        ``[T, *out]`` with ``T = num_inputs``.
+        """
+        return None
 
     def forward_all(self, x: torch.Tensor) -> torch.Tensor:
         """Every expert on every row: ``x: [T, *in] -> [n, T, *out]`` (the dense path of a softmax gate).
@@ -192,6 +207,21 @@ class StackedExperts(ExpertBank):
                     bound = 1 / math.sqrt(w.shape[1])
                     b.uniform_(-bound, bound)
 
+    def _hidden(
+        self,
+        x: torch.Tensor,
+        matmul: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        bias: Callable[[torch.Tensor], torch.Tensor],
+    ) -> torch.Tensor:
+        """First layer and activation (all of a ``linear`` expert), written once for every path."""
+        h = matmul(x, self.w1)
+        if self.b1 is not None:
+            h = h + bias(self.b1)
+        if self.kind == "swiglu":
+            gate, up = h.chunk(2, dim=-1)
+            return F.silu(gate) * up
+        return ACTIVATIONS[self.activation](h)
+
     def _forward(
         self,
         x: torch.Tensor,
@@ -199,14 +229,7 @@ class StackedExperts(ExpertBank):
         bias: Callable[[torch.Tensor], torch.Tensor],
     ) -> torch.Tensor:
         """The expert network, written once for both the grouped and the single-expert path."""
-        h = matmul(x, self.w1)
-        if self.b1 is not None:
-            h = h + bias(self.b1)
-        if self.kind == "swiglu":
-            gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
-        else:
-            h = ACTIVATIONS[self.activation](h)
+        h = self._hidden(x, matmul, bias)
         if self.w2 is None:
             return h
         y = matmul(h, self.w2)
@@ -228,6 +251,51 @@ class StackedExperts(ExpertBank):
                 counts, dim=0, output_size=xs.shape[0]
             ),
         )
+
+    def forward_combined(
+        self, x: torch.Tensor, token: torch.Tensor, counts: torch.Tensor, weight: torch.Tensor, num_inputs: int
+    ) -> torch.Tensor | None:
+        """The fused Triton path on CUDA (see :func:`sparsemoe.kernels.use_triton`), else ``None``."""
+        compute = _autocast_dtype(x)
+        ops = triton_kernels() if use_triton(x, compute) else None
+        if ops is None:
+            return None
+        return self.forward_fused(x, token, counts, weight, num_inputs, ops, compute)
+
+    def forward_fused(
+        self,
+        x: torch.Tensor,
+        token: torch.Tensor,
+        counts: torch.Tensor,
+        weight: torch.Tensor,
+        num_inputs: int,
+        ops: ModuleType,
+        compute: torch.dtype | None = None,
+    ) -> torch.Tensor:
+        """Gather fused into the first grouped GEMM and the combine into the last, with the kernels of ``ops``.
+
+        ``ops`` is :mod:`sparsemoe.triton_kernels` (tests pass a copy running in Triton's CPU
+        interpreter); ``compute`` the autocast dtype, if any. The expert boundaries stay on the device.
+        ``linear`` experts (the activation follows their only GEMM) and a second-layer bias (it sits
+        between the product and the combine weight) keep the plain combine after the last GEMM.
+
+        Shape: as :meth:`ExpertBank.forward_combined`.
+        """
+        offsets = torch.cumsum(counts, 0, dtype=torch.int32)  # [n], on the device: no host read
+
+        def cast(t: torch.Tensor) -> torch.Tensor:
+            return t if compute is None else t.to(compute)
+
+        def rows_bias(b: torch.Tensor) -> torch.Tensor:
+            return cast(b).repeat_interleave(counts, dim=0, output_size=token.shape[0])
+
+        h = self._hidden(cast(x), lambda rows, w: ops.gather_grouped_mm(rows, token, cast(w), offsets), rows_bias)
+        if self.w2 is None:
+            return weighted_combine(h, token, weight, num_inputs)
+        if self.b2 is not None:
+            y = grouped_matmul_offsets(h, cast(self.w2), offsets) + rows_bias(self.b2)
+            return weighted_combine(y, token, weight, num_inputs)
+        return ops.grouped_mm_combine(h, cast(self.w2), offsets, token, weight, num_inputs)
 
     def forward_all(self, x: torch.Tensor) -> torch.Tensor:
         """``[T, d_in] -> [n, T, d_out]`` as batched GEMMs, with no sorting or gathering."""

@@ -18,7 +18,11 @@ Shape notes use ``N`` rows (pairs), ``n`` experts, ``d`` input and ``h`` output 
 
 from __future__ import annotations
 
+import functools
+import importlib
+import os
 from collections.abc import Callable
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -275,6 +279,57 @@ def weighted_combine(ys: torch.Tensor, token: torch.Tensor, weight: torch.Tensor
     if torch.compiler.is_compiling():
         return combine_op(ys, token, weight, num_inputs)
     return _WeightedIndexAdd.apply(ys, token, weight, num_inputs)
+
+
+# ------------------------------------------------------------------------------------------ Triton (CUDA only)
+#: dtypes the fused Triton kernels take on CUDA
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_TRITON_WANTED = os.environ.get("SPARSEMOE_TRITON", "1") != "0"
+
+
+def set_triton(enabled: bool) -> bool:
+    """Use the fused Triton kernels of :mod:`sparsemoe.triton_kernels` on CUDA (on by default).
+
+    Returns the previous setting. The kernels give the eager path's results up to summation order
+    (float32 accumulation, atomic adds in the combine), so they are on by default where they apply;
+    switch them off here or with the environment variable ``SPARSEMOE_TRITON=0`` to compare or to
+    debug. They never run on CPU.
+    """
+    global _TRITON_WANTED
+    previous, _TRITON_WANTED = _TRITON_WANTED, bool(enabled)
+    return previous
+
+
+@functools.cache
+def triton_kernels() -> ModuleType | None:
+    """:mod:`sparsemoe.triton_kernels` compiled for the GPU, or ``None`` without a usable ``triton``.
+
+    ``None`` too when the module was imported under ``TRITON_INTERPRET=1`` (CPU interpreter: far too
+    slow for real work). Imported on first use and cached.
+    """
+    try:
+        module = importlib.import_module("sparsemoe.triton_kernels")
+    except ImportError:
+        return None
+    return None if module.INTERPRETED else module
+
+
+def use_triton(x: torch.Tensor, dtype: torch.dtype | None = None) -> bool:
+    """Whether the dispatcher takes the fused Triton path for ``x`` computed in ``dtype`` (default its own).
+
+    Only for CUDA tensors computed in a :data:`TRITON_DTYPES` dtype, with the kernels switched on, not while
+    ``torch.compile`` traces (the compiler sees the custom ops instead), not under
+    ``torch.use_deterministic_algorithms(True)`` (the fused combine adds with atomics), and only when
+    ``triton`` imports. The first test is the device, so CPU calls cost one attribute read.
+    """
+    return (
+        x.is_cuda
+        and _TRITON_WANTED
+        and (x.dtype if dtype is None else dtype) in TRITON_DTYPES
+        and not torch.compiler.is_compiling()
+        and not torch.are_deterministic_algorithms_enabled()
+        and triton_kernels() is not None
+    )
 
 
 # ------------------------------------------------------------------------------------------ random draws

@@ -195,7 +195,9 @@ class MoE(MoELayer):
             ``N`` pairs (first choices first, GShard-style); the rest are dropped and reported in
             :meth:`routing_stats`. Default: dropless. (A gate's own ``capacity_factor`` option, for
             ``switch`` and ``expert_choice``, is a gate option and goes to the gate.)
-        check_finite: reject inputs holding NaN/inf (one reduction per call).
+        check_finite: reject inputs holding NaN/inf (one reduction per call; on CUDA an asynchronous
+            device-side assert, so the forward never waits for the device: see
+            :func:`sparsemoe._validation.device_side_checks`).
         local_search: learn a permutation between gate outputs and experts (COMET's "+" gates, see
             :mod:`sparsemoe.search`).
         local_search_steps: training forwards before the permutation is hardened and frozen.

@@ -31,6 +31,18 @@ def set_debug(enabled: bool) -> None:
     _DEBUG = bool(enabled)
 
 
+def count_per_expert(expert: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """``torch.bincount(expert, minlength=num_experts)`` for indices below ``num_experts``: ``LongTensor[n]``.
+
+    On CUDA ``bincount`` reads the largest index on the host to size its output (a synchronisation)
+    and ``torch.compile`` cannot trace that data-dependent size; there a fixed-size ``index_add_``
+    counts instead. The CPU keeps ``bincount`` (1.3-1.4x faster there, torch 2.13, one thread).
+    """
+    if expert.is_cuda or torch.compiler.is_compiling():
+        return expert.new_zeros(num_experts).index_add_(0, expert, torch.ones_like(expert))
+    return torch.bincount(expert, minlength=num_experts)
+
+
 @dataclass(frozen=True)
 class RoutingStats:
     """Summary of one routing decision, cheap enough to log every step."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .._validation import check_int
+from .._validation import check_int, device_side_checks
 from ..routing import Routing
 from .base import Gate, IdKind
 
@@ -63,8 +63,11 @@ class HashGate(Gate):
     def route(self, x: torch.Tensor, ids: torch.Tensor | None) -> Routing:
         if ids is None:
             ids = self._hash_rows(x)
-        elif self.num_ids is not None and ids.numel() and int(ids.max()) >= self.num_ids:
-            raise ValueError(f"ids must be < num_ids={self.num_ids}, got maximum {int(ids.max())}")
+        elif self.num_ids is not None and ids.numel():
+            if device_side_checks(ids):  # no host read on CUDA or in a compiled graph
+                torch._assert_async((ids < self.num_ids).all(), f"ids must be < num_ids={self.num_ids}")
+            elif int(ids.max()) >= self.num_ids:
+                raise ValueError(f"ids must be < num_ids={self.num_ids}, got maximum {int(ids.max())}")
         first = self.table[ids.to(self.table.device) % self.table.numel()]  # [T]
         experts = (first[:, None] + torch.arange(self.k, device=first.device)) % self.num_experts
         weights = x.new_full(experts.shape, 1.0 / self.k)

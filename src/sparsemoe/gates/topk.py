@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._validation import check_float
-from ..routing import Routing
+from ..routing import Routing, count_per_expert
 from .base import Gate
 
 
@@ -142,7 +142,7 @@ class SwitchGate(Gate):
         weight, expert = probs.max(dim=-1)  # [T]
         aux = {}
         if x.shape[0] > 0:
-            routed_fraction = torch.bincount(expert, minlength=self.num_experts).to(probs.dtype) / x.shape[0]
+            routed_fraction = count_per_expert(expert, self.num_experts).to(probs.dtype) / x.shape[0]
             aux["load_balance"] = self.balance_weight * self.num_experts * (routed_fraction * probs.mean(0)).sum()
             aux["z_loss"] = self.z_loss_weight * torch.logsumexp(logits, dim=-1).pow(2).mean()
         routing = Routing.from_topk(expert[:, None], weight[:, None], self.num_experts, aux_losses=aux)

@@ -1,0 +1,48 @@
+"""benchmarks.gpu on CPU: the script runs end to end, and its Triton rows appear only where they can run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks import gpu
+from sparsemoe import kernels
+
+
+def test_gpu_benchmark_runs_on_cpu(tmp_path: Path) -> None:
+    gpu.main(["--device", "cpu", "--quick", "--no-compile", "--out", str(tmp_path)])
+    text = (tmp_path / "RESULTS-gpu.md").read_text()
+    assert text.count("| sparsemoe (topk), no Triton |") == len(gpu.QUICK_SHAPES)
+    assert "Triton kernels |" not in text
+    assert "Triton row skipped: its kernels run on CUDA only" in text
+
+
+def test_triton_rows_need_cuda_and_triton(monkeypatch: pytest.MonkeyPatch) -> None:
+    ours = gpu._ours(gpu.QUICK_SHAPES[0], torch.device("cpu"), torch.float32)
+    monkeypatch.setattr(kernels, "triton_kernels", lambda: None)
+    rows, note = gpu._triton_rows(ours, torch.device("cuda"))
+    assert [c.name for c in rows] == ["sparsemoe (topk), no Triton"] and "not installed" in note
+    monkeypatch.setattr(kernels, "triton_kernels", lambda: object())
+    rows, note = gpu._triton_rows(ours, torch.device("cuda"))
+    assert [c.name for c in rows] == ["sparsemoe (topk), Triton kernels", "sparsemoe (topk), no Triton"]
+    assert note == ""
+
+
+def test_switched_case_restores_the_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    ours = gpu._ours(gpu.QUICK_SHAPES[0], torch.device("cpu"), torch.float32)
+    seen: list[bool] = []
+    original = ours.forward
+
+    def forward(inp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        seen.append(kernels._TRITON_WANTED)
+        return original(inp)
+
+    monkeypatch.setattr(ours, "forward", forward)
+    previous = kernels.set_triton(True)
+    try:
+        gpu._switched(ours, False).step()
+        assert seen == [False] and kernels._TRITON_WANTED
+    finally:
+        kernels.set_triton(previous)
