@@ -65,9 +65,13 @@ def _problem(out: Path) -> Problem:
     return Problem("toy", _sample, train, [("mse", "MSE", False)], {"toy": 1})
 
 
+def _command(out: Path) -> str:
+    return f"sparsemoe reproduce toy --out {out}"
+
+
 def study(out: Path) -> dict[str, Any]:
-    """The study under test (also the subprocesses' entry point)."""
-    return run_tuning(_problem(out), ["toy"], {"toy": TRIALS}, SEEDS, out, f"sparsemoe reproduce toy --out {out}")
+    """The study under test (also the subprocesses' entry point, run as the command line runs commands)."""
+    return run_tuning(_problem(out), ["toy"], {"toy": TRIALS}, SEEDS, out, _command(out))
 
 
 def _stable(results: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -79,7 +83,11 @@ def _stable(results: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[st
 
 def _start(out: Path) -> subprocess.Popen[bytes]:
     here = str(Path(__file__).parent)
-    code = f"import sys; sys.path.insert(0, {here!r}); import test_tuning_resume as t; t.study(t.Path({str(out)!r}))"
+    code = (
+        f"import sys; sys.path.insert(0, {here!r}); import test_tuning_resume as t; "
+        "from sparsemoe.cli import run_resumable; "
+        f"sys.exit(run_resumable(lambda: t.study(t.Path({str(out)!r})), {_command(out)!r}))"
+    )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     return subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
@@ -108,7 +116,7 @@ def test_interrupted_and_killed_study_resumes_to_the_same_records(tmp_path: Path
     assert proc.returncode == 130, text
     assert "Traceback" not in text
     lines = [line for line in text.splitlines() if "Continue with" in line]
-    assert lines == [f"interrupted; finished trials are saved. Continue with: sparsemoe reproduce toy --out {out}"]
+    assert lines == [f"sparsemoe: interrupted; finished runs are saved. Continue with: {_command(out)}"]
 
     for marker in out.glob("started-*"):
         marker.unlink()

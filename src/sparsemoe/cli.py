@@ -254,19 +254,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def run_resumable(call: Callable[[], int | None], command: str) -> int:
+    """Run ``call``; Ctrl-C prints one line saying how to continue and gives exit status 130.
+
+    Experiments save each finished run (and tuning studies rerun an interrupted trial), so running
+    ``command`` again continues where this one stopped: a traceback would only hide that.
+    """
+    try:
+        return int(call() or 0)
+    except KeyboardInterrupt:
+        print(f"sparsemoe: interrupted; finished runs are saved. Continue with: {command}", file=sys.stderr, flush=True)
+        return 130
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status (2 for a bad argument, as argparse)."""
     args = build_parser().parse_args(argv)
+    command = shlex.join(["sparsemoe", *(sys.argv[1:] if argv is None else argv)])
     try:
-        return int(args.func(args) or 0)
+        return run_resumable(lambda: args.func(args), command)
     except (ValueError, TypeError, FileNotFoundError) as err:
         print(f"sparsemoe: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        # Experiments save each finished run, so the same command continues: say so in one line.
-        command = shlex.join(["sparsemoe", *(sys.argv[1:] if argv is None else argv)])
-        print(f"sparsemoe: interrupted; finished runs are saved. Continue with: {command}", file=sys.stderr)
-        return 130
 
 
 if __name__ == "__main__":

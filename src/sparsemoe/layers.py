@@ -20,7 +20,7 @@ from ._validation import check_dtype, check_float, check_ids, check_input, check
 from .dispatch import dispatch, dispatch_tasks
 from .experts import ExpertBank, StackedExperts
 from .gates import Gate, GateSpec
-from .routing import Routing
+from .routing import Routing, total_aux_loss
 from .search import PermutationSearch
 
 #: a gate as layers accept it: a spec string (``"comet+"``), a parsed :class:`GateSpec`, or a built gate
@@ -164,9 +164,7 @@ class MoELayer(nn.Module):
         """Weighted sum of the last forward's auxiliary losses over all gates (zero before any forward)."""
         if not self._routings:
             return torch.zeros((), device=next(self.parameters()).device)
-        weight = self._routings[0].weight
-        losses = [loss.to(weight.dtype) for r in self._routings for loss in r.aux_losses.values()]
-        return torch.stack(losses).sum() if losses else weight.new_zeros(())
+        return total_aux_loss(self._routings)
 
     def routing_stats(self) -> object:
         """Statistics of the last forward's routing (per task for multi-task layers)."""

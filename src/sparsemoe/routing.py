@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any
@@ -245,9 +245,7 @@ class Routing:
 
     def aux_loss(self) -> torch.Tensor:
         """Sum of the auxiliary losses (a zero scalar if there are none)."""
-        if not self.aux_losses:
-            return self.weight.new_zeros(())
-        return torch.stack([loss.to(self.weight.dtype) for loss in self.aux_losses.values()]).sum()
+        return total_aux_loss([self])
 
     def stats(self) -> RoutingStats:
         return RoutingStats(
@@ -256,6 +254,16 @@ class Routing:
             dropped_fraction=self.dropped_fraction,
             num_inputs=self.num_inputs,
         )
+
+
+def total_aux_loss(routings: Sequence[Routing]) -> torch.Tensor:
+    """Sum of the auxiliary losses of several routings (at least one), in the first one's weight dtype.
+
+    One ``stack`` and one ``sum`` for all of them: small models feel every extra op.
+    """
+    weight = routings[0].weight
+    losses = [loss.to(weight.dtype) for r in routings for loss in r.aux_losses.values()]
+    return torch.stack(losses).sum() if losses else weight.new_zeros(())
 
 
 def _describe(value: object) -> str:

@@ -15,7 +15,6 @@ import hashlib
 import json
 import math
 import shlex
-import sys
 import time
 import zlib
 from collections.abc import Callable
@@ -248,30 +247,14 @@ def summarise_metrics(records: list[Record], problem: Problem, part: str = "test
     return {key: mean_std([r[part][key] for r in records]) for key, _, _ in problem.metrics}
 
 
-def interruptible(command: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Turn Ctrl-C inside the decorated call into one line saying how to continue, and exit code 130."""
-
-    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
-        def call(*args: Any, **kwargs: Any) -> Any:
-            try:
-                return fn(*args, **kwargs)
-            except KeyboardInterrupt:
-                print(f"interrupted; finished trials are saved. Continue with: {command}", file=sys.stderr, flush=True)
-                raise SystemExit(130) from None
-
-        return call
-
-    return wrap
-
-
 def run_tuning(
     problem: Problem, gates: list[str], trials: dict[str, int], seeds: int, out: Path, command: str
 ) -> dict[str, Any]:
     """Tune every gate (``trials[gate]`` trials), retrain each best configuration over seeds, write
-    results.json/table.md/PNGs. Ctrl-C stops it with one line naming ``command``, which resumes it."""
+    results.json/table.md/PNGs. ``command`` (recorded in the results) reruns it, which resumes it."""
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    studies, best = interruptible(command)(_tune)(problem, gates, trials, seeds, out)
+    studies, best = _tune(problem, gates, trials, seeds, out)
     store = RunStore(out)
     summary = {
         gate: {
