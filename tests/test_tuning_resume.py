@@ -85,6 +85,8 @@ def _start(out: Path) -> subprocess.Popen[bytes]:
     here = str(Path(__file__).parent)
     code = (
         f"import sys; sys.path.insert(0, {here!r}); import test_tuning_resume as t; "
+        # A process started in the background by a non-interactive shell inherits SIGINT ignored.
+        "import signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
         "from sparsemoe.cli import run_resumable; "
         f"sys.exit(run_resumable(lambda: t.study(t.Path({str(out)!r})), {_command(out)!r}))"
     )

@@ -254,14 +254,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_resumable(call: Callable[[], int | None], command: str) -> int:
+def run_resumable(call: Callable[[], object], command: str) -> int:
     """Run ``call``; Ctrl-C prints one line saying how to continue and gives exit status 130.
 
     Experiments save each finished run (and tuning studies rerun an interrupted trial), so running
-    ``command`` again continues where this one stopped: a traceback would only hide that.
+    ``command`` again continues where this one stopped: a traceback would only hide that. Returns
+    ``call``'s result if it is an exit status (an ``int``), else 0.
     """
     try:
-        return int(call() or 0)
+        status = call()
+        return status if isinstance(status, int) else 0
     except KeyboardInterrupt:
         print(f"sparsemoe: interrupted; finished runs are saved. Continue with: {command}", file=sys.stderr, flush=True)
         return 130

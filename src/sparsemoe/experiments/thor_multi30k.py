@@ -488,7 +488,7 @@ def _table(c: Config, by_model: dict[str, Any], summary: dict[str, Any], signatu
                 f"{b['test']['mean']:.2f} ± {b['test']['std']:.2f} | {b['test']['n']} | {summary[kind]['params']:,} | "
                 f"{summary[kind]['active_params_per_token']:,} | {summary[kind]['train_hours']:.2f} |"
             )
-    lines += ["", "## Agreement of two stochastic passes", "", "| model | measure | mean ± std |", "|---|---|---|"]
+    lines += ["", "**Agreement of two stochastic passes**", "", "| model | measure | mean ± std |", "|---|---|---|"]
     for kind, s in by_model.items():
         for key, v in s["agreement"].items():
             lines.append(f"| {kind} | {key} | {v['mean']:.4f} ± {v['std']:.4f} |")
