@@ -269,16 +269,19 @@ def run_tuning(
         }
         for gate in gates
     }
-    compute = sum(r["seconds"] for g in gates for r in studies[g]) + sum(
-        r["seconds"] for g in gates for r in best[g]["runs"]
-    )
+    saturated = {g: best[g]["saturated"] for g in gates if "saturated" in best[g]}
+    for gate, pick in saturated.items():
+        summary[gate]["saturated"] = _saturated_summary(pick, best[gate], problem)
+    # Every seed run once: a saturated pick equal to the best one shares its runs.
+    seed_runs = [r for g in gates for r in best[g]["runs"]] + [
+        r for g, pick in saturated.items() if pick is not None and pick is not best[g] for r in pick["runs"]
+    ]
+    compute = sum(r["seconds"] for g in gates for r in studies[g]) + sum(r["seconds"] for r in seed_runs)
     # Wall-clock span of the whole study (all processes): first trial start to last trial or seed run end.
     # Seed runs saved before their records carried a timestamp fall back to their file's modification time.
     ends = [r["finished"] for g in gates for r in studies[g]]
     ends += [
-        r.get("finished") or store.path(RunStore.key(**_run_key(r, problem.config))).stat().st_mtime
-        for g in gates
-        for r in best[g]["runs"]
+        r.get("finished") or store.path(RunStore.key(**_run_key(r, problem.config))).stat().st_mtime for r in seed_runs
     ]
     span = max(ends) - min(r["started"] for g in gates for r in studies[g])
     results = {
@@ -297,6 +300,7 @@ def run_tuning(
         },
         "summary": summary,
         "best_runs": {g: best[g]["runs"] for g in gates},
+        "saturated_runs": {g: None if pick is None else pick["runs"] for g, pick in saturated.items()},
         "trials": studies,
     }
     write_json(out / "results.json", results)
@@ -312,11 +316,20 @@ def run_tuning(
 def _tune(
     problem: Problem, gates: list[str], trials: dict[str, int], seeds: int, out: Path
 ) -> tuple[dict[str, list[Record]], dict[str, dict[str, Any]]]:
+    """Random search per gate, then each pick retrained over ``seeds``.
+
+    ``best[gate]`` is the protocol's pick (lowest validation loss); for a learned-sparse gate
+    ``best[gate]["saturated"]`` is also the pick among the trials that computed at most
+    :data:`SATURATED` · k experts per input (``None`` when no trial did), so that the gates can
+    also be compared at the same compute.
+    """
     store = RunStore(out)
     studies: dict[str, list[Record]] = {}
     best: dict[str, dict[str, Any]] = {}
+    k = problem.config.get("k")
     with progress() as bar:
-        task = bar.add_task(f"{problem.name}: tuning", total=sum(trials[g] + seeds for g in gates))
+        extra = sum(seeds for g in gates if g in LEARNED_SPARSE and k)
+        task = bar.add_task(f"{problem.name}: tuning", total=sum(trials[g] + seeds for g in gates) + extra)
         for gate in gates:
             bar.update(task, description=f"{problem.name}: {gate} random search")
             studies[gate] = run_gate_study(
@@ -325,36 +338,67 @@ def _tune(
             ranked = top_fraction(studies[gate], 1.0)
             if not ranked:
                 raise RuntimeError(f"every trial of gate {gate!r} diverged; nothing to report")
+
+            def retrain(params: dict[str, Any], what: str, gate: str = gate) -> list[Record]:
+                bar.update(task, description=f"{problem.name}: {gate} {what} x {seeds} seeds")
+                runs = []
+                for seed in range(seeds):
+                    runs.append(_seed_run(problem, store, gate, params, seed))
+                    bar.advance(task)
+                return runs
+
             params = ranked[0]["params"]
-            runs = []
-            bar.update(task, description=f"{problem.name}: {gate} best config x {seeds} seeds")
-            for seed in range(seeds):
-                key = RunStore.key(**_run_key({"gate": gate, "seed": seed, "params": params}, problem.config))
-                record = store.get(key)
-                if record is None:
-                    begun = time.time()
-                    record = {
-                        "gate": gate,
-                        "seed": seed,
-                        "params": params,
-                        **problem.train(gate, params, 10_000 + seed),
-                    }
-                    record.update(started=begun, finished=time.time())
-                    store.put(key, record)
-                runs.append(record)
-                bar.advance(task)
-            best[gate] = {"params": params, "runs": runs}
+            best[gate] = {"params": params, "runs": retrain(params, "best config")}
+            if gate in LEARNED_SPARSE and k:
+                reaching = [r for r in ranked if r["active_experts"] <= SATURATED * k]
+                if not reaching:
+                    best[gate]["saturated"] = None
+                    bar.advance(task, seeds)
+                elif reaching[0]["params"] == params:
+                    best[gate]["saturated"] = best[gate]
+                    bar.advance(task, seeds)
+                else:
+                    pick = reaching[0]["params"]
+                    best[gate]["saturated"] = {"params": pick, "runs": retrain(pick, "best saturated config")}
     return studies, best
+
+
+def _seed_run(problem: Problem, store: RunStore, gate: str, params: dict[str, Any], seed: int) -> Record:
+    """One seed of a picked configuration, trained once and kept in the run store."""
+    key = RunStore.key(**_run_key({"gate": gate, "seed": seed, "params": params}, problem.config))
+    record = store.get(key)
+    if record is None:
+        begun = time.time()
+        record = {"gate": gate, "seed": seed, "params": params, **problem.train(gate, params, 10_000 + seed)}
+        record.update(started=begun, finished=time.time())
+        store.put(key, record)
+    return record
+
+
+#: gates whose experts per input are learned (they reach k only once their smooth-steps saturate)
+LEARNED_SPARSE = ("dselect_k", "comet", "dselect_k+", "comet+")
+#: a trial "reaches k" if it computed at most this many times k experts per input at its best epoch
+SATURATED = 1.05
+
+
+def _saturated_summary(pick: dict[str, Any] | None, best: dict[str, Any], problem: Problem) -> dict[str, Any] | None:
+    """The compute-parity pick of a learned-sparse gate, summarised as the best pick is."""
+    if pick is None:
+        return None
+    return {
+        "params": pick["params"],
+        "same_as_best": pick["params"] == best["params"],
+        "test": summarise_metrics(pick["runs"], problem),
+        "active_experts": mean_std([r["active_experts"] for r in pick["runs"]]),
+        "epochs_run": mean_std([r["epochs_run"] for r in pick["runs"]]),
+        "best_epoch": mean_std([r["best_epoch"] + 1 for r in pick["runs"]]),
+    }
 
 
 def _mean_curve(curves: list[list[float]]) -> list[float]:
     """Mean over runs per epoch, over the runs still training at that epoch (early stopping ends runs)."""
     length = max((len(c) for c in curves), default=0)
     return [float(np.mean([c[e] for c in curves if len(c) > e])) for e in range(length)]
-
-
-#: gates whose experts per input are learned (they reach k only once their smooth-steps saturate)
-LEARNED_SPARSE = ("dselect_k", "comet", "dselect_k+", "comet+")
 
 
 def plot_saturation(results: dict[str, Any], path: Path) -> None:
@@ -428,6 +472,37 @@ def render_tables(results: dict[str, Any], metrics: list[tuple[str, str, bool]])
         + markdown_table(headers, top)
         + f"\n## Test metrics at the best configuration, {cfg['seeds']} seeds (mean ± std)\n\n"
         + markdown_table([*headers, "experts / input", "best epoch / epochs run"], best)
+        + _saturated_table(results, metrics)
+    )
+
+
+def _saturated_table(results: dict[str, Any], metrics: list[tuple[str, str, bool]]) -> str:
+    """Learned-sparse gates at compute parity: the best trial among those that reached k."""
+    summary, cfg = results["summary"], results["config"]
+    rows = []
+    for gate, s in summary.items():
+        if "saturated" not in s:
+            continue
+        pick = s["saturated"]
+        if pick is None:
+            rows.append([gate, *("" for _ in metrics), "no trial reached k", ""])
+            continue
+        rows.append(
+            [
+                gate,
+                *(fmt(pick["test"][key]) for key, _, _ in metrics),
+                f"{pick['active_experts']['mean']:.2f}",
+                "yes" if pick["same_as_best"] else "no",
+            ]
+        )
+    if not rows:
+        return ""
+    return (
+        f"\n## Learned-sparse gates at the same compute: the best trial among those that computed at most "
+        f"{SATURATED:g}·k experts per input (k = {cfg.get('k')}), {cfg['seeds']} seeds (mean ± std)\n\n"
+        + markdown_table(
+            ["gate", *(label for _, label, _ in metrics), "experts / input", "same as the best configuration"], rows
+        )
     )
 
 

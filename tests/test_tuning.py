@@ -1,0 +1,71 @@
+"""The tuning runner's picks: the protocol's best trial, and for learned-sparse gates the best trial at k."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from sparsemoe.experiments.tuning import SATURATED, Problem, run_tuning
+
+K, SEEDS = 2, 2
+
+
+def _problem(trained: list[tuple[str, dict[str, Any], int]]) -> Problem:
+    """A fake study: the more experts a configuration computes, the lower its validation loss."""
+
+    def sample(trial: Any, gate: str) -> dict[str, Any]:
+        return {"experts": trial.suggest_categorical("experts", [2.0, 2.2, 3.0, 9.0])}
+
+    def train(gate: str, params: dict[str, Any], seed: int) -> dict[str, Any]:
+        trained.append((gate, params, seed))
+        experts = params["experts"]
+        loss = 1.0 / experts + 0.001 * (seed % 10_000)
+        return {
+            "val_loss": loss,
+            "val": {"mse": loss},
+            "test": {"mse": loss + 0.5},
+            "seconds": 0.0,
+            "best_epoch": 0,
+            "epochs_run": 1,
+            "active_experts_per_epoch": [experts],
+            "active_experts": experts,
+        }
+
+    return Problem("fake", sample, train, [("mse", "MSE", False)], {"k": K})
+
+
+def test_learned_sparse_gate_also_reports_its_best_trial_at_k(tmp_path: Path) -> None:
+    trained: list[tuple[str, dict[str, Any], int]] = []
+    results = run_tuning(_problem(trained), ["comet", "topk"], {"comet": 12, "topk": 4}, SEEDS, tmp_path, "cmd")
+    comet = results["summary"]["comet"]
+    tried = {t["params"]["experts"] for t in results["trials"]["comet"]}
+    # The protocol's pick is the lowest validation loss, here the configuration with the most experts.
+    assert comet["best_params"]["experts"] == max(tried)
+    pick = comet["saturated"]
+    reaching = [e for e in tried if e <= SATURATED * K]
+    assert reaching, "the fixed sampler seed should draw a configuration at k"
+    assert pick["params"]["experts"] == max(reaching)  # the lowest loss among those at k (2.2 > 1.05 * 2 is out)
+    assert pick["active_experts"]["mean"] <= SATURATED * K and not pick["same_as_best"]
+    assert [r["seed"] for r in results["saturated_runs"]["comet"]] == list(range(SEEDS))
+    # Each picked configuration was retrained over the seeds exactly once, and only comet gets the second pick.
+    seed_runs = [(g, p["experts"], s) for g, p, s in trained if s >= 10_000]
+    assert sorted(seed_runs) == sorted(
+        [("comet", max(tried), 10_000 + s) for s in range(SEEDS)]
+        + [("comet", max(reaching), 10_000 + s) for s in range(SEEDS)]
+        + [("topk", results["summary"]["topk"]["best_params"]["experts"], 10_000 + s) for s in range(SEEDS)]
+    )
+    assert "saturated" not in results["summary"]["topk"] and "topk" not in results["saturated_runs"]
+    table = (tmp_path / "table.md").read_text()
+    assert "at most 1.05·k experts per input (k = 2)" in table
+    rows = table.split("same compute")[1].splitlines()
+    # test MSE at two experts: 1/2 + 0.5, plus 0.001 per seed
+    assert [r for r in rows if r.startswith("| comet |")] == ["| comet | 1.0005 ± 0.0007 | 2.00 | no |"]
+
+
+def test_gate_where_no_trial_reaches_k_says_so(tmp_path: Path) -> None:
+    problem = _problem([])
+    problem.sample = lambda trial, gate: {"experts": trial.suggest_categorical("experts", [3.0, 9.0])}
+    results = run_tuning(problem, ["dselect_k"], {"dselect_k": 3}, 1, tmp_path, "cmd")
+    assert results["summary"]["dselect_k"]["saturated"] is None
+    assert results["saturated_runs"]["dselect_k"] is None
+    assert "| dselect_k |  | no trial reached k |" in (tmp_path / "table.md").read_text()
