@@ -261,9 +261,7 @@ def run_tuning(
             "top5": {"n": len(top_fraction(studies[gate])), **summarise_metrics(top_fraction(studies[gate]), problem)},
             "best": summarise_metrics(best[gate]["runs"], problem),
             "best_params": best[gate]["params"],
-            "active_experts": mean_std([r["active_experts"] for r in best[gate]["runs"]]),
-            "epochs_run": mean_std([r["epochs_run"] for r in best[gate]["runs"]]),
-            "best_epoch": mean_std([r["best_epoch"] + 1 for r in best[gate]["runs"]]),
+            **_run_stats(best[gate]["runs"]),
             "trials": len(studies[gate]),
             "diverged": sum(not math.isfinite(r["val_loss"]) for r in studies[gate]),
         }
@@ -274,7 +272,10 @@ def run_tuning(
         summary[gate]["saturated"] = _saturated_summary(pick, best[gate], problem)
     # Every seed run once: a saturated pick equal to the best one shares its runs.
     seed_runs = [r for g in gates for r in best[g]["runs"]] + [
-        r for g, pick in saturated.items() if pick is not None and pick is not best[g] for r in pick["runs"]
+        r
+        for g, pick in saturated.items()
+        if pick is not None and pick["params"] != best[g]["params"]
+        for r in pick["runs"]
     ]
     compute = sum(r["seconds"] for g in gates for r in studies[g]) + sum(r["seconds"] for r in seed_runs)
     # Wall-clock span of the whole study (all processes): first trial start to last trial or seed run end.
@@ -355,7 +356,7 @@ def _tune(
                     best[gate]["saturated"] = None
                     bar.advance(task, seeds)
                 elif reaching[0]["params"] == params:
-                    best[gate]["saturated"] = best[gate]
+                    best[gate]["saturated"] = {"params": params, "runs": best[gate]["runs"]}
                     bar.advance(task, seeds)
                 else:
                     pick = reaching[0]["params"]
@@ -389,9 +390,16 @@ def _saturated_summary(pick: dict[str, Any] | None, best: dict[str, Any], proble
         "params": pick["params"],
         "same_as_best": pick["params"] == best["params"],
         "test": summarise_metrics(pick["runs"], problem),
-        "active_experts": mean_std([r["active_experts"] for r in pick["runs"]]),
-        "epochs_run": mean_std([r["epochs_run"] for r in pick["runs"]]),
-        "best_epoch": mean_std([r["best_epoch"] + 1 for r in pick["runs"]]),
+        **_run_stats(pick["runs"]),
+    }
+
+
+def _run_stats(runs: list[Record]) -> dict[str, dict[str, float]]:
+    """Experts per input, epochs run and best epoch (1-based) of a picked configuration's seed runs."""
+    return {
+        "active_experts": mean_std([r["active_experts"] for r in runs]),
+        "epochs_run": mean_std([r["epochs_run"] for r in runs]),
+        "best_epoch": mean_std([r["best_epoch"] + 1 for r in runs]),
     }
 
 
