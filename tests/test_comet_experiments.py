@@ -109,6 +109,31 @@ def test_expected_picked_test_metric_matches_resampling() -> None:
     assert np.all(lo <= hi) and np.all(hi < 100.0)
 
 
+def test_trials_ratio_and_its_interval() -> None:
+    """The "+" gate's advantage in trials: equal gates 1x, a uniformly better one up to N x, a worse one 0."""
+    import numpy as np
+
+    from sparsemoe.experiments.comet_tuning import ratio_band, trials_ratio
+
+    rng = np.random.default_rng(2)
+    auc = rng.random(30)
+    budgets = np.arange(1, 31)
+    same = (auc, auc)
+    assert trials_ratio(same, same, budgets, key_higher=True, higher=True) == 1.0
+    better = (auc + 1.0, auc + 1.0)  # its worst trial beats the plain gate's best
+    assert trials_ratio(same, better, budgets, key_higher=True, higher=True) == 30.0
+    worse = (auc - 1.0, auc - 1.0)
+    assert trials_ratio(same, worse, budgets, key_higher=True, higher=True) == 0.0
+    lo, hi = ratio_band(same, better, budgets, True, True, resamples=50)
+    assert lo == hi == 30.0
+    lo, hi = ratio_band(same, same, budgets, True, True, resamples=200)
+    assert lo < 1.0 < hi  # identical gates: resampling puts the ratio on both sides of 1
+    # Picked by val loss (lower is better), scored on test: the key decides which trial counts.
+    loss = rng.random(30)
+    test = -loss  # the lowest-loss trial has the best test score
+    assert trials_ratio((loss, test), (loss - 1.0, test + 1.0), budgets, key_higher=False, higher=True) == 30.0
+
+
 def test_gate_saturation_quick(tmp_path) -> None:
     from sparsemoe.experiments import gate_saturation
 

@@ -48,3 +48,66 @@ def test_tools_run_as_modules_from_the_repository_root(tmp_path: Path) -> None:
     args = ["--results", str(tmp_path), "--out", str(out), "--reading", str(tmp_path / "none.md")]
     subprocess.run([sys.executable, "-m", "tools.comet_readme", *args], cwd=ROOT, check=True, capture_output=True)
     assert "(no reading written yet)" in out.read_text()
+
+
+def _stat(mean: float, sem: float) -> dict[str, float]:
+    return {"mean": mean, "sem": sem, "std": sem * 5**0.5, "n": 5}
+
+
+def test_claim_verdicts_follow_the_standard_error() -> None:
+    def gate(auc: float, sem: float, saturated: float | None = None, learned: bool = False) -> dict:
+        entry = {part: {"auc": _stat(auc, sem)} for part in ("top5", "best")}
+        if learned:
+            entry["saturated"] = None if saturated is None else {"test": {"auc": _stat(saturated, sem)}}
+        return entry
+
+    summary = {
+        "comet+": gate(0.80, 0.005, saturated=0.78, learned=True),
+        "topk": gate(0.70, 0.005),  # 0.10 apart, 14 SE: confirmed
+        "hash": gate(0.79, 0.005),  # 0.01 apart, 1.4 SE: inconclusive
+        "dselect_k": gate(0.90, 0.005, learned=True),  # better, and no trial reached k
+    }
+    tuning = {
+        "trials_per_gate": 100,
+        "config": {"scores": {"val_auc": "best val ROC-AUC (T1)"}},
+        "reach": [
+            {
+                "score": "val_auc",
+                "pair": ["topk", "topk+"],
+                "target_from": "topk",
+                "trials_needed": {"topk": 100, "topk+": 20},
+                "ratio": 5.0,
+                "ratio_5_95": [1.5, 9.0],
+            },
+            {
+                "score": "val_auc",
+                "pair": ["hash", "hash+"],
+                "target_from": "hash",
+                "trials_needed": {"hash": 100, "hash+": None},
+                "ratio": 0.0,
+                "ratio_5_95": [0.0, 0.5],
+            },
+            {
+                "score": "val_auc",
+                "pair": ["hash", "hash+"],
+                "target_from": "hash+",
+                "trials_needed": {"hash": None, "hash+": 100},
+            },
+        ],
+    }
+    rows = comet_readme.claim_rows({"comet-movielens": {"summary": summary}, "comet-tuning": tuning})
+    verdicts = {(row[0], row[2]): row[-1] for row in rows}
+    assert verdicts[("COMET+ vs topk ROC-AUC", "best config, seeds")] == "confirmed"
+    assert verdicts[("COMET+ vs hash ROC-AUC", "top-5% trials (± SE)")] == "inconclusive"
+    assert verdicts[("COMET+ vs dselect_k ROC-AUC", "best config, seeds")] == "not confirmed"
+    # At the same compute COMET+ uses its saturated pick (0.78) against top-k, which is always at k.
+    assert verdicts[("COMET+ vs topk ROC-AUC", "best config reaching k experts/input, seeds")] == "confirmed"
+    assert ("COMET+ vs dselect_k ROC-AUC", "best config reaching k experts/input, seeds") not in verdicts
+    summary["hash"]["top5"]["auc"] = {"mean": 0.5, "sem": 0.0, "std": 0.0, "n": 1}  # one trial: no SE
+    rows_one = comet_readme.claim_rows({"comet-movielens": {"summary": summary}})
+    assert {
+        row[-1] for row in rows_one if row[:3] == ["COMET+ vs hash ROC-AUC", "comet-movielens", "top-5% trials (± SE)"]
+    } == {"inconclusive"}
+    budget = [row for row in rows if "trials to reach" in row[0]]
+    assert [row[-1] for row in budget] == ["confirmed", "not confirmed"]
+    assert "not reached" in budget[1][4]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -42,15 +43,56 @@ def _table_body(folder: Path) -> str:
     return "\n".join(line.replace("## ", "#### ") for line in lines[1:]).strip() + "\n"
 
 
-def _gain(summary: dict[str, Any], part: str, metric: str, better: str, worse: str) -> float | None:
-    if better not in summary or worse not in summary:
+#: a difference counts as real when it exceeds this many standard errors of the difference
+SIGNIFICANT_SE = 2.0
+
+
+def _stat(summary: dict[str, Any], gate: str, part: str, metric: str) -> dict[str, float] | None:
+    """``mean``/``sem`` of ``metric`` for ``gate`` over the top-5% trials (``"top5"``), the best
+    configuration's seeds (``"best"``) or, for a learned-sparse gate, the seeds of the best
+    configuration that reached k experts per input (``"saturated"``; other gates are always at k)."""
+    entry = summary.get(gate)
+    if entry is None:
         return None
-    a, b = summary[better][part][metric]["mean"], summary[worse][part][metric]["mean"]
-    return (a - b) / b
+    if part != "saturated":
+        return entry[part][metric]
+    if "saturated" not in entry:
+        return entry["best"][metric]
+    pick = entry["saturated"]
+    return None if pick is None else pick["test"][metric]
+
+
+def verdict(diff: float, se: float) -> str:
+    """Whether ``diff`` (claimed to be > 0) is: confirmed, not confirmed (< 0) or within noise."""
+    if diff > SIGNIFICANT_SE * se:
+        return "confirmed"
+    if diff < -SIGNIFICANT_SE * se:
+        return "not confirmed"
+    return "inconclusive"
+
+
+def _compare(
+    claim: str, name: str, how: str, paper: str, better: dict[str, float], worse: dict[str, float]
+) -> list[str]:
+    diff = better["mean"] - worse["mean"]
+    gain = f"{100 * diff / worse['mean']:+.2f}%"
+    if min(better["n"], worse["n"]) < 2:  # a single trial or seed has no standard error
+        return [claim, name, how, paper, f"{gain} ({diff:+.4f}, one sample: no SE)", "inconclusive"]
+    se = math.hypot(better["sem"], worse["sem"])
+    return [claim, name, how, paper, f"{gain} ({diff:+.4f} ± {se:.4f} SE)", verdict(diff, se)]
+
+
+#: how each comparison is measured: (summary part, label)
+PARTS = (
+    ("top5", "top-5% trials (± SE)"),
+    ("best", "best config, seeds"),
+    ("saturated", "best config reaching k experts/input, seeds"),
+)
 
 
 def claim_rows(results: dict[str, dict[str, Any]]) -> list[list[str]]:
-    """One row per (claim, experiment, comparison): the paper's number and ours."""
+    """One row per (claim, experiment, comparison): the paper's number, ours with its standard error,
+    and the verdict (the difference beyond ±2 SE either way, or within it)."""
     rows = []
     for name, metric in (("comet-movielens", "auc"), ("comet-multimnist", "auc")):
         res = results.get(name)
@@ -58,40 +100,35 @@ def claim_rows(results: dict[str, dict[str, Any]]) -> list[list[str]]:
             continue
         summary = res["summary"]
         for rival, claim in (("topk", "topk_hash"), ("hash", "topk_hash"), ("dselect_k", "dselect_k")):
-            for part, label in (("top5", "top-5% trials"), ("best", "best config, seeds")):
-                gain = _gain(summary, part, metric, "comet+", rival)
-                if gain is not None:
-                    rows.append(
-                        [
-                            f"COMET+ vs {rival} ROC-AUC",
-                            name,
-                            label,
-                            f"up to +{100 * CLAIMS[claim]:.0f}%",
-                            f"{100 * gain:+.2f}%",
-                        ]
-                    )
+            for part, label in PARTS:
+                a, b = _stat(summary, "comet+", part, metric), _stat(summary, rival, part, metric)
+                if a is not None and b is not None:
+                    paper = f"up to +{100 * CLAIMS[claim]:.0f}%"
+                    rows.append(_compare(f"COMET+ vs {rival} ROC-AUC", name, label, paper, a, b))
         for base in ("hash", "topk", "dselect_k", "comet"):
-            top5, best = (_gain(summary, part, metric, f"{base}+", base) for part in ("top5", "best"))
-            if top5 is not None and best is not None:
-                ours = f"{100 * top5:+.2f}% / {100 * best:+.2f}%"
-                rows.append([f"local search: {base}+ vs {base} ROC-AUC", name, "top-5% / best config", "gains", ours])
+            for part, label in PARTS[:2]:
+                a, b = _stat(summary, f"{base}+", part, metric), _stat(summary, base, part, metric)
+                if a is not None and b is not None:
+                    rows.append(_compare(f"local search: {base}+ vs {base} ROC-AUC", name, label, "gains", a, b))
     tuning = results.get("comet-tuning")
     if tuning is not None:
         n = tuning["trials_per_gate"]
         for r in tuning["reach"]:
             plain, plus = r["pair"]
-            if r["target_from"] != plain:
+            if r["target_from"] != plain or "ratio" not in r:
                 continue
             need_plain, need_plus = r["trials_needed"][plain], r["trials_needed"][plus]
-            ours = "not reached" if need_plus is None else f"{(need_plain or n) / need_plus:.1f}x fewer trials"
-            score = {"val_auc": "val ROC-AUC", "val_loss": "val loss"}.get(r.get("score", "val_auc"), r.get("score"))
+            lo, hi = r["ratio_5_95"]
+            ours = "not reached" if need_plus is None else f"{r['ratio']:.1f}x fewer trials"
+            score = tuning["config"]["scores"][r["score"]]
             rows.append(
                 [
-                    f"{plus} vs {plain}: trials to reach {plain}'s {n}-trial expected best {score}",
+                    f"{plus} vs {plain}: trials to reach {plain}'s {n}-trial expected {score}",
                     "comet-movielens",
                     f"{plain}: {need_plain}, {plus}: {need_plus if need_plus is not None else f'> {n}'}",
                     f"up to {CLAIMS['budget']:.0f}x fewer",
-                    ours,
+                    f"{ours} (5-95%: {lo:.1f}-{hi:.1f}x)",
+                    "confirmed" if lo > 1.0 else "not confirmed" if hi < 1.0 else "inconclusive",
                 ]
             )
     return rows
@@ -153,10 +190,15 @@ def render(results_dir: Path, reading: str) -> str:
         parts.append(f"![{name}](../results/{name}/{name}.png)\n")
     parts.append(
         "### The paper's claims against our numbers\n\nGains are relative differences of the mean test ROC-AUC "
-        "(MovieLens: task 1; MultiMNIST: macro AUC averaged over the two tasks).\n"
+        "(MovieLens: task 1; MultiMNIST: macro AUC averaged over the two tasks), with the absolute difference and "
+        f"its standard error. A claim is *confirmed* when the difference is above {SIGNIFICANT_SE:g} standard errors, "
+        f"*not confirmed* when it is below -{SIGNIFICANT_SE:g}, and *inconclusive* in between; the tuning-budget "
+        "ratio is confirmed when the 5% end of its bootstrap interval is above 1, not confirmed when the 95% end is "
+        "below 1. The paper's sizes are maxima over its datasets, so a confirmed direction with a smaller size is "
+        "consistent with it.\n"
     )
     parts.append(
-        markdown_table(["claim", "experiment", "how measured", "paper", "ours"], claim_rows(results))
+        markdown_table(["claim", "experiment", "how measured", "paper", "ours", "verdict"], claim_rows(results))
         if results
         else "No results yet.\n"
     )
