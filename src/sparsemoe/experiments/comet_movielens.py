@@ -25,13 +25,13 @@ from sklearn.metrics import roc_auc_score
 
 from ..data import MovieLens, load_movielens
 from ..models import RecsysMMoE
-from ..training import fit
 from .tuning import (
     PAPER_GATES,
     Problem,
     active_experts,
     check_study_config,
     command_line,
+    fit_trial,
     gate_options,
     run_tuning,
     sample,
@@ -144,17 +144,15 @@ def train(settings: dict[str, Any], gate: str, params: dict[str, Any], seed: int
             model(torch.stack([probe.user, probe.item], 1))
         active_per_epoch.append(active_experts(model.moe.last_routing))
 
-    result = fit(
+    result = fit_trial(
         model,
         lambda rows: loss_on(train_split, rows) + model.aux_loss(),
         len(train_split),
         lambda: loss_on(data["val"]).item(),
-        epochs=settings["epochs"],
-        lr=params["lr"],
-        batch_size=settings["batch_size"],
-        seed=seed,
-        patience=settings["patience"],
-        on_epoch=count_experts,
+        settings,
+        params,
+        seed,
+        count_experts,
     )
     metrics = {}
     with torch.no_grad():

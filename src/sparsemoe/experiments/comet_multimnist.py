@@ -24,13 +24,13 @@ from sklearn.metrics import roc_auc_score
 
 from ..data import MultiMNIST, load_multimnist
 from ..models import VisionMMoE
-from ..training import fit
 from .tuning import (
     PAPER_GATES,
     Problem,
     active_experts,
     check_study_config,
     command_line,
+    fit_trial,
     gate_options,
     run_tuning,
     sample,
@@ -111,17 +111,15 @@ def train(settings: dict[str, Any], gate: str, params: dict[str, Any], seed: int
         assert routings is not None and routings[0].num_inputs == len(data["val"].images)
         active_per_epoch.append(active_experts(routings))
 
-    result = fit(
+    result = fit_trial(
         model,
         lambda rows: _loss(model(tr.images[rows]), tr.labels[rows]) + model.aux_loss(),
         len(tr),
         lambda: _loss(_logits(model, data["val"].images), data["val"].labels).item(),
-        epochs=settings["epochs"],
-        lr=params["lr"],
-        batch_size=settings["batch_size"],
-        seed=seed,
-        patience=settings["patience"],
-        on_epoch=count_experts,
+        settings,
+        params,
+        seed,
+        count_experts,
     )
     metrics = {}
     with torch.no_grad():

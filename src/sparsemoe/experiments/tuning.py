@@ -107,6 +107,34 @@ def active_experts(routing: Any) -> float:
     return float(np.mean([r.num_pairs / max(r.num_inputs, 1) for r in routings]))
 
 
+def fit_trial(
+    model: Any,
+    batch_loss: Callable[[Any], Any],
+    num_rows: int,
+    val_loss: Callable[[], float],
+    settings: dict[str, Any],
+    params: dict[str, Any],
+    seed: int,
+    on_epoch: Callable[[int, float], None],
+) -> Any:
+    """:func:`~sparsemoe.training.fit` as every trial of a study runs it: the study's epochs, batch
+    size and patience, the trial's learning rate, early stopping with the best epoch restored."""
+    from ..training import fit
+
+    return fit(
+        model,
+        batch_loss,
+        num_rows,
+        val_loss,
+        epochs=settings["epochs"],
+        lr=params["lr"],
+        batch_size=settings["batch_size"],
+        seed=seed,
+        patience=settings["patience"],
+        on_epoch=on_epoch,
+    )
+
+
 def trial_record(
     result: Any, metrics: dict[str, dict[str, Any]], last_routing: Any, active_per_epoch: list[float]
 ) -> Record:
