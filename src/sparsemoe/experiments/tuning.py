@@ -438,7 +438,8 @@ def _mean_curve(curves: list[list[float]]) -> list[float]:
 
 
 def plot_saturation(results: dict[str, Any], path: Path) -> None:
-    """Experts computed per input after each epoch, best configuration, each seed (learned sparse gates)."""
+    """Experts computed per input after each epoch, each seed of the best configuration (and of the best
+    configuration that reached k, where that is another one), for the learned sparse gates."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -452,13 +453,22 @@ def plot_saturation(results: dict[str, Any], path: Path) -> None:
         for j, run in enumerate(results["best_runs"][gate]):
             curve = run["active_experts_per_epoch"]
             ax.plot(range(1, len(curve) + 1), curve, color=colour, alpha=0.8, lw=1, label=gate if j == 0 else None)
+        saturated = results.get("saturated_runs", {}).get(gate)
+        if saturated and saturated != results["best_runs"][gate]:
+            for j, run in enumerate(saturated):
+                curve = run["active_experts_per_epoch"]
+                label = f"{gate}, best config reaching k" if j == 0 else None
+                ax.plot(range(1, len(curve) + 1), curve, color=colour, alpha=0.8, lw=1, ls="--", label=label)
     if k is not None:
         ax.axhline(k, color="black", ls=":", lw=1, label=f"k = {k}")
     ax.set_ylim(0, results["config"].get("num_experts", 16) + 0.5)
     ax.set_xlabel("epoch")
     ax.set_ylabel("experts computed per input (validation probe)")
     quick = " (quick)" if results["config"].get("quick") else ""
-    ax.set_title(f"{results['experiment']}{quick}: sparsity during training, best configuration, one line per seed")
+    ax.set_title(
+        f"{results['experiment']}{quick}: sparsity during training, one line per seed "
+        "(solid: best configuration; dashed: best configuration reaching k)"
+    )
     ax.title.set_fontsize(9)
     if not gates:
         ax.text(
