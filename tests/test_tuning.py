@@ -69,3 +69,26 @@ def test_gate_where_no_trial_reaches_k_says_so(tmp_path: Path) -> None:
     assert results["summary"]["dselect_k"]["saturated"] is None
     assert results["saturated_runs"]["dselect_k"] is None
     assert "| dselect_k |  | no trial reached k |" in (tmp_path / "table.md").read_text()
+
+
+def test_gamma_table_counts_trials_at_k_per_gamma() -> None:
+    from sparsemoe.experiments.tuning import _gamma_table
+
+    def trial(gamma: float, experts: float, loss: float = 1.0) -> dict[str, Any]:
+        return {"params": {"gamma": gamma}, "active_experts": experts, "val_loss": loss, "best_epoch": 4}
+
+    trials = [
+        trial(0.01, 2.0),
+        trial(0.01, 2.1),
+        trial(10.0, 9.0, 0.5),
+        trial(10.0, 2.0),
+        trial(10.0, 3.0, float("nan")),
+    ]
+    results = {"config": {"k": K}, "trials": {"comet": trials, "topk": [trial(1.0, 2.0)]}}
+    rows = [r for r in _gamma_table(results).splitlines() if r.startswith("| comet")]
+    # gamma 0.01: both at <= 2.1 experts; gamma 10: the diverged trial is left out, one of two at k
+    assert rows == [
+        "| comet | 0.01 | 2 | 2.05 [2.00-2.10] | 2/2 | 5.0 | 1.0000 |",
+        "| comet | 10 | 2 | 5.50 [2.00-9.00] | 1/2 | 5.0 | 0.5000 |",
+    ]
+    assert "topk" not in _gamma_table(results)

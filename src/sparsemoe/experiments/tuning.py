@@ -519,6 +519,7 @@ def render_tables(results: dict[str, Any], metrics: list[tuple[str, str, bool]])
         + f"\n## Test metrics at the best configuration, {cfg['seeds']} seeds (mean ± std)\n\n"
         + markdown_table([*headers, "experts / input", "best epoch / epochs run"], best)
         + _saturated_table(results, metrics)
+        + _gamma_table(results)
     )
 
 
@@ -548,6 +549,49 @@ def _saturated_table(results: dict[str, Any], metrics: list[tuple[str, str, bool
         f"{SATURATED:g}·k experts per input (k = {cfg.get('k')}), {cfg['seeds']} seeds (mean ± std)\n\n"
         + markdown_table(
             ["gate", *(label for _, label, _ in metrics), "experts / input", "same as the best configuration"], rows
+        )
+    )
+
+
+def _gamma_table(results: dict[str, Any]) -> str:
+    """Why a learned-sparse gate does or does not reach k: its trials grouped by smooth-step gamma."""
+    k = results["config"].get("k")
+    rows = []
+    for gate, trials in results["trials"].items():
+        if gate not in LEARNED_SPARSE or not k:
+            continue
+        groups: dict[float, list[Record]] = {}
+        for t in trials:
+            if "gamma" in t["params"] and math.isfinite(t["val_loss"]):
+                groups.setdefault(t["params"]["gamma"], []).append(t)
+        for gamma, group in sorted(groups.items()):
+            active = [t["active_experts"] for t in group]
+            rows.append(
+                [
+                    gate,
+                    f"{gamma:g}",
+                    str(len(group)),
+                    f"{np.mean(active):.2f} [{min(active):.2f}-{max(active):.2f}]",
+                    f"{sum(a <= SATURATED * k for a in active)}/{len(group)}",
+                    f"{np.mean([t['best_epoch'] + 1 for t in group]):.1f}",
+                    f"{min(t['val_loss'] for t in group):.4f}",
+                ]
+            )
+    if not rows:
+        return ""
+    return (
+        "\n## Learned-sparse gates: trials by smooth-step gamma (experts per input at the best epoch)\n\n"
+        + markdown_table(
+            [
+                "gate",
+                "gamma",
+                "trials",
+                "experts / input, mean [min-max]",
+                f"trials at <= {SATURATED:g}·k",
+                "mean best epoch",
+                "lowest val loss",
+            ],
+            rows,
         )
     )
 
