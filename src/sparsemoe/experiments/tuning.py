@@ -466,8 +466,8 @@ def plot_saturation(results: dict[str, Any], path: Path) -> None:
     ax.set_ylabel("experts computed per input (validation probe)")
     quick = " (quick)" if results["config"].get("quick") else ""
     ax.set_title(
-        f"{results['experiment']}{quick}: sparsity during training, one line per seed "
-        "(solid: best configuration; dashed: best configuration reaching k)"
+        f"{results['experiment']}{quick}: sparsity during training, one line per seed\n"
+        "solid: best configuration; dashed: best configuration reaching k, where that is another one"
     )
     ax.title.set_fontsize(9)
     if not gates:
