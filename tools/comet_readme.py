@@ -180,7 +180,7 @@ def render(results_dir: Path, reading: str) -> str:
     ]
     for name in EXPERIMENTS:
         if name not in results:
-            parts.append(f"### {name}\n\nNot run yet: `sparsemoe reproduce {name}`.\n")
+            parts.append(f"### {name}\n\nNo results from the current code yet: `sparsemoe reproduce {name}`.\n")
             continue
         res = results[name]
         parts.append(f"### {name}\n\nCommand: `{res['command']}`. Cost: {_cost(res)}.\n")
@@ -188,6 +188,8 @@ def render(results_dir: Path, reading: str) -> str:
             parts.append("Setup (the paper's value in parentheses): " + _setup(res["config"]) + "\n")
         parts.append(_table_body(results_dir / name))
         parts.append(f"![{name}](../results/{name}/{name}.png)\n")
+        if (results_dir / name / f"{name}-experts-per-input.png").exists():
+            parts.append(f"![{name}: experts per input](../results/{name}/{name}-experts-per-input.png)\n")
     parts.append(
         "### The paper's claims against our numbers\n\nGains are relative differences of the mean test ROC-AUC "
         "(MovieLens: task 1; MultiMNIST: macro AUC averaged over the two tasks), with the absolute difference and "
