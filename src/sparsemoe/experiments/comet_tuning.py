@@ -139,15 +139,18 @@ def budget_to_reach(curve: np.ndarray, budgets: np.ndarray, target: float, highe
 Trials = tuple[np.ndarray, np.ndarray]  # one gate's trials: (key the pick is made by, payoff scored)
 
 
+def needed_ratio(need_plain: int | None, need_plus: int | None) -> float:
+    """Trials the plain gate needs over trials the "+" gate needs for the same target; 0 when either
+    never reaches it within the trials run."""
+    return 0.0 if need_plus is None or need_plain is None else need_plain / need_plus
+
+
 def trials_ratio(plain: Trials, plus: Trials, budgets: np.ndarray, key_higher: bool, higher: bool) -> float:
-    """Trials the plain gate needs over trials the "+" gate needs to reach the plain gate's expected
-    payoff at the full budget; 0 when the "+" gate never does."""
+    """:func:`needed_ratio` for the plain gate's expected payoff at the full budget."""
     curve_plain = expected_at_pick(*plain, budgets, key_higher)
     curve_plus = expected_at_pick(*plus, budgets, key_higher)
     target = float(curve_plain[-1])
-    need_plain = budget_to_reach(curve_plain, budgets, target, higher)
-    need_plus = budget_to_reach(curve_plus, budgets, target, higher)
-    return 0.0 if need_plus is None or need_plain is None else need_plain / need_plus
+    return needed_ratio(*(budget_to_reach(c, budgets, target, higher) for c in (curve_plain, curve_plus)))
 
 
 def ratio_band(
@@ -225,7 +228,7 @@ def run(config: Config) -> dict[str, Any]:
                     "trials_needed": need,
                 }
                 if owner == plain:  # the paper's claim: the "+" gate needs fewer trials for the same score
-                    row["ratio"] = trials_ratio(picks[plain], picks[plus], budgets, key_higher, higher)
+                    row["ratio"] = needed_ratio(need[plain], need[plus])
                     row["ratio_5_95"] = ratio_band(picks[plain], picks[plus], budgets, key_higher, higher)
                 reach.append(row)
     out = config.out / "quick" if config.quick else config.out
@@ -262,7 +265,7 @@ def _need(m: int | None, n: int) -> str:
     return f"> {n} (not reached)" if m is None else str(m)
 
 
-def _ratio(reach: dict[str, Any]) -> str:
+def _ratio_cell(reach: dict[str, Any]) -> str:
     if "ratio" not in reach:
         return ""
     lo, hi = reach["ratio_5_95"]
@@ -292,7 +295,7 @@ def render(results: dict[str, Any], checkpoints: list[int]) -> str:
             f"{r['pair'][0]} vs {r['pair'][1]}",
             f"{r['target']:.4f} ({r['target_from']} at {n} trials)",
             *(_need(r["trials_needed"][g], n) for g in r["pair"]),
-            _ratio(r),
+            _ratio_cell(r),
         ]
         for r in results["reach"]
     ]

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from .. import gates
+from ..training import fit
 from .progress import console, progress
 from .report import fmt, markdown_table, mean_std
 from .store import RunStore, write_json
@@ -119,8 +120,6 @@ def fit_trial(
 ) -> Any:
     """:func:`~sparsemoe.training.fit` as every trial of a study runs it: the study's epochs, batch
     size and patience, the trial's learning rate, early stopping with the best epoch restored."""
-    from ..training import fit
-
     return fit(
         model,
         batch_loss,
@@ -453,9 +452,9 @@ def plot_saturation(results: dict[str, Any], path: Path) -> None:
         for j, run in enumerate(results["best_runs"][gate]):
             curve = run["active_experts_per_epoch"]
             ax.plot(range(1, len(curve) + 1), curve, color=colour, alpha=0.8, lw=1, label=gate if j == 0 else None)
-        saturated = results.get("saturated_runs", {}).get(gate)
-        if saturated and saturated != results["best_runs"][gate]:
-            for j, run in enumerate(saturated):
+        pick = results["summary"][gate].get("saturated")
+        if pick is not None and not pick["same_as_best"]:
+            for j, run in enumerate(results["saturated_runs"][gate]):
                 curve = run["active_experts_per_epoch"]
                 label = f"{gate}, best config reaching k" if j == 0 else None
                 ax.plot(range(1, len(curve) + 1), curve, color=colour, alpha=0.8, lw=1, ls="--", label=label)
