@@ -10,7 +10,8 @@ through one expert-sized network: the FLOP floor), our layer with the fused Trit
 :mod:`sparsemoe.triton_kernels` (CUDA with ``triton`` installed only) and without them, our layer
 under ``torch.compile(fullgraph=True, dynamic=True)`` (which does not use them), and the HF Mixtral
 block with its ``grouped_mm`` experts where ``transformers`` is installed; then every gate's layer
-at the third shape against top-k (the library's default: Triton kernels where they apply). Peak
+at the third shape against top-k (the library's default: Triton kernels where they apply), and
+saturated DSelect-k and COMET layers at n=64, k=2 against top-k at the same n and k. Peak
 memory is ``torch.cuda.max_memory_allocated`` over one step. Rounds are interleaved and checked for
 spread as in every benchmark here (:mod:`benchmarks.timing`). Writes
 ``RESULTS-gpu.md`` next to this file (``--out`` to change), naming the device.
@@ -29,6 +30,7 @@ import sparsemoe
 from sparsemoe import kernels
 
 from . import report, timing
+from .bench_gates import VS_TOPK_LIMIT, saturate
 from .cases import Case, DenseEquivalent
 from .peers import PEERS
 
@@ -37,6 +39,8 @@ HERE = Path(__file__).resolve().parent
 SHAPES = ((8192, 4096, 14336, 8, 2), (16384, 2048, 1408, 64, 6), (16384, 512, 2048, 16, 2))
 QUICK_SHAPES = ((256, 64, 128, 8, 2), (256, 32, 48, 16, 3), (256, 16, 64, 8, 2))
 GATE_KWARGS: dict[str, dict[str, object]] = {"softmax": {}, "switch": {}, "hash": {"k": 1}}
+#: experts and k of the saturated DSelect-k/COMET comparison (issue 13, item 2), at the third shape's T, d, h
+SATURATED_EXPERTS, SATURATED_K = 64, 2
 
 
 def _synchronised(step: Callable[[], None], device: torch.device) -> Callable[[], None]:
@@ -172,6 +176,39 @@ def gate_table(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype,
     return report.table(["layer", "ms", "÷ top-k layer", "trust"], rows)
 
 
+def saturated_table(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype, repeats: int) -> str:
+    """Saturated DSelect-k and COMET layers against the top-k layer at the same n and k.
+
+    Saturated (every smooth-step at exactly 0 or 1, see :func:`benchmarks.bench_gates.saturate`),
+    these gates compute at most k experts per input, so the layer should cost what top-k costs
+    plus the gate's own routing.
+    """
+    tokens, d, h = shape[:3]
+    sat_shape = (tokens, d, h, SATURATED_EXPERTS, SATURATED_K)
+    cases = [_ours(sat_shape, device, dtype)]
+    for gate in ("dselect_k", "comet"):
+        case = _ours(sat_shape, device, dtype, gate)
+        saturate(case.module.gate)
+        cases.append(case)
+    active = {}
+    for case in cases:
+        with torch.no_grad():
+            case.module(case.x)
+        active[case.name] = case.module.last_routing.num_pairs / tokens
+    t = timing.interleaved({c.name: _synchronised(c.step, device) for c in cases}, repeats=repeats)
+    top = cases[0].name
+    rows = []
+    for c in cases:
+        ratio = t.ratio(c.name, top)
+        verdict = "" if c is cases[0] else report.verdict(ratio.median <= VS_TOPK_LIMIT, ratio)
+        rows.append([c.name, f"{active[c.name]:.3f}", report.ms(t.stat(c.name)), report.ratio(ratio), verdict])
+    return (
+        f"Saturated gates, T={tokens}, d={d}, h={h}, n={SATURATED_EXPERTS}, k={SATURATED_K}; target ≤ "
+        f"{VS_TOPK_LIMIT}× the top-k layer.\n\n"
+        + report.table(["layer", "experts / input", "ms", "÷ top-k layer", f"≤ {VS_TOPK_LIMIT}×?"], rows)
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu", description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu (to check the script itself)")
@@ -199,6 +236,8 @@ def main(argv: list[str] | None = None) -> None:
         parts.append(shape_table(shape, device, dtype, repeats, not args.no_compile))
     print(f"[{time.perf_counter() - start:5.0f}s] gates", flush=True)
     gates = gate_table(shapes[-1], device, dtype, repeats)
+    print(f"[{time.perf_counter() - start:5.0f}s] saturated sparse gates", flush=True)
+    saturated = saturated_table(shapes[-1], device, dtype, repeats)
     text = (
         "# sparsemoe on one GPU\n\n"
         f"Command: `python -m benchmarks.gpu{' --quick' if args.quick else ''}`; device: {name}; {dtype}; "
@@ -208,6 +247,8 @@ def main(argv: list[str] | None = None) -> None:
         + "\n".join(parts)
         + f"\n## Every gate at T={shapes[-1][0]}, d={shapes[-1][1]}\n\n"
         + gates
+        + f"\n## DSelect-k and COMET once saturated, n={SATURATED_EXPERTS}\n\n"
+        + saturated
     )
     out = args.out or (HERE / "quick" if args.quick or device.type != "cuda" else HERE)
     out.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,11 @@ def test_gpu_benchmark_runs_on_cpu(tmp_path: Path) -> None:
     assert text.count("| sparsemoe (topk), no Triton |") == len(gpu.QUICK_SHAPES)
     assert "Triton kernels |" not in text
     assert "Triton row skipped: its kernels run on CUDA only" in text
+    saturated = text.split("## DSelect-k and COMET once saturated")[1]
+    for gate in ("dselect_k", "comet"):
+        row = next(line for line in saturated.splitlines() if line.startswith(f"| sparsemoe ({gate}) |"))
+        # saturated: k experts per input (a rare split left inside the soft band adds one), not all 64
+        assert float(row.split("|")[2]) < gpu.SATURATED_K + 0.1
 
 
 def test_triton_rows_need_cuda_and_triton(monkeypatch: pytest.MonkeyPatch) -> None:
