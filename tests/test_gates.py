@@ -372,3 +372,108 @@ def test_noisy_topk_load_is_shazeers_estimator() -> None:
         return v.var(correction=0) / v.mean() ** 2
 
     torch.testing.assert_close(r.aux_losses["load_balance"].detach(), cv2(importance) + cv2(load), rtol=1e-4, atol=1e-6)
+
+
+def _task_gates(name: str, count: int, **options: object) -> list[gates.Gate]:
+    """``count`` gates of one kind in float64, their smooth-step projections scaled so some saturate."""
+    built = []
+    for seed in range(count):
+        torch.manual_seed(seed)
+        gate = gates.build(name, D, N, dtype=torch.float64, **{**gate_kwargs(name, N), **options})
+        with torch.no_grad():
+            for param_name, param in gate.named_parameters():
+                if param_name.startswith(("split", "z")):
+                    param.mul_(200)  # exact zeros in the routing, as after training
+                if param_name.startswith("noise_proj"):
+                    param.uniform_(-0.5, 0.5)  # zero at init: give the noise scale a gradient to check
+        built.append(gate.train())
+    return built
+
+
+def _routing_and_grads(gs: list[gates.Gate], routings: list, upstream: list[torch.Tensor]):
+    dense = [r.to_dense() for r in routings]
+    loss = sum((d * u).sum() + r.aux_loss() for d, u, r in zip(dense, upstream, routings, strict=True))
+    params = [p for g in gs for p in g.parameters()]
+    return dense, [r.aux_loss() for r in routings], torch.autograd.grad(loss, params)
+
+
+@pytest.mark.parametrize(
+    ("name", "options"),
+    [
+        ("comet", {}),
+        ("dselect_k", {}),
+        ("dselect_k", {"per_example": False}),
+        ("topk", {}),
+        ("topk", {"noisy": False}),
+        ("topk", {"noisy": False, "balance_weight": 0.0}),
+    ],
+)
+def test_batched_task_gates_match_routing_one_by_one(name: str, options: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A multi-task layer routes its task gates in one batched call: the same weights, losses and gradients.
+
+    Top-k's noise draw differs between one batched draw and one per gate, so it is set to zero here;
+    the learned noise scale still enters the smooth load estimator and its gradient is compared.
+    """
+    monkeypatch.setattr(torch, "randn_like", torch.zeros_like)
+    gs = _task_gates(name, 3, **options)
+    x = torch.randn(T, D, dtype=torch.float64)
+    upstream = [torch.randn(T, N, dtype=torch.float64) for _ in gs]
+    batched = gates.route_tasks(gs, x, None)
+    alone = [g.route(x, None) for g in gs]
+    assert [r.num_pairs for r in batched] == [r.num_pairs for r in alone]
+    assert any(r.num_pairs < T * N for r in alone)  # some exact zeros were skipped
+    for got, want in zip(
+        _routing_and_grads(gs, batched, upstream), _routing_and_grads(gs, alone, upstream), strict=True
+    ):
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_gates_route_alone_unless_batching_is_safe(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Different settings, or a subclass that overrides ``route`` only, never go through a batched call."""
+    calls: list[int] = []
+    original = gates.CometGate.route_batch.__func__  # type: ignore[attr-defined]
+
+    def spy(cls, gs, x, ids):
+        calls.append(len(gs))
+        return original(cls, gs, x, ids)
+
+    monkeypatch.setattr(gates.CometGate, "route_batch", classmethod(spy))
+    x = torch.randn(T, D, dtype=torch.float64)
+    same = _task_gates("comet", 2)
+    gates.route_tasks(same, x, None)
+    assert calls == [2]
+
+    calls.clear()
+    mixed = [*_task_gates("comet", 1), *_task_gates("comet", 1, gamma=0.5)]
+    gates.route_tasks(mixed, x, None)
+    assert calls == [1, 1]  # each gate's own route (a batch of one)
+
+    class Doubled(gates.CometGate):
+        def route(self, x, ids):
+            routing = super().route(x, ids)
+            return type(routing)(routing.token, routing.expert, 2 * routing.weight, self.num_experts, x.shape[0])
+
+    doubled = [Doubled(D, N, k=2, dtype=torch.float64) for _ in range(2)]
+    routings = gates.route_tasks(doubled, x, None)
+    torch.testing.assert_close(routings[0].to_dense().sum(1), torch.full((T,), 2.0, dtype=torch.float64))
+
+
+def test_multitask_layer_routes_its_gates_in_one_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sparsemoe import MultiTaskMoE
+
+    calls: list[int] = []
+    original = gates.DSelectKGate.route_batch.__func__  # type: ignore[attr-defined]
+    monkeypatch.setattr(
+        gates.DSelectKGate,
+        "route_batch",
+        classmethod(lambda cls, gs, x, ids: calls.append(len(gs)) or original(cls, gs, x, ids)),
+    )
+    layer = MultiTaskMoE(D, 4, N, 3, gate="dselect_k", k=2)
+    outputs = layer(torch.randn(T, D))
+    assert calls == [3] and len(outputs) == 3 and len(layer.last_routing) == 3
+
+
+def test_repr_names_the_sizes(gate_name: str) -> None:
+    gate, _ = route(gate_name, torch.randn(T, D))
+    assert f"d_in={D}, num_experts={N}, k=" in repr(gate)

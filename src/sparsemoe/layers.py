@@ -19,7 +19,7 @@ from torch import nn
 from ._validation import check_dtype, check_float, check_ids, check_input, check_int
 from .dispatch import dispatch, dispatch_tasks
 from .experts import ExpertBank, StackedExperts
-from .gates import Gate, GateSpec
+from .gates import Gate, GateSpec, route_tasks
 from .routing import Routing, total_aux_loss
 from .search import PermutationSearch
 
@@ -151,7 +151,7 @@ class MoELayer(nn.Module):
         if self.router_dtype is not None:
             gate_rows = gate_rows.to(self.router_dtype)
         with self._router_precision(gate_rows.device):
-            routings = [gate.route(gate_rows, ids) for gate in self.task_gates()]
+            routings = route_tasks(self.task_gates(), gate_rows, ids)
             if self.search is not None:
                 routings = self.search.permute(routings)
         if self.capacity_limit is not None:
@@ -275,7 +275,8 @@ class MultiTaskMoE(MoELayer):
     """Multi-gate MoE (MMoE, Ma et al. 2018): shared experts, one gate per task.
 
     Each (input, expert) pair chosen by any task is computed once; every task then mixes the
-    expert outputs with its own weights, to be fed to a tower per task.
+    expert outputs with its own weights, to be fed to a tower per task. Task gates of one kind and
+    settings route in one batched call (:meth:`Gate.route_batch`), which small models feel.
 
     Args:
         d_in: input width of the experts (and of the gates, unless ``d_gate`` is given).

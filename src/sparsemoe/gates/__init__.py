@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from .base import Gate, KPolicy
+from .base import Gate, KPolicy, route_tasks
 from .comet import CometGate
 from .dselect_k import DSelectKGate
 from .expert_choice import ExpertChoiceGate
@@ -167,6 +167,7 @@ __all__ = [
     "k_policy",
     "parse",
     "register",
+    "route_tasks",
     "smooth_step",
     "takes_k",
 ]

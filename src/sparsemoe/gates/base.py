@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Hashable, Sequence
 from typing import ClassVar, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .._validation import check_dtype, check_ids, check_input, check_int
@@ -66,8 +68,66 @@ class Gate(nn.Module):
         """Route already validated input ``x: [T, d_in]`` (``ids`` already checked)."""
         raise NotImplementedError
 
+    def batch_key(self) -> Hashable | None:
+        """Gates of one class with equal keys can route the same rows in one :meth:`route_batch` call.
+
+        ``None`` (the default): this gate always routes alone. A gate that implements
+        :meth:`route_batch` returns every setting its maths reads besides the parameters.
+        """
+        return None
+
+    @classmethod
+    def route_batch(cls, gates: Sequence[Gate], x: torch.Tensor, ids: torch.Tensor | None) -> list[Routing]:
+        """The routing of ``x: [T, d_in]`` by each of ``gates`` (all of this class, equal :meth:`batch_key`).
+
+        Gates that override it write their maths once, with a leading gate axis, and define
+        :meth:`route` as a batch of one. At the COMET paper's scale a training step costs per-op
+        overhead, not FLOPs, so the task gates of an MMoE then issue one set of small ops instead
+        of one per task.
+        """
+        return [gate.route(x, ids) for gate in gates]
+
     def extra_repr(self) -> str:
         return f"d_in={self.d_in}, num_experts={self.num_experts}, k={self.k}"
+
+
+def route_tasks(gates: Sequence[Gate], x: torch.Tensor, ids: torch.Tensor | None) -> list[Routing]:
+    """Each gate's routing of the same rows ``x: [T, d_in]``: one batched call when they allow it."""
+    first = gates[0]
+    key = first.batch_key()
+    if (
+        len(gates) > 1
+        and key is not None
+        and _defines("route", type(first)) is _defines("route_batch", type(first))
+        and all(type(g) is type(first) and g.batch_key() == key for g in gates[1:])
+    ):
+        return type(first).route_batch(gates, x, ids)
+    return [gate.route(x, ids) for gate in gates]
+
+
+def _defines(method: str, cls: type) -> type:
+    """The class in ``cls``'s MRO whose own body defines ``method``.
+
+    A subclass that overrides :meth:`Gate.route` but inherits a batched :meth:`Gate.route_batch`
+    would be bypassed by a batched call, so batching needs both from the same class.
+    """
+    return next(klass for klass in cls.__mro__ if method in vars(klass))
+
+
+def linear_batch(x: torch.Tensor, layers: Sequence[nn.Linear]) -> torch.Tensor:
+    """``[T, G·m]``: the rows ``x: [T, d]`` through ``G`` linear layers of one shape, in one product.
+
+    Column block ``g`` is ``layers[g](x)``; a single layer is applied as it is.
+    """
+    if len(layers) == 1:
+        return layers[0](x)
+    bias = None if layers[0].bias is None else torch.cat([layer.bias for layer in layers])
+    return F.linear(x, torch.cat([layer.weight for layer in layers]), bias)
+
+
+def stack_batch(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``[G, *shape]``: one tensor per gate (a view for a single one)."""
+    return tensors[0][None] if len(tensors) == 1 else torch.stack(list(tensors))
 
 
 def entropy(p: torch.Tensor, dim: int = -1) -> torch.Tensor:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Hashable, Sequence
 from typing import cast
 
 import torch
 
 from .._validation import check_float
 from ..routing import Routing
-from .base import Gate, entropy, uniform_linear
+from .base import Gate, entropy, linear_batch, uniform_linear
 from .smooth_step import smooth_step
 
 
@@ -108,29 +109,48 @@ class CometGate(Gate):
         # Where each path step reads in [s, 1 - s] (node v going left at v, going right at n + v).
         self.register_buffer("path_sides", (nodes + num_experts * ~goes_left).flatten(), persistent=False)
 
+    def batch_key(self) -> Hashable:
+        return (self.num_experts, self.k, self.gamma, self.entropy_weight, self.training, self.split.weight.dtype)
+
     def reach_probabilities(self, x: torch.Tensor) -> torch.Tensor:
         """``P: [T, n, k]``, the probability that tree ``t`` sends ``x`` to leaf ``j``."""
-        s = smooth_step(self.split(x), self.gamma).view(x.shape[0], self.num_experts - 1, self.k)
-        s = torch.cat([s, s.new_ones(x.shape[0], 1, self.k)], dim=1)  # padding node: always "left"
-        # Node-major [2n, T, k], so that each path step gathers (and its backward adds) whole rows.
-        sides = torch.cat([s, 1 - s], dim=1).transpose(0, 1).contiguous()
-        factors = sides.index_select(0, self.path_sides).view(*self.path_nodes.shape, x.shape[0], self.k)
+        return self._reach_batch([self], x)[:, 0]
+
+    @staticmethod
+    def _reach_batch(gates: Sequence[CometGate], x: torch.Tensor) -> torch.Tensor:
+        """``P: [T, G, n, k]`` of each of the ``G`` gates (equal settings)."""
+        first, rows, num_gates = gates[0], x.shape[0], len(gates)
+        n, k = first.num_experts, first.k
+        splits = linear_batch(x, [g.split for g in gates]).view(rows, num_gates, n - 1, k)
+        s = smooth_step(splits, first.gamma)
+        s = torch.cat([s, s.new_ones(rows, num_gates, 1, k)], dim=2)  # padding node: always "left"
+        # Node-major [2n, T, G, k], so that each path step gathers (and its backward adds) whole rows.
+        sides = torch.cat([s, 1 - s], dim=2).permute(2, 0, 1, 3).contiguous()
+        factors = sides.index_select(0, first.path_sides).view(*first.path_nodes.shape, rows, num_gates, k)
         # The product over the path, level by level: the same numbers as ``factors.prod(1)``, whose
         # backward takes a slow cumprod path whenever a factor is exactly 0 (every saturated split).
-        return cast(torch.Tensor, math.prod(factors.unbind(1))).transpose(0, 1).contiguous()  # [T, n, k]
+        reach = cast(torch.Tensor, math.prod(factors.unbind(1)))  # [n, T, G, k]
+        return reach.permute(1, 2, 0, 3).contiguous()
 
     def route(self, x: torch.Tensor, ids: torch.Tensor | None) -> Routing:
-        reach = self.reach_probabilities(x)  # [T, n, k]
-        leaf_logits = self.leaf(x).view(x.shape[0], self.num_experts, self.k)
+        return self.route_batch([self], x, ids)[0]
+
+    @classmethod
+    def route_batch(cls, gates: Sequence[Gate], x: torch.Tensor, ids: torch.Tensor | None) -> list[Routing]:
+        trees = cast(Sequence[CometGate], gates)
+        first, rows, num_gates = trees[0], x.shape[0], len(trees)
+        reach = cls._reach_batch(trees, x)  # [T, G, n, k]
+        leaf_logits = linear_batch(x, [g.leaf for g in trees]).view_as(reach)
         reachable = reach > 0
         # log P with log 0 = -inf, written so that the backward pass never sees 1/0.
         log_reach = torch.where(reachable, torch.log(torch.where(reachable, reach, 1.0)), -torch.inf)
-        joint = torch.softmax((leaf_logits + log_reach).flatten(1), dim=-1)  # [T, n*k]
-        weights = joint.view_as(reach).sum(-1)  # [T, n]
-        aux = {}
-        if self.training and self.entropy_weight > 0 and x.shape[0] > 0:
-            aux["entropy"] = self.entropy_weight * entropy(reach, dim=1).sum(-1).mean()
-        return Routing.from_dense(weights, aux_losses=aux)
+        joint = torch.softmax((leaf_logits + log_reach).flatten(2), dim=-1)  # [T, G, n*k]
+        weights = joint.view_as(reach).sum(-1)  # [T, G, n]
+        aux: list[dict[str, torch.Tensor]] = [{} for _ in trees]
+        if first.training and first.entropy_weight > 0 and rows > 0:
+            penalty = first.entropy_weight * entropy(reach, dim=2).sum(-1).mean(0)  # [G]
+            aux = [{"entropy": p} for p in penalty.unbind(0)]
+        return [Routing.from_dense(weights[:, g], aux_losses=aux[g]) for g in range(num_gates)]
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, gamma={self.gamma}, entropy_weight={self.entropy_weight}"

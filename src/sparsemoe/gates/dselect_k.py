@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Hashable, Sequence
 from typing import cast
 
 import torch
@@ -11,7 +12,7 @@ from torch import nn
 
 from .._validation import check_float
 from ..routing import Routing
-from .base import Gate, entropy, uniform_, uniform_linear
+from .base import Gate, entropy, linear_batch, stack_batch, uniform_, uniform_linear
 from .smooth_step import smooth_step
 
 
@@ -89,17 +90,28 @@ class DSelectKGate(Gate):
             self.z = nn.Parameter(uniform_(torch.empty(k, self.num_bits, device=device, dtype=dtype), self.gamma / 100))
             self.alpha = nn.Parameter(uniform_(torch.empty(k, device=device, dtype=dtype), 0.05))
 
+    def batch_key(self) -> Hashable:
+        dtype = (self.z_proj.weight if self.per_example else self.z).dtype
+        return (self.num_experts, self.k, self.gamma, self.entropy_weight, self.per_example, self.training, dtype)
+
     def code_distributions(self, x: torch.Tensor) -> torch.Tensor:
         """``r: [T, k, 2^m]``, each selector's distribution over the binary codes (rows sum to 1)."""
-        if self.per_example:
-            z = self.z_proj(x).view(x.shape[0], self.k, 1, self.num_bits)  # [T, k, 1, m]
+        return self._codes_batch([self], x)[:, 0]
+
+    @staticmethod
+    def _codes_batch(gates: Sequence[DSelectKGate], x: torch.Tensor) -> torch.Tensor:
+        """``r: [T, G, k, 2^m]`` of each of the ``G`` gates (equal settings)."""
+        first, rows, num_gates = gates[0], x.shape[0], len(gates)
+        shape = (rows, num_gates, first.k, 1, first.num_bits)
+        if first.per_example:
+            z = linear_batch(x, [g.z_proj for g in gates]).view(shape)  # [T, G, k, 1, m]
         else:
-            z = self.z.view(1, self.k, 1, self.num_bits).expand(x.shape[0], -1, -1, -1)
-        s = smooth_step(z, self.gamma)
-        factors = torch.where(self.bits, s, 1 - s)  # [T, k, 2^m, m]
+            z = stack_batch([g.z for g in gates]).view(1, *shape[1:]).expand(shape)
+        s = smooth_step(z, first.gamma)
+        factors = torch.where(first.bits, s, 1 - s)  # [T, G, k, 2^m, m]
         # Multiplied bit by bit: the same numbers as ``factors.prod(-1)``, whose backward takes a slow
         # cumprod path whenever a factor is exactly 0 (every saturated smooth-step). n = 1 has no bits.
-        return cast(torch.Tensor, math.prod(factors.unbind(-1))) if self.num_bits else factors.prod(-1)
+        return cast(torch.Tensor, math.prod(factors.unbind(-1))) if first.num_bits else factors.prod(-1)
 
     def selector_distributions(self, x: torch.Tensor) -> torch.Tensor:
         """``[T, k, n]``: each selector's distribution over the experts (aliased codes folded in)."""
@@ -113,15 +125,25 @@ class DSelectKGate(Gate):
         return codes[..., : self.num_experts] + F.pad(codes[..., self.num_experts :], (0, self.num_experts - aliases))
 
     def route(self, x: torch.Tensor, ids: torch.Tensor | None) -> Routing:
-        codes = self.code_distributions(x)  # [T, k, 2^m]
-        r = self._fold_aliases(codes)  # [T, k, n]
-        alpha_logits = self.alpha_proj(x) if self.per_example else self.alpha.expand(x.shape[0], -1)
-        mix = torch.softmax(alpha_logits, dim=-1)  # [T, k]
-        weights = (mix[..., None] * r).sum(1)  # [T, n]
-        aux = {}
-        if self.training and self.entropy_weight > 0 and x.shape[0] > 0:
-            aux["entropy"] = self.entropy_weight * entropy(codes).sum(-1).mean()
-        return Routing.from_dense(weights, aux_losses=aux)
+        return self.route_batch([self], x, ids)[0]
+
+    @classmethod
+    def route_batch(cls, gates: Sequence[Gate], x: torch.Tensor, ids: torch.Tensor | None) -> list[Routing]:
+        selectors = cast(Sequence[DSelectKGate], gates)
+        first, rows, num_gates = selectors[0], x.shape[0], len(selectors)
+        codes = cls._codes_batch(selectors, x)  # [T, G, k, 2^m]
+        r = first._fold_aliases(codes)  # [T, G, k, n]
+        if first.per_example:
+            alpha_logits = linear_batch(x, [g.alpha_proj for g in selectors]).view(rows, num_gates, first.k)
+        else:
+            alpha_logits = stack_batch([g.alpha for g in selectors]).expand(rows, -1, -1)
+        mix = torch.softmax(alpha_logits, dim=-1)  # [T, G, k]
+        weights = (mix[..., None] * r).sum(2)  # [T, G, n]
+        aux: list[dict[str, torch.Tensor]] = [{} for _ in selectors]
+        if first.training and first.entropy_weight > 0 and rows > 0:
+            penalty = first.entropy_weight * entropy(codes).sum(-1).mean(0)  # [G]
+            aux = [{"entropy": p} for p in penalty.unbind(0)]
+        return [Routing.from_dense(weights[:, g], aux_losses=aux[g]) for g in range(num_gates)]
 
     def extra_repr(self) -> str:
         return (

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Sequence
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .._validation import check_float
 from ..routing import Routing, count_per_expert
-from .base import Gate
+from .base import Gate, linear_batch
 
 
 def _cv_squared(v: torch.Tensor) -> torch.Tensor:
@@ -22,6 +25,21 @@ def _cv_squared(v: torch.Tensor) -> torch.Tensor:
     v = v.float()
     var, mean = torch.var_mean(v, dim=-1, correction=0)
     return var / (mean**2 + 1e-10)
+
+
+def _smooth_load(
+    clean: torch.Tensor, noisy: torch.Tensor, noise_std: torch.Tensor, top_kp1: torch.Tensor, k: int
+) -> torch.Tensor:
+    """Expected number of inputs per expert under the noise: a differentiable load, ``[G, n]``.
+
+    ``clean, noisy, noise_std: [T, G, n]``; ``top_kp1: [T, G, k+1]`` holds the ``k + 1`` largest noisy
+    logits of each row, in order.
+    """
+    kth, next_ = top_kp1[..., k - 1 : k], top_kp1[..., k : k + 1]
+    # An expert in the top k (noisy >= the k-th value) must beat the (k+1)-th value to stay there;
+    # one outside must beat the k-th to get in.
+    threshold = torch.where(noisy >= kth, next_, kth)
+    return torch.special.ndtr((clean - threshold) / noise_std).sum(0)
 
 
 class TopKGate(Gate):
@@ -59,42 +77,43 @@ class TopKGate(Gate):
             nn.init.zeros_(self.noise_proj.weight)
             nn.init.zeros_(self.noise_proj.bias)
 
+    def batch_key(self) -> Hashable:
+        return (self.num_experts, self.k, self.noisy, self.balance_weight, self.training, self.proj.weight.dtype)
+
     def route(self, x: torch.Tensor, ids: torch.Tensor | None) -> Routing:
-        clean = self.proj(x)  # [T, n]
+        return self.route_batch([self], x, ids)[0]
+
+    @classmethod
+    def route_batch(cls, gates: Sequence[Gate], x: torch.Tensor, ids: torch.Tensor | None) -> list[Routing]:
+        topks = cast(Sequence[TopKGate], gates)
+        first, rows, num_gates = topks[0], x.shape[0], len(topks)
+        n, k = first.num_experts, first.k
+        clean = linear_batch(x, [g.proj for g in topks]).view(rows, num_gates, n)  # [T, G, n]
         logits, noise_std = clean, None
-        if self.noise_proj is not None and self.training:
-            noise_std = F.softplus(self.noise_proj(x)) + 1e-2
+        if first.noisy and first.training:
+            noise_proj = [cast(nn.Linear, g.noise_proj) for g in topks]
+            noise_std = F.softplus(linear_batch(x, noise_proj).view_as(clean)) + 1e-2
             logits = clean + torch.randn_like(clean) * noise_std
-        balance = self.balance_weight > 0 and self.training and x.shape[0] > 0
-        smooth_load = balance and noise_std is not None and self.k < self.num_experts
+        balance = first.balance_weight > 0 and first.training and rows > 0
+        smooth_load = balance and noise_std is not None and k < n
         # The smooth load needs the (k+1)-th value too: one topk serves both.
-        top_values, top_idx = logits.topk(self.k + 1 if smooth_load else self.k, dim=-1)  # [T, k(+1)]
-        top_idx = top_idx[:, : self.k]
-        weights = torch.softmax(top_values[:, : self.k], dim=-1)  # [T, k]
-        aux = {}
+        top_values, top_idx = logits.topk(k + 1 if smooth_load else k, dim=-1)  # [T, G, k(+1)]
+        top_idx = top_idx[..., :k]
+        weights = torch.softmax(top_values[..., :k], dim=-1)  # [T, G, k]
+        aux: list[dict[str, torch.Tensor]] = [{} for _ in topks]
         if balance:
-            importance = logits.new_zeros(self.num_experts).index_add(0, top_idx.flatten(), weights.flatten())
+            # Gate g's expert e is cell g·n + e of one [G·n] sum (one gate: the same sum, in the same order).
+            cells = top_idx if num_gates == 1 else top_idx + n * torch.arange(num_gates, device=x.device)[:, None]
+            importance = logits.new_zeros(num_gates * n).index_add(0, cells.flatten(), weights.flatten())
+            importance = importance.view(num_gates, n)
             if smooth_load:
                 assert noise_std is not None
-                load = self._smooth_load(clean, logits, noise_std, top_values)
-                penalty = _cv_squared(torch.stack([importance, load])).sum()
+                load = _smooth_load(clean, logits, noise_std, top_values, k)  # [G, n]
+                penalty = _cv_squared(torch.stack([importance, load], dim=1)).sum(-1)  # [G]
             else:
                 penalty = _cv_squared(importance)
-            aux["load_balance"] = self.balance_weight * penalty
-        return Routing.from_topk(top_idx, weights, self.num_experts, aux_losses=aux)
-
-    def _smooth_load(
-        self, clean: torch.Tensor, noisy: torch.Tensor, noise_std: torch.Tensor, top_kp1: torch.Tensor
-    ) -> torch.Tensor:
-        """Expected number of inputs per expert under the noise: a differentiable load.
-
-        ``top_kp1: [T, k+1]`` holds the ``k + 1`` largest noisy logits of each row, in order.
-        """
-        kth, next_ = top_kp1[:, self.k - 1 : self.k], top_kp1[:, self.k : self.k + 1]
-        # An expert in the top k (noisy >= the k-th value) must beat the (k+1)-th value to stay there;
-        # one outside must beat the k-th to get in.
-        threshold = torch.where(noisy >= kth, next_, kth)
-        return torch.special.ndtr((clean - threshold) / noise_std).sum(0)
+            aux = [{"load_balance": first.balance_weight * p} for p in penalty.unbind(0)]
+        return [Routing.from_topk(top_idx[:, g], weights[:, g], n, aux_losses=aux[g]) for g in range(num_gates)]
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, noisy={self.noisy}, balance_weight={self.balance_weight}"
