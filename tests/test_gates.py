@@ -449,6 +449,11 @@ def test_gates_route_alone_unless_batching_is_safe(monkeypatch: pytest.MonkeyPat
     gates.route_tasks(mixed, x, None)
     assert calls == [1, 1]  # each gate's own route (a batch of one)
 
+    calls.clear()
+    same[1].eval()  # the training mode is part of what must match
+    gates.route_tasks(same, x, None)
+    assert calls == [1, 1]
+
     class Doubled(gates.CometGate):
         def route(self, x, ids):
             routing = super().route(x, ids)

@@ -72,7 +72,8 @@ class Gate(nn.Module):
         """Gates of one class with equal keys can route the same rows in one :meth:`route_batch` call.
 
         ``None`` (the default): this gate always routes alone. A gate that implements
-        :meth:`route_batch` returns every setting its maths reads besides the parameters.
+        :meth:`route_batch` returns every setting its maths reads besides the parameters, ``n``,
+        ``k`` and the training mode (:func:`route_tasks` compares those for every gate).
         """
         return None
 
@@ -94,15 +95,21 @@ class Gate(nn.Module):
 def route_tasks(gates: Sequence[Gate], x: torch.Tensor, ids: torch.Tensor | None) -> list[Routing]:
     """Each gate's routing of the same rows ``x: [T, d_in]``: one batched call when they allow it."""
     first = gates[0]
-    key = first.batch_key()
+    signature = _batch_signature(first)
     if (
         len(gates) > 1
-        and key is not None
+        and signature is not None
         and _defines("route", type(first)) is _defines("route_batch", type(first))
-        and all(type(g) is type(first) and g.batch_key() == key for g in gates[1:])
+        and all(_batch_signature(g) == signature for g in gates[1:])
     ):
         return type(first).route_batch(gates, x, ids)
     return [gate.route(x, ids) for gate in gates]
+
+
+def _batch_signature(gate: Gate) -> tuple[object, ...] | None:
+    """What must match for gates to share a :meth:`Gate.route_batch` call (``None``: routes alone)."""
+    key = gate.batch_key()
+    return None if key is None else (type(gate), gate.num_experts, gate.k, gate.training, key)
 
 
 def _defines(method: str, cls: type) -> type:

@@ -110,7 +110,7 @@ class CometGate(Gate):
         self.register_buffer("path_sides", (nodes + num_experts * ~goes_left).flatten(), persistent=False)
 
     def batch_key(self) -> Hashable:
-        return (self.num_experts, self.k, self.gamma, self.entropy_weight, self.training, self.split.weight.dtype)
+        return (self.gamma, self.entropy_weight, self.split.weight.dtype)
 
     def reach_probabilities(self, x: torch.Tensor) -> torch.Tensor:
         """``P: [T, n, k]``, the probability that tree ``t`` sends ``x`` to leaf ``j``."""

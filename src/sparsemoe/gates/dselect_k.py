@@ -92,7 +92,7 @@ class DSelectKGate(Gate):
 
     def batch_key(self) -> Hashable:
         dtype = (self.z_proj.weight if self.per_example else self.z).dtype
-        return (self.num_experts, self.k, self.gamma, self.entropy_weight, self.per_example, self.training, dtype)
+        return (self.gamma, self.entropy_weight, self.per_example, dtype)
 
     def code_distributions(self, x: torch.Tensor) -> torch.Tensor:
         """``r: [T, k, 2^m]``, each selector's distribution over the binary codes (rows sum to 1)."""
