@@ -7,8 +7,9 @@ import dataclasses
 import pytest
 import torch
 
+import sparsemoe
 from sparsemoe import routing as routing_module
-from sparsemoe.routing import Routing
+from sparsemoe.routing import Routing, pair_grid
 
 
 def _routing(token: list[int], expert: list[int], weight: list[float], n: int = 2, t: int = 3) -> Routing:
@@ -99,3 +100,26 @@ def test_routing_pickles_and_deep_copies() -> None:
         assert dict(clone.aux_losses) == {"a": torch.tensor(2.0)} and clone.expert.tolist() == [1]
         with pytest.raises(TypeError):
             clone.aux_losses["b"] = torch.zeros(())  # type: ignore[index]
+
+
+def test_pair_grid_is_the_row_major_grid_and_shared() -> None:
+    token, column = pair_grid(3, 4, torch.device("cpu"))
+    assert token.tolist() == [t for t in range(3) for _ in range(4)]
+    assert column.tolist() == [c for _ in range(3) for c in range(4)]
+    again = Routing.from_dense(torch.rand(3, 4), keep_zeros=True)
+    assert again.token is token and again.expert is column  # built once per size
+    topk = Routing.from_topk(torch.tensor([[0, 1], [2, 3], [1, 0]]), torch.rand(3, 2), 4)
+    assert topk.token.tolist() == [0, 0, 1, 1, 2, 2]
+
+
+def test_pair_grid_first_built_under_inference_mode_still_trains() -> None:
+    # The cached index tensors must not be inference tensors: training saves them for backward.
+    with torch.inference_mode():
+        first = pair_grid(11, 3, torch.device("cpu"))[0]  # a size no other test uses
+    assert not first.is_inference()
+    layer = sparsemoe.MoE(4, 8, 3, gate="softmax")
+    x = torch.randn(11, 4)
+    with torch.inference_mode():
+        layer(x)
+    layer(x).sum().backward()
+    assert all(p.grad is not None for p in layer.parameters())

@@ -6,6 +6,7 @@ fix the call without reading our source.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
@@ -70,7 +71,7 @@ def _all_finite(x: torch.Tensor) -> bool:
     if device_side_checks(x):
         torch._assert_async(torch.isfinite(x).all(), "input contains NaN or infinite values")
         return True
-    return bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())
+    return math.isfinite(x.sum().item()) or bool(torch.isfinite(x).all())  # a host float: 2 ops, not 6
 
 
 def check_input(x: object, width: int | None, *, name: str = "x", check_finite: bool = True) -> torch.Tensor:

@@ -5,11 +5,13 @@ Everything after the gate (dispatch, experts, combine, statistics, local search)
 
 A routing is immutable: transforms (:meth:`Routing.select`, :meth:`Routing.relabel`,
 :meth:`Routing.with_capacity`, :meth:`Routing.with_aux_losses`) return new objects, so a routing kept
-in ``layer.last_routing`` never changes behind the caller's back.
+in ``layer.last_routing`` never changes behind the caller's back. Its tensors must not be modified in
+place either: routings of one size share their index tensors (:func:`pair_grid`).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -41,6 +43,33 @@ def count_per_expert(expert: torch.Tensor, num_experts: int) -> torch.Tensor:
     if expert.is_cuda or torch.compiler.is_compiling():
         return expert.new_zeros(num_experts).index_add_(0, expert, torch.ones_like(expert))
     return torch.bincount(expert, minlength=num_experts)
+
+
+def pair_grid(num_inputs: int, per_input: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(token, column)``, both ``LongTensor[T·c]``: row-major pairs, ``c = per_input`` for each of ``T`` inputs.
+
+    ``token = [0, .., 0, 1, .., 1, ...]`` (each input ``c`` times), ``column = [0, 1, .., c-1, 0, 1, ...]``.
+    They depend only on the sizes, so they are built once per size and device and shared (a routing's tensors
+    are never modified in place): a small model would otherwise spend several ops per routing on them.
+    """
+    if torch.compiler.is_compiling() or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        # A compiled graph builds them itself; a CUDA graph capture would fill a cached tensor only on replay.
+        return _build_pair_grid(num_inputs, per_input, device)
+    return _cached_pair_grid(num_inputs, per_input, device)
+
+
+def _build_pair_grid(num_inputs: int, per_input: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    token = torch.arange(num_inputs, device=device).repeat_interleave(per_input)
+    column = torch.arange(per_input, device=device).repeat(num_inputs)
+    return token, column
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_pair_grid(num_inputs: int, per_input: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    # Built as normal tensors even when first asked for under inference_mode: inference tensors
+    # could not be saved for a later backward (index ops save their indices).
+    with torch.inference_mode(False):
+        return _build_pair_grid(num_inputs, per_input, device)
 
 
 @dataclass(frozen=True)
@@ -155,8 +184,7 @@ class Routing:
         """
         num_inputs, num_experts = weights.shape
         if keep_zeros:
-            token = torch.arange(num_inputs, device=weights.device).repeat_interleave(num_experts)
-            expert = torch.arange(num_experts, device=weights.device).repeat(num_inputs)
+            token, expert = pair_grid(num_inputs, num_experts, weights.device)
             weight = weights.reshape(-1)
         else:
             token, expert = (weights != 0).nonzero(as_tuple=True)
@@ -174,7 +202,7 @@ class Routing:
     ) -> Routing:
         """Pairs from per-row expert indices and weights, both ``[T, k]`` (column = choice rank)."""
         num_inputs, k = indices.shape
-        token = torch.arange(num_inputs, device=indices.device).repeat_interleave(k)
+        token, _ = pair_grid(num_inputs, k, indices.device)
         return cls(token, indices.reshape(-1), weights.reshape(-1), num_experts, num_inputs, aux_losses or {})
 
     # ----------------------------------------------------------------------------- transforms
