@@ -170,3 +170,64 @@ def small_models(cfg: SmallConfig) -> Section:
         + report.table(["model", "µs / step", "÷ plain dense", "trust", "ops / step", "ops ÷ plain"], rows)
     )
     return Section("Small models: MMoE at the COMET paper's scale", body, targets=targets)
+
+
+#: ``(R routings, T inputs, n experts, out width)`` of the dense-mix comparison: the COMET scale first,
+#: then other small shapes and a few large ones.
+MIX_SHAPES: tuple[tuple[int, int, int, int], ...] = (
+    (2, 256, 8, 16),
+    (1, 256, 8, 16),
+    (4, 128, 8, 16),
+    (2, 64, 8, 64),
+    (1, 512, 8, 16),
+    (2, 1024, 8, 64),
+    (1, 4096, 8, 64),
+    (3, 4096, 8, 128),
+)
+QUICK_MIX_SHAPES = MIX_SHAPES[:2]
+
+
+def einsum_mix(ys_all: torch.Tensor, routings: list) -> list[torch.Tensor]:
+    """``dispatch.dense_mix`` as it was before it used ``bmm``: one ``einsum("rtn,nto->rto")``."""
+    n, num_inputs = ys_all.shape[:2]
+    weights = torch.stack([r.to_dense() for r in routings]).to(ys_all.dtype)  # [R, T, n]
+    mixed = torch.einsum("rtn,nto->rto", weights, ys_all.reshape(n, num_inputs, -1))
+    return list(mixed.view(len(routings), num_inputs, *ys_all.shape[2:]).unbind(0))
+
+
+def dense_mix_forms(shapes: tuple[tuple[int, int, int, int], ...], repeats: int, min_time: float) -> Section:
+    """The dense path's mix (``dispatch.dense_mix``, one ``bmm``) against the same function written with einsum."""
+    from sparsemoe.dispatch import dense_mix
+    from sparsemoe.routing import Routing
+
+    def step(mix: Callable, ys: torch.Tensor, routings: list, upstream: list[torch.Tensor]) -> Callable[[], None]:
+        def run() -> None:
+            for leaf in (ys, *(r.dense for r in routings)):
+                leaf.grad = None
+            torch.autograd.backward(mix(ys, routings), upstream)
+
+        return run
+
+    rows = []
+    for r, t, n, o in shapes:
+        g = torch.Generator().manual_seed(0)
+        routings = [
+            Routing.from_dense(torch.rand(t, n, generator=g).requires_grad_(), keep_zeros=True) for _ in range(r)
+        ]
+        ys = torch.randn(n, t, o, generator=g, requires_grad=True)
+        upstream = [torch.randn(t, o, generator=g) for _ in range(r)]
+        candidates = {"einsum": einsum_mix, "bmm": dense_mix}
+        timings = interleaved(
+            {name: step(mix, ys, routings, upstream) for name, mix in candidates.items()},
+            repeats=repeats,
+            min_time=min_time,
+        )
+        ratio = timings.ratio("bmm", "einsum")
+        rows.append([f"{r}, {t}, {n}, {o}", report.us(timings.stat("einsum")), report.ratio(ratio)])
+    body = (
+        "The dense path mixes the outputs of all n experts with each routing's `[T, n]` weights (forward and "
+        "backward timed). `dense_mix` stacks the weights input-major and calls one `bmm`; before, it called "
+        "`einsum('rtn,nto->rto')`, the plain MMoE's own mix (kept here as `einsum_mix`). Median [min–max] of "
+        "interleaved rounds.\n\n" + report.table(["R routings, T, n, out", "einsum µs (fwd+bwd)", "bmm ÷ einsum"], rows)
+    )
+    return Section("Dense mix: bmm against einsum", body)

@@ -56,14 +56,19 @@ def covers_all_pairs(routings: list[Routing], num_inputs: int, num_experts: int)
 
 
 def dense_mix(ys_all: torch.Tensor, routings: list[Routing]) -> list[torch.Tensor]:
-    """``y_r[t] = Σ_e W_r[t, e] · ys_all[e, t]`` with ``W_r = routings[r].to_dense()``, one einsum for all.
+    """``y_r[t] = Σ_e W_r[t, e] · ys_all[e, t]`` with ``W_r = routings[r].to_dense()``, one batched matmul for all.
+
+    The weights are stacked input-major (``[T, R, n]``, contiguous) and the expert outputs read as a
+    ``[T, n, out]`` view, so ``bmm`` needs no copy of them. On CPU that beats ``einsum("rtn,nto->rto")``
+    (the same contraction, the plain MMoE's mix) at small sizes and ties it at large ones: see the
+    "Dense mix" section of ``benchmarks/RESULTS.md``.
 
     Shape: ``ys_all: [n, T, *out]`` -> one ``[T, *out]`` per routing.
     """
     n, num_inputs = ys_all.shape[:2]
-    weights = torch.stack([r.to_dense() for r in routings]).to(ys_all.dtype)  # [R, T, n]
-    mixed = torch.einsum("rtn,nto->rto", weights, ys_all.reshape(n, num_inputs, -1))
-    return list(mixed.view(len(routings), num_inputs, *ys_all.shape[2:]).unbind(0))
+    weights = torch.stack([r.to_dense() for r in routings], dim=1).to(ys_all.dtype)  # [T, R, n]
+    mixed = torch.bmm(weights, ys_all.reshape(n, num_inputs, -1).transpose(0, 1))  # [T, R, out]
+    return list(mixed.view(num_inputs, len(routings), *ys_all.shape[2:]).unbind(1))
 
 
 def dispatch(x: torch.Tensor, routing: Routing, experts: ExpertBank) -> torch.Tensor:
