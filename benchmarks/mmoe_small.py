@@ -195,7 +195,7 @@ def einsum_mix(ys_all: torch.Tensor, routings: list) -> list[torch.Tensor]:
     return list(mixed.view(len(routings), num_inputs, *ys_all.shape[2:]).unbind(0))
 
 
-def dense_mix_forms(shapes: tuple[tuple[int, int, int, int], ...], repeats: int, min_time: float) -> Section:
+def dense_mix_forms(cfg: SmallConfig, shapes: tuple[tuple[int, int, int, int], ...]) -> Section:
     """The dense path's mix (``dispatch.dense_mix``, one ``bmm``) against the same function written with einsum."""
     from sparsemoe.dispatch import dense_mix
     from sparsemoe.routing import Routing
@@ -208,6 +208,7 @@ def dense_mix_forms(shapes: tuple[tuple[int, int, int, int], ...], repeats: int,
 
         return run
 
+    candidates = {"einsum": einsum_mix, "bmm": dense_mix}
     rows = []
     for r, t, n, o in shapes:
         g = torch.Generator().manual_seed(0)
@@ -216,11 +217,10 @@ def dense_mix_forms(shapes: tuple[tuple[int, int, int, int], ...], repeats: int,
         ]
         ys = torch.randn(n, t, o, generator=g, requires_grad=True)
         upstream = [torch.randn(t, o, generator=g) for _ in range(r)]
-        candidates = {"einsum": einsum_mix, "bmm": dense_mix}
         timings = interleaved(
             {name: step(mix, ys, routings, upstream) for name, mix in candidates.items()},
-            repeats=repeats,
-            min_time=min_time,
+            repeats=cfg.repeats,
+            min_time=cfg.min_time,
         )
         ratio = timings.ratio("bmm", "einsum")
         rows.append([f"{r}, {t}, {n}, {o}", report.us(timings.stat("einsum")), report.ratio(ratio)])

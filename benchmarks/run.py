@@ -157,9 +157,10 @@ def main(argv: list[str] | None = None) -> None:
     if "search" in families:
         run("local search", bench_search.local_search_overhead, layer_cfg.shape, layer_cfg.sweep_repeats, out)
     if "small" in families:
-        run("small models", mmoe_small.small_models, mmoe_small.QUICK if args.quick else mmoe_small.FULL)
+        small_cfg = mmoe_small.QUICK if args.quick else mmoe_small.FULL
+        run("small models", mmoe_small.small_models, small_cfg)
         mix_shapes = mmoe_small.QUICK_MIX_SHAPES if args.quick else mmoe_small.MIX_SHAPES
-        run("dense mix", mmoe_small.dense_mix_forms, mix_shapes, 3 if args.quick else 7, 0.05 if args.quick else 0.2)
+        run("dense mix", mmoe_small.dense_mix_forms, small_cfg, mix_shapes)
     load.append(timing.load_per_core())
 
     command = (
