@@ -42,6 +42,14 @@ STUDY_ROWS: dict[str, tuple[str, dict[str, object]]] = {
 #: the state they train in for nearly all of a study; a row "at initialisation" times the other end.
 SATURATING = ("comet", "dselect_k")
 
+PLAIN_ROW = "plain dense MMoE (einsum)"
+FLOOR_ROW = "comet floor: its tree maths free (a perfectly fused gate; see FusedFloorComet)"
+
+
+def initial_row(gate: str) -> str:
+    """The row of a saturating gate kept at its initial state."""
+    return f"{gate} at initialisation (learning rate 0: every expert)"
+
 
 @dataclass(frozen=True)
 class SmallConfig:
@@ -101,6 +109,7 @@ class FusedFloorComet(CometGate):
     kernel: the floor that fusing or compiling the gate can reach. Its routing means nothing.
     """
 
+    # Defined again beside route_batch: MultiTaskMoE batches the task gates only when one class defines both.
     def route(self, x: torch.Tensor, ids: torch.Tensor | None) -> Routing:
         return self.route_batch([self], x, ids)[0]
 
@@ -150,11 +159,11 @@ def _mmoe(cfg: SmallConfig, gate: str | Sequence[Gate], **kwargs: Any) -> sparse
 
 
 def experts_per_input(body: nn.Module) -> float | None:
-    """Mean over tasks of the pairs per input in the last forward (``None`` for the plain MMoE)."""
-    routings = getattr(body, "last_routing", None)
-    if not routings:
+    """Mean over tasks of the experts computed per input in the last forward (``None`` for the plain MMoE)."""
+    if not isinstance(body, sparsemoe.MultiTaskMoE):
         return None
-    return sum(r.num_pairs / max(r.num_inputs, 1) for r in routings) / len(routings)
+    per_task = [cast(float, stats["active_per_input"]) for stats in body.routing_stats()]
+    return sum(per_task) / len(per_task)
 
 
 def saturate(step: Callable[[], None], body: sparsemoe.MultiTaskMoE, k: int, max_steps: int) -> int:
@@ -174,20 +183,19 @@ def candidates(cfg: SmallConfig) -> tuple[dict[str, Callable[[], None]], dict[st
     Returns the steps and each row's MMoE body (for its experts per input).
     """
     plain = PlainMMoE(cfg.d, cfg.num_experts, cfg.width, cfg.tasks)
-    steps = {"plain dense MMoE (einsum)": _train_step(cfg, plain, 0)}
-    bodies: dict[str, nn.Module] = {"plain dense MMoE (einsum)": plain}
+    steps = {PLAIN_ROW: _train_step(cfg, plain, 0)}
+    bodies: dict[str, nn.Module] = {PLAIN_ROW: plain}
     rows = {name: (name, GATE_KWARGS.get(name, {"k": 2})) for name in sparsemoe.gates.available()}
     for row, (gate, kwargs) in {**rows, **STUDY_ROWS}.items():
         body = bodies[row] = _mmoe(cfg, gate, **kwargs)
         steps[row] = _train_step(cfg, body, 0)
         if gate in SATURATING:
             saturate(steps[row], body, cast(int, kwargs["k"]), cfg.max_saturation_steps)
-            initial = f"{gate} at initialisation (learning rate 0: every expert)"
+            initial = initial_row(gate)
             bodies[initial] = _mmoe(cfg, gate, **kwargs)
             steps[initial] = _train_step(cfg, bodies[initial], 0, lr=0.0)
-    floor = "comet floor: its tree maths free (a perfectly fused gate; see FusedFloorComet)"
-    bodies[floor] = _mmoe(cfg, [FusedFloorComet(cfg.d, cfg.num_experts, k=2) for _ in range(cfg.tasks)])
-    steps[floor] = _train_step(cfg, bodies[floor], 0)
+    bodies[FLOOR_ROW] = _mmoe(cfg, [FusedFloorComet(cfg.d, cfg.num_experts, k=2) for _ in range(cfg.tasks)])
+    steps[FLOOR_ROW] = _train_step(cfg, bodies[FLOOR_ROW], 0)
     return steps, bodies
 
 
@@ -211,8 +219,8 @@ def small_models(cfg: SmallConfig) -> Section:
     steps, bodies = candidates(cfg)
     ops = {name: op_count(step) for name, step in steps.items()}
     t = interleaved(steps, repeats=cfg.repeats, min_time=cfg.min_time)
-    plain = "plain dense MMoE (einsum)"
-    floor = next(name for name in steps if name.startswith("comet floor"))
+    plain, floor = PLAIN_ROW, FLOOR_ROW
+    untargeted = {plain, floor, *(initial_row(gate) for gate in SATURATING)}
     rows, targets = [], []
     for name in t.samples:
         r = t.ratio(name, plain)
@@ -228,7 +236,7 @@ def small_models(cfg: SmallConfig) -> Section:
                 f"{ops[name] / ops[plain]:.2f}",
             ]
         )
-        if name in (plain, floor) or " at initialisation " in name:
+        if name in untargeted:
             continue
         limit = 1.1 if name == "softmax" else 1.5
         why = "the gates' own ops (route + backward + aux losses; see NOTES.md)"
@@ -295,7 +303,6 @@ def einsum_mix(ys_all: torch.Tensor, routings: list) -> list[torch.Tensor]:
 def dense_mix_forms(cfg: SmallConfig, shapes: tuple[tuple[int, int, int, int], ...]) -> Section:
     """The dense path's mix (``dispatch.dense_mix``, one ``bmm``) against the same function written with einsum."""
     from sparsemoe.dispatch import dense_mix
-    from sparsemoe.routing import Routing
 
     def step(mix: Callable, ys: torch.Tensor, routings: list, upstream: list[torch.Tensor]) -> Callable[[], None]:
         def run() -> None:
