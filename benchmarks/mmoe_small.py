@@ -40,7 +40,7 @@ STUDY_ROWS: dict[str, tuple[str, dict[str, object]]] = {
 #: Gates whose cost depends on how far their smooth-steps have saturated: every expert per input at
 #: initialisation, about k once trained (a few hundred steps here). Their main rows are timed saturated,
 #: the state they train in for nearly all of a study; a row "at initialisation" times the other end.
-SATURATING = ("comet", "dselect_k")
+SATURATING = tuple(g for g in sparsemoe.gates.available() if sparsemoe.gates.learns_sparsity(g))
 
 PLAIN_ROW = "plain dense MMoE (einsum)"
 FLOOR_ROW = "comet floor: its tree maths free (a perfectly fused gate; see FusedFloorComet)"

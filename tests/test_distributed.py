@@ -30,7 +30,7 @@ D = 6
 # (case name, gate, layer options)
 CASES: list[tuple[str, str, dict]] = [
     ("topk", "topk", {"k": 2}),  # noisy: the noise draws come from the global RNG
-    ("switch", "switch", {"capacity_factor": 1.0}),
+    ("switch", "switch", {"capacity_limit": 1.0}),
     ("hash", "hash", {"k": 2, "num_ids": 50}),
     ("random", "random", {"k": 2}),
     ("expert_choice", "expert_choice", {"k": 2}),

@@ -61,12 +61,18 @@ def test_switch_is_top1_of_softmax() -> None:
     assert set(r.aux_losses) == {"load_balance", "z_loss"}
 
 
-def test_switch_capacity_drops_and_reports() -> None:
-    gate = gates.build("switch", D, 4, capacity_factor=0.5)
-    r = gate(torch.randn(64, D))
+def test_switch_capacity_is_the_layers_limit() -> None:
+    moe = MoE(D, 8, 4, gate="switch", capacity_limit=0.5)
+    x = torch.randn(64, D)
+    moe(x)
+    r = moe.last_routing
+    assert r is not None
     capacity = 8  # ceil(0.5 * 64 / 4)
-    assert int(r.load().max()) <= capacity
+    assert int(r.load().max()) == capacity and r.num_pairs < 64
     assert r.dropped_fraction == pytest.approx(1 - r.num_pairs / 64)
+    torch.testing.assert_close(r.to_dense(), moe.gate(x).with_capacity(0.5).to_dense())
+    with pytest.raises(TypeError, match=r"capacity_factor.*the layer's capacity_limit="):
+        gates.build("switch", D, 4, capacity_factor=0.5)
 
 
 def test_expert_choice_balanced_load() -> None:
@@ -224,7 +230,7 @@ def test_gate_spec_parses_local_search_suffix() -> None:
     assert (spec.name, spec.local_search, dict(spec.options)) == ("comet", True, {"k": 2})
     assert str(spec) == "comet+" and not gates.parse("topk").local_search
     assert gates.parse(spec, gamma=0.5).options == {"k": 2, "gamma": 0.5}
-    with pytest.raises(ValueError, match="unknown gate 'nope'; available gates: comet"):
+    with pytest.raises(ValueError, match=r"unknown gate 'nope\+'; available gates: comet"):
         gates.parse("nope+")
     with pytest.raises(TypeError, match="gate name"):
         gates.parse(3)  # type: ignore[arg-type]

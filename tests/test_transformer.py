@@ -105,7 +105,7 @@ def test_encoder_block_with_moe_ffns_runs_forward_and_backward() -> None:
     pad = torch.tensor([[False] * 5, [False, False, True, True, True], [False] * 4 + [True]])
     token_ids = torch.randint(0, 50, (3, 5))
     ffns = {
-        "switch": MoE(16, 32, 4, gate=SwitchGate(16, 4, capacity_factor=1.25)),
+        "switch": MoE(16, 32, 4, gate=SwitchGate(16, 4), capacity_limit=1.25),
         "hash": MoE(16, 32, 4, gate=HashGate(16, 4)),
         "random": MoE(16, 32, 4, gate=RandomGate(16, 4, granularity="sequence")),
         "dense": FeedForward(16, 32),

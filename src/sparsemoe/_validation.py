@@ -27,16 +27,47 @@ def check_int(name: str, value: object, *, low: int | None = None, high: int | N
     return value
 
 
-def check_float(name: str, value: object, *, low: float | None = None, strict: bool = False) -> float:
-    """Return ``value`` as a float if it is a real number above ``low`` (``> low`` when strict)."""
+def check_float(
+    name: str, value: object, *, low: float | None = None, strict: bool = False, allow_inf: bool = False
+) -> float:
+    """Return ``value`` as a float if it is a real number above ``low`` (``> low`` when strict).
+
+    Infinity is rejected unless ``allow_inf`` (where it has a meaning, e.g. "no limit"): a weight or
+    width of inf turns every loss or activation it touches into inf or NaN.
+    """
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__} ({value!r})")
     value = float(value)
     if value != value:
         raise ValueError(f"{name} must not be NaN")
+    if not allow_inf and math.isinf(value):
+        raise ValueError(f"{name} must be finite, got {value}")
     if low is not None and (value <= low if strict else value < low):
         raise ValueError(f"{name} must be {'>' if strict else '>='} {low}, got {value}")
     return value
+
+
+#: the seeds ``torch.Generator.manual_seed`` takes
+SEED_RANGE = (-(1 << 63), (1 << 64) - 1)
+
+
+def check_seed(name: str, value: object) -> int:
+    """Return ``value`` if it is an int that ``torch.Generator.manual_seed`` accepts."""
+    return check_int(name, value, low=SEED_RANGE[0], high=SEED_RANGE[1])
+
+
+def check_float_dtype(name: str, dtype: object) -> torch.dtype | None:
+    """Return ``dtype`` if it is ``None`` or a floating-point dtype parameters can have.
+
+    Checked at construction: an integer dtype fails inside ``nn.Linear`` ("only floating point ...
+    can require gradients"), a complex one only at the first forward (no complex softmax).
+    """
+    if dtype is not None and dtype not in _FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} must be a floating-point dtype (torch.float16, torch.bfloat16, torch.float32 or "
+            f"torch.float64) or None, got {dtype!r}"
+        )
+    return dtype
 
 
 def check_choice(name: str, value: object, choices: Iterable[str]) -> str:

@@ -16,7 +16,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from ._validation import check_dtype, check_float, check_ids, check_input, check_int
+from ._validation import check_dtype, check_float, check_float_dtype, check_ids, check_input, check_int
 from .dispatch import dispatch, dispatch_tasks
 from .experts import ExpertBank, StackedExperts
 from .gates import Gate, GateSpec, route_tasks
@@ -34,15 +34,22 @@ def resolve_router_dtype(dtype: torch.dtype | None, router_dtype: torch.dtype | 
     Routing decisions are discrete, so a low-precision router changes which experts are chosen;
     keeping it in float32 costs little (as Hugging Face and tutel do).
     """
+    check_float_dtype("dtype", dtype)
+    check_float_dtype("router_dtype", router_dtype)
     if router_dtype is not None:
         return router_dtype
     return torch.float32 if dtype in _LOW_PRECISION else dtype
 
 
 def _build_gate(
-    gate: GateArg, d_in: int, num_experts: int, options: dict[str, Any], factory: dict[str, Any]
+    gate: GateArg,
+    d_in: int,
+    num_experts: int,
+    options: dict[str, Any],
+    factory: dict[str, Any],
+    local_search: bool | None = None,
 ) -> tuple[Gate, bool]:
-    """A layer's gate and whether its spec asks for local search."""
+    """A layer's gate and whether it gets local search (the spec's ``+`` or ``local_search``, which must agree)."""
     if isinstance(gate, Gate):
         if options:
             raise ValueError(
@@ -52,13 +59,25 @@ def _build_gate(
             raise ValueError(
                 f"gate has d_in={gate.d_in}, num_experts={gate.num_experts}; the layer needs {d_in}, {num_experts}"
             )
-        return gate, False
-    spec = GateSpec.parse(gate)
+        return gate, bool(local_search)
+    spec = GateSpec.parse(gate, local_search=local_search)
     return spec.build(d_in, num_experts, **options, **factory), spec.local_search
 
 
 def _with_k(options: dict[str, Any], k: int | None) -> dict[str, Any]:
     return options if k is None else {**options, "k": k}
+
+
+def _routing_args(local_search_steps: object, capacity_limit: object) -> tuple[int, float | None]:
+    """The layer's routing arguments, checked before anything is built (and the global RNG drawn).
+
+    ``capacity_limit=inf`` is no limit, the same as ``None``.
+    """
+    steps = check_int("local_search_steps", local_search_steps, low=0)
+    if capacity_limit is None:
+        return steps, None
+    limit = check_float("capacity_limit", capacity_limit, low=0.0, strict=True, allow_inf=True)
+    return steps, None if math.isinf(limit) else limit
 
 
 class MoELayer(nn.Module):
@@ -85,10 +104,9 @@ class MoELayer(nn.Module):
         check_finite: bool,
         device: torch.device | str | None,
     ) -> None:
+        """``local_search_steps`` and ``capacity_limit`` as checked by :func:`_routing_args`."""
         self.search = PermutationSearch(num_experts, local_search_steps).to(device) if local_search else None
-        self.capacity_limit = (
-            None if capacity_limit is None else check_float("capacity_limit", capacity_limit, low=0.0, strict=True)
-        )
+        self.capacity_limit = capacity_limit
         self.check_finite = bool(check_finite)
         self._routings: list[Routing] | None = None
 
@@ -128,6 +146,8 @@ class MoELayer(nn.Module):
                 )
         else:
             check_input(gate_input, self.d_gate, name="gate_input", check_finite=self.check_finite)
+            if self.router_dtype is None:  # otherwise the gate rows are cast to the router's dtype
+                check_dtype(gate_input, self.task_gates()[0], layer=f"{type(self).__name__} gate", name="gate_input")
             gate_rows = gate_input.reshape(-1, self.d_gate)
             if gate_rows.shape[0] != rows.shape[0]:
                 raise ValueError(
@@ -191,13 +211,16 @@ class MoE(MoELayer):
         bias: learn expert biases.
         capacity_limit: if set, each expert takes at most ``ceil(capacity_limit · N / n)`` of the
             ``N`` pairs (first choices first, GShard-style); the rest are dropped and reported in
-            :meth:`routing_stats`. Default: dropless. (A gate's own ``capacity_factor`` option, for
-            ``switch`` and ``expert_choice``, is a gate option and goes to the gate.)
+            :meth:`routing_stats`. Default (``None``, or ``inf``): dropless. The one drop limit for
+            every gate: Switch's capacity factor is this (``gate="switch", capacity_limit=1.25``);
+            ``expert_choice``'s ``capacity_factor`` is a gate option because there it is the routing
+            rule (how many inputs each expert picks), not a drop limit.
         check_finite: reject inputs holding NaN/inf (one reduction per call; on CUDA an asynchronous
             device-side assert, so the forward never waits for the device: see
             :func:`sparsemoe._validation.device_side_checks`).
         local_search: learn a permutation between gate outputs and experts (COMET's "+" gates, see
-            :mod:`sparsemoe.search`).
+            :mod:`sparsemoe.search`). ``None`` (default) follows the spec's ``+``; ``False`` with a
+            ``"+"`` spec raises (the two contradict each other).
         local_search_steps: training forwards before the permutation is hardened and frozen.
         device, dtype: factory arguments, as for ``torch.nn.Linear``.
         router_dtype: dtype of the gate (default: float32 when ``dtype`` is bf16/fp16, else ``dtype``).
@@ -225,7 +248,7 @@ class MoE(MoELayer):
         bias: bool = False,
         capacity_limit: float | None = None,
         check_finite: bool = True,
-        local_search: bool = False,
+        local_search: bool | None = None,
         local_search_steps: int = 1000,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -235,18 +258,18 @@ class MoE(MoELayer):
         super().__init__()
         self.d_model = self.d_in = self.d_gate = check_int("d_model", d_model, low=1)
         num_experts = check_int("num_experts", num_experts, low=1)
+        local_search_steps, capacity_limit = _routing_args(local_search_steps, capacity_limit)
         self.router_dtype = resolve_router_dtype(dtype, router_dtype)
-        self.gate, spec_search = _build_gate(
+        self.gate, search = _build_gate(
             gate,
             d_model,
             num_experts,
             _with_k(gate_options, k),
             {"check_finite": check_finite, "device": device, "dtype": self.router_dtype},
+            local_search,
         )
         self.experts = _make_experts(expert, num_experts, d_model, d_hidden, d_model, activation, bias, device, dtype)
-        self._init_routing(
-            num_experts, local_search or spec_search, local_search_steps, capacity_limit, check_finite, device
-        )
+        self._init_routing(num_experts, search, local_search_steps, capacity_limit, check_finite, device)
 
     def task_gates(self) -> Sequence[Gate]:
         return (self.gate,)
@@ -315,7 +338,7 @@ class MultiTaskMoE(MoELayer):
         d_gate: int | None = None,
         capacity_limit: float | None = None,
         check_finite: bool = True,
-        local_search: bool = False,
+        local_search: bool | None = None,
         local_search_steps: int = 1000,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -327,14 +350,15 @@ class MultiTaskMoE(MoELayer):
         self.num_tasks = check_int("num_tasks", num_tasks, low=1)
         num_experts = check_int("num_experts", num_experts, low=1)
         self.d_gate = check_int("d_gate", d_gate if d_gate is not None else d_in, low=1)
+        local_search_steps, capacity_limit = _routing_args(local_search_steps, capacity_limit)
         self.router_dtype = resolve_router_dtype(dtype, router_dtype)
         options = _with_k(gate_options, k)
         factory = {"check_finite": check_finite, "device": device, "dtype": self.router_dtype}
         task_gates: list[Gate] = []
-        spec_search = False
+        search = bool(local_search)
         if isinstance(gate, (str, GateSpec)):
             for _ in range(num_tasks):
-                built, spec_search = _build_gate(gate, self.d_gate, num_experts, options, factory)
+                built, search = _build_gate(gate, self.d_gate, num_experts, options, factory, local_search)
                 task_gates.append(built)
         else:
             if options:
@@ -349,9 +373,7 @@ class MultiTaskMoE(MoELayer):
             expert, num_experts, d_in, d_hidden, check_int("d_expert_out", d_expert_out, low=1), activation, bias,
             device, dtype,
         )  # fmt: skip
-        self._init_routing(
-            num_experts, local_search or spec_search, local_search_steps, capacity_limit, check_finite, device
-        )
+        self._init_routing(num_experts, search, local_search_steps, capacity_limit, check_finite, device)
 
     def task_gates(self) -> Sequence[Gate]:
         return list(self.gates)  # type: ignore[arg-type]
@@ -391,11 +413,22 @@ def _task_gates_from(gate: object, num_tasks: int) -> list[Gate]:
         gates_ = list(gate)
     elif callable(gate):
         factory = cast(Callable[[], Gate], gate)
-        gates_ = [factory() for _ in range(num_tasks)]
+        gates_ = []
+        for _ in range(num_tasks):
+            made = factory()
+            if not isinstance(made, Gate):
+                raise TypeError(
+                    f"the gate factory returned {type(made).__name__}, not a Gate; it must build one gate per call "
+                    "(e.g. gate=lambda: TopKGate(d_in, num_experts, k=2))"
+                )
+            gates_.append(made)
     else:
         raise TypeError(f"gate must be a gate spec, a factory or a list of gates, got {type(gate).__name__}")
-    if len(gates_) != num_tasks or not all(isinstance(g, Gate) for g in gates_):
-        raise ValueError(f"need exactly num_tasks={num_tasks} Gate objects, got {len(gates_)} item(s)")
+    not_gates = sorted({type(g).__name__ for g in gates_ if not isinstance(g, Gate)})
+    if not_gates:
+        raise TypeError(f"gate must list Gate objects, got {', '.join(not_gates)} among them")
+    if len(gates_) != num_tasks:
+        raise ValueError(f"need exactly num_tasks={num_tasks} Gate objects, got {len(gates_)}")
     if len({id(g) for g in gates_}) != len(gates_):
         raise ValueError("each task needs its own gate object; the list repeats one")
     return gates_
@@ -435,6 +468,10 @@ def register_layer_type(cls: type[nn.Module]) -> type[nn.Module]:
 
 def moe_layers(model: nn.Module) -> Iterator[tuple[str, Any]]:
     """``(name, layer)`` of every MoE layer in ``model`` (the model itself included)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"model must be a torch.nn.Module (the model holding the MoE layers), got {type(model).__name__}"
+        )
     types: tuple[type[nn.Module], ...] = (MoELayer, *_LAYER_TYPES)
     for name, module in model.named_modules():
         if isinstance(module, types):

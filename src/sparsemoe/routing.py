@@ -238,9 +238,9 @@ class Routing:
         1.0 is exactly enough for a perfectly balanced gate. Priority follows GShard: every input's
         first choice before any second choice, and within a choice rank the earlier input first.
         Dropped pairs contribute nothing to the output, as in Switch Transformer; the share dropped
-        is kept in ``dropped_fraction``.
+        is kept in ``dropped_fraction``. ``inf`` is no limit.
         """
-        if self.num_pairs == 0:
+        if self.num_pairs == 0 or math.isinf(capacity_factor):
             return self
         capacity = math.ceil(capacity_factor * self.num_pairs / self.num_experts)
         priority = self.choice_rank() * max(self.num_inputs, 1) + self.token  # [N]

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import gates
 from ..hf.convert import moefy
 from ..hf.importance import ffn_importance
 from ..hf.io import load_moefied, save_moefied
@@ -55,7 +56,9 @@ class Config:
     num_experts: int = field(default=4, metadata={"help": "experts per FFN"})
     expert_dim: int = field(default=384, metadata={"help": "neurons per expert (FFN 1536 / 4)"})
     shared: int = field(default=256, metadata={"help": "top neurons shared by all experts (1536 / 6, as 512/3072)"})
-    k: int = field(default=1, metadata={"help": "experts per token"})
+    k: int = field(
+        default=1, metadata={"help": "experts per token (top-k at k=1: its router gets no task-loss gradient)"}
+    )
     max_length: int = field(default=64, metadata={"help": "tokens per sentence (truncation)"})
     batch_size: int = field(default=32, metadata={"help": "training batch size"})
     teacher_steps: int = field(default=2000, metadata={"help": "dense fine-tuning steps (about one epoch of SST-2)"})
@@ -146,13 +149,17 @@ def _quick(config: Config) -> Config:
 
 
 def _gate_options(config: Config, gate: str) -> dict[str, Any]:
-    name = gate.rstrip("+")
+    spec = gates.parse(gate)
+    name = spec.name
     options: dict[str, Any] = {}
     if name == "comet":
         options = {"gamma": config.comet_gamma, "entropy_weight": config.comet_entropy}
     elif name == "topk":
+        # With k = 1 (the default here) the top-k weight is softmax over one logit, exactly 1: the
+        # task loss gives this router no gradient (faithful to Shazeer et al.; only the balance loss
+        # trains it). TopKGate(normalize=False) would give it one; the published runs keep the paper's.
         options = {"balance_weight": config.topk_balance}
-    if gate.endswith("+"):
+    if spec.local_search:
         options["local_search_steps"] = max(1, int(config.search_fraction * config.student_steps))
     return options
 

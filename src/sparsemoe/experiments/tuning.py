@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from .. import gates
+from ..gates import learns_sparsity
 from ..training import fit
 from .progress import console, progress
 from .report import fmt, markdown_table, mean_std
@@ -177,7 +178,7 @@ def gate_options(gate: str, params: dict[str, Any], k: int) -> dict[str, Any]:
     options: dict[str, Any] = gates.k_options(base, 1 if base == "hash" else k)
     if base == "topk":
         options.update(noisy=False, balance_weight=0.0)
-    if base in ("dselect_k", "comet"):
+    if gates.accepts_option(base, "gamma"):
         options.update(gamma=params["gamma"], entropy_weight=params["entropy_weight"])
     return options
 
@@ -356,7 +357,7 @@ def _tune(
     best: dict[str, dict[str, Any]] = {}
     k = problem.config.get("k")
     with progress() as bar:
-        extra = sum(seeds for g in gates if g in LEARNED_SPARSE and k)
+        extra = sum(seeds for g in gates if learns_sparsity(g) and k)
         task = bar.add_task(f"{problem.name}: tuning", total=sum(trials[g] + seeds for g in gates) + extra)
         for gate in gates:
             bar.update(task, description=f"{problem.name}: {gate} random search")
@@ -377,7 +378,7 @@ def _tune(
 
             params = ranked[0]["params"]
             best[gate] = {"params": params, "runs": retrain(params, "best config")}
-            if gate in LEARNED_SPARSE and k:
+            if learns_sparsity(gate) and k:
                 reaching = [r for r in ranked if r["active_experts"] <= SATURATED * k]
                 if not reaching:
                     best[gate]["saturated"] = None
@@ -403,8 +404,6 @@ def _seed_run(problem: Problem, store: RunStore, gate: str, params: dict[str, An
     return record
 
 
-#: gates whose experts per input are learned (they reach k only once their smooth-steps saturate)
-LEARNED_SPARSE = ("dselect_k", "comet", "dselect_k+", "comet+")
 #: a trial "reaches k" if it computed at most this many times k experts per input at its best epoch
 SATURATED = 1.05
 
@@ -444,7 +443,7 @@ def plot_saturation(results: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    gates = [g for g in results["best_runs"] if g in LEARNED_SPARSE]
+    gates = [g for g in results["best_runs"] if learns_sparsity(g)]
     fig, ax = plt.subplots(figsize=(7, 4.2))
     k = results["config"].get("k")
     for i, gate in enumerate(gates):
@@ -557,7 +556,7 @@ def _gamma_table(results: dict[str, Any]) -> str:
     k = results["config"].get("k")
     rows = []
     for gate, trials in results["trials"].items():
-        if gate not in LEARNED_SPARSE or not k:
+        if not learns_sparsity(gate) or not k:
             continue
         groups: dict[float, list[Record]] = {}
         for t in trials:

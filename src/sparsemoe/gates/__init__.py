@@ -2,7 +2,10 @@
 
 ``available()`` lists the names; ``parse("comet+")`` turns a spec string into a :class:`GateSpec`
 (name, local-search flag, options); ``build(name, d_in, num_experts, **options)`` makes a gate.
-Every caller goes through these, so a gate's name is interpreted in one place.
+Every caller goes through these, so a gate's name is interpreted in one place. The trait helpers
+(:func:`takes_k`, :func:`learns_sparsity`, :func:`aux_loss_names`, ...) read the gate class's
+traits (see :class:`Gate`) and accept any spec :func:`parse` accepts (``"comet+"``, a
+:class:`GateSpec`); :func:`markdown_table` renders them as the README's gate table.
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from .base import Gate, KPolicy, route_tasks
+from .._validation import check_float_dtype, check_int
+from .base import Gate, IdKind, KPolicy, Sparsity, route_tasks
 from .comet import CometGate
 from .dselect_k import DSelectKGate
 from .expert_choice import ExpertChoiceGate
@@ -21,6 +25,7 @@ from .hash import HashGate
 from .random import RandomGate
 from .smooth_step import smooth_step
 from .softmax import SoftmaxGate
+from .table import render_table
 from .topk import SwitchGate, TopKGate
 
 _REGISTRY: dict[str, type[Gate]] = {}
@@ -44,33 +49,67 @@ def available() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def gate_class(name: str) -> type[Gate]:
+def _registered(name: str, typed: object) -> type[Gate]:
+    """The class registered as ``name``; errors quote ``typed``, the spec as the user wrote it."""
     if name not in _REGISTRY:
-        raise ValueError(f"unknown gate {name!r}; available gates: {', '.join(available())}")
+        raise ValueError(
+            f"unknown gate {typed!r}; available gates: {', '.join(available())} "
+            f"(each may end in {LOCAL_SEARCH_SUFFIX!r} to add local search)"
+        )
     return _REGISTRY[name]
 
 
-def k_policy(name: str) -> KPolicy:
-    """How the gate ``name`` sets its ``k``: ``"choose"``, ``"dense"`` (all n) or ``"fixed"``."""
-    return gate_class(name).k_policy
+def gate_class(spec: str | GateSpec) -> type[Gate]:
+    """The class of the gate ``spec`` names (``"comet+"`` gives :class:`CometGate`)."""
+    return _REGISTRY[parse(spec).name]
 
 
-def takes_k(name: str) -> bool:
-    """Whether ``k`` may be chosen for the gate ``name`` (softmax is dense, switch is top-1)."""
-    return k_policy(name) == "choose"
+def k_policy(spec: str | GateSpec) -> KPolicy:
+    """How the gate ``spec`` sets its ``k``: ``"choose"``, ``"dense"`` (all n) or ``"fixed"``."""
+    return gate_class(spec).k_policy
 
 
-def accepts_option(name: str, option: str) -> bool:
-    """Whether the gate ``name`` takes the keyword option ``option`` (e.g. hash's ``num_ids``)."""
-    return option in inspect.signature(gate_class(name).__init__).parameters
+def takes_k(spec: str | GateSpec) -> bool:
+    """Whether ``k`` may be chosen for the gate ``spec`` (softmax is dense, switch is top-1)."""
+    return k_policy(spec) == "choose"
 
 
-def k_options(name: str, k: int | None) -> dict[str, int]:
-    """``{"k": k}`` where the gate ``name`` lets the caller choose ``k``, else ``{}``.
+def sparsity(spec: str | GateSpec) -> Sparsity:
+    """``"dense"``, ``"sparse"`` (k experts per input from the start) or ``"learned"`` (see :class:`Gate`)."""
+    return gate_class(spec).sparsity
+
+
+def learns_sparsity(spec: str | GateSpec) -> bool:
+    """Whether the gate ``spec`` computes every expert until it saturates (DSelect-k, COMET)."""
+    return sparsity(spec) == "learned"
+
+
+def aux_loss_names(spec: str | GateSpec) -> tuple[str, ...]:
+    """Keys the routings of gate ``spec`` may hold in ``aux_losses`` (in training), sorted."""
+    return tuple(sorted(gate_class(spec).aux_losses))
+
+
+def uses_ids(spec: str | GateSpec) -> IdKind | None:
+    """Which ids the gate ``spec`` may read: ``"token"``, ``"sequence"`` or ``None`` (see :meth:`Gate.id_kind`)."""
+    return gate_class(spec).uses_ids
+
+
+def accepts_option(spec: str | GateSpec, option: str) -> bool:
+    """Whether the gate ``spec`` takes the keyword option ``option`` (e.g. hash's ``num_ids``)."""
+    return option in inspect.signature(gate_class(spec).__init__).parameters
+
+
+def k_options(spec: str | GateSpec, k: int | None) -> dict[str, int]:
+    """``{"k": k}`` where the gate ``spec`` lets the caller choose ``k``, else ``{}``.
 
     For models that take one ``k`` for whichever gate they are given (a dense or top-1 gate ignores it).
     """
-    return {"k": k} if k is not None and takes_k(name) else {}
+    return {"k": k} if k is not None and takes_k(spec) else {}
+
+
+def markdown_table() -> str:
+    """The README's gate table: one row per registered gate, rendered from its class's traits."""
+    return render_table([(name, _REGISTRY[name]) for name in available()])
 
 
 @dataclass(frozen=True)
@@ -85,18 +124,37 @@ class GateSpec:
     options: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        gate_class(self.name)  # unknown names fail here, listing the available ones
+        _registered(self.name, self.name)  # unknown names fail here, listing the available ones
         object.__setattr__(self, "options", MappingProxyType(dict(self.options)))
 
     @classmethod
-    def parse(cls, spec: str | GateSpec, *, local_search: bool = False, **options: Any) -> GateSpec:
-        """Parse ``"name"`` or ``"name+"``; ``local_search=True`` or a ``+`` switches the search on."""
+    def parse(cls, spec: str | GateSpec, *, local_search: bool | None = None, **options: Any) -> GateSpec:
+        """Parse ``"name"`` or ``"name+"``; a ``+`` or ``local_search=True`` switches the search on.
+
+        ``local_search=None`` follows the spec; ``local_search=False`` with a spec that asks for the
+        search (``"comet+"``) is a contradiction and raises.
+        """
         if isinstance(spec, GateSpec):
-            return cls(spec.name, spec.local_search or local_search, {**spec.options, **options})
-        if not isinstance(spec, str):
+            name, typed, suffix = spec.name, str(spec), spec.local_search
+            options = {**spec.options, **options}
+        elif isinstance(spec, str):
+            name, typed = spec.removesuffix(LOCAL_SEARCH_SUFFIX), spec
+            suffix = name != spec
+            if name.endswith(LOCAL_SEARCH_SUFFIX):
+                raise ValueError(
+                    f"gate {spec!r} ends in more than one {LOCAL_SEARCH_SUFFIX!r}; a single one adds local search"
+                )
+            _registered(name, spec)
+        else:
             raise TypeError(f"gate must be a gate name such as 'topk' or 'comet+', got {type(spec).__name__}")
-        name = spec.removesuffix(LOCAL_SEARCH_SUFFIX)
-        return cls(name, local_search or name != spec, options)
+        if local_search is not None and not isinstance(local_search, bool):
+            raise TypeError(f"local_search must be True, False or None, got {type(local_search).__name__}")
+        if suffix and local_search is False:
+            raise ValueError(
+                f"gate {typed!r} asks for local search but local_search=False; "
+                f"drop the {LOCAL_SEARCH_SUFFIX!r} or the local_search=False"
+            )
+        return cls(name, suffix or bool(local_search), options)
 
     def __str__(self) -> str:
         return self.name + (LOCAL_SEARCH_SUFFIX if self.local_search else "")
@@ -106,7 +164,7 @@ class GateSpec:
         return build(self.name, d_in, num_experts, **{**self.options, **options})
 
 
-def parse(spec: str | GateSpec, *, local_search: bool = False, **options: Any) -> GateSpec:
+def parse(spec: str | GateSpec, *, local_search: bool | None = None, **options: Any) -> GateSpec:
     """Shorthand for :meth:`GateSpec.parse`."""
     return GateSpec.parse(spec, local_search=local_search, **options)
 
@@ -117,14 +175,22 @@ def build(name: str, d_in: int, num_experts: int, **options: Any) -> Gate:
     ``k=None`` (or no ``k``) means the gate's default. A gate whose ``k`` is dense or fixed rejects a
     different ``k``; unknown options are rejected with the list of accepted ones.
     """
-    cls = gate_class(name)
+    cls = _registered(name, name)
     params = inspect.signature(cls.__init__).parameters
     accepted = [p for p in params if p not in ("self", "d_in", "num_experts")]
     k = options.pop("k", None)
+    if k is not None:
+        k = check_int("k", k)  # before the policy: a fixed k=1 must not take k=True (True == 1)
+    check_float_dtype("dtype", options.get("dtype"))
     unknown = sorted(set(options) - set(accepted))
     if unknown:
+        hint = (
+            "; the drop limit of any gate is the layer's capacity_limit= (MoE(..., capacity_limit=1.25))"
+            if "capacity_factor" in unknown
+            else ""
+        )
         raise TypeError(
-            f"gate {name!r} got unexpected option(s) {', '.join(unknown)}; it accepts: {', '.join(accepted)}"
+            f"gate {name!r} got unexpected option(s) {', '.join(unknown)}; it accepts: {', '.join(accepted)}{hint}"
         )
     if k is not None and cls.k_policy == "choose":
         options["k"] = k
@@ -154,20 +220,27 @@ __all__ = [
     "Gate",
     "GateSpec",
     "HashGate",
+    "IdKind",
     "KPolicy",
     "RandomGate",
     "SoftmaxGate",
+    "Sparsity",
     "SwitchGate",
     "TopKGate",
     "accepts_option",
+    "aux_loss_names",
     "available",
     "build",
     "gate_class",
     "k_options",
     "k_policy",
+    "learns_sparsity",
+    "markdown_table",
     "parse",
     "register",
     "route_tasks",
     "smooth_step",
+    "sparsity",
     "takes_k",
+    "uses_ids",
 ]

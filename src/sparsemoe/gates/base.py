@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Mapping, Sequence
+from types import MappingProxyType
 from typing import ClassVar, Literal
 
 import torch
@@ -15,6 +16,7 @@ from ..routing import Routing
 
 KPolicy = Literal["choose", "dense", "fixed"]
 IdKind = Literal["token", "sequence"]
+Sparsity = Literal["dense", "sparse", "learned"]
 
 
 class Gate(nn.Module):
@@ -23,9 +25,19 @@ class Gate(nn.Module):
     Subclasses implement :meth:`route`; :meth:`forward` validates the input first, so every gate
     rejects bad input the same way. Layers validate once themselves and call :meth:`route`.
 
-    A subclass declares how its ``k`` is set, so that callers never special-case gate names:
-    ``k_policy = "choose"`` (the caller may pass ``k``; the constructor's default otherwise),
-    ``"dense"`` (always all ``n`` experts) or ``"fixed"`` (the constructor sets it).
+    A subclass declares its traits as class attributes, so that callers (layers, models, studies,
+    the README's gate table) never special-case gate names; ``sparsemoe.gates`` reads them for any
+    spec (``gates.takes_k("comet+")``):
+
+    - ``k_policy``: how its ``k`` is set: ``"choose"`` (the caller may pass ``k``; the constructor's
+      default otherwise), ``"dense"`` (always all ``n`` experts) or ``"fixed"`` (the constructor sets it);
+    - ``sparsity``: ``"dense"`` (every expert for every input), ``"sparse"`` (``k`` experts per input
+      from the first step; ``k`` on average for expert choice) or ``"learned"`` (every expert until
+      its smooth-steps saturate, then at most ``k``: DSelect-k, COMET);
+    - ``aux_losses``: the keys its routings' ``aux_losses`` may hold (in training), each with what it is;
+    - ``uses_ids``: which ids it may read (see :meth:`id_kind`);
+    - ``summary`` and ``k_note``: its row of the README's gate table (``summary`` defaults to the
+      docstring's first line; ``k_note`` says what ``k`` counts, or the value of a fixed ``k``).
 
     Args:
         d_in: width of the gate input.
@@ -38,6 +50,11 @@ class Gate(nn.Module):
     """
 
     k_policy: ClassVar[KPolicy] = "choose"
+    sparsity: ClassVar[Sparsity] = "sparse"
+    aux_losses: ClassVar[Mapping[str, str]] = MappingProxyType({})
+    uses_ids: ClassVar[IdKind | None] = None
+    summary: ClassVar[str] = ""
+    k_note: ClassVar[str] = ""
 
     def __init__(self, d_in: int, num_experts: int, k: int = 1, *, check_finite: bool = True) -> None:
         super().__init__()
@@ -60,9 +77,10 @@ class Gate(nn.Module):
         """Which ids :meth:`forward` reads: ``"token"`` (token or user ids, e.g. hash), ``"sequence"``
         (the sequence index of each row, e.g. per-sentence random draws) or ``None`` (ids are ignored).
 
-        Models use it to pass each gate the ids it needs.
+        Models use it to pass each gate the ids it needs. The class's ``uses_ids`` by default; a gate
+        whose settings decide it (the random gate's granularity) overrides this.
         """
-        return None
+        return self.uses_ids
 
     def route(self, x: torch.Tensor, ids: torch.Tensor | None) -> Routing:
         """Route already validated input ``x: [T, d_in]`` (``ids`` already checked)."""

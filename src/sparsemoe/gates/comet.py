@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Hashable, Sequence
+from types import MappingProxyType
 from typing import cast
 
 import torch
@@ -78,6 +79,11 @@ class CometGate(Gate):
         Until its splits saturate, every leaf is reachable, so a layer computes up to all ``n``
         experts per input early in training (the routing becomes ``k``-sparse as it trains).
     """
+
+    sparsity = "learned"
+    aux_losses = MappingProxyType({"entropy": "λ · entropy of each tree's leaf reach probabilities"})
+    summary = "COMET tree ensemble (Ibrahim et al. 2023), any n"
+    k_note = "trees"
 
     path_nodes: torch.Tensor
     path_left: torch.Tensor

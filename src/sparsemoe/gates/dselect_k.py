@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Hashable, Sequence
+from types import MappingProxyType
 from typing import cast
 
 import torch
@@ -57,6 +58,11 @@ class DSelectKGate(Gate):
         Until its smooth-steps saturate, the gate gives every expert a non-zero weight, so a layer
         computes up to all ``n`` experts per input early in training.
     """
+
+    sparsity = "learned"
+    aux_losses = MappingProxyType({"entropy": "λ · entropy of each selector over the binary codes"})
+    summary = "DSelect-k (Hazimeh et al. 2021), per-example or static, any n"
+    k_note = "selectors"
 
     bits: torch.Tensor
 

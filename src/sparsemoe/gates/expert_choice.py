@@ -18,10 +18,18 @@ class ExpertChoiceGate(Gate):
     Load is perfectly balanced by construction; an input may get anywhere from 0 to ``n`` experts
     (``k`` on average). The choice looks at the whole batch, so it is not causal.
 
+    ``capacity_factor`` is this gate's routing rule (how many inputs each expert picks), not a drop
+    limit: nothing is dropped, and an input no expert picks gets no expert. The layer's
+    ``capacity_limit=`` (the drop limit of every gate) applies on top, as for any gate.
+
     Args:
         k: average experts per input.
-        capacity_factor: scales the per-expert capacity.
+        capacity_factor: scales the per-expert capacity; ``inf`` lets every expert take every input
+            (dense).
     """
+
+    k_note = "average"
+    summary = "each expert takes its top `C = cf·T·k/n` inputs (Zhou et al. 2022)"
 
     def __init__(
         self,
@@ -35,16 +43,21 @@ class ExpertChoiceGate(Gate):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(d_in, num_experts, k, check_finite=check_finite)
-        self.capacity_factor = check_float("capacity_factor", capacity_factor, low=0.0, strict=True)
+        self.capacity_factor = check_float("capacity_factor", capacity_factor, low=0.0, strict=True, allow_inf=True)
         self.proj = nn.Linear(d_in, num_experts, device=device, dtype=dtype)
 
     def route(self, x: torch.Tensor, ids: torch.Tensor | None) -> Routing:
         num_inputs = x.shape[0]
         scores = torch.softmax(self.proj(x), dim=-1)  # [T, n]
-        capacity = min(num_inputs, math.ceil(self.capacity_factor * num_inputs * self.k / self.num_experts))
+        capacity = self.capacity(num_inputs)
         weight, token = scores.topk(capacity, dim=0)  # [C, n] each
         expert = torch.arange(self.num_experts, device=x.device).expand(capacity, -1)
         return Routing(token.reshape(-1), expert.reshape(-1), weight.reshape(-1), self.num_experts, num_inputs)
+
+    def capacity(self, num_inputs: int) -> int:
+        """``C``: how many of ``num_inputs`` inputs each expert takes (at most all of them)."""
+        share = self.capacity_factor * self.k / self.num_experts
+        return num_inputs if math.isinf(share) else min(num_inputs, math.ceil(share * num_inputs))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, capacity_factor={self.capacity_factor}"

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from .._validation import check_int, device_side_checks
+from .._validation import check_int, check_seed, device_side_checks
 from ..routing import Routing
-from .base import Gate, IdKind
+from .base import Gate
 
 _DEFAULT_TABLE_SIZE = 1 << 16
+#: the largest id space with a table of its own (2 GiB of int64); larger ones are mapped down first
+MAX_NUM_IDS = 1 << 28
 
 
 class HashGate(Gate):
@@ -23,11 +25,14 @@ class HashGate(Gate):
     the ``state_dict``, which a model needs to keep its routing after reloading.
 
     Args:
-        num_ids: size of the id space; ids must lie in ``[0, num_ids)``. If not given, ids (and row
-            hashes) are reduced modulo 65,536.
+        num_ids: size of the id space; ids must lie in ``[0, num_ids)``, at most ``2**28`` (the table
+            holds one int64 per id). If not given, ids (and row hashes) are reduced modulo 65,536.
         seed: seed of the table.
         device: where the table lives (``dtype`` is accepted and unused: no float state).
     """
+
+    uses_ids = "token"
+    summary = "fixed balanced random map id → expert (Roller et al.); hashes the row when no `ids`"
 
     table: torch.Tensor
     row_hash: torch.Tensor
@@ -45,9 +50,14 @@ class HashGate(Gate):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(d_in, num_experts, k, check_finite=check_finite)
-        self.num_ids = None if num_ids is None else check_int("num_ids", num_ids, low=1)
+        if num_ids is not None and check_int("num_ids", num_ids, low=1) > MAX_NUM_IDS:
+            raise ValueError(
+                f"num_ids={num_ids} would need a table of {num_ids * 8 / 2**30:,.0f} GiB; num_ids must be <= 2**28: "
+                "map larger id spaces down first (ids % 2**28), or leave num_ids=None (ids reduced modulo 65,536)"
+            )
+        self.num_ids = num_ids
         size = self.num_ids or _DEFAULT_TABLE_SIZE
-        generator = torch.Generator().manual_seed(check_int("seed", seed))
+        generator = torch.Generator().manual_seed(check_seed("seed", seed))
         order = torch.randperm(size, generator=generator)
         table = torch.empty(size, dtype=torch.long)
         table[order] = torch.arange(size) % num_experts
@@ -56,9 +66,6 @@ class HashGate(Gate):
         row_hash = torch.randint(1, 1 << 31, (d_in,), generator=generator) * 2 + 1
         self.register_buffer("row_hash", row_hash.to(device))
         del dtype  # no floating-point state: accepted for the factory-argument convention
-
-    def id_kind(self) -> IdKind:
-        return "token"
 
     def route(self, x: torch.Tensor, ids: torch.Tensor | None) -> Routing:
         if ids is None:

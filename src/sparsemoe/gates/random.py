@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .._validation import check_choice, check_int
+from .._validation import check_choice, check_seed
 from ..kernels import uniform_topk
 from ..routing import Routing
 from .base import Gate, IdKind
@@ -26,6 +26,9 @@ class RandomGate(Gate):
         seed: seed of the gate's generator.
     """
 
+    uses_ids = "sequence"  # with granularity="sequence" only
+    summary = "THOR: uniform random experts, seeded, per `token`/`sequence`/`batch` (ids read per `sequence` only)"
+
     rng_state: torch.Tensor
 
     def __init__(
@@ -43,14 +46,14 @@ class RandomGate(Gate):
         super().__init__(d_in, num_experts, k, check_finite=check_finite)
         del device, dtype  # no parameters; draws happen on the CPU, the routing follows x
         self.granularity = check_choice("granularity", granularity, GRANULARITIES)
-        self.seed = check_int("seed", seed)
+        self.seed = check_seed("seed", seed)
         # The generator's state is a buffer, not a torch.Generator: it is saved in the state_dict (a
         # resumed run continues the same stream) and torch.compile can trace the draws.
         self.register_buffer("rng_state", torch.Generator().manual_seed(self.seed).get_state())
 
     def manual_seed(self, seed: int) -> RandomGate:
         """Restart the gate's stream of draws from ``seed`` (as ``torch.Generator.manual_seed``)."""
-        self.rng_state.copy_(torch.Generator().manual_seed(check_int("seed", seed)).get_state())
+        self.rng_state.copy_(torch.Generator().manual_seed(check_seed("seed", seed)).get_state())
         return self
 
     def id_kind(self) -> IdKind | None:

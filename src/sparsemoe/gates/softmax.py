@@ -18,6 +18,8 @@ class SoftmaxGate(Gate):
     """
 
     k_policy = "dense"
+    sparsity = "dense"
+    summary = "dense MMoE gate, `softmax(Wx+b)` over all experts"
 
     def __init__(
         self,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
+from types import MappingProxyType
 from typing import cast
 
 import torch
@@ -19,10 +20,13 @@ def _cv_squared(v: torch.Tensor) -> torch.Tensor:
 
     Uses the population variance (divide by ``n``), as the reference implementation does. Several
     vectors stacked as ``[m, n]`` give ``[m]`` penalties in one pass (fewer ops for small models).
+    Half precision is computed in float32 (the squares of loads overflow float16); float32 and
+    float64 keep their precision.
     """
     if v.shape[-1] <= 1:
         return v.new_zeros(v.shape[:-1])
-    v = v.float()
+    if v.dtype in (torch.float16, torch.bfloat16):
+        v = v.float()
     var, mean = torch.var_mean(v, dim=-1, correction=0)
     return var / (mean**2 + 1e-10)
 
@@ -46,7 +50,8 @@ class TopKGate(Gate):
     """Noisy top-k gating (Shazeer et al., 2017).
 
     ``h = W x + b (+ ε · softplus(W_noise x) while training)``; keep the ``k`` largest and softmax
-    over them. The balance loss (``aux_losses["load_balance"]``) is
+    over them (``normalize=True``, the paper's form), or weight each chosen expert by its softmax
+    probability over all ``n`` (``normalize=False``, Switch-style). The balance loss (``aux_losses["load_balance"]``) is
     ``balance_weight · (CV²(importance) + CV²(load))``, with the smooth load estimator when noise is
     on (importance only otherwise); CV² uses the population variance.
 
@@ -54,7 +59,17 @@ class TopKGate(Gate):
         k: experts per input.
         noisy: add the learned Gaussian noise in training. The COMET paper runs without it.
         balance_weight: weight of the balance loss; 0 switches it off (as in the COMET paper).
+        normalize: softmax over the ``k`` chosen logits (weights sum to 1). With ``k=1`` that weight
+            is always exactly 1, so the task loss gives the router no gradient at all (only the
+            balance loss trains it): pass ``normalize=False`` there, which keeps the chosen
+            experts' probabilities over all ``n`` experts (as Switch does) and so their gradient.
     """
+
+    aux_losses = MappingProxyType({"load_balance": "CV² of importance and load, times `balance_weight`"})
+    summary = (
+        "noisy top-k (Shazeer et al. 2017); `noisy=`, `balance_weight=` switch noise/loss off; "
+        "`normalize=False`: Switch-style weights (a router gradient at k=1)"
+    )
 
     def __init__(
         self,
@@ -64,12 +79,14 @@ class TopKGate(Gate):
         *,
         noisy: bool = True,
         balance_weight: float = 1e-2,
+        normalize: bool = True,
         check_finite: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(d_in, num_experts, k, check_finite=check_finite)
         self.noisy = bool(noisy)
+        self.normalize = bool(normalize)
         self.balance_weight = check_float("balance_weight", balance_weight, low=0.0)
         self.proj = nn.Linear(d_in, num_experts, device=device, dtype=dtype)
         self.noise_proj = nn.Linear(d_in, num_experts, device=device, dtype=dtype) if self.noisy else None
@@ -78,7 +95,7 @@ class TopKGate(Gate):
             nn.init.zeros_(self.noise_proj.bias)
 
     def batch_key(self) -> Hashable:
-        return (self.noisy, self.balance_weight, self.proj.weight.dtype)
+        return (self.noisy, self.balance_weight, self.normalize, self.proj.weight.dtype)
 
     def route(self, x: torch.Tensor, ids: torch.Tensor | None) -> Routing:
         return self.route_batch([self], x, ids)[0]
@@ -99,7 +116,10 @@ class TopKGate(Gate):
         # The smooth load needs the (k+1)-th value too: one topk serves both.
         top_values, top_idx = logits.topk(k + 1 if smooth_load else k, dim=-1)  # [T, G, k(+1)]
         top_idx = top_idx[..., :k]
-        weights = torch.softmax(top_values[..., :k], dim=-1)  # [T, G, k]
+        if first.normalize:
+            weights = torch.softmax(top_values[..., :k], dim=-1)  # [T, G, k]
+        else:  # each chosen expert's probability over all n (softmax is monotone: the same top k)
+            weights = torch.softmax(logits, dim=-1).gather(-1, top_idx)  # [T, G, k]
         aux: list[dict[str, torch.Tensor]] = [{} for _ in topks]
         if balance:
             # Gate g's expert e is cell g·n + e of one [G·n] sum (one gate: the same sum, in the same order).
@@ -116,7 +136,10 @@ class TopKGate(Gate):
         return [Routing.from_topk(top_idx[:, g], weights[:, g], n, aux_losses=aux[g]) for g in range(num_gates)]
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, noisy={self.noisy}, balance_weight={self.balance_weight}"
+        return (
+            f"{super().extra_repr()}, noisy={self.noisy}, balance_weight={self.balance_weight}, "
+            f"normalize={self.normalize}"
+        )
 
 
 class SwitchGate(Gate):
@@ -126,21 +149,27 @@ class SwitchGate(Gate):
     ``α · n · Σ_i f_i P_i`` (``aux_losses["load_balance"]``) and router z-loss
     ``β · mean(logsumexp(W x)²)`` (``aux_losses["z_loss"]``, Zoph et al., 2022).
 
+    Switch's capacity (each expert takes at most ``ceil(c · T / n)`` inputs, the rest dropped and
+    reported) is the layer's drop limit, the same for every gate: ``MoE(..., gate="switch",
+    capacity_limit=1.25)``.
+
     Args:
-        capacity_factor: if set, each expert takes at most ``ceil(capacity_factor · T / n)`` inputs
-            (first come, first served); the rest are dropped and reported.
         balance_weight: ``α`` (0.01 in the paper).
         z_loss_weight: ``β`` (1e-3 in ST-MoE).
     """
 
     k_policy = "fixed"
+    aux_losses = MappingProxyType(
+        {"load_balance": "α·n·Σᵢ fᵢPᵢ", "z_loss": "β · mean logsumexp(Wx)², Zoph et al. 2022"}
+    )
+    summary = "top-1 of `softmax(Wx)` (Fedus et al.); its capacity is the layer's `capacity_limit=`"
+    k_note = "1"
 
     def __init__(
         self,
         d_in: int,
         num_experts: int,
         *,
-        capacity_factor: float | None = None,
         balance_weight: float = 1e-2,
         z_loss_weight: float = 1e-3,
         check_finite: bool = True,
@@ -148,9 +177,6 @@ class SwitchGate(Gate):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(d_in, num_experts, k=1, check_finite=check_finite)
-        self.capacity_factor = (
-            None if capacity_factor is None else check_float("capacity_factor", capacity_factor, low=0.0, strict=True)
-        )
         self.balance_weight = check_float("balance_weight", balance_weight, low=0.0)
         self.z_loss_weight = check_float("z_loss_weight", z_loss_weight, low=0.0)
         self.proj = nn.Linear(d_in, num_experts, bias=False, device=device, dtype=dtype)
@@ -164,10 +190,7 @@ class SwitchGate(Gate):
             routed_fraction = count_per_expert(expert, self.num_experts).to(probs.dtype) / x.shape[0]
             aux["load_balance"] = self.balance_weight * self.num_experts * (routed_fraction * probs.mean(0)).sum()
             aux["z_loss"] = self.z_loss_weight * torch.logsumexp(logits, dim=-1).pow(2).mean()
-        routing = Routing.from_topk(expert[:, None], weight[:, None], self.num_experts, aux_losses=aux)
-        if self.capacity_factor is not None:
-            routing = routing.with_capacity(self.capacity_factor)
-        return routing
+        return Routing.from_topk(expert[:, None], weight[:, None], self.num_experts, aux_losses=aux)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, capacity_factor={self.capacity_factor}"
+        return f"{super().extra_repr()}, balance_weight={self.balance_weight}, z_loss_weight={self.z_loss_weight}"

@@ -293,20 +293,21 @@ class Seq2SeqTransformer(nn.Module):
             gate: SwitchGate | RandomGate = SwitchGate(
                 c.d_model,
                 c.num_experts,
-                capacity_factor=c.capacity_factor,
                 balance_weight=c.balance_weight,
                 z_loss_weight=c.z_loss_weight,
             )
+            limit: float | None = c.capacity_factor  # Switch's capacity is the layer's drop limit
         else:  # THOR: one expert per layer per forward pass, as the official code
             gate = RandomGate(c.d_model, c.num_experts, granularity="batch", seed=c.gate_seed * 1000 + index)
-        return MoE(c.d_model, c.d_hidden, c.num_experts, gate=gate, activation="relu", bias=True)
+            limit = None
+        return MoE(c.d_model, c.d_hidden, c.num_experts, gate=gate, activation="relu", bias=True, capacity_limit=limit)
 
     def train(self, mode: bool = True) -> Seq2SeqTransformer:
-        """Also switch Switch gates between their training and evaluation capacity factors."""
+        """Also switch Switch layers between their training and evaluation capacity factors."""
         super().train(mode)
         for module in self.modules():
-            if isinstance(module, SwitchGate):
-                module.capacity_factor = self.config.capacity_factor if mode else self.config.eval_capacity_factor
+            if isinstance(module, MoE) and isinstance(module.gate, SwitchGate):
+                module.capacity_limit = self.config.capacity_factor if mode else self.config.eval_capacity_factor
         return self
 
     def _embed(self, ids: torch.Tensor, start: int = 0) -> torch.Tensor:
