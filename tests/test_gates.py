@@ -488,3 +488,119 @@ def test_multitask_layer_routes_its_gates_in_one_call(monkeypatch: pytest.Monkey
 def test_repr_names_the_sizes(gate_name: str) -> None:
     gate, _ = route(gate_name, torch.randn(T, D))
     assert f"d_in={D}, num_experts={N}, k=" in repr(gate)
+
+
+# ------------------------------------------------------------------ traits
+
+
+def test_aux_loss_trait_names_what_training_routings_hold(gate_name: str) -> None:
+    """The ``aux_losses`` trait (and so the README's table) lists exactly the losses a gate emits."""
+    _, r = route(gate_name, torch.randn(T, D), train=True)
+    assert set(r.aux_losses) == set(gates.aux_loss_names(gate_name))
+    _, r = route(gate_name, torch.randn(T, D), train=False)
+    assert set(r.aux_losses) <= set(gates.aux_loss_names(gate_name))
+
+
+def test_sparsity_trait_matches_the_routing(gate_name: str) -> None:
+    """At initialisation: dense gates give all n, learned-sparse ones more than k, sparse ones k (on average)."""
+    k = min(2, N) if gates.takes_k(gate_name) else None
+    _, r = route(gate_name, torch.randn(40, D), train=False)
+    per_input = r.num_pairs / r.num_inputs
+    trait = gates.sparsity(gate_name)
+    if trait == "dense":
+        assert per_input == N
+    elif trait == "learned":
+        assert per_input > 2 and gates.learns_sparsity(gate_name)
+    else:
+        assert per_input <= (k or 1) + 0.5 and not gates.learns_sparsity(gate_name)
+
+
+def test_id_trait_says_whether_ids_change_the_routing(gate_name: str) -> None:
+    options = {"granularity": "sequence"} if gate_name == "random" else {}
+    gate = gates.build(gate_name, D, N, **gate_kwargs(gate_name, N), **options).eval()
+    x = torch.randn(T, D)
+    assert gate.id_kind() == gates.uses_ids(gate_name)
+    torch.manual_seed(0)
+    a = gate(x, torch.arange(T)).to_dense()
+    if gate_name == "random":
+        gate.manual_seed(0)
+    torch.manual_seed(0)
+    b = gate(x, torch.zeros(T, dtype=torch.long)).to_dense()  # one id for every row
+    assert torch.equal(a, b) == (gates.uses_ids(gate_name) is None)
+
+
+def test_random_gate_reads_ids_only_per_sequence() -> None:
+    assert gates.build("random", D, N).id_kind() is None
+    assert gates.build("random", D, N, granularity="sequence").id_kind() == "sequence"
+
+
+def test_trait_helpers_accept_every_spec_the_parser_accepts(gate_name: str) -> None:
+    for spec in (gate_name + "+", gates.parse(gate_name), gates.parse(gate_name + "+")):
+        assert gates.gate_class(spec) is gates.gate_class(gate_name)
+        assert gates.takes_k(spec) == gates.takes_k(gate_name)
+        assert gates.k_policy(spec) == gates.k_policy(gate_name)
+        assert gates.k_options(spec, 2) == gates.k_options(gate_name, 2)
+        assert gates.learns_sparsity(spec) == gates.learns_sparsity(gate_name)
+        assert gates.aux_loss_names(spec) == gates.aux_loss_names(gate_name)
+        assert gates.uses_ids(spec) == gates.uses_ids(gate_name)
+        assert gates.accepts_option(spec, "check_finite")
+
+
+def test_readme_gate_table_is_generated_from_the_traits() -> None:
+    from pathlib import Path
+
+    from tools import gate_table
+
+    readme = Path(__file__).resolve().parents[1] / "README.md"
+    assert gate_table.current(readme.read_text()) == gates.markdown_table(), (
+        "the README's gate table is stale: run python -m tools.gate_table"
+    )
+
+
+def test_gate_table_tool_rewrites_a_stale_table(tmp_path) -> None:
+    from tools import gate_table
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n{gate_table.BEGIN}\n| old | table |\n{gate_table.END}\n\nafter\n")
+    assert gate_table.refresh(readme)
+    text = readme.read_text()
+    assert gate_table.current(text) == gates.markdown_table() and text.endswith("\n\nafter\n")
+    assert "| `topk` |" in text and "`load_balance`" in text and "old" not in text
+    assert not gate_table.refresh(readme)  # current: nothing to do
+
+
+# ------------------------------------------------------------------ top-k details (issue: auditor's defects)
+
+
+def test_cv_squared_keeps_float64_and_lifts_half_precision() -> None:
+    from sparsemoe.gates.topk import _cv_squared
+
+    v = torch.tensor([1.0, 1.0 + 1e-9], dtype=torch.float64)  # equal in float32
+    expected = torch.var(v, correction=0) / v.mean() ** 2
+    out = _cv_squared(v)
+    assert out.dtype == torch.float64 and float(out) > 0
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=0)
+    assert _cv_squared(torch.tensor([1.0, 3.0], dtype=torch.bfloat16)).dtype == torch.float32
+    assert _cv_squared(torch.tensor([1.0, 3.0], dtype=torch.float16)).dtype == torch.float32
+
+
+def test_topk_k1_router_gets_a_task_gradient_only_unnormalised() -> None:
+    x = torch.randn(T, D)
+    grads = {}
+    for normalize in (True, False):
+        torch.manual_seed(0)
+        moe = MoE(D, 16, N, gate="topk", k=1, noisy=False, balance_weight=0.0, normalize=normalize)
+        moe(x).square().sum().backward()
+        grads[normalize] = moe.gate.proj.weight.grad
+    assert grads[True] is not None and not bool(grads[True].any())  # softmax over one logit: weight 1
+    assert grads[False] is not None and bool(grads[False].abs().sum() > 0)
+
+
+def test_topk_unnormalised_weights_are_switch_style_probabilities() -> None:
+    gate = gates.build("topk", D, N, k=2, noisy=False, normalize=False).eval()
+    x = torch.randn(T, D)
+    r = gate(x)
+    probs = torch.softmax(gate.proj(x), -1)
+    top = probs.topk(2, dim=-1)
+    torch.testing.assert_close(r.to_dense().gather(-1, top.indices), top.values)
+    assert bool((r.to_dense().sum(-1) < 1).all())

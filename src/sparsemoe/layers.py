@@ -147,7 +147,7 @@ class MoELayer(nn.Module):
         else:
             check_input(gate_input, self.d_gate, name="gate_input", check_finite=self.check_finite)
             if self.router_dtype is None:  # otherwise the gate rows are cast to the router's dtype
-                check_dtype(gate_input, self.task_gates()[0], layer=f"{type(self).__name__} gate", name="gate_input")
+                check_dtype(gate_input, self.task_gates()[0], layer=type(self).__name__, name="gate_input")
             gate_rows = gate_input.reshape(-1, self.d_gate)
             if gate_rows.shape[0] != rows.shape[0]:
                 raise ValueError(
