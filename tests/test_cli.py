@@ -393,7 +393,7 @@ def test_demo_config_defaults_and_quick_settings() -> None:
     assert quick.seed_count == 1 and quick.epoch_count == demo.QUICK["epochs"]
     assert demo.Config(quick=True, epochs=9).epoch_count == 9
     assert demo.Config(gates=["comet+", "topk"]).gates == ["comet+", "topk"]  # "+": with local search
-    with pytest.raises(ConfigError, match="unknown gate 'nope'"):
+    with pytest.raises(ConfigError, match=r"unknown gate 'nope\+'"):
         demo.Config(gates=["nope+"])
 
 
