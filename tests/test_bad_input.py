@@ -66,6 +66,12 @@ CASES: list[Case] = [
          r"dtype must be a floating-point dtype"),
     Case("build-dtype-int64", lambda _: gates.build("topk", 6, 4, dtype=torch.int64), TypeError,
          r"dtype must be a floating-point dtype"),
+    *(
+        Case(f"{cls.__name__}-dtype-int64", lambda _, cls=cls: cls(6, 4, dtype=torch.int64), TypeError,
+             r"dtype must be a floating-point dtype")
+        for cls in (gates.TopKGate, gates.SwitchGate, gates.SoftmaxGate, gates.CometGate, gates.DSelectKGate,
+                    gates.ExpertChoiceGate, gates.HashGate, gates.RandomGate)
+    ),
     # item 4: the gate input's dtype, as x's
     Case("mmoe-gate_input-float64",
          lambda args: args[0](args[1], gate_input=args[2]), TypeError,

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from .._validation import check_float_dtype, check_int
+from .._validation import check_int
 from .base import Gate, IdKind, KPolicy, Sparsity, route_tasks
 from .comet import CometGate
 from .dselect_k import DSelectKGate
@@ -181,7 +181,6 @@ def build(name: str, d_in: int, num_experts: int, **options: Any) -> Gate:
     k = options.pop("k", None)
     if k is not None:
         k = check_int("k", k)  # before the policy: a fixed k=1 must not take k=True (True == 1)
-    check_float_dtype("dtype", options.get("dtype"))
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         hint = (

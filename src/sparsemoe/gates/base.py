@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._validation import check_dtype, check_ids, check_input, check_int
+from .._validation import check_dtype, check_float_dtype, check_ids, check_input, check_int
 from ..routing import Routing
 
 KPolicy = Literal["choose", "dense", "fixed"]
@@ -44,6 +44,7 @@ class Gate(nn.Module):
         num_experts: number of experts ``n``.
         k: experts per input, where the gate has such a knob (``1 <= k <= n``).
         check_finite: reject inputs with NaN/inf (one reduction; switch off for speed).
+        dtype: the subclass's factory ``dtype`` (checked here: a floating-point dtype or ``None``).
 
     Shape:
         ``forward(x [T, d_in], ids LongTensor[T] | None) -> Routing`` of ``T`` inputs.
@@ -56,8 +57,18 @@ class Gate(nn.Module):
     summary: ClassVar[str] = ""
     k_note: ClassVar[str] = ""
 
-    def __init__(self, d_in: int, num_experts: int, k: int = 1, *, check_finite: bool = True) -> None:
+    def __init__(
+        self,
+        d_in: int,
+        num_experts: int,
+        k: int = 1,
+        *,
+        check_finite: bool = True,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        """``dtype`` is checked here (a floating-point dtype or ``None``) before a subclass builds with it."""
         super().__init__()
+        check_float_dtype("dtype", dtype)
         self.d_in = check_int("d_in", d_in, low=1)
         self.num_experts = check_int("num_experts", num_experts, low=1)
         self.k = check_int("k", k, low=1, high=num_experts)

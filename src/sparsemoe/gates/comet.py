@@ -101,7 +101,7 @@ class CometGate(Gate):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__(d_in, num_experts, k, check_finite=check_finite)
+        super().__init__(d_in, num_experts, k, check_finite=check_finite, dtype=dtype)
         self.gamma = check_float("gamma", gamma, low=0.0, strict=True)
         self.entropy_weight = check_float("entropy_weight", entropy_weight, low=0.0)
         self.split = uniform_linear(

@@ -42,7 +42,7 @@ class ExpertChoiceGate(Gate):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__(d_in, num_experts, k, check_finite=check_finite)
+        super().__init__(d_in, num_experts, k, check_finite=check_finite, dtype=dtype)
         self.capacity_factor = check_float("capacity_factor", capacity_factor, low=0.0, strict=True, allow_inf=True)
         self.proj = nn.Linear(d_in, num_experts, device=device, dtype=dtype)
 

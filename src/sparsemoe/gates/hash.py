@@ -49,7 +49,7 @@ class HashGate(Gate):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__(d_in, num_experts, k, check_finite=check_finite)
+        super().__init__(d_in, num_experts, k, check_finite=check_finite, dtype=dtype)
         if num_ids is not None and check_int("num_ids", num_ids, low=1) > MAX_NUM_IDS:
             raise ValueError(
                 f"num_ids={num_ids} would need a table of {num_ids * 8 / 2**30:,.0f} GiB; num_ids must be <= 2**28: "

@@ -43,7 +43,7 @@ class RandomGate(Gate):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__(d_in, num_experts, k, check_finite=check_finite)
+        super().__init__(d_in, num_experts, k, check_finite=check_finite, dtype=dtype)
         del device, dtype  # no parameters; draws happen on the CPU, the routing follows x
         self.granularity = check_choice("granularity", granularity, GRANULARITIES)
         self.seed = check_seed("seed", seed)

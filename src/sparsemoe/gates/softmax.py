@@ -30,7 +30,7 @@ class SoftmaxGate(Gate):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__(d_in, num_experts, k=num_experts, check_finite=check_finite)
+        super().__init__(d_in, num_experts, k=num_experts, check_finite=check_finite, dtype=dtype)
         self.proj = nn.Linear(d_in, num_experts, device=device, dtype=dtype)
 
     def route(self, x: torch.Tensor, ids: torch.Tensor | None) -> Routing:

@@ -84,7 +84,7 @@ class TopKGate(Gate):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__(d_in, num_experts, k, check_finite=check_finite)
+        super().__init__(d_in, num_experts, k, check_finite=check_finite, dtype=dtype)
         self.noisy = bool(noisy)
         self.normalize = bool(normalize)
         self.balance_weight = check_float("balance_weight", balance_weight, low=0.0)
@@ -176,7 +176,7 @@ class SwitchGate(Gate):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__(d_in, num_experts, k=1, check_finite=check_finite)
+        super().__init__(d_in, num_experts, k=1, check_finite=check_finite, dtype=dtype)
         self.balance_weight = check_float("balance_weight", balance_weight, low=0.0)
         self.z_loss_weight = check_float("z_loss_weight", z_loss_weight, low=0.0)
         self.proj = nn.Linear(d_in, num_experts, bias=False, device=device, dtype=dtype)
