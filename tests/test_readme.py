@@ -8,7 +8,6 @@ ending in ``# prints <value>`` states what that ``print`` shows, and the test ho
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
@@ -69,3 +68,15 @@ def test_readme_states_the_value_of_the_training_loop() -> None:
     assert len(loop) == 1 and re.search(r"# prints \S+", loop[0])
     value = re.search(r"# prints (\S+)", loop[0])[1]  # type: ignore[index]
     assert f"It prints `{value}`" in README.read_text()
+
+
+def test_moebert_help_takes_its_budget_from_the_options() -> None:
+    # The help once said 400/200 steps and ~3.5 h while the options defaulted to 2000/400: the
+    # description now names the options (whose defaults argparse prints) instead of repeating them.
+    from sparsemoe.cli import module_docstring
+    from sparsemoe.experiments.moebert_sst2 import Config
+
+    doc = module_docstring("sparsemoe.experiments.moebert_sst2")
+    assert not re.search(r"\d[\d,.]*\s*(k\s+)?(fine-tuning|distillation)?\s*steps|hours", doc), doc
+    for option in ("--teacher-steps", "--student-steps", "--seeds"):
+        assert option in doc and hasattr(Config(), option[2:].replace("-", "_"))

@@ -9,12 +9,13 @@ the budget is cut to this CPU: training subsets by step count, sequences of at m
 dynamic padding. Model selection uses a subset of ``dev.tsv``; accuracy is reported on ``test.tsv``
 (GLUE's validation set).
 
-Budget (``python -m benchmarks.moebert_steps``, batch 32, one thread, on a shared 2-core machine):
-a fine-tuning step takes ~3.3 s, a hash or top-k distillation step ~3.6 s, a COMET or COMET+ step
-~5 s. The defaults (400 fine-tuning steps = 12.8k sentences; 200 distillation steps = 6.4k
-sentences per student; 4 gates x 3 seeds) come to ~2,800 steps, about 3.5 hours of wall clock with
-the evaluations, every run under 25 minutes and saved as it ends, so the study resumes across
-sittings. The full GLUE recipe (epochs over all 67k sentences, 3 to 25 epochs) is far beyond it.
+Budget: the step counts, batch size and seeds are the options below (their defaults are the
+published run's). The teacher fine-tunes for ``--teacher-steps`` batches, then each gate distils
+``--seeds`` students of ``--student-steps`` batches; every run is saved as it ends, so the study
+resumes across sittings. What the defaults cost on this project's 2-core CPU is in
+``results/moebert-sst2/table.md`` (``train min``, measured); ``python -m benchmarks.moebert_steps``
+times one step of each kind. The full GLUE recipe (epochs over all
+67k sentences, 3 to 25 epochs) is far beyond it.
 """
 
 from __future__ import annotations
