@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tools import comet_readme, readme
+from tools import comet_readme, readme, rerender
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -111,3 +111,19 @@ def test_claim_verdicts_follow_the_standard_error() -> None:
     budget = [row for row in rows if "trials to reach" in row[0]]
     assert [row[-1] for row in budget] == ["confirmed", "not confirmed"]
     assert "not reached" in budget[1][4]
+
+
+def test_rerender_redraws_the_committed_tables_from_their_results(tmp_path: Path) -> None:
+    # The committed table.md files are what the report code makes of the committed results.json.
+    names = ["gate-saturation", "comet-multimnist"]
+    for name in names:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text((ROOT / "results" / name / "results.json").read_text())
+    written = rerender.rerender(tmp_path, names)
+    assert {p.name for p in written} >= {"table.md", "gate-saturation.png", "comet-multimnist-experts-per-input.png"}
+    for name in names:
+        assert (tmp_path / name / "table.md").read_text() == (ROOT / "results" / name / "table.md").read_text()
+    with pytest.raises(ValueError, match="names: cannot redraw"):
+        rerender.rerender(tmp_path, ["moebert-sst2"])
+    with pytest.raises(FileNotFoundError, match="run those studies first"):
+        rerender.rerender(tmp_path, ["demo"])
