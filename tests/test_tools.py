@@ -127,3 +127,22 @@ def test_rerender_redraws_the_committed_tables_from_their_results(tmp_path: Path
         rerender.rerender(tmp_path, ["moebert-sst2"])
     with pytest.raises(FileNotFoundError, match="run those studies first"):
         rerender.rerender(tmp_path, ["demo"])
+
+
+def test_leader_rows_split_gates_at_two_standard_errors_in_the_metric_direction() -> None:
+    def entry(auc: float, mse: float, sem: float = 0.01, n: int = 5) -> dict:
+        stats = {"auc": {"mean": auc, "sem": sem, "n": n}, "mse": {"mean": mse, "sem": sem, "n": n}}
+        return {"top5": stats, "best": stats}
+
+    summary = {
+        "softmax": entry(0.80, 1.00),
+        "topk": entry(0.79, 0.95),  # 0.01 / (0.01·√2) = 0.71 SE from the AUC leader; the MSE leader (lower)
+        "hash": entry(0.70, 1.10),  # 7.07 SE below on AUC
+        "comet": entry(0.75, 1.00, n=1),  # one sample: no standard error
+    }
+    rows = comet_readme.leader_rows({"comet-movielens": {"summary": summary}})
+    auc = next(r for r in rows if r[1].startswith("best") and "ROC-AUC" in r[2])
+    assert auc[3:] == ["softmax", "topk (0.71 SE)", "hash (7.07 SE), comet (one sample: no SE)"]
+    mse = next(r for r in rows if r[1].startswith("best") and "MSE" in r[2])
+    assert mse[3:5] == ["topk", "none"]
+    assert mse[5].startswith("softmax (3.54 SE), hash (10.61 SE)")
