@@ -85,3 +85,23 @@ def test_thor_curves_name_each_system_once_and_tell_the_seeds_apart(
         assert len(labels) == len(set(labels)) and {"dense", "thor", "seed 0", "seed 1"} <= set(labels)
         by_run = {(line.get_color(), line.get_marker()) for line in ax.get_lines() if line.get_label().startswith("_")}
         assert len(by_run) == 4  # two systems x two seeds, each its own colour-marker pair
+
+
+def test_thor_table_says_which_runs_were_trained_elsewhere_and_merged() -> None:
+    from dataclasses import asdict
+
+    from sparsemoe.experiments import thor_multi30k
+
+    study = thor_multi30k.Config(out=Path("results/thor"))
+    here = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(study).items()}
+    runs = [
+        {"model": "dense", "seed": 1, "config": here},
+        {"model": "dense", "seed": 0, "config": {**here, "out": "/tmp/elsewhere", "models": ["dense"], "seeds": 1}},
+        {"model": "thor", "seed": 0, "config": {**here, "out": "/tmp/other", "alpha": 1.0}},
+    ]
+    assert thor_multi30k._merged_runs(study, runs) == [
+        "dense seed 0 was trained with `--out /tmp/elsewhere` and its record merged into this study "
+        "(every other setting is this study's).",
+        "thor seed 0 was trained with `--out /tmp/other` and its record merged into this study "
+        "(settings differ in alpha).",
+    ]

@@ -4,7 +4,7 @@
 
 For a change to how a study reports (a table's columns, a plot's axes) rather than to what it
 trains: each NAME's ``results/NAME/results.json`` is read and its report functions write the same
-files a full run would (table.md and PNGs; moebert-sst2 and comet-tuning are not covered). No number
+files a full run would (table.md and PNGs, never results.json; comet-tuning is not covered). No number
 is typed: everything comes from the stored records. Then ``python -m tools.readme`` and
 ``python -m tools.comet_readme`` carry the tables into the README and docs/results-comet.md.
 """
@@ -17,7 +17,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sparsemoe.experiments import comet_movielens, comet_multimnist, demo, gate_saturation, thor_multi30k, tuning
+from sparsemoe.experiments import (
+    comet_movielens,
+    comet_multimnist,
+    demo,
+    gate_saturation,
+    moebert_sst2,
+    thor_multi30k,
+    tuning,
+)
 
 
 def _demo(results: dict[str, Any], folder: Path) -> list[Path]:
@@ -43,12 +51,29 @@ def _tuning(metrics: list[tuple[str, str, bool]]) -> Callable[[dict[str, Any], P
     return rerender
 
 
+def _moebert(results: dict[str, Any], folder: Path) -> list[Path]:
+    config = moebert_sst2.Config(**{**results["config"], "out": folder})
+    details = moebert_sst2._details(results["summary"], results["runs"])
+    moebert_sst2._table(config, results["summary"], details)
+    moebert_sst2._plot(config, results["summary"], results["throughput"]["threads"])
+    return [folder / "table.md", folder / "accuracy_throughput.png"]
+
+
 def _thor(results: dict[str, Any], folder: Path) -> list[Path]:
+    """The table counts the test sentences, which results.json does not record: it needs the data."""
     import matplotlib
 
+    from sparsemoe.data import multi30k
+    from sparsemoe.experiments.store import data_dir
+
     matplotlib.use("Agg")
-    thor_multi30k._plot(thor_multi30k.Config(quick=results["quick"]), results["runs"], folder / "curves.png")
-    return [folder / "curves.png"]
+    config = thor_multi30k.Config(**{**results["config"], "out": Path(results["config"]["out"])})
+    num_test = len(multi30k.read_split(data_dir("multi30k"), "test")[0])
+    by_model, summary = thor_multi30k._summaries(config, results["runs"])
+    table = thor_multi30k._table(config, by_model, summary, results["sacrebleu_signature"], num_test, results["runs"])
+    (folder / "table.md").write_text(table)
+    thor_multi30k._plot(config, results["runs"], folder / "curves.png")
+    return [folder / "table.md", folder / "curves.png"]
 
 
 #: experiment name -> what redraws its files from results.json
@@ -58,6 +83,7 @@ RENDERERS: dict[str, Callable[[dict[str, Any], Path], list[Path]]] = {
     comet_movielens.NAME: _tuning(comet_movielens.METRICS),
     comet_multimnist.NAME: _tuning(comet_multimnist.METRICS),
     thor_multi30k.NAME: _thor,
+    moebert_sst2.NAME: _moebert,
 }
 
 

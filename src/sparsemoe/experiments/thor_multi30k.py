@@ -468,14 +468,41 @@ def _summaries(c: Config, runs: list[dict[str, Any]]) -> tuple[dict[str, Any], d
     return by_model, summary_json
 
 
-def _table(c: Config, by_model: dict[str, Any], summary: dict[str, Any], signature: str, num_test: int) -> str:
+def _merged_runs(c: Config, runs: list[dict[str, Any]]) -> list[str]:
+    """One sentence per run trained in another output folder and copied into this study's store,
+    naming any setting that differs from the study's (the folder, the seed count and the model list
+    only select runs: the run store ignores them too)."""
+    study = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(c).items()}
+    notes = []
+    for r in runs:
+        trained = r.get("config", {})
+        if not trained or str(trained.get("out")) == str(study["out"]):
+            continue
+        other = sorted(k for k in study if k not in ("out", "seeds", "models") and trained.get(k) != study[k])
+        same = f"settings differ in {', '.join(other)}" if other else "every other setting is this study's"
+        notes.append(
+            f"{r['model']} seed {r['seed']} was trained with `--out {trained['out']}` and its record merged into "
+            f"this study ({same})."
+        )
+    return notes
+
+
+def _table(
+    c: Config,
+    by_model: dict[str, Any],
+    summary: dict[str, Any],
+    signature: str,
+    num_test: int,
+    runs: list[dict[str, Any]] | None = None,
+) -> str:
     title = f"# THOR vs Switch vs dense on Multi30k En-De{' (quick smoke run, not a result)' if c.quick else ''}"
     lines = [
         title,
         "",
         f"Test = test2016 ({num_test:,} sentences), beam {c.beam}, GNMT length penalty {c.length_penalty}; "
-        f"sacrebleu `{signature}`; mean ± std over seeds. `train h` is the total wall-clock hours of a "
-        f"model's runs; THOR does two forward/backward passes per update.",
+        f"sacrebleu `{signature}`; mean ± std over seeds. `train h`: single-thread training hours, each run's "
+        f"training time on one thread added over the model's runs (runs in parallel processes overlap in wall "
+        f"clock); THOR does two forward/backward passes per update. " + " ".join(_merged_runs(c, runs or [])),
         "",
         "| model | inference | val BLEU | test BLEU | seeds | params | active params/token | train h |",
         "|---|---|---|---|---|---|---|---|",
@@ -572,6 +599,6 @@ def run(config: Config) -> dict[str, Any]:
     }
     write_json(c.out / "results.json", results)
     write_json(c.out / "summary.json", summary)
-    atomic_write_text(c.out / "table.md", _table(c, by_model, summary, signature, len(corpus.test)))
+    atomic_write_text(c.out / "table.md", _table(c, by_model, summary, signature, len(corpus.test), runs))
     _plot(c, runs, c.out / "curves.png")
     return results
