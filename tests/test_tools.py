@@ -124,7 +124,7 @@ def test_rerender_redraws_the_committed_tables_from_their_results(tmp_path: Path
     for name in names:
         assert (tmp_path / name / "table.md").read_text() == (ROOT / "results" / name / "table.md").read_text()
     with pytest.raises(ValueError, match="names: cannot redraw"):
-        rerender.rerender(tmp_path, ["moebert-sst2"])
+        rerender.rerender(tmp_path, ["comet-tuning"])
     with pytest.raises(FileNotFoundError, match="run those studies first"):
         rerender.rerender(tmp_path, ["demo"])
 
