@@ -146,3 +146,15 @@ def test_leader_rows_split_gates_at_two_standard_errors_in_the_metric_direction(
     mse = next(r for r in rows if r[1].startswith("best") and "MSE" in r[2])
     assert mse[3:5] == ["topk", "none"]
     assert mse[5].startswith("softmax (3.54 SE), hash (10.61 SE)")
+
+
+def test_standard_errors_quoted_in_prose_come_from_the_generated_tables() -> None:
+    # The readings quote a few distances ("2.38 standard errors"); each must be one the tools printed.
+    import re
+
+    generated = (ROOT / "docs" / "results-comet.md").read_text()
+    quoted = set()
+    for doc in (ROOT / "docs" / "comet-reading.md", ROOT / "README.md"):
+        quoted |= set(re.findall(r"(\d+\.\d+)\s+(?:standard errors|SE)\b", doc.read_text()))
+    assert quoted, "the readings quote standard errors; this test must see them"
+    assert all(f"{value} SE" in generated for value in quoted), sorted(v for v in quoted if f"{v} SE" not in generated)

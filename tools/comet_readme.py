@@ -80,7 +80,7 @@ def _compare(
     if min(better["n"], worse["n"]) < 2:  # a single trial or seed has no standard error
         return [claim, name, how, paper, f"{gain} ({diff:+.4f}, one sample: no SE)", "inconclusive"]
     se = math.hypot(better["sem"], worse["sem"])
-    return [claim, name, how, paper, f"{gain} ({diff:+.4f} ± {se:.4f} SE)", verdict(diff, se)]
+    return [claim, name, how, paper, f"{gain} ({diff:+.4f} ± {se:.4f} SE; {diff / se:+.2f} SE)", verdict(diff, se)]
 
 
 #: how each comparison is measured: (summary part, label)
@@ -225,8 +225,8 @@ def render(results_dir: Path, reading: str) -> str:
             parts.append(f"![{name}: experts per input](../results/{name}/{name}-experts-per-input.png)\n")
     parts.append(
         "### The paper's claims against our numbers\n\nGains are relative differences of the mean test ROC-AUC "
-        "(MovieLens: task 1; MultiMNIST: macro AUC averaged over the two tasks), with the absolute difference and "
-        f"its standard error. A claim is *confirmed* when the difference is above {SIGNIFICANT_SE:g} standard errors, "
+        "(MovieLens: task 1; MultiMNIST: macro AUC averaged over the two tasks), with the absolute difference, "
+        f"its standard error and the difference in standard errors. A claim is *confirmed* when the difference is above {SIGNIFICANT_SE:g} standard errors, "
         f"*not confirmed* when it is below -{SIGNIFICANT_SE:g}, and *inconclusive* in between; the tuning-budget "
         "ratio is confirmed when the 5% end of its bootstrap interval is above 1, not confirmed when the 95% end is "
         "below 1. The paper's sizes are maxima over its datasets, so a confirmed direction with a smaller size is "
