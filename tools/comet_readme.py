@@ -226,7 +226,8 @@ def render(results_dir: Path, reading: str) -> str:
     parts.append(
         "### The paper's claims against our numbers\n\nGains are relative differences of the mean test ROC-AUC "
         "(MovieLens: task 1; MultiMNIST: macro AUC averaged over the two tasks), with the absolute difference, "
-        f"its standard error and the difference in standard errors. A claim is *confirmed* when the difference is above {SIGNIFICANT_SE:g} standard errors, "
+        "its standard error and the difference in standard errors. A claim is *confirmed* when the difference is "
+        f"above {SIGNIFICANT_SE:g} standard errors, "
         f"*not confirmed* when it is below -{SIGNIFICANT_SE:g}, and *inconclusive* in between; the tuning-budget "
         "ratio is confirmed when the 5% end of its bootstrap interval is above 1, not confirmed when the 95% end is "
         "below 1. The paper's sizes are maxima over its datasets, so a confirmed direction with a smaller size is "
