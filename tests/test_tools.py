@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tools import comet_readme, readme
+from tools import comet_readme, readme, rerender
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -111,3 +111,50 @@ def test_claim_verdicts_follow_the_standard_error() -> None:
     budget = [row for row in rows if "trials to reach" in row[0]]
     assert [row[-1] for row in budget] == ["confirmed", "not confirmed"]
     assert "not reached" in budget[1][4]
+
+
+def test_rerender_redraws_the_committed_tables_from_their_results(tmp_path: Path) -> None:
+    # The committed table.md files are what the report code makes of the committed results.json.
+    names = ["gate-saturation", "comet-multimnist"]
+    for name in names:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text((ROOT / "results" / name / "results.json").read_text())
+    written = rerender.rerender(tmp_path, names)
+    assert {p.name for p in written} >= {"table.md", "gate-saturation.png", "comet-multimnist-experts-per-input.png"}
+    for name in names:
+        assert (tmp_path / name / "table.md").read_text() == (ROOT / "results" / name / "table.md").read_text()
+    with pytest.raises(ValueError, match="names: cannot redraw"):
+        rerender.rerender(tmp_path, ["comet-tuning"])
+    with pytest.raises(FileNotFoundError, match="run those studies first"):
+        rerender.rerender(tmp_path, ["demo"])
+
+
+def test_leader_rows_split_gates_at_two_standard_errors_in_the_metric_direction() -> None:
+    def entry(auc: float, mse: float, sem: float = 0.01, n: int = 5) -> dict:
+        stats = {"auc": {"mean": auc, "sem": sem, "n": n}, "mse": {"mean": mse, "sem": sem, "n": n}}
+        return {"top5": stats, "best": stats}
+
+    summary = {
+        "softmax": entry(0.80, 1.00),
+        "topk": entry(0.79, 0.95),  # 0.01 / (0.01·√2) = 0.71 SE from the AUC leader; the MSE leader (lower)
+        "hash": entry(0.70, 1.10),  # 7.07 SE below on AUC
+        "comet": entry(0.75, 1.00, n=1),  # one sample: no standard error
+    }
+    rows = comet_readme.leader_rows({"comet-movielens": {"summary": summary}})
+    auc = next(r for r in rows if r[1].startswith("best") and "ROC-AUC" in r[2])
+    assert auc[3:] == ["softmax", "topk (0.71 SE)", "hash (7.07 SE), comet (one sample: no SE)"]
+    mse = next(r for r in rows if r[1].startswith("best") and "MSE" in r[2])
+    assert mse[3:5] == ["topk", "none"]
+    assert mse[5].startswith("softmax (3.54 SE), hash (10.61 SE)")
+
+
+def test_standard_errors_quoted_in_prose_come_from_the_generated_tables() -> None:
+    # The readings quote a few distances ("2.38 standard errors"); each must be one the tools printed.
+    import re
+
+    generated = (ROOT / "docs" / "results-comet.md").read_text()
+    quoted = set()
+    for doc in (ROOT / "docs" / "comet-reading.md", ROOT / "README.md"):
+        quoted |= set(re.findall(r"(\d+\.\d+)\s+(?:standard errors|SE)\b", doc.read_text()))
+    assert quoted, "the readings quote standard errors; this test must see them"
+    assert all(f"{value} SE" in generated for value in quoted), sorted(v for v in quoted if f"{v} SE" not in generated)

@@ -56,7 +56,7 @@ def test_learned_sparse_gate_also_reports_its_best_trial_at_k(tmp_path: Path) ->
     )
     assert "saturated" not in results["summary"]["topk"] and "topk" not in results["saturated_runs"]
     table = (tmp_path / "table.md").read_text()
-    assert "at most 1.05·k experts per input (k = 2)" in table
+    assert "at most 1.05·k experts per input on the validation probe at their best epoch (k = 2)" in table
     rows = table.split("same compute")[1].splitlines()
     # test MSE at two experts: 1/2 + 0.5, plus 0.001 per seed
     assert [r for r in rows if r.startswith("| comet |")] == ["| comet | 1.0005 ± 0.0007 | 2.00 | no |"]
@@ -75,7 +75,15 @@ def test_gamma_table_counts_trials_at_k_per_gamma() -> None:
     from sparsemoe.experiments.tuning import _gamma_table
 
     def trial(gamma: float, experts: float, loss: float = 1.0) -> dict[str, Any]:
-        return {"params": {"gamma": gamma}, "active_experts": experts, "val_loss": loss, "best_epoch": 4}
+        # validation probe at the best epoch (index 1) = experts; the test inputs' count differs and is not read
+        per_epoch = [16.0, experts, 1.0]
+        return {
+            "params": {"gamma": gamma},
+            "active_experts": 1.0,
+            "active_experts_per_epoch": per_epoch,
+            "val_loss": loss,
+            "best_epoch": 1,
+        }
 
     trials = [
         trial(0.01, 2.0),
@@ -88,7 +96,24 @@ def test_gamma_table_counts_trials_at_k_per_gamma() -> None:
     rows = [r for r in _gamma_table(results).splitlines() if r.startswith("| comet")]
     # gamma 0.01: both at <= 2.1 experts; gamma 10: the diverged trial is left out, one of two at k
     assert rows == [
-        "| comet | 0.01 | 2 | 2.05 [2.00-2.10] | 2/2 | 5.0 | 1.0000 |",
-        "| comet | 10 | 2 | 5.50 [2.00-9.00] | 1/2 | 5.0 | 0.5000 |",
+        "| comet | 0.01 | 2 | 2.05 [2.00-2.10] | 2/2 | 2.0 | 1.0000 |",
+        "| comet | 10 | 2 | 5.50 [2.00-9.00] | 1/2 | 2.0 | 0.5000 |",
     ]
     assert "topk" not in _gamma_table(results)
+
+
+def test_same_compute_pick_reads_experts_per_input_on_validation_not_test(tmp_path: Path) -> None:
+    # A study where the test inputs' count contradicts the validation probe's: the pick must follow validation.
+    problem = _problem([])
+    train = problem.train
+
+    def contradicting(gate: str, params: dict[str, Any], seed: int) -> dict[str, Any]:
+        record = train(gate, params, seed)
+        return {**record, "active_experts": 11.0 - params["experts"]}  # test: 2 <-> 9
+
+    problem.sample = lambda trial, gate: {"experts": trial.suggest_categorical("experts", [2.0, 9.0])}
+    problem.train = contradicting
+    results = run_tuning(problem, ["comet"], {"comet": 6}, 1, tmp_path, "cmd")
+    tried = {t["params"]["experts"] for t in results["trials"]["comet"]}
+    assert tried == {2.0, 9.0}, "the fixed sampler seed should draw both configurations"
+    assert results["summary"]["comet"]["saturated"]["params"] == {"experts": 2.0}

@@ -20,6 +20,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from sparsemoe.experiments import comet_movielens, comet_multimnist
 from sparsemoe.experiments.report import markdown_table
 
 EXPERIMENTS = ("comet-movielens", "comet-multimnist", "comet-tuning")
@@ -79,7 +80,7 @@ def _compare(
     if min(better["n"], worse["n"]) < 2:  # a single trial or seed has no standard error
         return [claim, name, how, paper, f"{gain} ({diff:+.4f}, one sample: no SE)", "inconclusive"]
     se = math.hypot(better["sem"], worse["sem"])
-    return [claim, name, how, paper, f"{gain} ({diff:+.4f} ± {se:.4f} SE)", verdict(diff, se)]
+    return [claim, name, how, paper, f"{gain} ({diff:+.4f} ± {se:.4f} SE; {diff / se:+.2f} SE)", verdict(diff, se)]
 
 
 #: how each comparison is measured: (summary part, label)
@@ -131,6 +132,38 @@ def claim_rows(results: dict[str, dict[str, Any]]) -> list[list[str]]:
                     "confirmed" if lo > 1.0 else "not confirmed" if hi < 1.0 else "inconclusive",
                 ]
             )
+    return rows
+
+
+#: each study's test metrics as ``(key, label, higher is better)``, the order of its tables
+METRICS = {comet_movielens.NAME: comet_movielens.METRICS, comet_multimnist.NAME: comet_multimnist.METRICS}
+
+
+def leader_rows(results: dict[str, dict[str, Any]]) -> list[list[str]]:
+    """Per (study, report, metric): the gate with the best mean, the gates within
+    :data:`SIGNIFICANT_SE` standard errors of it, and those further behind with their distance in
+    standard errors of the difference (one-sample reports have no standard error: listed as such)."""
+    rows = []
+    for name, metrics in METRICS.items():
+        res = results.get(name)
+        if res is None:
+            continue
+        summary = res["summary"]
+        for part, label in PARTS[:2]:
+            for key, metric, higher in metrics:
+                stats = {g: s[part][key] for g, s in summary.items()}
+                leader = (max if higher else min)(stats, key=lambda g: stats[g]["mean"])
+                near, behind = [], []
+                for gate, stat in stats.items():
+                    if gate == leader:
+                        continue
+                    gap = (stats[leader]["mean"] - stat["mean"]) * (1 if higher else -1)
+                    if min(stat["n"], stats[leader]["n"]) < 2:
+                        behind.append(f"{gate} (one sample: no SE)")
+                        continue
+                    se = math.hypot(stat["sem"], stats[leader]["sem"])
+                    (near if gap <= SIGNIFICANT_SE * se else behind).append(f"{gate} ({gap / se:.2f} SE)")
+                rows.append([name, label, metric, leader, ", ".join(near) or "none", ", ".join(behind) or "none"])
     return rows
 
 
@@ -192,8 +225,9 @@ def render(results_dir: Path, reading: str) -> str:
             parts.append(f"![{name}: experts per input](../results/{name}/{name}-experts-per-input.png)\n")
     parts.append(
         "### The paper's claims against our numbers\n\nGains are relative differences of the mean test ROC-AUC "
-        "(MovieLens: task 1; MultiMNIST: macro AUC averaged over the two tasks), with the absolute difference and "
-        f"its standard error. A claim is *confirmed* when the difference is above {SIGNIFICANT_SE:g} standard errors, "
+        "(MovieLens: task 1; MultiMNIST: macro AUC averaged over the two tasks), with the absolute difference, "
+        "its standard error and the difference in standard errors. A claim is *confirmed* when the difference is "
+        f"above {SIGNIFICANT_SE:g} standard errors, "
         f"*not confirmed* when it is below -{SIGNIFICANT_SE:g}, and *inconclusive* in between; the tuning-budget "
         "ratio is confirmed when the 5% end of its bootstrap interval is above 1, not confirmed when the 95% end is "
         "below 1. The paper's sizes are maxima over its datasets, so a confirmed direction with a smaller size is "
@@ -204,6 +238,20 @@ def render(results_dir: Path, reading: str) -> str:
         if results
         else "No results yet.\n"
     )
+    leaders = leader_rows(results)
+    if leaders:
+        parts.append(
+            "### Each study's leader and who is level with it\n\nPer report and metric: the gate with the best "
+            f"mean, the gates within {SIGNIFICANT_SE:g} standard errors of the difference from it, and those further "
+            "behind, each with its distance in standard errors (top-5% trials: SE over the trials; best "
+            "configuration: SE over its seeds).\n"
+        )
+        parts.append(
+            markdown_table(
+                ["experiment", "how measured", "metric", "leader", f"within {SIGNIFICANT_SE:g} SE", "further behind"],
+                leaders,
+            )
+        )
     parts.append("### Reading\n\n" + reading.strip() + "\n")
     return "\n".join(parts)
 

@@ -4,7 +4,9 @@ What a file holds:
 
 * tensors (safetensors): the model's ``state_dict`` (``model.*``), the optimiser's per-parameter
   tensors keyed by parameter NAME (``optim.<name>.<key>``), the RNG states (torch CPU and CUDA,
-  numpy, python ``random``, every module's ``.generator``: ``rng.*``) and caller tensors
+  numpy, python ``random``, and the ``torch.Generator`` of any module that keeps one as
+  ``.generator``: ``rng.*``; the random gate keeps its stream as the ``rng_state`` buffer instead, so
+  it travels in the ``state_dict``) and caller tensors
   (``extra.*``, e.g. the training loop's best weights);
 * a JSON document in the safetensors metadata: format, step, config, optimiser class and
   hyper-parameters, scheduler state, the caller's state (the loop's data position), the scalar parts
@@ -60,7 +62,7 @@ _TMP_SUFFIX = ".tmp"
 
 # ----------------------------------------------------------------------------- small helpers
 def _generators(model: nn.Module) -> dict[str, torch.Generator]:
-    """Every ``torch.Generator`` a submodule keeps as ``.generator`` (the random gate's, say)."""
+    """Every ``torch.Generator`` a submodule keeps as ``.generator`` (a user's module; no built-in gate has one)."""
     return {
         name: module.generator
         for name, module in model.named_modules()

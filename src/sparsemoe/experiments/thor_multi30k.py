@@ -468,14 +468,41 @@ def _summaries(c: Config, runs: list[dict[str, Any]]) -> tuple[dict[str, Any], d
     return by_model, summary_json
 
 
-def _table(c: Config, by_model: dict[str, Any], summary: dict[str, Any], signature: str, num_test: int) -> str:
+def _merged_runs(c: Config, runs: list[dict[str, Any]]) -> list[str]:
+    """One sentence per run trained in another output folder and copied into this study's store,
+    naming any setting that differs from the study's (the folder, the seed count and the model list
+    only select runs: the run store ignores them too)."""
+    study = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(c).items()}
+    notes = []
+    for r in runs:
+        trained = r.get("config", {})
+        if not trained or str(trained.get("out")) == str(study["out"]):
+            continue
+        other = sorted(k for k in study if k not in ("out", "seeds", "models") and trained.get(k) != study[k])
+        same = f"settings differ in {', '.join(other)}" if other else "every other setting is this study's"
+        notes.append(
+            f"{r['model']} seed {r['seed']} was trained with `--out {trained['out']}` and its record merged into "
+            f"this study ({same})."
+        )
+    return notes
+
+
+def _table(
+    c: Config,
+    by_model: dict[str, Any],
+    summary: dict[str, Any],
+    signature: str,
+    num_test: int,
+    runs: list[dict[str, Any]] | None = None,
+) -> str:
     title = f"# THOR vs Switch vs dense on Multi30k En-De{' (quick smoke run, not a result)' if c.quick else ''}"
     lines = [
         title,
         "",
         f"Test = test2016 ({num_test:,} sentences), beam {c.beam}, GNMT length penalty {c.length_penalty}; "
-        f"sacrebleu `{signature}`; mean ± std over seeds. `train h` is the total wall-clock hours of a "
-        f"model's runs; THOR does two forward/backward passes per update.",
+        f"sacrebleu `{signature}`; mean ± std over seeds. `train h`: single-thread training hours, each run's "
+        f"training time on one thread added over the model's runs (runs in parallel processes overlap in wall "
+        f"clock); THOR does two forward/backward passes per update. " + " ".join(_merged_runs(c, runs or [])),
         "",
         "| model | inference | val BLEU | test BLEU | seeds | params | active params/token | train h |",
         "|---|---|---|---|---|---|---|---|",
@@ -503,28 +530,37 @@ def _table(c: Config, by_model: dict[str, Any], summary: dict[str, Any], signatu
 
 
 def _plot(c: Config, runs: list[dict[str, Any]], path: Path) -> None:
+    """Curves per run: colour = system, marker = seed, solid = train / dashed = val. The legends
+    name each system once and give the seed and split keys separately."""
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     colours = {"dense": "tab:blue", "switch": "tab:orange", "thor": "tab:green"}
+    markers = ["o", "s", "^", "D", "v"]
     for r in runs:
         h = r["history"]
         steps = [p["step"] for p in h]
-        lab = f"{r['model']} seed {r['seed']}"
-        ax1.plot(steps, [p["train_ce"] for p in h], color=colours[r["model"]], marker="o", ms=3, label=f"{lab} train")
-        ax1.plot(
-            steps, [p["val_ce"] for p in h], color=colours[r["model"]], ls="--", marker="x", ms=3, label=f"{lab} val"
-        )
-        ax2.plot(steps, [p["val_bleu_greedy"] for p in h], color=colours[r["model"]], marker="o", ms=3, label=lab)
+        style = {"color": colours[r["model"]], "marker": markers[r["seed"] % len(markers)], "ms": 3.5, "lw": 1}
+        ax1.plot(steps, [p["train_ce"] for p in h], **style)
+        ax1.plot(steps, [p["val_ce"] for p in h], ls="--", fillstyle="none", **style)
+        ax2.plot(steps, [p["val_bleu_greedy"] for p in h], **style)
+    systems = [Line2D([], [], color=colours[m], lw=2, label=m) for m in colours if any(r["model"] == m for r in runs)]
+    seeds = sorted({r["seed"] for r in runs})
+    seed_keys = [
+        Line2D([], [], color="0.3", marker=markers[s % len(markers)], ls="none", label=f"seed {s}") for s in seeds
+    ]
+    split_keys = [Line2D([], [], color="0.3", label="train"), Line2D([], [], color="0.3", ls="--", label="val")]
     ax1.set(
         xlabel="update",
         ylabel="cross-entropy per token (nats)",
         title="Loss (train: label-smoothed, pass 1; val: plain)",
     )
     ax2.set(xlabel="update", ylabel="val BLEU (greedy)", title="Validation BLEU", ylim=(0, None))
-    for ax, corner in ((ax1, "upper right"), (ax2, "lower right")):  # the corners the curves leave empty
+    ax1.legend(handles=systems + seed_keys + split_keys, fontsize=7, loc="upper right")  # the corners the
+    ax2.legend(handles=systems + seed_keys, fontsize=7, loc="lower right")  # curves leave empty
+    for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc=corner)
     fig.suptitle(f"THOR / Switch / dense on Multi30k En-De{' — quick smoke run' if c.quick else ''}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -563,6 +599,6 @@ def run(config: Config) -> dict[str, Any]:
     }
     write_json(c.out / "results.json", results)
     write_json(c.out / "summary.json", summary)
-    atomic_write_text(c.out / "table.md", _table(c, by_model, summary, signature, len(corpus.test)))
+    atomic_write_text(c.out / "table.md", _table(c, by_model, summary, signature, len(corpus.test), runs))
     _plot(c, runs, c.out / "curves.png")
     return results

@@ -389,7 +389,7 @@ def _tune(
             params = ranked[0]["params"]
             best[gate] = {"params": params, "runs": retrain(params, "best config")}
             if _learns_sparsity(gate) and k:
-                reaching = [r for r in ranked if r["active_experts"] <= SATURATED * k]
+                reaching = [r for r in ranked if val_active_experts(r) <= SATURATED * k]
                 if not reaching:
                     best[gate]["saturated"] = None
                     bar.advance(task, seeds)
@@ -415,7 +415,15 @@ def _seed_run(problem: Problem, store: RunStore, gate: str, params: dict[str, An
 
 
 #: a trial "reaches k" if it computed at most this many times k experts per input at its best epoch
+#: (on the validation probe: :func:`val_active_experts`)
 SATURATED = 1.05
+
+
+def val_active_experts(record: Record) -> float:
+    """Experts computed per input on the validation probe at the best epoch (the weights early stopping
+    restored). Model choices read this, not ``record["active_experts"]``, which the last forward of the
+    test evaluation left."""
+    return float(record["active_experts_per_epoch"][record["best_epoch"]])
 
 
 def _saturated_summary(pick: dict[str, Any] | None, best: dict[str, Any], problem: Problem) -> dict[str, Any] | None:
@@ -454,36 +462,53 @@ def plot_saturation(results: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     gates = [g for g in results["best_runs"] if _learns_sparsity(g)]
-    fig, ax = plt.subplots(figsize=(7, 4.2))
     k = results["config"].get("k")
-    for i, gate in enumerate(gates):
-        colour = f"C{i}"
-        for j, run in enumerate(results["best_runs"][gate]):
-            curve = run["active_experts_per_epoch"]
-            ax.plot(range(1, len(curve) + 1), curve, color=colour, alpha=0.8, lw=1, label=gate if j == 0 else None)
-        pick = results["summary"][gate].get("saturated")
-        if pick is not None and not pick["same_as_best"]:
-            for j, run in enumerate(results["saturated_runs"][gate]):
-                curve = run["active_experts_per_epoch"]
-                label = f"{gate}, best config reaching k" if j == 0 else None
-                ax.plot(range(1, len(curve) + 1), curve, color=colour, alpha=0.8, lw=1, ls="--", label=label)
-    if k is not None:
-        ax.axhline(k, color="black", ls=":", lw=1, label=f"k = {k}")
-    ax.set_ylim(0, results["config"].get("num_experts", 16) + 0.5)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("experts computed per input (validation probe)")
-    quick = " (quick)" if results["config"].get("quick") else ""
-    ax.set_title(
-        f"{results['experiment']}{quick}: sparsity during training, one line per seed\n"
-        "solid: best configuration; dashed: best configuration reaching k, where that is another one"
+    # One panel per gate: gates whose curves coincide (all at k) would hide each other on one axis.
+    # Within a panel each seed has its own colour and marker, so equal seeds stay visible too.
+    fig, axes = plt.subplots(
+        1, max(len(gates), 1), figsize=(3.6 * max(len(gates), 1) + 0.6, 4.2), sharey=True, squeeze=False
     )
-    ax.title.set_fontsize(9)
+    markers = ["o", "s", "^", "D", "v", "P", "X"]
+    for ax, gate in zip(axes[0], gates, strict=False):
+        pick = results["summary"][gate].get("saturated")
+        groups = [("best configuration", "-", results["best_runs"][gate])]
+        if pick is not None and not pick["same_as_best"]:
+            groups.append(("best configuration reaching k", "--", results["saturated_runs"][gate]))
+        for what, ls, runs in groups:
+            for j, run in enumerate(runs):
+                curve = run["active_experts_per_epoch"]
+                ax.plot(
+                    range(1, len(curve) + 1),
+                    curve,
+                    color=f"C{j}",
+                    ls=ls,
+                    marker=markers[j % len(markers)],
+                    # staggered: seed j marks epochs j, j + stride, ..., so coinciding seeds keep their markers
+                    markevery=(j % len(runs), len(runs) * max(1, round(len(curve) / (8 * len(runs))))),
+                    fillstyle="full" if ls == "-" else "none",
+                    ms=4,
+                    alpha=0.85,
+                    lw=1,
+                    label=f"seed {j}" if ls == "-" else (what if j == 0 else None),
+                )
+        if k is not None:
+            ax.axhline(k, color="black", ls=":", lw=1, label=f"k = {k}")
+        ax.set_title(gate, fontsize=10)
+        ax.set_xlabel("epoch")
+        ax.legend(loc="upper right", fontsize=7)
+    ax0 = axes[0][0]
+    ax0.set_ylim(0, results["config"].get("num_experts", 16) + 0.5)
+    ax0.set_ylabel("experts computed per input (validation probe)")
+    quick = " (quick)" if results["config"].get("quick") else ""
+    fig.suptitle(
+        f"{results['experiment']}{quick}: sparsity during training, one line per seed\n"
+        "solid: best configuration; dashed, hollow markers: best configuration reaching k, where that is another one",
+        fontsize=9,
+    )
     if not gates:
-        ax.text(
-            0.5, 0.5, "no learned sparse gate (DSelect-k, COMET, +) in this run", ha="center", transform=ax.transAxes
+        ax0.text(
+            0.5, 0.5, "no learned sparse gate (DSelect-k, COMET, +) in this run", ha="center", transform=ax0.transAxes
         )
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -525,7 +550,7 @@ def render_tables(results: dict[str, Any], metrics: list[tuple[str, str, bool]])
         f"{'/'.join(map(str, sorted(n_top)))} trials)\n\n"
         + markdown_table(headers, top)
         + f"\n## Test metrics at the best configuration, {cfg['seeds']} seeds (mean ± std)\n\n"
-        + markdown_table([*headers, "experts / input", "best epoch / epochs run"], best)
+        + markdown_table([*headers, "experts / input (last test batch)", "best epoch / epochs run"], best)
         + _saturated_table(results, metrics)
         + _gamma_table(results)
     )
@@ -554,9 +579,16 @@ def _saturated_table(results: dict[str, Any], metrics: list[tuple[str, str, bool
         return ""
     return (
         f"\n## Learned-sparse gates at the same compute: the best trial among those that computed at most "
-        f"{SATURATED:g}·k experts per input (k = {cfg.get('k')}), {cfg['seeds']} seeds (mean ± std)\n\n"
+        f"{SATURATED:g}·k experts per input on the validation probe at their best epoch (k = {cfg.get('k')}), "
+        f"{cfg['seeds']} seeds (mean ± std)\n\n"
         + markdown_table(
-            ["gate", *(label for _, label, _ in metrics), "experts / input", "same as the best configuration"], rows
+            [
+                "gate",
+                *(label for _, label, _ in metrics),
+                "experts / input (last test batch)",
+                "same as the best configuration",
+            ],
+            rows,
         )
     )
 
@@ -573,7 +605,7 @@ def _gamma_table(results: dict[str, Any]) -> str:
             if "gamma" in t["params"] and math.isfinite(t["val_loss"]):
                 groups.setdefault(t["params"]["gamma"], []).append(t)
         for gamma, group in sorted(groups.items()):
-            active = [t["active_experts"] for t in group]
+            active = [val_active_experts(t) for t in group]
             rows.append(
                 [
                     gate,
@@ -588,7 +620,8 @@ def _gamma_table(results: dict[str, Any]) -> str:
     if not rows:
         return ""
     return (
-        "\n## Learned-sparse gates: trials by smooth-step gamma (experts per input at the best epoch)\n\n"
+        "\n## Learned-sparse gates: trials by smooth-step gamma (experts per input on the validation probe at the "
+        "best epoch)\n\n"
         + markdown_table(
             [
                 "gate",
