@@ -21,6 +21,7 @@ from .hash import HashGate
 from .random import RandomGate
 from .smooth_step import smooth_step
 from .softmax import SoftmaxGate
+from .thor import FixedGate, MeanGate, SentenceDrawGate
 from .topk import SwitchGate, TopKGate
 
 _REGISTRY: dict[str, type[Gate]] = {}
@@ -42,6 +43,11 @@ def register(name: str, cls: type[Gate]) -> type[Gate]:
 def available() -> list[str]:
     """Names accepted by :func:`build`, sorted."""
     return sorted(_REGISTRY)
+
+
+def trainable() -> list[str]:
+    """Names of the routers to train, sorted: every registered gate except the inference-only ones."""
+    return [name for name in available() if not _REGISTRY[name].inference_only]
 
 
 def gate_class(name: str) -> type[Gate]:
@@ -143,6 +149,9 @@ for _name, _cls in {
     "expert_choice": ExpertChoiceGate,
     "dselect_k": DSelectKGate,
     "comet": CometGate,
+    "fixed": FixedGate,
+    "mean": MeanGate,
+    "sentence_draw": SentenceDrawGate,
 }.items():
     register(_name, _cls)
 
@@ -151,11 +160,14 @@ __all__ = [
     "CometGate",
     "DSelectKGate",
     "ExpertChoiceGate",
+    "FixedGate",
     "Gate",
     "GateSpec",
     "HashGate",
     "KPolicy",
+    "MeanGate",
     "RandomGate",
+    "SentenceDrawGate",
     "SoftmaxGate",
     "SwitchGate",
     "TopKGate",
@@ -170,4 +182,5 @@ __all__ = [
     "route_tasks",
     "smooth_step",
     "takes_k",
+    "trainable",
 ]

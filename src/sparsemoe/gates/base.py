@@ -38,6 +38,8 @@ class Gate(nn.Module):
     """
 
     k_policy: ClassVar[KPolicy] = "choose"
+    #: True for gates that only evaluate a model trained with another gate (THOR's inference modes)
+    inference_only: ClassVar[bool] = False
 
     def __init__(self, d_in: int, num_experts: int, k: int = 1, *, check_finite: bool = True) -> None:
         super().__init__()
