@@ -11,7 +11,7 @@ import torch
 from sparsemoe import gates
 
 # Gates that place a constant per-input weight sum of 1 on their experts.
-NORMALISED_GATES = ("softmax", "topk", "hash", "random", "dselect_k", "comet")
+NORMALISED_GATES = ("softmax", "topk", "hash", "random", "dselect_k", "comet", "fixed", "mean", "sentence_draw")
 # Gates whose k bounds the experts per input exactly (DSelect-k/COMET only once saturated).
 EXACT_K_GATES = ("topk", "hash", "random")
 

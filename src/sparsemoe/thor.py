@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -221,13 +221,13 @@ class ThorModes:
 def _mode_gate(base: RandomGate, index: int, mode: str, expert: int, seed: int, layer: MoE) -> Gate:
     """The gate of ``mode`` for THOR layer number ``index`` (seeded ``seed * 10_007 + index``)."""
     layer_seed = seed * 10_007 + index
-    options: dict[str, object] = {
-        "random-token": {"k": base.k, "granularity": "token", "seed": layer_seed},
-        "random-sentence": {"seed": layer_seed},
-        "fixed": {"expert": expert},
-        "mean": {},
-    }[mode]
-    name = {"random-token": "random", "random-sentence": "sentence_draw"}.get(mode, mode)
+    choices: dict[str, tuple[str, dict[str, Any]]] = {
+        "random-token": ("random", {"k": base.k, "granularity": "token", "seed": layer_seed}),
+        "random-sentence": ("sentence_draw", {"seed": layer_seed}),
+        "fixed": ("fixed", {"expert": expert}),
+        "mean": ("mean", {}),
+    }
+    name, options = choices[mode]
     device = next(layer.parameters()).device
     return build(name, base.d_in, base.num_experts, check_finite=base.check_finite, device=device, **options)
 
