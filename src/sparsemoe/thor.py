@@ -181,7 +181,9 @@ class ThorModes:
     ``gate`` (an ordinary submodule assignment) to the mode's gate from :mod:`sparsemoe.gates`
     (``random`` per token, ``sentence_draw``, ``fixed``, ``mean``), and ``set("train")`` puts the
     training gates back, their random streams untouched by the modes. Use one switcher per model at
-    a time (:func:`thor_inference` is one for the length of a ``with`` block).
+    a time (:func:`thor_inference` is one for the length of a ``with`` block): building a second one
+    while layers run a ``fixed``, ``mean`` or ``random-sentence`` gate raises; under ``random-token``
+    (a ``random`` gate itself) it cannot tell, and would take those gates for the training ones.
 
     Modes: ``train`` (the training gate itself), ``random-token`` (a fresh uniform expert per token
     per layer), ``random-sentence`` (one expert per sentence per layer, ids = sentence ids),

@@ -52,7 +52,7 @@ MODEL_GATES: dict[str, tuple[str | None, dict[str, Any]]] = {
     "switch": ("switch", {"balance_weight": 0.01, "z_loss_weight": 0.0}),
     "thor": ("random", {"granularity": "batch"}),
 }
-SWITCH_EVAL_CAPACITY = 2.0  # Switch's capacity limit at evaluation (Fedus et al. evaluate with 2.0)
+SWITCH_EVAL_CAPACITY = 2.0  # the Switch layers' capacity_limit in evaluation mode
 
 
 @dataclass

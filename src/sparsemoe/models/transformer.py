@@ -287,7 +287,7 @@ class Seq2SeqTransformer(nn.Module):
                 "instance cannot serve several layers; pass e.g. gate=lambda i: SwitchGate(d_model, num_experts)"
             )
         self.config = c = config
-        self._gate = gate if gate is not None else c.gate
+        choice = gate if gate is not None else c.gate
         self.embed = nn.Embedding(c.vocab_size, c.d_model, padding_idx=c.pad_id)
         nn.init.normal_(self.embed.weight, std=c.d_model**-0.5)
         with torch.no_grad():
@@ -297,21 +297,21 @@ class Seq2SeqTransformer(nn.Module):
         layer_index = iter(range(1_000_000))
         self.encoder = nn.ModuleList(
             TransformerEncoderBlock(
-                c.d_model, c.num_heads, self._ffn(i, next(layer_index)), c.dropout, c.attention_dropout
+                c.d_model, c.num_heads, self._ffn(i, next(layer_index), choice), c.dropout, c.attention_dropout
             )
             for i in range(c.encoder_layers)
         )
         self.decoder = nn.ModuleList(
             TransformerDecoderBlock(
-                c.d_model, c.num_heads, self._ffn(i, next(layer_index)), c.dropout, c.attention_dropout
+                c.d_model, c.num_heads, self._ffn(i, next(layer_index), choice), c.dropout, c.attention_dropout
             )
             for i in range(c.decoder_layers)
         )
         self.encoder_norm = nn.LayerNorm(c.d_model)
         self.decoder_norm = nn.LayerNorm(c.d_model)
 
-    def _ffn(self, depth: int, index: int) -> nn.Module:
-        c, gate = self.config, self._gate
+    def _ffn(self, depth: int, index: int, gate: GateChoice | None) -> nn.Module:
+        c = self.config
         if gate is None or depth % c.moe_every:
             return FeedForward(c.d_model, c.d_hidden)
         options: dict[str, Any] = {}
