@@ -10,7 +10,7 @@ from scipy.stats import chisquare
 from torch import nn
 
 from sparsemoe import MoE, _validation, gates
-from sparsemoe.gates import FixedGate, MeanGate, RandomGate, SentenceDrawGate
+from sparsemoe.gates import FixedGate, MeanGate, RandomGate, SentenceDrawGate, TokenDrawGate
 from sparsemoe.gates import thor as thor_gates
 from sparsemoe.thor import (
     ThorModes,
@@ -177,6 +177,10 @@ def test_modes_switch_every_layer_by_plain_assignment_and_back() -> None:
     modes.set("random-sentence", seed=2)
     assert isinstance(model.b.gate, SentenceDrawGate)
     model(torch.randn(4, 6), torch.tensor([0, 0, 1, 1]))
+    modes.set("random-token", seed=2)
+    assert isinstance(model.a.gate, TokenDrawGate) and [g.seed for g in (model.a.gate, model.b.gate)] == [20014, 20015]
+    assert thor_layers(model) == []  # a token-draw gate is no training gate
+    model(torch.randn(4, 6))
     modes.set("train")
     assert model.a.gate is training["a"] and model.b.gate is training["b"]
     assert set(model.state_dict()) == keys
@@ -206,13 +210,17 @@ def test_nested_modes_are_refused_and_the_outer_block_restores() -> None:
             ThorModes(model)
         assert isinstance(model.a.gate, MeanGate)
     assert (model.a.gate, model.b.gate) == training
+    with thor_inference(model, "random-token"), pytest.raises(ValueError, match=r"TokenDrawGate"):
+        ThorModes(model)
+    assert (model.a.gate, model.b.gate) == training
     with pytest.raises(RuntimeError, match="boom"), thor_inference(model, "fixed"):
         raise RuntimeError("boom")
     assert (model.a.gate, model.b.gate) == training  # restored on errors too
 
 
 def test_inference_gates_are_registered_and_inference_only() -> None:
-    for name, cls in (("fixed", FixedGate), ("mean", MeanGate), ("sentence_draw", SentenceDrawGate)):
+    registered = {"fixed": FixedGate, "mean": MeanGate, "sentence_draw": SentenceDrawGate, "token_draw": TokenDrawGate}
+    for name, cls in registered.items():
         assert gates.gate_class(name) is cls and cls.inference_only
         assert name in gates.available() and name not in gates.trainable()
     assert "random" in gates.trainable() and not RandomGate.inference_only
@@ -220,6 +228,10 @@ def test_inference_gates_are_registered_and_inference_only() -> None:
     assert gates.build("fixed", 4, 3, expert=2).expert == 2 and gates.k_policy("fixed") == "fixed"
     with pytest.raises(ValueError, match="has no k to choose"):
         gates.build("sentence_draw", 4, 3, k=2)
+    draws = gates.build("token_draw", 4, 3, k=2, seed=4)
+    assert isinstance(draws, RandomGate) and draws.granularity == "token" and draws.k == 2
+    x = torch.zeros(50, 4)
+    assert torch.equal(draws(x).expert, RandomGate(4, 3, k=2, granularity="token", seed=4)(x).expert)
     layer = MoE(4, 8, 3, gate="sentence_draw", seed=5)
     assert layer.gate.id_kind() == "sequence" and layer.gate.table.device.type == "cpu"
 

@@ -170,8 +170,12 @@ def thor_training_loss(
 
 # ----------------------------------------------------------------------------------------- inference modes
 def thor_layers(model: nn.Module) -> list[tuple[str, MoE]]:
-    """Every MoE layer of ``model`` whose gate is a :class:`RandomGate` (a THOR layer), by name."""
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, MoE) and isinstance(m.gate, RandomGate)]
+    """Every MoE layer of ``model`` whose gate is a training :class:`RandomGate` (a THOR layer), by name."""
+    return [
+        (name, m)
+        for name, m in model.named_modules()
+        if isinstance(m, MoE) and isinstance(m.gate, RandomGate) and not m.gate.inference_only
+    ]
 
 
 class ThorModes:
@@ -179,11 +183,10 @@ class ThorModes:
 
     Built while the model holds its training gates, it keeps them; :meth:`set` assigns each layer's
     ``gate`` (an ordinary submodule assignment) to the mode's gate from :mod:`sparsemoe.gates`
-    (``random`` per token, ``sentence_draw``, ``fixed``, ``mean``), and ``set("train")`` puts the
-    training gates back, their random streams untouched by the modes. Use one switcher per model at
-    a time (:func:`thor_inference` is one for the length of a ``with`` block): building a second one
-    while layers run a ``fixed``, ``mean`` or ``random-sentence`` gate raises; under ``random-token``
-    (a ``random`` gate itself) it cannot tell, and would take those gates for the training ones.
+    (``token_draw``, ``sentence_draw``, ``fixed``, ``mean``: all ``inference_only``), and
+    ``set("train")`` puts the training gates back, their random streams untouched by the modes. Use
+    one switcher per model at a time (:func:`thor_inference` is one for the length of a ``with``
+    block): building a second one while layers run an inference gate raises.
 
     Modes: ``train`` (the training gate itself), ``random-token`` (a fresh uniform expert per token
     per layer), ``random-sentence`` (one expert per sentence per layer, ids = sentence ids),
@@ -224,7 +227,7 @@ def _mode_gate(base: RandomGate, index: int, mode: str, expert: int, seed: int, 
     """The gate of ``mode`` for THOR layer number ``index`` (seeded ``seed * 10_007 + index``)."""
     layer_seed = seed * 10_007 + index
     choices: dict[str, tuple[str, dict[str, Any]]] = {
-        "random-token": ("random", {"k": base.k, "granularity": "token", "seed": layer_seed}),
+        "random-token": ("token_draw", {"k": base.k, "seed": layer_seed}),
         "random-sentence": ("sentence_draw", {"seed": layer_seed}),
         "fixed": ("fixed", {"expert": expert}),
         "mean": ("mean", {}),

@@ -21,7 +21,7 @@ from .hash import HashGate
 from .random import RandomGate
 from .smooth_step import smooth_step
 from .softmax import SoftmaxGate
-from .thor import FixedGate, MeanGate, SentenceDrawGate
+from .thor import FixedGate, MeanGate, SentenceDrawGate, TokenDrawGate
 from .topk import SwitchGate, TopKGate
 
 _REGISTRY: dict[str, type[Gate]] = {}
@@ -152,6 +152,7 @@ for _name, _cls in {
     "fixed": FixedGate,
     "mean": MeanGate,
     "sentence_draw": SentenceDrawGate,
+    "token_draw": TokenDrawGate,
 }.items():
     register(_name, _cls)
 
@@ -170,6 +171,7 @@ __all__ = [
     "SentenceDrawGate",
     "SoftmaxGate",
     "SwitchGate",
+    "TokenDrawGate",
     "TopKGate",
     "accepts_option",
     "available",

@@ -1,8 +1,10 @@
-"""THOR's inference gates (Zuo et al., 2022): a fixed expert, the mean of all experts, a draw per sentence.
+"""THOR's inference gates (Zuo et al., 2022): a fixed expert, the mean of all experts, a draw per
+token or per sentence.
 
 A THOR model is trained with the ``random`` gate; :func:`sparsemoe.thor.thor_inference` evaluates it
 with one of these in its place. They learn nothing and hold no parameters, so they are marked
-``inference_only`` (the demo and the gate tables leave them out of the routers to train).
+``inference_only`` (the demo and the benchmarks leave them out of the routers to train), which also
+tells a THOR layer in an inference mode from one holding its training gate.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch
 from .._validation import check_int, device_side_checks
 from ..routing import Routing
 from .base import Gate, IdKind
+from .random import RandomGate
 
 
 class FixedGate(Gate):
@@ -75,6 +78,28 @@ class MeanGate(Gate):
         experts = torch.arange(self.num_experts, device=x.device).expand(x.shape[0], -1)  # [T, n]
         weights = x.new_full((x.shape[0], self.num_experts), 1.0 / self.num_experts)
         return Routing.from_topk(experts, weights, self.num_experts)
+
+
+class TokenDrawGate(RandomGate):
+    """A fresh uniform expert (``k`` distinct ones) per token from the gate's own seeded stream:
+    THOR's ``random-token`` inference mode, the ``random`` gate at ``granularity="token"``."""
+
+    inference_only: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        d_in: int,
+        num_experts: int,
+        k: int = 1,
+        *,
+        seed: int = 0,
+        check_finite: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(
+            d_in, num_experts, k, granularity="token", seed=seed, check_finite=check_finite, device=device, dtype=dtype
+        )
 
 
 class SentenceDrawGate(Gate):
