@@ -81,8 +81,10 @@ class MeanGate(Gate):
 
 
 class TokenDrawGate(RandomGate):
-    """A fresh uniform expert (``k`` distinct ones) per token from the gate's own seeded stream:
-    THOR's ``random-token`` inference mode, the ``random`` gate at ``granularity="token"``."""
+    """THOR's ``random-token`` mode: ``k`` fresh uniform experts per token (``random`` at token granularity).
+
+    Draws from the gate's own seeded stream, exactly as ``RandomGate(granularity="token")``.
+    """
 
     inference_only: ClassVar[bool] = True
 
@@ -103,13 +105,14 @@ class TokenDrawGate(RandomGate):
 
 
 class SentenceDrawGate(Gate):
-    """One uniform expert per sentence, the same at every decoding step and for every beam.
+    """THOR's ``random-sentence`` mode: one uniform expert per sentence, the same at every decoding step.
 
-    The expert of sentence ``i`` is ``table[i]``, a table drawn once from ``seed``; ``ids`` are the
-    sentence ids (pass a corpus-wide index so that different batches get different draws; without
-    ids each row is its own sentence). The official code instead redraws per hypothesis at every
-    incremental decoding step in the decoder. Unlike the ``random`` gate's ``"sequence"``
-    granularity, nothing is drawn at call time, so a sentence keeps its expert across calls.
+    The expert of sentence ``i`` is ``table[i]``, a table drawn once from ``seed``, so every beam of
+    a sentence gets it too; ``ids`` are the sentence ids (pass a corpus-wide index so that different
+    batches get different draws; without ids each row is its own sentence). The official code
+    instead redraws per hypothesis at every incremental decoding step in the decoder. Unlike the
+    ``random`` gate's ``"sequence"`` granularity, nothing is drawn at call time, so a sentence keeps
+    its expert across calls.
 
     Args:
         seed: seed of the table (use a different one per layer).
