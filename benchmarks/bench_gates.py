@@ -53,7 +53,7 @@ def routing_cost(cfg: GateConfig, out_dir: Path) -> Section:
     """Every registered gate's fwd+bwd routing time against n."""
     x, _ = _data(cfg.tokens, cfg.d, 0)
     x = x.detach()
-    names = gates.available()
+    names = gates.trainable()
     results: dict[str, list] = {name: [] for name in names}
     for n in cfg.routing_experts:
         built = {}

@@ -168,7 +168,7 @@ def shape_table(
 
 def gate_table(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype, repeats: int) -> str:
     cases = [
-        _ours(shape, device, dtype, gate) for gate in ["topk", *(g for g in sparsemoe.gates.available() if g != "topk")]
+        _ours(shape, device, dtype, gate) for gate in ["topk", *(g for g in sparsemoe.gates.trainable() if g != "topk")]
     ]
     t = timing.interleaved({c.name: _synchronised(c.step, device) for c in cases}, repeats=repeats)
     top = cases[0].name

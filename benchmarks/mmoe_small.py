@@ -185,7 +185,7 @@ def candidates(cfg: SmallConfig) -> tuple[dict[str, Callable[[], None]], dict[st
     plain = PlainMMoE(cfg.d, cfg.num_experts, cfg.width, cfg.tasks)
     steps = {PLAIN_ROW: _train_step(cfg, plain, 0)}
     bodies: dict[str, nn.Module] = {PLAIN_ROW: plain}
-    rows = {name: (name, GATE_KWARGS.get(name, {"k": 2})) for name in sparsemoe.gates.available()}
+    rows = {name: (name, GATE_KWARGS.get(name, {"k": 2})) for name in sparsemoe.gates.trainable()}
     for row, (gate, kwargs) in {**rows, **STUDY_ROWS}.items():
         body = bodies[row] = _mmoe(cfg, gate, **kwargs)
         steps[row] = _train_step(cfg, body, 0)

@@ -388,7 +388,7 @@ def test_demo_run_takes_a_config_and_fresh_retrains(tmp_path: Path, monkeypatch:
 
 def test_demo_config_defaults_and_quick_settings() -> None:
     full = demo.Config()
-    assert full.gates == gates.available() and full.seed_count == 3 and full.epoch_count == demo.DEFAULTS["epochs"]
+    assert full.gates == gates.trainable() and full.seed_count == 3 and full.epoch_count == demo.DEFAULTS["epochs"]
     quick = demo.Config(quick=True, seeds=5)
     assert quick.seed_count == 1 and quick.epoch_count == demo.QUICK["epochs"]
     assert demo.Config(quick=True, epochs=9).epoch_count == 9

@@ -16,7 +16,7 @@ from sparsemoe.cli import main as cli_main  # noqa: E402
 from sparsemoe.gates import HashGate  # noqa: E402
 from sparsemoe.hf import expert_neurons, ffn_blocks, ffn_importance, moefy  # noqa: E402
 from sparsemoe.hf.io import load_moefied, save_moefied  # noqa: E402
-from sparsemoe.hf.train import Encoded, TrainConfig, collate, hidden_mse, symmetric_kl, train  # noqa: E402
+from sparsemoe.hf.train import Encoded, TrainConfig, collate, hidden_mse, prediction_kl, train  # noqa: E402
 from sparsemoe.layers import MoE  # noqa: E402
 
 
@@ -185,7 +185,7 @@ def test_distillation_losses_match_their_definitions() -> None:
     def kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
         return (p * (p / q).log()).sum(-1)
 
-    torch.testing.assert_close(symmetric_kl(s, t), (0.5 * (kl(pt, ps) + kl(ps, pt))).mean().float())
+    torch.testing.assert_close(prediction_kl(s, t), (0.5 * (kl(pt, ps) + kl(ps, pt))).mean().float())
     hs, ht = [torch.randn(2, 3, 4)], [torch.randn(2, 3, 4)]
     mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
     real = mask.bool()

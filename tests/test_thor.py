@@ -1,4 +1,4 @@
-"""THOR: the consistency loss against a hand computation, the random gate, the inference modes."""
+"""THOR: the consistency loss against a hand computation, the random gate, the inference gates and modes."""
 
 from __future__ import annotations
 
@@ -9,12 +9,14 @@ import torch
 from scipy.stats import chisquare
 from torch import nn
 
-from sparsemoe import MoE
-from sparsemoe.gates import RandomGate
+from sparsemoe import MoE, _validation, gates
+from sparsemoe.gates import FixedGate, MeanGate, RandomGate, SentenceDrawGate, TokenDrawGate
+from sparsemoe.gates import thor as thor_gates
 from sparsemoe.thor import (
+    ThorModes,
     consistency_loss,
     consistency_terms,
-    set_thor_inference,
+    symmetric_kl,
     thor_inference,
     thor_layers,
     thor_training_loss,
@@ -159,18 +161,121 @@ def test_inference_modes_do_what_they_say() -> None:
     assert len(thor_layers(model)) == 2
 
 
-def test_set_thor_inference_switches_every_layer_and_rejects_bad_modes() -> None:
+def test_modes_switch_every_layer_by_plain_assignment_and_back() -> None:
     model = _TwoLayer()
-    originals = set_thor_inference(model, "fixed", expert=1)
-    assert set(originals) == {"a", "b"}
-    assert all(type(m.gate).__name__ == "FixedGate" for _, m in thor_layers(model))
-    set_thor_inference(model, "mean")  # switching again keeps the training gates reachable
-    set_thor_inference(model, "train")
-    assert model.a.gate is originals["a"] and model.b.gate is originals["b"]
+    training = {name: layer.gate for name, layer in thor_layers(model)}
+    keys = set(model.state_dict())
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    modes = ThorModes(model)
+    modes.set("fixed", expert=1)
+    assert modes.mode == "fixed"
+    assert isinstance(model.a.gate, FixedGate) and isinstance(model.b.gate, FixedGate) and model.a.gate.expert == 1
+    assert dict(model.a.named_children())["gate"] is model.a.gate  # an ordinary submodule
+    model(torch.randn(4, 6))
+    modes.set("mean")  # switching again keeps the training gates
+    assert isinstance(model.a.gate, MeanGate)
+    modes.set("random-sentence", seed=2)
+    assert isinstance(model.b.gate, SentenceDrawGate)
+    model(torch.randn(4, 6), torch.tensor([0, 0, 1, 1]))
+    modes.set("random-token", seed=2)
+    assert isinstance(model.a.gate, TokenDrawGate) and [g.seed for g in (model.a.gate, model.b.gate)] == [20014, 20015]
+    assert thor_layers(model) == []  # a token-draw gate is no training gate
+    model(torch.randn(4, 6))
+    modes.set("train")
+    assert model.a.gate is training["a"] and model.b.gate is training["b"]
+    assert set(model.state_dict()) == keys
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())  # the draws' streams untouched
+
+
+def test_modes_reject_bad_arguments_before_changing_anything() -> None:
+    model = _TwoLayer()
+    training = (model.a.gate, model.b.gate)
+    modes = ThorModes(model)
     with pytest.raises(ValueError, match="mode must be one of"):
-        set_thor_inference(model, "avg")
+        modes.set("avg")
+    with pytest.raises(ValueError, match="expert"):
+        modes.set("fixed", expert=3)  # 3 experts: 0..2
+    assert (model.a.gate, model.b.gate) == training and modes.mode == "train"
     with pytest.raises(ValueError, match="no THOR layer"):
-        set_thor_inference(nn.Linear(2, 2), "mean")
+        ThorModes(nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="no THOR layer"), thor_inference(nn.Linear(2, 2), "mean"):
+        pass
+
+
+def test_nested_modes_are_refused_and_the_outer_block_restores() -> None:
+    model = _TwoLayer()
+    training = (model.a.gate, model.b.gate)
+    with thor_inference(model, "mean"):
+        with pytest.raises(ValueError, match=r"a \(MeanGate\).*already run an inference gate"):
+            ThorModes(model)
+        assert isinstance(model.a.gate, MeanGate)
+    assert (model.a.gate, model.b.gate) == training
+    with thor_inference(model, "random-token"), pytest.raises(ValueError, match=r"TokenDrawGate"):
+        ThorModes(model)
+    assert (model.a.gate, model.b.gate) == training
+    with pytest.raises(RuntimeError, match="boom"), thor_inference(model, "fixed"):
+        raise RuntimeError("boom")
+    assert (model.a.gate, model.b.gate) == training  # restored on errors too
+
+
+def test_inference_gates_are_registered_and_inference_only() -> None:
+    registered = {"fixed": FixedGate, "mean": MeanGate, "sentence_draw": SentenceDrawGate, "token_draw": TokenDrawGate}
+    for name, cls in registered.items():
+        assert gates.gate_class(name) is cls and cls.inference_only
+        assert name in gates.available() and name not in gates.trainable()
+    assert "random" in gates.trainable() and not RandomGate.inference_only
+    assert gates.build("mean", 4, 3).k == 3 and gates.k_policy("mean") == "dense"
+    assert gates.build("fixed", 4, 3, expert=2).expert == 2 and gates.k_policy("fixed") == "fixed"
+    with pytest.raises(ValueError, match="has no k to choose"):
+        gates.build("sentence_draw", 4, 3, k=2)
+    draws = gates.build("token_draw", 4, 3, k=2, seed=4)
+    assert isinstance(draws, RandomGate) and draws.granularity == "token" and draws.k == 2
+    x = torch.zeros(50, 4)
+    assert torch.equal(draws(x).expert, RandomGate(4, 3, k=2, granularity="token", seed=4)(x).expert)
+    layer = MoE(4, 8, 3, gate="sentence_draw", seed=5)
+    assert layer.gate.id_kind() == "sequence" and layer.gate.table.device.type == "cpu"
+
+
+def test_sentence_draw_is_a_seeded_table_of_sentence_ids() -> None:
+    x = torch.randn(6, 4)
+    gate = SentenceDrawGate(4, 5, seed=3, max_sentences=100)
+    ids = torch.tensor([7, 7, 42, 99, 0, 42])
+    expected = torch.randint(5, (100,), generator=torch.Generator().manual_seed(3))[ids]
+    assert torch.equal(gate(x, ids).expert, expected)
+    assert torch.equal(SentenceDrawGate(4, 5, seed=3, max_sentences=100)(x, ids).expert, expected)  # same seed
+    assert torch.equal(gate(x).expert, gate(x, torch.arange(6)).expert)  # no ids: each row its own sentence
+    with pytest.raises(ValueError, match="max_sentences=100"):
+        gate(x, torch.tensor([0, 1, 2, 3, 4, 100]))
+
+
+def test_sentence_draw_reads_no_ids_on_the_host_in_device_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the CUDA (device-side) checks, the id bound is an asynchronous assert, not a host read."""
+    gate = SentenceDrawGate(4, 3, max_sentences=10)
+    x, ids = torch.randn(4, 4), torch.tensor([1, 9, 9, 0])
+    expected = gate(x, ids).expert
+    for module in (_validation, thor_gates):
+        monkeypatch.setattr(module, "device_side_checks", lambda t: True)
+
+    def refuse(self: torch.Tensor, *args: object, **kwargs: object) -> None:
+        raise AssertionError("a tensor's value was read on the host")
+
+    for name in ("__bool__", "__int__", "__float__", "__index__", "item", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    assert torch.equal(gate(x, ids).expert, expected)
+    with pytest.raises(RuntimeError, match="max_sentences=10"):  # on CPU, _assert_async raises at once
+        gate(x, torch.tensor([1, 10, 2, 0]))
+
+
+def test_symmetric_kl_is_the_mean_of_both_directions_per_row() -> None:
+    log_p = torch.randn(3, 4, 5, dtype=torch.float64).log_softmax(-1)
+    log_q = torch.randn(3, 4, 5, dtype=torch.float64).log_softmax(-1)
+
+    def kl(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return (a.exp() * (a - b)).sum(-1)
+
+    got = symmetric_kl(log_p, log_q)
+    assert got.shape == (3, 4)
+    torch.testing.assert_close(got, 0.5 * (kl(log_p, log_q) + kl(log_q, log_p)))
 
 
 def test_training_loss_runs_two_different_passes() -> None:

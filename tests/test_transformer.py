@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sparsemoe import MoE
-from sparsemoe.gates import HashGate, RandomGate, SwitchGate
+from sparsemoe.gates import CometGate, GateSpec, HashGate, RandomGate, SwitchGate, TopKGate
 from sparsemoe.models.decoding import beam_search, greedy_decode
 from sparsemoe.models.transformer import (
     FeedForward,
@@ -23,21 +23,26 @@ from sparsemoe.thor import thor_inference
 PAD, BOS, EOS = 0, 1, 2
 
 
+#: the thor-multi30k models' FFNs: dense, Switch, and THOR's random expert per layer per pass
+FFNS: dict[str, dict[str, Any]] = {
+    "dense": {},
+    "switch": {"gate": "switch", "gate_options": {"balance_weight": 0.01, "z_loss_weight": 0.0}},
+    "thor": {"gate": "random", "gate_options": {"granularity": "batch"}},
+}
+
+
 def _model(ffn: str = "dense", **kw: Any) -> Seq2SeqTransformer:
+    return _build(**FFNS[ffn], **kw)
+
+
+def _build(gate: Any = None, **kw: Any) -> Seq2SeqTransformer:
+    """A small model; ``gate`` is the model's gate argument, ``gate_spec`` the config's ``gate``."""
     torch.manual_seed(0)
-    cfg = TransformerConfig(
-        vocab_size=20,
-        pad_id=PAD,
-        d_model=16,
-        num_heads=2,
-        encoder_layers=2,
-        decoder_layers=2,
-        d_hidden=32,
-        dropout=0.0,
-        ffn=ffn,
-        **kw,
-    )
-    return Seq2SeqTransformer(cfg)
+    sizes: dict[str, Any] = {"d_model": 16, "num_heads": 2, "encoder_layers": 2, "decoder_layers": 2, "d_hidden": 32}
+    if "gate_spec" in kw:
+        kw["gate"] = kw.pop("gate_spec")
+    cfg = TransformerConfig(vocab_size=20, pad_id=PAD, dropout=0.0, **{**sizes, **kw})
+    return Seq2SeqTransformer(cfg, gate=gate)
 
 
 def _src() -> torch.Tensor:
@@ -162,7 +167,7 @@ def test_tiny_model_overfits_a_few_pairs(ffn: str) -> None:
             decoder_layers=2,
             d_hidden=64,
             dropout=0.0,
-            ffn=ffn,
+            **FFNS[ffn],
         )
     )
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
@@ -181,10 +186,80 @@ def test_tiny_model_overfits_a_few_pairs(ffn: str) -> None:
 
 
 def test_config_rejects_bad_values() -> None:
-    with pytest.raises(ValueError, match="ffn"):
-        TransformerConfig(vocab_size=10, ffn="moe")
+    with pytest.raises(ValueError, match="unknown gate 'moe'"):
+        TransformerConfig(vocab_size=10, gate="moe")
+    with pytest.raises(ValueError, match="eval_capacity_limit"):
+        TransformerConfig(vocab_size=10, gate="switch", eval_capacity_limit=0.0)
     with pytest.raises(ValueError, match="divisible"):
         TransformerConfig(vocab_size=10, d_model=30, num_heads=4)
+    with pytest.raises(TypeError, match="unexpected option"):
+        Seq2SeqTransformer(TransformerConfig(vocab_size=10, d_model=8, gate="switch", gate_options={"k": 2, "kk": 1}))
+
+
+def _moe_layers(model: Seq2SeqTransformer) -> list[MoE]:
+    return [m for m in model.modules() if isinstance(m, MoE)]
+
+
+@pytest.mark.parametrize(
+    ("spec", "cls"), [("topk", TopKGate), ("hash", HashGate), ("comet+", CometGate), ("random", RandomGate)]
+)
+def test_any_gate_spec_builds_the_moe_ffns(spec: str, cls: type) -> None:
+    model = _build(gate_spec=spec, num_experts=4, gate_options={"k": 1} if spec != "hash" else {})
+    layers = _moe_layers(model)
+    assert len(layers) == 2 and all(type(m.gate) is cls for m in layers)  # layer 0 of each stack
+    assert all(m.gate.k == 1 for m in layers)
+    assert all((m.search is not None) == spec.endswith("+") for m in layers)  # "+": local search
+    tgt = torch.tensor([[BOS, 3, 4], [BOS, 5, PAD], [BOS, 6, 7]])
+    out = model(_src(), tgt)
+    assert out.shape == (3, 3, 20) and bool(torch.isfinite(out).all())
+    routers = sum(p.numel() for m in layers for p in m.parameters()) - sum(
+        p.numel() for m in layers for p in m.experts.parameters()
+    )  # the gates (and the local search)
+    assert model.parameter_counts()["active_per_token"] == _model().parameter_counts()["active_per_token"] + routers
+
+
+def test_seeded_gates_get_one_seed_per_layer_unless_given() -> None:
+    seeds = [m.gate.seed for m in _moe_layers(_build(gate_spec="random", gate_seed=3, encoder_layers=3))]
+    assert seeds == [3000, 3002, 3003]  # encoder layers 0 and 2, decoder layer 0 (index 3)
+    fixed = _moe_layers(_build(gate_spec="hash", gate_options={"seed": 11}))
+    assert len(fixed) == 2 and all(torch.equal(m.gate.table, HashGate(16, 2, seed=11).table) for m in fixed)
+
+
+def test_gate_argument_takes_a_parsed_spec_or_a_factory() -> None:
+    spec = _build(GateSpec.parse("topk", k=1, noisy=False), num_experts=4)
+    assert all(isinstance(m.gate, TopKGate) and not m.gate.noisy and m.gate.k == 1 for m in _moe_layers(spec))
+    made: list[int] = []
+
+    def factory(index: int) -> SwitchGate:
+        made.append(index)
+        return SwitchGate(16, 3, z_loss_weight=0.0)
+
+    model = _build(factory, num_experts=3)
+    assert made == [0, 2] and [type(m.gate) for m in _moe_layers(model)] == [SwitchGate, SwitchGate]
+    assert model(_src(), torch.tensor([[BOS, 3], [BOS, 4], [BOS, 5]])).shape == (3, 2, 20)
+    with pytest.raises(TypeError, match="factory must return"):
+        _build(lambda i: "switch")
+    with pytest.raises(TypeError, match="not a built gate"):
+        _build(SwitchGate(16, 2))
+
+
+def test_capacity_is_the_layers_limit_with_its_own_evaluation_value() -> None:
+    model = _model("switch", capacity_limit=0.5, eval_capacity_limit=2.0)
+    layers = _moe_layers(model)
+    assert all(m.capacity_limit == 0.5 and m.gate.capacity_factor is None for m in layers)
+    with torch.no_grad():  # equal logits: expert 0 gets every token, so a limit below 1 drops pairs in training
+        for m in layers:
+            m.gate.proj.weight.zero_()
+    tgt = torch.tensor([[BOS, 3, 4], [BOS, 5, PAD], [BOS, 6, 7]])
+    model.train()(_src(), tgt)
+    assert all(m.routing_stats()["dropped_fraction"] > 0 for m in layers)
+    model.eval()(_src(), tgt)
+    assert all(m.capacity_limit == 2.0 and m.routing_stats()["dropped_fraction"] == 0 for m in layers)
+    assert all(m.gate.capacity_factor is None for m in layers)  # the gate is never touched
+    model.train()
+    assert all(m.capacity_limit == 0.5 for m in layers)
+    dropless = _model("switch")
+    assert all(m.capacity_limit is None for m in _moe_layers(dropless.eval()))
 
 
 @pytest.fixture(autouse=True)

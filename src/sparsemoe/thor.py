@@ -22,18 +22,17 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._validation import check_float, check_int
-from .gates.base import Gate, IdKind
-from .gates.random import RandomGate
+from ._validation import check_choice, check_float
+from .gates import Gate, RandomGate, build
 from .layers import MoE
-from .routing import Routing
 
-#: inference modes accepted by :func:`thor_inference` / :func:`set_thor_inference`
+#: inference modes accepted by :func:`thor_inference` / :meth:`ThorModes.set`
 INFERENCE_MODES = ("train", "random-token", "random-sentence", "fixed", "mean")
 
 
@@ -75,7 +74,13 @@ def label_smoothed_nll(log_probs: torch.Tensor, target: torch.Tensor, epsilon: f
 
 
 def symmetric_kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
-    """Per-row ``½ [KL(p‖q) + KL(q‖p)] = ½ Σ_v (p - q)(log p - log q)``. Shape: ``[..., V] -> [...]``."""
+    """Per-row ``½ [KL(p‖q) + KL(q‖p)] = ½ Σ_v (p - q)(log p - log q)`` of two log-distributions.
+
+    The project's one symmetric KL (THOR's consistency term, the agreement measures, MoEBERT's
+    distillation): it takes log-probabilities, so callers that also need them for a cross-entropy
+    compute the log-softmax once, and it does not reduce, so each caller sums or averages as its
+    loss defines. Shape: ``[..., V] -> [...]``.
+    """
     return 0.5 * ((log_p.exp() - log_q.exp()) * (log_p - log_q)).sum(-1)
 
 
@@ -163,135 +168,84 @@ def thor_training_loss(
     )
 
 
-# ----------------------------------------------------------------------------------------- inference gates
-class FixedGate(Gate):
-    """Every input to one expert, weight 1: THOR's ``fixed`` inference mode."""
-
-    def __init__(self, d_in: int, num_experts: int, *, expert: int = 0, check_finite: bool = True) -> None:
-        super().__init__(d_in, num_experts, 1, check_finite=check_finite)
-        self.expert = check_int("expert", expert, low=0, high=num_experts - 1)
-
-    def route(self, x: torch.Tensor, ids: torch.Tensor | None) -> Routing:
-        experts = torch.full((x.shape[0], 1), self.expert, dtype=torch.long, device=x.device)
-        return Routing.from_topk(experts, x.new_ones(x.shape[0], 1), self.num_experts)
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, expert={self.expert}"
-
-
-class MeanGate(Gate):
-    """Every input to all ``n`` experts with weight ``1/n``: THOR's ``mean`` mode (costs ``n``×)."""
-
-    def __init__(self, d_in: int, num_experts: int, *, check_finite: bool = True) -> None:
-        super().__init__(d_in, num_experts, num_experts, check_finite=check_finite)
-
-    def route(self, x: torch.Tensor, ids: torch.Tensor | None) -> Routing:
-        experts = torch.arange(self.num_experts, device=x.device).expand(x.shape[0], -1)
-        weights = x.new_full((x.shape[0], self.num_experts), 1.0 / self.num_experts)
-        return Routing.from_topk(experts, weights, self.num_experts)
-
-
-class SentenceDrawGate(Gate):
-    """One uniform expert per sentence, the same at every decoding step and for every beam.
-
-    The expert of sentence ``i`` is ``table[i]``, a table drawn once from ``seed``; ``ids`` are the
-    sentence ids (pass a corpus-wide index so that different batches get different draws). The
-    official code instead redraws per hypothesis at every incremental decoding step in the decoder.
-
-    Args:
-        seed: seed of the table (use a different one per layer).
-        max_sentences: table size; ``ids`` must be below it.
-    """
-
-    def id_kind(self) -> IdKind:
-        return "sequence"
-
-    def __init__(
-        self, d_in: int, num_experts: int, *, seed: int = 0, max_sentences: int = 1 << 16, check_finite: bool = True
-    ) -> None:
-        super().__init__(d_in, num_experts, 1, check_finite=check_finite)
-        generator = torch.Generator().manual_seed(check_int("seed", seed))
-        size = check_int("max_sentences", max_sentences, low=1)
-        self.register_buffer("table", torch.randint(num_experts, (size,), generator=generator), persistent=False)
-
-    def route(self, x: torch.Tensor, ids: torch.Tensor | None) -> Routing:
-        if ids is None:
-            raise ValueError("SentenceDrawGate needs ids= (the sentence id of each row)")
-        table: torch.Tensor = self.table  # type: ignore[assignment]
-        if ids.numel() and int(ids.max()) >= table.numel():
-            raise ValueError(f"sentence id {int(ids.max())} >= max_sentences={table.numel()}; build a larger table")
-        experts = table.to(ids.device)[ids].unsqueeze(1)
-        return Routing.from_topk(experts, x.new_ones(x.shape[0], 1), self.num_experts)
-
-
+# ----------------------------------------------------------------------------------------- inference modes
 def thor_layers(model: nn.Module) -> list[tuple[str, MoE]]:
-    """Every MoE layer of ``model`` whose gate is a :class:`RandomGate` (a THOR layer), by name."""
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, MoE) and _base_gate(m) is not None]
+    """Every MoE layer of ``model`` whose gate is a training :class:`RandomGate` (a THOR layer), by name."""
+    return [
+        (name, m)
+        for name, m in model.named_modules()
+        if isinstance(m, MoE) and isinstance(m.gate, RandomGate) and not m.gate.inference_only
+    ]
 
 
-def _mode_gate(base: RandomGate, index: int, mode: str, expert: int, seed: int) -> Gate:
-    d, n = base.d_in, base.num_experts
-    layer_seed = seed * 10_007 + index
-    if mode == "random-token":
-        return RandomGate(d, n, k=base.k, granularity="token", seed=layer_seed, check_finite=base.check_finite)
-    if mode == "random-sentence":
-        return SentenceDrawGate(d, n, seed=layer_seed, check_finite=base.check_finite)
-    if mode == "fixed":
-        return FixedGate(d, n, expert=expert, check_finite=base.check_finite)
-    return MeanGate(d, n, check_finite=base.check_finite)
+class ThorModes:
+    """Switches the THOR layers of ``model`` between their training gate and an inference mode.
 
-
-def set_thor_inference(model: nn.Module, mode: str, *, expert: int = 0, seed: int = 0) -> dict[str, Gate]:
-    """Switch every THOR layer of ``model`` to an inference ``mode``; returns the replaced gates.
+    Built while the model holds its training gates, it keeps them; :meth:`set` assigns each layer's
+    ``gate`` (an ordinary submodule assignment) to the mode's gate from :mod:`sparsemoe.gates`
+    (``token_draw``, ``sentence_draw``, ``fixed``, ``mean``: all ``inference_only``), and
+    ``set("train")`` puts the training gates back, their random streams untouched by the modes. Use
+    one switcher per model at a time (:func:`thor_inference` is one for the length of a ``with``
+    block): building a second one while layers run an inference gate raises.
 
     Modes: ``train`` (the training gate itself), ``random-token`` (a fresh uniform expert per token
     per layer), ``random-sentence`` (one expert per sentence per layer, ids = sentence ids),
     ``fixed`` (expert ``expert`` everywhere), ``mean`` (average of all experts' outputs, ``n``× the
-    FFN compute). ``seed`` seeds the random modes (each layer gets its own stream). Restore with
-    :func:`restore_gates`, or use the context manager :func:`thor_inference`.
+    FFN compute). ``seed`` seeds the random modes (each layer gets its own stream).
     """
-    if mode not in INFERENCE_MODES:
-        raise ValueError(f"mode must be one of {', '.join(INFERENCE_MODES)}; got {mode!r}")
-    originals: dict[str, Gate] = {}
-    layers = thor_layers(model)
-    if not layers:
-        raise ValueError("model has no THOR layer (an MoE with the 'random' gate)")
-    for index, (name, layer) in enumerate(layers):
-        base = _base_gate(layer)
-        assert base is not None
-        originals[name] = layer.gate
-        if mode == "train":
-            layer.gate = base
-            continue
-        new = _mode_gate(base, index, mode, expert, seed)
-        new.__dict__["_thor_base"] = base  # a plain attribute: not a submodule, not in state_dict
-        new.to(next(layer.parameters()).device)
-        layer.gate = new
-    return originals
+
+    def __init__(self, model: nn.Module) -> None:
+        switched = [
+            f"{name} ({type(m.gate).__name__})"
+            for name, m in model.named_modules()
+            if isinstance(m, MoE) and m.gate.inference_only
+        ]
+        if switched:
+            raise ValueError(
+                f"layers {', '.join(switched)} already run an inference gate; switch them back to their "
+                "training gates (leave the thor_inference block, or call set('train')) first"
+            )
+        self.layers = thor_layers(model)
+        if not self.layers:
+            raise ValueError("model has no THOR layer (an MoE with the 'random' gate)")
+        self.training_gates: list[RandomGate] = [cast(RandomGate, layer.gate) for _, layer in self.layers]
+        self.mode = "train"
+
+    def set(self, mode: str, *, expert: int = 0, seed: int = 0) -> None:
+        """Run every THOR layer in ``mode`` (see the class docstring) from the next forward on."""
+        mode = check_choice("mode", mode, INFERENCE_MODES)
+        new = [
+            base if mode == "train" else _mode_gate(base, index, mode, expert, seed, layer)
+            for index, ((_, layer), base) in enumerate(zip(self.layers, self.training_gates, strict=True))
+        ]
+        for (_, layer), gate in zip(self.layers, new, strict=True):
+            layer.gate = gate
+        self.mode = mode
 
 
-def _base_gate(layer: MoE) -> RandomGate | None:
-    """The layer's training RandomGate, also while an inference gate is swapped in."""
-    base = layer.gate.__dict__.get("_thor_base")
-    if base is None and isinstance(layer.gate, RandomGate):
-        return layer.gate
-    return base if isinstance(base, RandomGate) else None
-
-
-def restore_gates(model: nn.Module, originals: dict[str, Gate]) -> None:
-    """Put back the gates returned by :func:`set_thor_inference`."""
-    modules = dict(model.named_modules())
-    for name, gate in originals.items():
-        layer = modules[name]
-        assert isinstance(layer, MoE)
-        layer.gate = gate
+def _mode_gate(base: RandomGate, index: int, mode: str, expert: int, seed: int, layer: MoE) -> Gate:
+    """The gate of ``mode`` for THOR layer number ``index`` (seeded ``seed * 10_007 + index``)."""
+    layer_seed = seed * 10_007 + index
+    choices: dict[str, tuple[str, dict[str, Any]]] = {
+        "random-token": ("token_draw", {"k": base.k, "seed": layer_seed}),
+        "random-sentence": ("sentence_draw", {"seed": layer_seed}),
+        "fixed": ("fixed", {"expert": expert}),
+        "mean": ("mean", {}),
+    }
+    name, options = choices[mode]
+    device = next(layer.parameters()).device
+    return build(name, base.d_in, base.num_experts, check_finite=base.check_finite, device=device, **options)
 
 
 @contextmanager
 def thor_inference(model: nn.Module, mode: str, *, expert: int = 0, seed: int = 0) -> Iterator[nn.Module]:
-    """``with thor_inference(model, "mean"): ...`` runs every THOR layer in ``mode``, then restores."""
-    originals = set_thor_inference(model, mode, expert=expert, seed=seed)
+    """``with thor_inference(model, "mean"): ...`` runs every THOR layer in ``mode``, then restores.
+
+    See :class:`ThorModes` for the modes.
+    """
+    modes = ThorModes(model)
+    modes.set(mode, expert=expert, seed=seed)
     try:
         yield model
     finally:
-        restore_gates(model, originals)
+        modes.set("train")

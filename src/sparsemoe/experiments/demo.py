@@ -57,7 +57,7 @@ class Config:
     out: Path = field(default=Path("results/demo"), metadata={"help": "output folder"})
     seeds: int = field(default=3, metadata={"help": "seeds per gate; --quick uses 1", "min": 1})
     gates: list[str] = field(
-        default_factory=gate_registry.available, metadata={"help": "gates to run; NAME+ adds local search"}
+        default_factory=gate_registry.trainable, metadata={"help": "gates to run; NAME+ adds local search"}
     )
     epochs: int | None = field(
         default=None,

@@ -38,13 +38,21 @@ from ..checkpoint import load_checkpoint, save_checkpoint
 from ..data import multi30k as m30k
 from ..models.decoding import beam_search, greedy_decode
 from ..models.transformer import MultiHeadAttention, Seq2SeqTransformer, TransformerConfig
-from ..thor import consistency_terms, symmetric_kl, thor_inference, thor_training_loss
+from ..thor import consistency_terms, symmetric_kl, thor_inference, thor_layers, thor_training_loss
 from .progress import progress
 from .store import RunStore, atomic_write_text, data_dir, write_json
 
 NAME = "thor-multi30k"
 MODELS = ("dense", "switch", "thor")
 THOR_MODES = ("random-token", "random-sentence", "fixed-0", "fixed-1", "mean")
+#: each model's MoE gate spec and options (dense: no MoE); THOR draws one expert per layer per pass
+#: for the whole batch, as the official code
+MODEL_GATES: dict[str, tuple[str | None, dict[str, Any]]] = {
+    "dense": (None, {}),
+    "switch": ("switch", {"balance_weight": 0.01, "z_loss_weight": 0.0}),
+    "thor": ("random", {"granularity": "batch"}),
+}
+SWITCH_EVAL_CAPACITY = 2.0  # the Switch layers' capacity_limit in evaluation mode
 
 
 @dataclass
@@ -62,7 +70,7 @@ class Config:
     dropout: float = field(default=0.1, metadata={"help": "dropout on embeddings and residual branches"})
     label_smoothing: float = field(default=0.1, metadata={"help": "label smoothing (fairseq form)"})
     alpha: float = field(default=5.0, metadata={"help": "THOR consistency weight (5 in THOR's IWSLT recipe)"})
-    capacity_factor: float = field(default=1.25, metadata={"help": "Switch capacity factor in training (2.0 at eval)"})
+    capacity_factor: float = field(default=1.25, metadata={"help": "Switch capacity_limit in training (2.0 at eval)"})
     batch_tokens: int = field(default=4096, metadata={"help": "padded source+target tokens per update"})
     steps: int = field(default=1600, metadata={"help": "updates per run (the training budget)"})
     lr: float = field(default=1e-3, metadata={"help": "peak learning rate (Adam, betas 0.9/0.98)"})
@@ -128,6 +136,8 @@ def _corpus(c: Config) -> Corpus:
 
 def _model(c: Config, kind: str, vocab: int, seed: int) -> Seq2SeqTransformer:
     torch.manual_seed(seed)
+    gate, gate_options = MODEL_GATES[kind]
+    switch = kind == "switch"
     return Seq2SeqTransformer(
         TransformerConfig(
             vocab_size=vocab,
@@ -138,9 +148,11 @@ def _model(c: Config, kind: str, vocab: int, seed: int) -> Seq2SeqTransformer:
             decoder_layers=c.layers,
             d_hidden=c.d_hidden,
             dropout=c.dropout,
-            ffn=kind,
+            gate=gate,
+            gate_options=gate_options,
             num_experts=c.num_experts,
-            capacity_factor=c.capacity_factor,
+            capacity_limit=c.capacity_factor if switch else None,
+            eval_capacity_limit=SWITCH_EVAL_CAPACITY if switch else None,
             gate_seed=seed,
         )
     )
@@ -291,7 +303,7 @@ def _agreement(model: Seq2SeqTransformer, kind: str, corpus: Corpus, seed: int) 
 def _val_loss(model: Seq2SeqTransformer, corpus: Corpus, c: Config) -> float:
     model.eval()
     total, tokens = 0.0, 0
-    with _mode(model, model.config.ffn, c.thor_mode, seed=0):
+    with _mode(model, c.thor_mode, seed=0):
         for src, tin, tout in _batches(corpus.val):
             logits = model(src, tin)
             terms = consistency_terms(logits, logits, tout, 0.0, pad_id=m30k.PAD_ID, label_smoothing=0.0)
@@ -302,13 +314,13 @@ def _val_loss(model: Seq2SeqTransformer, corpus: Corpus, c: Config) -> float:
 
 def _val_bleu_greedy(model: Seq2SeqTransformer, corpus: Corpus, kind: str, c: Config) -> float:
     model.eval()
-    with _mode(model, kind, c.thor_mode, seed=0):
+    with _mode(model, c.thor_mode, seed=0):
         return _bleu(model, corpus, corpus.val, 1, c.length_penalty)
 
 
-def _mode(model: Seq2SeqTransformer, kind: str, mode: str, seed: int) -> Any:
+def _mode(model: Seq2SeqTransformer, mode: str, seed: int) -> Any:
     """A context running THOR layers in ``mode`` (``fixed-<j>`` = expert j); a no-op for other models."""
-    if kind != "thor":
+    if not thor_layers(model):
         return _Null()
     name, _, expert = mode.rpartition("-") if mode.startswith("fixed-") else (mode, "", "0")
     return thor_inference(model, name, expert=int(expert), seed=seed)
@@ -422,7 +434,7 @@ def _evaluate(model: Seq2SeqTransformer, kind: str, corpus: Corpus, c: Config, s
     bleu: dict[str, dict[str, float]] = {}
     modes = THOR_MODES if kind == "thor" else ("deterministic",)
     for mode in modes:
-        with _mode(model, kind, mode, seed):
+        with _mode(model, mode, seed):
             bleu[mode] = {
                 split: _bleu(model, corpus, data, c.beam, c.length_penalty)
                 for split, data in (("val", corpus.val), ("test", corpus.test))

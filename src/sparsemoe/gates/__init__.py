@@ -26,6 +26,7 @@ from .random import RandomGate
 from .smooth_step import smooth_step
 from .softmax import SoftmaxGate
 from .table import render_table
+from .thor import FixedGate, MeanGate, SentenceDrawGate, TokenDrawGate
 from .topk import SwitchGate, TopKGate
 
 _REGISTRY: dict[str, type[Gate]] = {}
@@ -47,6 +48,11 @@ def register(name: str, cls: type[Gate]) -> type[Gate]:
 def available() -> list[str]:
     """Names accepted by :func:`build`, sorted."""
     return sorted(_REGISTRY)
+
+
+def trainable() -> list[str]:
+    """Names of the routers to train, sorted: every registered gate except the inference-only ones."""
+    return [name for name in available() if not _REGISTRY[name].inference_only]
 
 
 def _registered(name: str, typed: object) -> type[Gate]:
@@ -208,6 +214,10 @@ for _name, _cls in {
     "expert_choice": ExpertChoiceGate,
     "dselect_k": DSelectKGate,
     "comet": CometGate,
+    "fixed": FixedGate,
+    "mean": MeanGate,
+    "sentence_draw": SentenceDrawGate,
+    "token_draw": TokenDrawGate,
 }.items():
     register(_name, _cls)
 
@@ -216,15 +226,19 @@ __all__ = [
     "CometGate",
     "DSelectKGate",
     "ExpertChoiceGate",
+    "FixedGate",
     "Gate",
     "GateSpec",
     "HashGate",
     "IdKind",
     "KPolicy",
+    "MeanGate",
     "RandomGate",
+    "SentenceDrawGate",
     "SoftmaxGate",
     "Sparsity",
     "SwitchGate",
+    "TokenDrawGate",
     "TopKGate",
     "accepts_option",
     "aux_loss_names",
@@ -241,5 +255,6 @@ __all__ = [
     "smooth_step",
     "sparsity",
     "takes_k",
+    "trainable",
     "uses_ids",
 ]

@@ -56,6 +56,8 @@ class Gate(nn.Module):
     uses_ids: ClassVar[IdKind | None] = None
     summary: ClassVar[str] = ""
     k_note: ClassVar[str] = ""
+    #: True for gates that only evaluate a model trained with another gate (THOR's inference modes)
+    inference_only: ClassVar[bool] = False
 
     def __init__(
         self,

@@ -26,6 +26,7 @@ from torch import nn
 
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..layers import aux_loss
+from ..thor import symmetric_kl
 
 
 @dataclass
@@ -85,11 +86,10 @@ def accuracy(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]]) -> fl
     return 100.0 * correct / max(total, 1)
 
 
-def symmetric_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """``½ (KL(p_t‖p_s) + KL(p_s‖p_t))`` per example, averaged over the batch (float32). Shape: ``[B, C]`` -> ``[]``."""
-    log_s = F.log_softmax(student_logits.float(), -1)
-    log_t = F.log_softmax(teacher_logits.float(), -1)
-    return 0.5 * ((log_s.exp() - log_t.exp()) * (log_s - log_t)).sum(-1).mean()
+def prediction_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """MoEBERT's prediction term: the :func:`~sparsemoe.thor.symmetric_kl` of the two models' class
+    distributions (float32), averaged over the batch. Shape: ``[B, C]`` -> ``[]``."""
+    return symmetric_kl(F.log_softmax(student_logits.float(), -1), F.log_softmax(teacher_logits.float(), -1)).mean()
 
 
 def hidden_mse(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
@@ -216,5 +216,5 @@ def _loss(
         with torch.no_grad():
             ref = teacher(**inputs, output_hidden_states=True)
         distill = hidden_mse(out.hidden_states, ref.hidden_states, batch["attention_mask"])
-        loss = loss + distill_weight * (distill + symmetric_kl(out.logits, ref.logits))
+        loss = loss + distill_weight * (distill + prediction_kl(out.logits, ref.logits))
     return loss

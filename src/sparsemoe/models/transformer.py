@@ -9,27 +9,29 @@ padding takes no expert capacity and no compute.
 
 :class:`Seq2SeqTransformer` stacks them with tied source/target/output embeddings over a joint
 vocabulary (Press & Wolf, 2017), sinusoidal positions and ``scaled_dot_product_attention``; the
-FFN of every ``moe_every``-th layer (0, 2, 4, ... as in THOR's code) of both stacks can be dense,
-Switch (top-1, capacity factor, load balancing) or THOR (random experts), all with the same
-active FFN compute per token.
+FFN of every ``moe_every``-th layer (0, 2, 4, ... as in THOR's code) of both stacks is dense or an
+MoE with any gate (a spec such as ``"switch"`` or ``"random"``, a parsed spec, or a factory): with
+a top-1 gate (Switch, THOR's random experts) every model has the same active FFN compute per token.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._validation import check_choice, check_float, check_int
-from ..gates.base import Gate
-from ..gates.random import RandomGate
-from ..gates.topk import SwitchGate
+from .._validation import check_float, check_int
+from ..gates import Gate, GateSpec, accepts_option
 from ..layers import MoE
 
-FFN_KINDS = ("dense", "switch", "thor")
+#: the MoE FFNs' gate as :class:`Seq2SeqTransformer` takes it: a spec (``"switch"``, ``"comet+"``), a
+#: parsed :class:`~sparsemoe.gates.GateSpec`, or a factory ``(layer index) -> Gate``
+GateChoice = str | GateSpec | Callable[[int], Gate]
 
 #: a decoder layer's incremental-decoding state: self-attention keys/values so far, cross K/V
 LayerCache = dict[str, torch.Tensor]
@@ -217,7 +219,15 @@ def sinusoidal_positions(length: int, d_model: int) -> torch.Tensor:
 
 @dataclass
 class TransformerConfig:
-    """Size and FFN kind of a :class:`Seq2SeqTransformer` (JSON-serialisable)."""
+    """Size and FFNs of a :class:`Seq2SeqTransformer` (JSON-serialisable).
+
+    ``gate`` is the gate spec of the MoE FFNs (``None``: dense FFNs everywhere), ``gate_options``
+    its options (e.g. Switch's ``balance_weight``). Gates with a ``seed`` option (``random``,
+    ``hash``) get ``gate_seed * 1000 + i`` in layer ``i`` (counting encoder then decoder layers)
+    unless ``gate_options`` sets one. ``capacity_limit`` is the MoE layers' capacity
+    (:class:`~sparsemoe.MoE`'s ``capacity_limit``, ``None``: dropless) in training mode and
+    ``eval_capacity_limit`` the one in evaluation mode (``None``: the same).
+    """
 
     vocab_size: int
     pad_id: int = 0
@@ -228,14 +238,13 @@ class TransformerConfig:
     d_hidden: int = 1024
     dropout: float = 0.1
     attention_dropout: float = 0.0
-    ffn: str = "dense"  # dense | switch | thor
+    gate: str | None = None  # gate spec of the MoE FFNs ("switch", "random", "topk", ...); None: dense
+    gate_options: dict[str, Any] = field(default_factory=dict)
     num_experts: int = 2
     moe_every: int = 2  # MoE FFN in layers 0, moe_every, 2*moe_every, ...
-    capacity_factor: float = 1.25  # switch, training
-    eval_capacity_factor: float = 2.0  # switch, evaluation
-    balance_weight: float = 0.01  # switch load-balancing loss
-    z_loss_weight: float = 0.0  # switch router z-loss (0: the original Switch)
-    gate_seed: int = 0  # random gates: layer i is seeded gate_seed * 1000 + i
+    capacity_limit: float | None = None  # MoE layers, training mode (None: dropless)
+    eval_capacity_limit: float | None = None  # MoE layers, evaluation mode (None: capacity_limit)
+    gate_seed: int = 0  # gates with a seed option: layer i is seeded gate_seed * 1000 + i
     max_positions: int = 256
 
     def __post_init__(self) -> None:
@@ -244,7 +253,11 @@ class TransformerConfig:
         check_int("num_heads", self.num_heads, low=1)
         check_int("num_experts", self.num_experts, low=1)
         check_int("moe_every", self.moe_every, low=1)
-        check_choice("ffn", self.ffn, FFN_KINDS)
+        if self.gate is not None:
+            GateSpec.parse(self.gate)  # unknown names fail here, listing the available gates
+        for name in ("capacity_limit", "eval_capacity_limit"):
+            if getattr(self, name) is not None:
+                check_float(name, getattr(self, name), low=0.0, strict=True)
         check_float("dropout", self.dropout, low=0.0)
         if self.d_model % self.num_heads or self.d_model % 2:
             raise ValueError(f"d_model={self.d_model} must be even and divisible by num_heads={self.num_heads}")
@@ -256,13 +269,25 @@ class TransformerConfig:
 class Seq2SeqTransformer(nn.Module):
     """Encoder-decoder Transformer with tied embeddings and pluggable FFNs.
 
+    Args:
+        config: sizes, and the MoE FFNs' gate spec and options.
+        gate: the MoE FFNs' gate instead of ``config.gate``: a spec, a parsed
+            :class:`~sparsemoe.gates.GateSpec`, or a factory called with the layer index (encoder
+            layers first) that returns a built :class:`~sparsemoe.gates.Gate`.
+
     Shape: ``src [B, S]``, ``tgt_in [B, T]`` (token ids; ``pad_id`` pads) -> logits ``[B, T, V]``.
     ``sentence_ids [B]`` (optional) name each sentence for per-sentence expert draws.
     """
 
-    def __init__(self, config: TransformerConfig) -> None:
+    def __init__(self, config: TransformerConfig, gate: GateChoice | None = None) -> None:
         super().__init__()
+        if isinstance(gate, Gate):
+            raise TypeError(
+                "gate= takes a spec or a factory (layer index -> Gate), not a built gate: one gate "
+                "instance cannot serve several layers; pass e.g. gate=lambda i: SwitchGate(d_model, num_experts)"
+            )
         self.config = c = config
+        choice = gate if gate is not None else c.gate
         self.embed = nn.Embedding(c.vocab_size, c.d_model, padding_idx=c.pad_id)
         nn.init.normal_(self.embed.weight, std=c.d_model**-0.5)
         with torch.no_grad():
@@ -272,42 +297,52 @@ class Seq2SeqTransformer(nn.Module):
         layer_index = iter(range(1_000_000))
         self.encoder = nn.ModuleList(
             TransformerEncoderBlock(
-                c.d_model, c.num_heads, self._ffn(i, next(layer_index)), c.dropout, c.attention_dropout
+                c.d_model, c.num_heads, self._ffn(i, next(layer_index), choice), c.dropout, c.attention_dropout
             )
             for i in range(c.encoder_layers)
         )
         self.decoder = nn.ModuleList(
             TransformerDecoderBlock(
-                c.d_model, c.num_heads, self._ffn(i, next(layer_index)), c.dropout, c.attention_dropout
+                c.d_model, c.num_heads, self._ffn(i, next(layer_index), choice), c.dropout, c.attention_dropout
             )
             for i in range(c.decoder_layers)
         )
         self.encoder_norm = nn.LayerNorm(c.d_model)
         self.decoder_norm = nn.LayerNorm(c.d_model)
 
-    def _ffn(self, depth: int, index: int) -> nn.Module:
+    def _ffn(self, depth: int, index: int, gate: GateChoice | None) -> nn.Module:
         c = self.config
-        if c.ffn == "dense" or depth % c.moe_every:
+        if gate is None or depth % c.moe_every:
             return FeedForward(c.d_model, c.d_hidden)
-        if c.ffn == "switch":
-            gate: SwitchGate | RandomGate = SwitchGate(
-                c.d_model,
-                c.num_experts,
-                balance_weight=c.balance_weight,
-                z_loss_weight=c.z_loss_weight,
-            )
-            limit: float | None = c.capacity_factor  # Switch's capacity is the layer's drop limit
-        else:  # THOR: one expert per layer per forward pass, as the official code
-            gate = RandomGate(c.d_model, c.num_experts, granularity="batch", seed=c.gate_seed * 1000 + index)
-            limit = None
-        return MoE(c.d_model, c.d_hidden, c.num_experts, gate=gate, activation="relu", bias=True, capacity_limit=limit)
+        options: dict[str, Any] = {}
+        if isinstance(gate, (str, GateSpec)):
+            spec = GateSpec.parse(gate, **c.gate_options)
+            if accepts_option(spec.name, "seed") and "seed" not in spec.options:
+                options["seed"] = c.gate_seed * 1000 + index
+            built: str | GateSpec | Gate = spec
+        else:
+            built = gate(index)
+            if not isinstance(built, Gate):
+                raise TypeError(f"the gate factory must return a sparsemoe.gates.Gate, got {type(built).__name__}")
+        return MoE(
+            c.d_model,
+            c.d_hidden,
+            c.num_experts,
+            gate=built,
+            activation="relu",
+            bias=True,
+            capacity_limit=c.capacity_limit,
+            **options,
+        )
 
     def train(self, mode: bool = True) -> Seq2SeqTransformer:
-        """Also switch Switch layers between their training and evaluation capacity factors."""
+        """Also set the MoE layers' ``capacity_limit`` to the config's training or evaluation value."""
         super().train(mode)
+        c = self.config
+        limit = c.capacity_limit if mode or c.eval_capacity_limit is None else c.eval_capacity_limit
         for module in self.modules():
-            if isinstance(module, MoE) and isinstance(module.gate, SwitchGate):
-                module.capacity_limit = self.config.capacity_factor if mode else self.config.eval_capacity_factor
+            if isinstance(module, MoE):
+                module.capacity_limit = limit
         return self
 
     def _embed(self, ids: torch.Tensor, start: int = 0) -> torch.Tensor:
@@ -366,11 +401,11 @@ class Seq2SeqTransformer(nn.Module):
         return [{} for _ in self.decoder]
 
     def parameter_counts(self) -> dict[str, int]:
-        """``total`` parameters and ``active_per_token``: those one token uses (one expert per MoE)."""
+        """``total`` parameters and ``active_per_token``: those one token uses (``k`` experts per MoE)."""
         total = sum(p.numel() for p in self.parameters())
         inactive = 0
         for m in self.modules():
             if isinstance(m, MoE):
                 expert_params = sum(p.numel() for p in m.experts.parameters())
-                inactive += expert_params - expert_params // m.num_experts
+                inactive += expert_params - expert_params * m.gate.k // m.num_experts
         return {"total": total, "active_per_token": total - inactive}
