@@ -28,6 +28,8 @@ class FixedGate(Gate):
     """
 
     k_policy = "fixed"
+    k_note = "1"
+    summary = "THOR inference (`fixed`): every input to one expert (`expert=`), weight 1"
     inference_only: ClassVar[bool] = True
 
     def __init__(
@@ -60,6 +62,8 @@ class MeanGate(Gate):
     """
 
     k_policy = "dense"
+    sparsity = "dense"
+    summary = "THOR inference (`mean`): every expert, weight 1/n"
     inference_only: ClassVar[bool] = True
 
     def __init__(
@@ -86,6 +90,8 @@ class TokenDrawGate(RandomGate):
     Draws from the gate's own seeded stream, exactly as ``RandomGate(granularity="token")``.
     """
 
+    uses_ids = None
+    summary = "THOR inference (`random-token`): k fresh uniform experts per token, seeded"
     inference_only: ClassVar[bool] = True
 
     def __init__(
@@ -121,6 +127,9 @@ class SentenceDrawGate(Gate):
     """
 
     k_policy = "fixed"
+    k_note = "1"
+    uses_ids = "sequence"
+    summary = "THOR inference (`random-sentence`): one seeded expert per sentence, kept across decoding steps"
     inference_only: ClassVar[bool] = True
     table: torch.Tensor
 
