@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "write_json"]
+__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "save_figure", "write_json"]
 
 _TMP_SUFFIX = ".tmp"
 
@@ -103,3 +103,15 @@ def _remove_stale_temps(path: Path) -> None:
             tmp.unlink(missing_ok=True)
         except (ValueError, OSError):  # not one of ours, or a live process of another user
             continue
+
+
+def save_figure(figure: Any, path: str | Path, **kwargs: Any) -> None:
+    """``figure.savefig(path, **kwargs)`` (matplotlib), atomically and durably.
+
+    The temporary file's name ends in ``.tmp``, so the format is passed from ``path``'s suffix
+    (unless ``format=`` is given).
+    """
+    path = Path(path)
+    kwargs.setdefault("format", path.suffix.lstrip(".") or None)
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, **kwargs)

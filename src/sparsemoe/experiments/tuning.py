@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from .. import gates
+from .._atomic import atomic_write_text, save_figure
 from ..training import fit
 from .progress import console, progress
 from .report import fmt, markdown_table, mean_std
@@ -333,7 +334,7 @@ def run_tuning(
     }
     write_json(out / "results.json", results)
     text = render_tables(results, problem.metrics)
-    (out / "table.md").write_text(text)
+    atomic_write_text(out / "table.md", text)
     plot_results(results, problem.metrics, out / f"{problem.name}.png")
     plot_saturation(results, out / f"{problem.name}-experts-per-input.png")
     print(text)
@@ -476,7 +477,7 @@ def plot_saturation(results: dict[str, Any], path: Path) -> None:
     if ax.get_legend_handles_labels()[0]:
         ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -623,5 +624,5 @@ def plot_results(results: dict[str, Any], metrics: list[tuple[str, str, bool]], 
     ax2.set_ylabel("validation loss of each trial")
     ax2.set_title("random-search trials")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
