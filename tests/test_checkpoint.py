@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import stat
@@ -199,3 +200,127 @@ def test_no_pickle_needed(tmp_path, monkeypatch) -> None:
     tensors, meta = read_checkpoint(path)
     assert "model.gate.proj.weight" in tensors and meta["optimizer"]["class"] == "Adam"
     load_checkpoint(path, *make("topk"))
+
+
+def _rewrite_meta(path, edit) -> None:
+    """Rewrite the JSON metadata in ``path``'s safetensors header with ``edit(meta)``; tensors unchanged."""
+    data = path.read_bytes()
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + size])
+    meta = json.loads(header["__metadata__"]["sparsemoe"])
+    edit(meta)
+    header["__metadata__"]["sparsemoe"] = json.dumps(meta)
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)  # safetensors pads its header to 8 bytes
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + data[8 + size :])
+
+
+@pytest.mark.parametrize(
+    "edit",
+    {
+        "step 5 -> 9": (b'\\"step\\": 5', b'\\"step\\": 9'),
+        "config": (b'\\"lr\\": 0.5', b'\\"lr\\": 0.7'),
+        "state": (b'\\"pos\\": 3', b'\\"pos\\": 4'),
+    }.items(),
+    ids=lambda item: item[0],
+)
+def test_edited_metadata_is_detected(tmp_path, edit) -> None:
+    """The SHA-256 covers the header's metadata: an edit of the same length loads no more."""
+    moe, opt = make("topk")
+    step(moe, opt)
+    path = save_checkpoint(tmp_path / "c.safetensors", moe, opt, step=5, config={"lr": 0.5}, state={"pos": 3})
+    data = path.read_bytes()
+    old, new = edit[1]
+    assert data.count(old) == 1
+    path.write_bytes(data.replace(old, new))
+    before = snapshot(moe, opt)
+    with pytest.raises(ValueError, match=r"c\.safetensors .*metadata checksum mismatch"):
+        load_checkpoint(path, moe, opt)
+    assert_same(snapshot(moe, opt), before)
+
+
+def test_format_2_checkpoints_still_load(tmp_path) -> None:
+    """Files written before the metadata checksum (format 2) load as they did."""
+    moe, opt = make("topk")
+    step(moe, opt)
+    path = save_checkpoint(tmp_path / "c.safetensors", moe, opt, step=4, config={"gate": "topk"})
+    expected = step(moe, opt)
+
+    def to_format_2(meta: dict) -> None:
+        meta["format"] = 2
+        del meta["meta_sha256"], meta["world_size"]
+
+    _rewrite_meta(path, to_format_2)
+    fresh, fresh_opt = make("topk")
+    assert load_checkpoint(path, fresh, fresh_opt)["step"] == 4
+    assert step(fresh, fresh_opt) == expected
+    _rewrite_meta(path, lambda meta: meta.update(format=1))
+    with pytest.raises(ValueError, match=r"checkpoint format 1, this version reads formats \[2, 3\]"):
+        load_checkpoint(path, fresh, fresh_opt)
+
+
+class _NotAScheduler:
+    def __repr__(self) -> str:
+        return "NotAScheduler()"
+
+
+BAD_SAVE_ARGUMENTS = [
+    ({"step": "x"}, TypeError, r"step must be an int .*got str \('x'\)"),
+    ({"step": None}, TypeError, r"step must be an int .*got NoneType"),
+    ({"step": 1.7}, TypeError, r"step must be an int .*got float \(1\.7\)"),
+    ({"step": True}, TypeError, r"step must be an int .*got bool"),
+    ({"step": -1}, ValueError, r"step must be >= 0, got -1"),
+    ({"config": [1, 2]}, TypeError, r"config must be a dict .*got list \(\[1, 2\]\)"),
+    ({"config": {"f": {1, 2}}}, TypeError, r"config cannot be stored in a checkpoint's JSON"),
+    ({"state": "pos=3"}, TypeError, r"state must be a dict .*got str"),
+    ({"tensors": {"a": 3}}, TypeError, r"tensors\['a'\] must be a torch\.Tensor, got int \(3\)"),
+    ({"tensors": [torch.ones(2)]}, TypeError, r"tensors must be a dict of name -> torch\.Tensor"),
+    ({"tensors": {1: torch.ones(2)}}, TypeError, r"tensors keys must be str, got int"),
+    ({"model": "model"}, TypeError, r"model must be a torch\.nn\.Module, got str \('model'\)"),
+    ({"optimizer": "adam"}, TypeError, r"optimizer must be a torch\.optim\.Optimizer or None, got str"),
+    ({"scheduler": _NotAScheduler()}, TypeError, r"scheduler must be an LR scheduler"),
+    ({"path": "folder"}, ValueError, r"path='.*folder' is an existing folder, not a file: pass a file path"),
+    ({"path": "a_file/c.safetensors"}, ValueError, r"cannot be written: .*a_file is a file, not a folder"),
+    ({"path": 3}, TypeError, r"path must be a str or os\.PathLike naming a checkpoint file, got int"),
+]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    BAD_SAVE_ARGUMENTS,
+    ids=[", ".join(f"{k}={v!r}" for k, v in case[0].items()) for case in BAD_SAVE_ARGUMENTS],
+)
+def test_bad_save_arguments_name_the_argument_and_write_nothing(tmp_path, kwargs, error, match) -> None:
+    moe, opt = make("topk")
+    step(moe, opt)
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "a_file").write_text("not a folder")
+    good = save_checkpoint(tmp_path / "c.safetensors", moe, opt, step=1)
+    before = good.read_bytes()
+    call = {"path": good, "model": moe, "optimizer": opt, **kwargs}
+    if isinstance(call["path"], str):
+        call["path"] = tmp_path / call["path"]
+    with pytest.raises(error, match=match):
+        save_checkpoint(**call)
+    assert good.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "c.safetensors", "folder"]
+    assert list((tmp_path / "folder").iterdir()) == []
+
+
+def test_loading_a_folder_says_what_is_there(tmp_path) -> None:
+    moe, _ = make("topk")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"empty is a folder, not a checkpoint file: it is empty"):
+        load_checkpoint(tmp_path / "empty", moe)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "README.txt").write_text("hi")
+    with pytest.raises(ValueError, match=r"holds 1 entry \(README\.txt\), none a \.safetensors file"):
+        load_checkpoint(tmp_path / "notes", moe)
+    save_checkpoint(tmp_path / "runs" / "last.safetensors", moe)
+    save_checkpoint(tmp_path / "runs" / "best.safetensors", moe)
+    with pytest.raises(
+        ValueError, match=r"holds the checkpoint file\(s\) best\.safetensors, last\.safetensors: pass one"
+    ):
+        load_checkpoint(tmp_path / "runs", moe)
+    with pytest.raises(TypeError, match=r"model must be a torch\.nn\.Module, got str"):
+        load_checkpoint(tmp_path / "runs" / "last.safetensors", "model")  # type: ignore[arg-type]

@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel
 
 import sparsemoe
 from sparsemoe import MoE, MultiTaskMoE
@@ -204,6 +205,87 @@ def _check_checkpoint(rank: int, out: str) -> str:
     return "ok"
 
 
+def _check_ddp_through_hardening(rank: int) -> str:
+    """DDP with default settings trains across the local-search hardening step, equal to one process.
+
+    Before the fix, hardening stopped ``log_alpha`` from requiring grad, and DDP (which waits for a
+    gradient of every parameter it was built with) failed at the next step: "Expected to have
+    finished reduction in the prior iteration".
+    """
+    single, model = _model(6), _model(6)
+    ddp = DistributedDataParallel(model)  # default settings: find_unused_parameters=False
+    opt_single = torch.optim.Adam(single.parameters(), lr=0.05)
+    opt = torch.optim.Adam(ddp.parameters(), lr=0.05)
+    gen = torch.Generator().manual_seed(8)
+    losses, ref_losses = [], []
+    for _ in range(5):  # local_search_steps=2: hardens at the 3rd training forward
+        x = torch.randn(2 * 6, D, generator=gen, dtype=torch.float64)
+        t = torch.randn(2 * 6, 1, generator=gen, dtype=torch.float64)
+        ref_loss = (single(x) - t).pow(2).mean()
+        opt_single.zero_grad()
+        ref_loss.backward()
+        opt_single.step()
+        mine = slice(6 * rank, 6 * rank + 6)
+        loss = (ddp(x[mine]) - t[mine]).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        total = loss.detach().clone()
+        dist.all_reduce(total)
+        losses.append(float(total) / WORLD)
+        ref_losses.append(float(ref_loss))
+    search = model[1].search
+    assert bool(search.hardened), "the run should cross the local-search hardening step"
+    grad = search.log_alpha.grad
+    assert grad is not None and not grad.any(), "after hardening log_alpha gets an exact zero gradient"
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-10, atol=0)
+    return "ok"
+
+
+def _ep_random_model(seed: int) -> torch.nn.Module:
+    """Linear, dropout (global RNG), an expert-parallel random-gate MoE (its own stream), linear."""
+    torch.manual_seed(seed)
+    moe = MoE(D, 8, NUM_EXPERTS, gate="random", k=2)
+    return torch.nn.Sequential(
+        torch.nn.Linear(D, D), torch.nn.Dropout(0.2), expert_parallel(moe.double()), torch.nn.Linear(D, 1)
+    ).double()
+
+
+def _train_steps(rank: int, model: torch.nn.Module, opt: torch.optim.Optimizer, steps: range) -> list[float]:
+    out = []
+    for i in steps:  # rank r's batch i: TOKENS[r] rows (uneven, so the random gates' streams part)
+        gen = torch.Generator().manual_seed(1000 * rank + i)
+        x = torch.randn(TOKENS[rank], D, generator=gen, dtype=torch.float64)
+        loss = model(x).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        average_replicated_gradients(model)
+        opt.step()
+        out.append(float(loss))
+    return out
+
+
+def _check_resume_every_rank(rank: int, out: str) -> str:
+    """A 2-rank checkpoint restores each rank's own RNG states and gate stream: resume is exact on both."""
+    model = _ep_random_model(1)
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    torch.manual_seed(50 + rank)  # each rank's own dropout stream
+    _train_steps(rank, model, opt, range(2))
+    path = Path(out, "per-rank.safetensors")
+    save_checkpoint(path, model, opt, step=2)
+    streams = [torch.empty_like(model[2].gate.rng_state) for _ in range(WORLD)]
+    dist.all_gather(streams, model[2].gate.rng_state)
+    expected = _train_steps(rank, model, opt, range(2, 5))
+    fresh = _ep_random_model(9)
+    fresh_opt = torch.optim.Adam(fresh.parameters(), lr=0.05)
+    torch.manual_seed(999)  # disturb the global RNG: loading must restore this rank's
+    load_checkpoint(path, fresh, fresh_opt)
+    got = _train_steps(rank, fresh, fresh_opt, range(2, 5))
+    assert not torch.equal(streams[0], streams[1]), "the ranks' gate streams should differ (uneven batches)"
+    assert got == expected, f"rank {rank}: resumed {got}, uninterrupted {expected}"
+    return "ok"
+
+
 def _run(fn: Callable[[], str]) -> str:
     try:
         return fn()
@@ -220,6 +302,8 @@ def _worker(rank: int, port: int, out: str) -> None:
     results["training"] = _run(lambda: _check_training(rank))
     results["indivisible"] = _run(lambda: _check_indivisible(rank))
     results["checkpoint 2<->1"] = _run(lambda: _check_checkpoint(rank, out))
+    results["ddp through hardening"] = _run(lambda: _check_ddp_through_hardening(rank))
+    results["checkpoint resume per rank"] = _run(lambda: _check_resume_every_rank(rank, out))
     Path(out, f"rank{rank}.json").write_text(json.dumps(results))
     dist.destroy_process_group()
 
@@ -231,7 +315,11 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, str]]:
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
 
 
-@pytest.mark.parametrize("case", [c[0] for c in CASES] + ["training", "indivisible", "checkpoint 2<->1"])
+@pytest.mark.parametrize(
+    "case",
+    [c[0] for c in CASES]
+    + ["training", "indivisible", "checkpoint 2<->1", "ddp through hardening", "checkpoint resume per rank"],
+)
 def test_expert_parallel_matches_unsharded(results: list[dict[str, str]], case: str) -> None:
     for rank, found in enumerate(results):
         assert found[case] == "ok", f"rank {rank}:\n{found[case]}"

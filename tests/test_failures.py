@@ -52,7 +52,7 @@ from test_failures import train
 
 where, path = sys.argv[1], sys.argv[2]
 calls = {{"n": 0}}
-real_durable, real_write, real_replace = ck._write_durably, os.write, os.replace
+real_durable, real_write, real_replace = ck.atomic_write_bytes, os.write, os.replace
 
 def stall():
     print("STALLED", flush=True)
@@ -73,7 +73,7 @@ def replace(a, b):
         stall()
     return real_replace(a, b)
 
-ck._write_durably, os.write, os.replace = durable, write, replace
+ck.atomic_write_bytes, os.write, os.replace = durable, write, replace
 train(__import__("pathlib").Path(path))
 print("FINISHED", flush=True)
 """

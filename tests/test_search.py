@@ -28,7 +28,13 @@ def test_hardened_is_a_true_permutation() -> None:
     _train_steps(search, 6)  # 5 soft steps, then the hardening forward
     assert bool(search.hardened)
     assert sorted(search.permutation.tolist()) == list(range(16))
-    assert not search.log_alpha.requires_grad
+    # frozen, yet still in the graph (DDP needs every parameter's gradient): an exact zero gradient
+    log_alpha = search.log_alpha.detach().clone()
+    routing = sparsemoe.Routing.from_topk(torch.tensor([[0], [1]]), torch.ones(2, 1), 16)
+    (weight,) = (r.weight for r in search.permute([routing]))
+    (weight * torch.tensor([2.0, float("inf")])).sum().backward()
+    assert search.log_alpha.grad is not None and not search.log_alpha.grad.any()
+    assert torch.equal(weight, routing.weight) and torch.equal(search.log_alpha, log_alpha)
 
 
 def test_sinkhorn_truncated_gradient_keeps_the_forward_value() -> None:
@@ -208,7 +214,7 @@ def test_state_dict_round_trip_after_hardening() -> None:
     fresh = sparsemoe.MultiTaskMoE(6, 4, 8, 2, gate="topk+", k=2, noisy=False, local_search_steps=2)
     fresh.load_state_dict(moe.state_dict())
     fresh.eval()
-    assert bool(fresh.search.hardened) and not fresh.search.log_alpha.requires_grad
+    assert bool(fresh.search.hardened)
     assert torch.equal(fresh.search.permutation, moe.search.permutation)
     for ya, yb in zip(expected, fresh(x), strict=True):
         assert torch.equal(ya, yb)

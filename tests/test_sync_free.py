@@ -15,6 +15,7 @@ import torch
 import sparsemoe
 from sparsemoe import _validation, kernels
 from sparsemoe._validation import check_ids, check_input, device_side_checks
+from sparsemoe.dispatch import sort_by_expert
 from sparsemoe.gates import hash as hash_gate
 from sparsemoe.routing import count_per_expert
 
@@ -75,6 +76,34 @@ def test_count_per_expert_matches_bincount(monkeypatch: pytest.MonkeyPatch) -> N
     got = count_per_expert(expert, 6)
     assert torch.equal(got, want) and got.dtype == want.dtype
     assert torch.equal(count_per_expert(expert[:0], 6), torch.zeros(6, dtype=torch.long))
+
+
+def test_every_pair_count_goes_through_count_per_expert(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Loads, pairs per input, choice ranks, capacity and both dispatch paths count with the one
+    helper: with ``bincount`` (a host sync on CUDA) gone and the helper in its CUDA form, they agree."""
+    torch.manual_seed(0)
+    x = torch.randn(9, 6)
+    routing = sparsemoe.Routing.from_topk(torch.randint(0, 5, (9, 2)), torch.rand(9, 2), 5)
+    moe = sparsemoe.MultiTaskMoE(6, 4, 5, 2, gate="topk", k=2, noisy=False).eval()
+
+    def counts() -> list[torch.Tensor]:
+        order, per_expert = sort_by_expert(routing.expert, 5)
+        capped = routing.with_capacity(0.5)
+        return [routing.load(), routing.active_per_input(), routing.choice_rank(), capped.expert, per_expert, order]
+
+    with torch.no_grad():
+        expected, outputs = counts(), moe(x)
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("torch.bincount called: it reads the largest index on the host on CUDA")
+
+    monkeypatch.setattr(torch, "bincount", refuse)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # the helper's fixed-size (CUDA) form
+    for got, want in zip(counts(), expected, strict=True):
+        assert torch.equal(got, want)
+    with torch.no_grad():
+        for got, want in zip(moe(x), outputs, strict=True):
+            torch.testing.assert_close(got, want)
 
 
 @pytest.mark.usefixtures("device_checks")

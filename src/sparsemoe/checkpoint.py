@@ -10,41 +10,47 @@ What a file holds:
   (``extra.*``, e.g. the training loop's best weights);
 * a JSON document in the safetensors metadata: format, step, config, optimiser class and
   hyper-parameters, scheduler state, the caller's state (the loop's data position), the scalar parts
-  of the RNG states, and a SHA-256 of every tensor's bytes.
+  of the RNG states, a SHA-256 of every tensor's bytes (``sha256``) and a SHA-256 of the whole
+  document, that digest included (``meta_sha256``). So editing the step, the config or any other
+  metadata in the header is detected on load, as is a changed tensor.
 
 Why the JSON lives inside the safetensors header rather than in a side file: one file is replaced
 atomically as a unit, so weights and metadata can never come from two different saves, and a
 checkpoint is copied or deleted as one thing.
 
-Durability: the bytes go to a temporary file in the same folder (created with mode ``0o666`` minus
-the umask, i.e. normal permissions), which is ``fsync``-ed, renamed over the target with
-``os.replace`` and the folder is ``fsync``-ed. A crash at any point leaves either the previous
-checkpoint or the new one, never a mix. Temporary files of writers that died are removed by the
-next save.
+Durability: the bytes are written by the project's one writer (:mod:`sparsemoe._atomic`): a
+temporary file in the same folder (normal permissions), ``fsync``, ``os.replace`` over the target,
+``fsync`` of the folder. A crash at any point leaves either the previous checkpoint or the new one,
+never a mix. Temporary files of writers that died are removed by the next save.
 
-Loading never unpickles (no ``torch.load``): it parses the safetensors header itself, checks the
-checksum, and validates everything (model keys and shapes, optimiser class, parameter names and
+Loading never unpickles (no ``torch.load``): it parses the safetensors header itself, checks both
+checksums, and validates everything (model keys and shapes, optimiser class, parameter names and
 hyper-parameter keys, scheduler class) BEFORE changing the model, optimiser, scheduler or RNGs, so
-a bad file raises a ``ValueError`` naming it and leaves everything untouched.
+a bad file raises a ``ValueError`` naming it and leaves everything untouched. Files of format 2
+(before the metadata checksum) still load; their metadata is not covered.
 
 Expert parallelism (:mod:`sparsemoe.distributed`): every rank calls :func:`save_checkpoint`; the
 expert shards (and their optimiser tensors) are gathered into full ``[n, ...]`` tensors and rank 0
-writes one file, identical to the unsharded model's. :func:`load_checkpoint` slices each rank's
-experts out of it, so a checkpoint moves between any numbers of ranks (2 -> 1, 1 -> 2). The RNG
-states saved are rank 0's.
+writes one file, which an unsharded model loads as its own. :func:`load_checkpoint` slices each
+rank's experts out of it, so a checkpoint moves between any numbers of ranks (2 -> 1, 1 -> 2). What
+differs between ranks is saved for each rank: its RNG states (``rank<r>.rng.*``) and those of its
+buffers that differ from rank 0's (``rank<r>.model.*``; the random gate's ``rng_state`` advances
+with the rank's own batch). Loading at the same number of ranks restores each rank's own, so the
+resumed run is exact on every rank; at another number of ranks every rank gets rank 0's (the saved
+``model.*`` and ``rng.*``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import numbers
 import os
 import random
-import uuid
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -53,14 +59,28 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 from torch import nn
 
-from .distributed import ExpertParallel, expert_parallel_layers
+from ._atomic import atomic_write_bytes
 
 _META_KEY = "sparsemoe"
-_FORMAT = 2
-_TMP_SUFFIX = ".tmp"
+_FORMAT = 3
+_READABLE_FORMATS = (2, 3)  # 2: before the metadata checksum and the per-rank states
 
 
 # ----------------------------------------------------------------------------- small helpers
+@runtime_checkable
+class _ExpertShard(Protocol):
+    """A module holding experts ``expert_range`` of a layer sharded over ``world_size`` ranks.
+
+    :class:`sparsemoe.distributed.ExpertParallel` is one; checking these attributes instead of its
+    class keeps this module free of the distributed layers.
+    """
+
+    experts: nn.Module
+    expert_range: tuple[int, int]
+    world_size: int
+    group: Any
+
+
 def _generators(model: nn.Module) -> dict[str, torch.Generator]:
     """Every ``torch.Generator`` a submodule keeps as ``.generator`` (a user's module; no built-in gate has one)."""
     return {
@@ -70,23 +90,24 @@ def _generators(model: nn.Module) -> dict[str, torch.Generator]:
     }
 
 
-def _sharded_keys(model: nn.Module) -> dict[str, ExpertParallel]:
+def _sharded_keys(model: nn.Module) -> dict[str, _ExpertShard]:
     """``state_dict`` keys of expert-parallel shards -> their layer."""
     out = {}
-    for prefix, layer in expert_parallel_layers(model):
-        for name, _ in layer.experts.named_parameters():
-            out[f"{prefix}.experts.{name}" if prefix else f"experts.{name}"] = layer
+    for prefix, layer in model.named_modules():
+        if isinstance(layer, _ExpertShard):
+            for name, _ in layer.experts.named_parameters():
+                out[f"{prefix}.experts.{name}" if prefix else f"experts.{name}"] = layer
     return out
 
 
-def _gather(t: torch.Tensor, layer: ExpertParallel) -> torch.Tensor:
+def _gather(t: torch.Tensor, layer: _ExpertShard) -> torch.Tensor:
     """The full ``[n, ...]`` tensor from every rank's ``[n/W, ...]`` slice (collective)."""
     parts = [torch.empty_like(t) for _ in range(layer.world_size)]
     dist.all_gather(parts, t.detach().contiguous(), group=layer.group)
     return torch.cat(parts)
 
 
-def _local(t: torch.Tensor, layer: ExpertParallel) -> torch.Tensor:
+def _local(t: torch.Tensor, layer: _ExpertShard) -> torch.Tensor:
     lo, hi = layer.expert_range
     return t[lo:hi]
 
@@ -103,6 +124,16 @@ def _checksum(tensors: Mapping[str, torch.Tensor]) -> str:
         h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def _meta_checksum(meta: Mapping[str, Any]) -> str:
+    """SHA-256 of the metadata without ``meta_sha256`` (canonical JSON: sorted keys, no spaces).
+
+    The metadata is JSON already (every part went through :func:`_json_ready`), and Python's JSON
+    round trip is exact (floats included), so the reader recomputes the same digest.
+    """
+    body = {k: v for k, v in meta.items() if k != "meta_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def _json_ready(value: Any, where: str) -> Any:
@@ -125,8 +156,93 @@ def _param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str
     return out
 
 
+# ----------------------------------------------------------------------------- argument checks
+def _describe(value: object) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} ({text if len(text) <= 60 else text[:57] + '...'})"
+
+
+def _folder_contents(folder: Path) -> str:
+    """What is in ``folder``, for an error message about a folder passed as a checkpoint file."""
+    entries = sorted(p.name for p in folder.iterdir())
+    files = [name for name in entries if name.endswith(".safetensors")]
+    if files:
+        shown = ", ".join(files[:5]) + (f" and {len(files) - 5} more" if len(files) > 5 else "")
+        return f"it holds the checkpoint file(s) {shown}: pass one of them"
+    if not entries:
+        return "it is empty"
+    shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+    return f"it holds {len(entries)} entr{'y' if len(entries) == 1 else 'ies'} ({shown}), none a .safetensors file"
+
+
+def _check_path(path: object, *, writing: bool) -> Path:
+    """``path`` as a ``Path`` to a file (not a folder); for writing, with no file where a folder must be."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike naming a checkpoint file, got {_describe(path)}")
+    path = Path(path)
+    if path.is_dir():
+        if writing:
+            raise ValueError(
+                f"path={str(path)!r} is an existing folder, not a file: pass a file path such as "
+                f"{str(path / 'checkpoint.safetensors')!r}"
+            )
+        raise ValueError(f"{path} is a folder, not a checkpoint file: {_folder_contents(path)}")
+    if writing:
+        for parent in path.parents:
+            if parent.exists():
+                if not parent.is_dir():
+                    raise ValueError(f"path={str(path)!r} cannot be written: {parent} is a file, not a folder")
+                break
+    return path
+
+
+def _check_modules(model: object, optimizer: object, scheduler: object) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {_describe(model)}")
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {_describe(optimizer)}")
+    if scheduler is not None and not (
+        callable(getattr(scheduler, "state_dict", None)) and callable(getattr(scheduler, "load_state_dict", None))
+    ):
+        raise TypeError(
+            "scheduler must be an LR scheduler (with state_dict and load_state_dict) or None, "
+            f"got {_describe(scheduler)}"
+        )
+
+
+def _check_step(step: object) -> int:
+    if isinstance(step, bool) or not isinstance(step, numbers.Integral):
+        raise TypeError(f"step must be an int (the number of training steps done), got {_describe(step)}")
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    return int(step)
+
+
+def _check_mapping(name: str, value: object) -> dict[str, Any]:
+    """``value`` (a mapping of JSON values, or None) as JSON-exact data; errors name ``name``."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise TypeError(f"{name} must be a dict of JSON-serialisable values (or None), got {_describe(value)}")
+    return dict(_json_ready(dict(value), name))
+
+
+def _check_tensors(tensors: object) -> dict[str, torch.Tensor]:
+    if tensors is None:
+        return {}
+    if not isinstance(tensors, Mapping):
+        raise TypeError(f"tensors must be a dict of name -> torch.Tensor (or None), got {_describe(tensors)}")
+    for key, value in tensors.items():
+        if not isinstance(key, str):
+            raise TypeError(f"tensors keys must be str, got {_describe(key)}")
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"tensors[{key!r}] must be a torch.Tensor, got {_describe(value)}")
+    return dict(tensors)
+
+
 # ----------------------------------------------------------------------------- RNG states
-def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def _rng_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """This process's RNG states (and those of ``model``'s ``.generator``s): tensors and JSON scalars."""
     tensors = {"rng.torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         for i, state in enumerate(torch.cuda.get_rng_state_all()):
@@ -135,6 +251,8 @@ def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     tensors["rng.numpy"] = torch.from_numpy(np.asarray(keys, dtype=np.int64))
     version, internal, gauss_next = random.getstate()
     tensors["rng.python"] = torch.tensor(internal, dtype=torch.int64)
+    for name, generator in _generators(model).items():
+        tensors[f"rng.module.{name}"] = generator.get_state()
     meta = {
         "numpy": [kind, int(pos), int(has_gauss), float(cached)],
         "python": [version, gauss_next],
@@ -159,48 +277,56 @@ def _restore_rng(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any], m
             generator.set_state(tensors[f"rng.module.{name}"])
 
 
+# ----------------------------------------------------------------------------- per-rank states
+def _replicated_buffers(model: nn.Module, sharded: Mapping[str, _ExpertShard]) -> dict[str, torch.Tensor]:
+    """The ``state_dict`` entries every rank holds in full that are not parameters (buffers)."""
+    params = {name for name, _ in model.named_parameters()}
+    return {k: _cpu(v) for k, v in model.state_dict().items() if k not in sharded and k not in params}
+
+
+def _gather_rank_states(
+    model: nn.Module,
+    sharded: Mapping[str, _ExpertShard],
+    rng_tensors: Mapping[str, torch.Tensor],
+    rng_meta: Mapping[str, Any],
+    out: dict[str, torch.Tensor],
+) -> list[dict[str, Any]]:
+    """Collective: every rank's RNG states and buffers go to rank 0, which adds ranks 1.. to ``out``.
+
+    Returns (on rank 0; empty elsewhere) the JSON RNG scalars of ranks 1, 2, ... A buffer of rank
+    ``r`` is stored (``rank<r>.model.<key>``) only where it differs from rank 0's ``model.<key>``.
+    """
+    mine = ({k: _cpu(v) for k, v in rng_tensors.items()}, dict(rng_meta), _replicated_buffers(model, sharded))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    everyone: list[Any] | None = [None] * world if rank == 0 else None
+    dist.gather_object(mine, everyone, dst=0)
+    if everyone is None:
+        return []
+    others = []
+    for r, (tensors, meta, buffers) in enumerate(everyone[1:], start=1):
+        out.update({f"rank{r}.{k}": v for k, v in tensors.items()})
+        for key, value in buffers.items():
+            if not torch.equal(value, out[f"model.{key}"]):
+                out[f"rank{r}.model.{key}"] = value
+        others.append({"rng": meta})
+    return others
+
+
+def _own_rank(model: nn.Module, meta: Mapping[str, Any]) -> int:
+    """The rank whose saved states this process restores: its own at the saved world size, else 0."""
+    saved_world = meta.get("world_size", 1)
+    if saved_world == 1 or not _sharded_keys(model) or dist.get_world_size() != saved_world:
+        return 0
+    return dist.get_rank()
+
+
+def _of_rank(tensors: Mapping[str, torch.Tensor], rank: int, section: str) -> dict[str, torch.Tensor]:
+    """Rank ``rank``'s ``<section>.*`` tensors (``rank<r>.<section>.*`` for ``r > 0``), keys without the rank."""
+    prefix = f"rank{rank}." if rank else ""
+    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(f"{prefix}{section}.")}
+
+
 # ----------------------------------------------------------------------------- writing
-def _write_durably(path: Path, data: bytes) -> None:
-    """Temp file in the same folder, fsync, ``os.replace``, fsync of the folder."""
-    folder = path.parent
-    folder.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(path)
-    tmp = folder / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}{_TMP_SUFFIX}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for open()
-    try:
-        view = memoryview(data)
-        while view:
-            written = os.write(fd, view[: 1 << 24])
-            view = view[written:]
-        os.fsync(fd)
-        os.close(fd)
-        fd = -1
-        os.replace(tmp, path)
-    except BaseException:
-        if fd >= 0:
-            os.close(fd)
-        tmp.unlink(missing_ok=True)
-        raise
-    if hasattr(os, "O_DIRECTORY"):  # POSIX: make the rename itself durable
-        dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-
-
-def _remove_stale_temps(path: Path) -> None:
-    """Delete temp files of ``path`` left by writers that no longer run (killed mid-save)."""
-    for tmp in path.parent.glob(f".{path.name}.*{_TMP_SUFFIX}"):
-        try:
-            pid = int(tmp.name[len(path.name) + 2 :].split(".")[0])
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            tmp.unlink(missing_ok=True)
-        except (ValueError, PermissionError, OSError):
-            continue
-
-
 def save_checkpoint(
     path: str | Path,
     model: nn.Module,
@@ -215,45 +341,53 @@ def save_checkpoint(
     """Write a complete, durable checkpoint to ``path`` (see the module docstring); returns the path.
 
     Args:
+        path: the file to write (its folder is created); not an existing folder.
         scheduler: an LR scheduler whose ``state_dict`` is stored (JSON).
-        step: training step, returned by :func:`load_checkpoint`.
-        config: JSON-serialisable configuration, returned as is.
-        state: JSON-serialisable caller state (a loop's position), returned as is.
-        tensors: caller tensors, returned as is.
+        step: training step (an int >= 0), returned by :func:`load_checkpoint`.
+        config: JSON-serialisable configuration (a dict), returned as is.
+        state: JSON-serialisable caller state (a dict: a loop's position), returned as is.
+        tensors: caller tensors (a dict of name -> tensor), returned as is.
 
-    With expert-parallel layers in ``model`` every rank must call this (it gathers the shards);
-    rank 0 writes the file and the others wait for it.
+    Every argument is checked before anything is gathered or written: a bad one raises a
+    ``TypeError``/``ValueError`` naming it. With expert-parallel layers in ``model`` every rank must
+    call this (it gathers the shards and each rank's RNG states); rank 0 writes the file and the
+    others wait for it.
     """
-    path = Path(path)
-    sharded = _sharded_keys(model)
-    out: dict[str, torch.Tensor] = {}
-    for key, value in model.state_dict().items():
-        out[f"model.{key}"] = _cpu(_gather(value, sharded[key]) if key in sharded else value)
-    for key, value in (tensors or {}).items():
-        out[f"extra.{key}"] = _cpu(value)
-    rng_tensors, rng_meta = _rng_state()
-    out.update(rng_tensors)
-    for name, generator in _generators(model).items():
-        out[f"rng.module.{name}"] = generator.get_state()
+    path = _check_path(path, writing=True)
+    _check_modules(model, optimizer, scheduler)
     meta: dict[str, Any] = {
         "format": _FORMAT,
-        "step": int(step),
-        "config": _json_ready(dict(config or {}), "config"),
-        "state": _json_ready(dict(state or {}), "state"),
-        "rng": rng_meta,
+        "step": _check_step(step),
+        "config": _check_mapping("config", config),
+        "state": _check_mapping("state", state),
         "optimizer": None,
         "scheduler": None,
+        "world_size": 1,
     }
-    if optimizer is not None:
-        meta["optimizer"] = _optimizer_to_file(model, optimizer, sharded, out)
+    extra = _check_tensors(tensors)
     if scheduler is not None:
         meta["scheduler"] = {
             "class": type(scheduler).__name__,
             "state": _json_ready(scheduler.state_dict(), f"{type(scheduler).__name__}.state_dict()"),
         }
-    meta["sha256"] = _checksum(out)
+    # ---- checked: now gather (collectives) and write
+    sharded = _sharded_keys(model)
+    out: dict[str, torch.Tensor] = {}
+    for key, value in model.state_dict().items():
+        out[f"model.{key}"] = _cpu(_gather(value, sharded[key]) if key in sharded else value)
+    for key, value in extra.items():
+        out[f"extra.{key}"] = _cpu(value)
+    rng_tensors, meta["rng"] = _rng_state(model)
+    out.update(rng_tensors)
+    if optimizer is not None:
+        meta["optimizer"] = _optimizer_to_file(model, optimizer, sharded, out)
+    if sharded:
+        meta["world_size"] = dist.get_world_size()
+        meta["other_ranks"] = _gather_rank_states(model, sharded, rng_tensors, meta["rng"], out)
     if not sharded or dist.get_rank() == 0:
-        _write_durably(path, save_tensors(out, metadata={_META_KEY: json.dumps(meta)}))
+        meta["sha256"] = _checksum(out)
+        meta["meta_sha256"] = _meta_checksum(meta)
+        atomic_write_bytes(path, save_tensors(out, metadata={_META_KEY: json.dumps(meta)}))
     if sharded:
         dist.barrier()
     return path
@@ -262,7 +396,7 @@ def save_checkpoint(
 def _optimizer_to_file(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    sharded: Mapping[str, ExpertParallel],
+    sharded: Mapping[str, _ExpertShard],
     out: dict[str, torch.Tensor],
 ) -> dict[str, Any]:
     names = _param_names(model, optimizer)
@@ -291,12 +425,15 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     """The tensors and the JSON metadata of a checkpoint file, checked, without unpickling anything.
 
     Raises:
-        FileNotFoundError: no file at ``path``.
-        ValueError: the file is not a sparsemoe checkpoint, is truncated or damaged (names the file).
+        FileNotFoundError: nothing at ``path``.
+        ValueError: ``path`` is a folder (the message says what it holds), or the file is not a
+            sparsemoe checkpoint, is truncated, or was damaged or edited (names the file).
     """
-    path = Path(path)
+    path = _check_path(path, writing=False)
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint at {path}: no file or folder there")
     if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
+        raise ValueError(f"{path} is not a regular file, so not a checkpoint")
     data = path.read_bytes()
 
     def bad(why: str) -> ValueError:
@@ -315,9 +452,14 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         meta = json.loads(header["__metadata__"][_META_KEY])
     except (ValueError, KeyError, TypeError) as e:
         raise bad(f"no sparsemoe metadata in its header ({type(e).__name__}: {e})") from None
-    if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
+    if not isinstance(meta, dict) or meta.get("format") not in _READABLE_FORMATS:
         found = meta.get("format") if isinstance(meta, dict) else None
-        raise bad(f"checkpoint format {found!r}, this version reads format {_FORMAT}")
+        raise bad(f"checkpoint format {found!r}, this version reads formats {list(_READABLE_FORMATS)}")
+    if meta["format"] >= 3 and meta.get("meta_sha256") != _meta_checksum(meta):
+        raise bad(
+            "metadata checksum mismatch: the JSON metadata in its header (step, config, state, optimizer "
+            "or scheduler settings, RNG states) was modified or corrupted after it was written"
+        )
     try:
         tensors = load_tensors(data)
     except Exception as e:  # safetensors raises its own error type for damaged data
@@ -339,16 +481,27 @@ def load_checkpoint(
 
     Everything is validated before anything is changed: on any error the model, optimiser,
     scheduler and RNGs are untouched. Returns ``{"step", "config", "state", "tensors"}``
-    (``state``/``tensors``: what the caller passed to :func:`save_checkpoint`).
+    (``state``/``tensors``: what the caller passed to :func:`save_checkpoint`). An expert-parallel
+    model loading a checkpoint saved by the same number of ranks restores each rank's own RNG
+    states and buffers (see the module docstring).
 
     Raises:
-        FileNotFoundError: no file at ``path``.
-        ValueError: unreadable file, or a checkpoint that does not fit ``model``/``optimizer``/
-            ``scheduler`` (the message names the file and the mismatch).
+        FileNotFoundError: nothing at ``path``.
+        TypeError: ``model``/``optimizer``/``scheduler`` of the wrong type.
+        ValueError: a folder at ``path``, an unreadable file, or a checkpoint that does not fit
+            ``model``/``optimizer``/``scheduler`` (the message names the file and the mismatch).
     """
-    path = Path(path)
+    path = _check_path(path, writing=False)
+    _check_modules(model, optimizer, scheduler)
     tensors, meta = read_checkpoint(path)
+    rank = _own_rank(model, meta)
     model_state = _model_state_from_file(path, model, tensors)
+    if rank:  # this rank's own buffers where they differ from rank 0's
+        for key, value in _of_rank(tensors, rank, "model").items():
+            key = key[len("model.") :]
+            if key not in model_state or value.shape != model_state[key].shape:
+                raise ValueError(f"{path}: rank {rank}'s {key} does not fit this model")
+            model_state[key] = value
     optim_state = None
     if optimizer is not None:
         optim_state = _optimizer_state_from_file(path, model, optimizer, tensors, meta["optimizer"])
@@ -367,7 +520,8 @@ def load_checkpoint(
     if scheduler is not None:
         scheduler.load_state_dict(meta["scheduler"]["state"])
     if restore_rng:
-        _restore_rng(tensors, meta["rng"], model)
+        rng_meta = meta["rng"] if rank == 0 else meta["other_ranks"][rank - 1]["rng"]
+        _restore_rng(_of_rank(tensors, rank, "rng"), rng_meta, model)
     extra = {k[len("extra.") :]: v for k, v in tensors.items() if k.startswith("extra.")}
     return {"step": meta["step"], "config": meta["config"], "state": meta["state"], "tensors": extra}
 

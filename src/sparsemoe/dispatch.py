@@ -17,18 +17,16 @@ import torch
 
 from .experts import ExpertBank
 from .kernels import weighted_combine
-from .routing import Routing
+from .routing import Routing, count_per_expert
 
 
 def sort_by_expert(expert: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The stable order that groups pairs by expert, and the pairs per expert ``LongTensor[n]``.
 
-    The counts have a fixed size ``[n]`` (``bincount`` sizes its output by the data, which
-    ``torch.compile`` cannot trace without a graph break).
+    The counts have a fixed size ``[n]`` and need no host read (:func:`~sparsemoe.routing.count_per_expert`).
     """
     order = torch.argsort(expert, stable=True)
-    counts = expert.new_zeros(num_experts).index_add_(0, expert, torch.ones_like(expert))
-    return order, counts
+    return order, count_per_expert(expert, num_experts)
 
 
 def combine(ys: torch.Tensor, token: torch.Tensor, weight: torch.Tensor, num_inputs: int) -> torch.Tensor:
@@ -96,7 +94,7 @@ def dispatch_tasks(x: torch.Tensor, routings: list[Routing], experts: ExpertBank
         return dense_mix(experts.forward_all(x), routings)
     keys = torch.cat([r.expert * num_inputs + r.token for r in routings])
     unique_keys, position = torch.unique(keys, return_inverse=True)
-    counts = torch.bincount(unique_keys // num_inputs, minlength=num_experts)
+    counts = count_per_expert(unique_keys // num_inputs, num_experts)
     ys = experts.forward_sorted(x.index_select(0, unique_keys % num_inputs), counts)  # [N_unique, *out]
     outputs, start = [], 0
     for r in routings:

@@ -41,8 +41,12 @@ own (topk, switch and hash without a capacity, softmax, dselect_k, comet) that i
 are routed inside the concatenated batch. What depends on the batch acts per rank, as with DDP:
 ``expert_choice`` picks each expert's top inputs among the rank's batch, with a capacity from the
 local batch size; capacity limits count the local pairs; batch-level auxiliary losses (load balance,
-z-loss) are computed on the local batch; the random gate's generator is replicated, so every rank
-draws the same sequence for its own rows.
+z-loss) are computed on the local batch; the random gate's stream (its ``rng_state`` buffer) starts
+replicated and advances with the rank's own rows, so ranks with different batch sizes part ways.
+Checkpoints (:mod:`sparsemoe.checkpoint`) save and restore each rank's own stream and RNG states.
+
+Local search under DDP: once the permutation hardens, ``log α`` gets an exact zero gradient (not
+``None``), so DDP with default settings keeps working (:mod:`sparsemoe.search`).
 """
 
 from __future__ import annotations

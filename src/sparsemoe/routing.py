@@ -36,6 +36,9 @@ def set_debug(enabled: bool) -> None:
 def count_per_expert(expert: torch.Tensor, num_experts: int) -> torch.Tensor:
     """``torch.bincount(expert, minlength=num_experts)`` for indices below ``num_experts``: ``LongTensor[n]``.
 
+    The project's one way to count pairs per expert (or, given ``token`` and ``num_inputs``, pairs
+    per input): the output has the fixed size ``[num_experts]`` and never needs a host read.
+
     On CUDA ``bincount`` reads the largest index on the host to size its output (a synchronisation)
     and ``torch.compile`` cannot trace that data-dependent size; there a fixed-size ``index_add_``
     counts instead. The CPU keeps ``bincount`` (1.3-1.4x faster there, torch 2.13, one thread).
@@ -225,7 +228,7 @@ class Routing:
         """
         by_weight = torch.argsort(self.weight.detach(), descending=True, stable=True)
         order = by_weight[torch.argsort(self.token[by_weight], stable=True)]  # by token, then weight
-        counts = torch.bincount(self.token, minlength=self.num_inputs)
+        counts = count_per_expert(self.token, self.num_inputs)
         starts = torch.cumsum(counts, 0) - counts
         rank = torch.empty_like(order)
         rank[order] = torch.arange(self.num_pairs, device=order.device) - starts[self.token[order]]
@@ -246,7 +249,7 @@ class Routing:
         priority = self.choice_rank() * max(self.num_inputs, 1) + self.token  # [N]
         by_priority = torch.argsort(priority)
         order = by_priority[torch.argsort(self.expert[by_priority], stable=True)]  # by expert, then priority
-        counts = torch.bincount(self.expert, minlength=self.num_experts)
+        counts = count_per_expert(self.expert, self.num_experts)
         starts = torch.cumsum(counts, 0) - counts
         slot = torch.empty_like(order)
         slot[order] = torch.arange(self.num_pairs, device=order.device) - starts[self.expert[order]]
@@ -265,11 +268,11 @@ class Routing:
 
     def load(self) -> torch.Tensor:
         """``LongTensor[n]``: pairs per expert."""
-        return torch.bincount(self.expert, minlength=self.num_experts)
+        return count_per_expert(self.expert, self.num_experts)
 
     def active_per_input(self) -> torch.Tensor:
         """``LongTensor[T]``: experts computed for each input row."""
-        return torch.bincount(self.token, minlength=self.num_inputs)
+        return count_per_expert(self.token, self.num_inputs)
 
     def aux_loss(self) -> torch.Tensor:
         """Sum of the auxiliary losses (a zero scalar if there are none)."""

@@ -14,7 +14,10 @@ learned jointly with the network through a Gumbel-Sinkhorn relaxation:
 * at the first training forward after ``steps``, ``Π`` is hardened with the Hungarian algorithm
   (:func:`scipy.optimize.linear_sum_assignment`) and frozen. From then on it is a relabelling of
   the routing's expert indices (:meth:`Routing.relabel`): no ``n × n`` product, the routing stays
-  exact-sparse and costs nothing.
+  exact-sparse and costs nothing. ``log α`` then gets an exact zero gradient (not ``None``): it
+  keeps ``requires_grad``, so ``DistributedDataParallel`` with default settings, which waits for
+  a gradient of every parameter it was built with, keeps working after hardening. (An optimiser
+  with momentum or weight decay may still move ``log α``; nothing reads it once hardened.)
 
 The step counter, the hardened flag and the hard permutation are buffers, so the schedule advances
 with any training loop and a saved ``state_dict`` restores the exact state.
@@ -28,7 +31,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
-from typing import Any
 
 import torch
 from torch import nn
@@ -168,12 +170,7 @@ class PermutationSearch(nn.Module):
         """Freeze ``Π`` at the Hungarian assignment of the current soft ``Π``; returns ``σ``."""
         self.permutation.copy_(hungarian(self.soft()))
         self.hardened.fill_(True)
-        self.log_alpha.requires_grad_(False)
         return self.permutation
-
-    def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any, **kwargs: Any) -> None:
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self.log_alpha.requires_grad_(not bool(self.hardened))
 
     # ------------------------------------------------------------------ applying it
     def permute(self, routings: list[Routing]) -> list[Routing]:
@@ -197,7 +194,21 @@ class PermutationSearch(nn.Module):
                 out = [self._soft_permute(r, pi, self.prune_below) for r in routings]
                 out[0] = out[0].with_aux_losses(**{ENTROPY_LOSS: penalty})
                 return out
-        return [r.relabel(self.permutation.to(r.expert.device)) for r in routings]
+        out = [r.relabel(self.permutation.to(r.expert.device)) for r in routings]
+        out[0] = replace(out[0], weight=self._tether(out[0].weight))
+        return out
+
+    def _tether(self, weight: torch.Tensor) -> torch.Tensor:
+        """``weight`` unchanged, but with ``log α`` in its graph: ``log α`` gets an exact zero gradient.
+
+        Once hardened, ``log α`` no longer shapes the output; without this it would get no gradient
+        at all, which ``DistributedDataParallel`` (default settings) reports as an error at the next
+        step. Adding the sum of an empty slice adds exactly 0.0 and backpropagates zeros (no NaN,
+        whatever the incoming gradient).
+        """
+        if not (self.log_alpha.requires_grad and torch.is_grad_enabled()):
+            return weight
+        return weight + self.log_alpha.reshape(-1)[:0].sum().to(weight.dtype)
 
     @staticmethod
     def _soft_permute(routing: Routing, pi: torch.Tensor, prune_below: float) -> Routing:

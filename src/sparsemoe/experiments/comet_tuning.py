@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from .._atomic import atomic_write_text, save_figure
 from . import comet_movielens
 from .progress import console, progress
 from .report import markdown_table
@@ -254,7 +255,7 @@ def run(config: Config) -> dict[str, Any]:
     }
     write_json(out / "results.json", results)
     text = render(results, checkpoints)
-    (out / "table.md").write_text(text)
+    atomic_write_text(out / "table.md", text)
     plot(results, out / f"{NAME}.png")
     print(text)
     console.print(f"wrote {out / 'results.json'}, {out / 'table.md'}, {out / (NAME + '.png')}")
@@ -337,5 +338,5 @@ def plot(results: dict[str, Any], path: Path) -> None:
         fontsize=9,
     )
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import gates as gate_registry
+from .._atomic import atomic_write_text, save_figure
 from ..layers import MultiTaskMoE
 from ..models import MMoE
 from ..training import fit
@@ -288,7 +289,7 @@ def _gate_k(gate: str, config: dict[str, Any]) -> int:
 
 def plot(summary: dict[str, dict[str, Any]], records: list[dict[str, Any]], config: dict[str, Any], path: Path) -> None:
     """Write :func:`figure` to ``path`` (PNG), cropped to its content so no label or legend is cut off."""
-    figure(summary, records, config).savefig(path, dpi=120, bbox_inches="tight")
+    save_figure(figure(summary, records, config), path, dpi=120, bbox_inches="tight")
 
 
 def run(config: Config) -> dict[str, Any]:
@@ -341,9 +342,10 @@ def run(config: Config) -> dict[str, Any]:
     text = table(summary)
     command = "sparsemoe demo" + (" --quick" if config.quick else "")
     quick = " (quick run)" if config.quick else ""
-    (out / "table.md").write_text(
+    atomic_write_text(
+        out / "table.md",
         f"# sparsemoe demo{quick}: MMoE on two-task digits\n\nTasks: {', '.join(TASKS)}; "
-        f"{settings['num_experts']} experts; {seeds} seed(s); {epochs} epochs. Produced by `{command}`.\n\n{text}"
+        f"{settings['num_experts']} experts; {seeds} seed(s); {epochs} epochs. Produced by `{command}`.\n\n{text}",
     )
     plot(summary, records, settings, out / "demo.png")
     print(text)

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._atomic import atomic_write_text, save_figure
 from ..layers import MoE
 from .progress import console, progress
 from .report import markdown_table, mean_std
@@ -195,7 +196,7 @@ def run(config: Config) -> dict[str, Any]:
     }
     write_json(out / "results.json", results)
     text = render(results)
-    (out / "table.md").write_text(text)
+    atomic_write_text(out / "table.md", text)
     plot(results, out / f"{NAME}.png")
     print(text)
     console.print(f"wrote {out / 'results.json'}, {out / 'table.md'}, {out / (NAME + '.png')}")
@@ -339,5 +340,5 @@ def plot(results: dict[str, Any], path: Path) -> None:
         ax.set_title(f"{gate}{quick}: one line per seed", fontsize=10)
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)

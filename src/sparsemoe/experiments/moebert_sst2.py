@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from .. import gates
+from .._atomic import atomic_path, atomic_write_text, save_figure
 from ..hf.convert import moefy
 from ..hf.importance import ffn_importance
 from ..hf.io import load_moefied, save_moefied
@@ -314,8 +315,8 @@ def run(config: Config) -> dict[str, Any]:
             from safetensors.torch import save_file
 
             scores = ffn_importance(dense, importance_batches)
-            importance_file.parent.mkdir(parents=True, exist_ok=True)
-            save_file({f"layer{i}": s for i, s in enumerate(scores)}, str(importance_file))
+            with atomic_path(importance_file) as tmp:
+                save_file({f"layer{i}": s for i, s in enumerate(scores)}, str(tmp))
         from safetensors.torch import load_file
 
         saved = load_file(str(importance_file))
@@ -482,7 +483,7 @@ def _table(config: Config, summary: dict[str, dict[str, Any]], details: dict[str
         f"Single-thread training time of the whole study: {total:.0f} min (each run's training time on one thread, "
         f"added up; runs in parallel processes overlap in wall clock).\n"
     )
-    (config.out / "table.md").write_text(title + "\n".join(lines) + "\n" + note)
+    atomic_write_text(config.out / "table.md", title + "\n".join(lines) + "\n" + note)
 
 
 def _plot(config: Config, summary: dict[str, dict[str, Any]], threads: int) -> None:
@@ -515,5 +516,5 @@ def _plot(config: Config, summary: dict[str, dict[str, Any]], threads: int) -> N
     ax_speed.set_title(f"throughput ({threads} thread(s))")
     fig.legend(loc="outside lower center", ncols=2, frameon=False)
     fig.suptitle(f"MoEBERT on SST-2, MiniLM-L6, 4 experts{' (quick smoke run)' if config.quick else ''}")
-    fig.savefig(config.out / "accuracy_throughput.png", dpi=120)
+    save_figure(fig, config.out / "accuracy_throughput.png", dpi=120)
     plt.close(fig)

@@ -1,8 +1,9 @@
 """Where experiment results live, and how a long study survives being stopped.
 
-Each finished run is written as ``<out>/runs/<key>.json`` the moment it ends (atomically: temp file
-+ rename), and a rerun skips every key already there. So a study killed halfway continues where it
-stopped, and the final tables are always rebuilt from the saved runs alone.
+Each finished run is written as ``<out>/runs/<key>.json`` the moment it ends (atomically and
+durably, by the project's one writer, :mod:`sparsemoe._atomic`), and a rerun skips every key already
+there. So a study killed halfway continues where it stopped, and the final tables are always
+rebuilt from the saved runs alone.
 
 A store made with ``config=`` records the settings that shape its results in
 ``<out>/runs/.config`` and refuses to reuse runs made under different settings: a study rerun
@@ -18,14 +19,9 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from .._atomic import atomic_write_text
+from .._atomic import atomic_write_text, write_json
 
 __all__ = ["RunStore", "atomic_write_text", "write_json"]
-
-
-def write_json(path: str | Path, obj: Any) -> None:
-    """``obj`` as indented JSON, written atomically with the umask's permissions."""
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
 def __getattr__(name: str) -> Any:

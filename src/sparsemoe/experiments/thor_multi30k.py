@@ -34,13 +34,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._atomic import atomic_write_text, save_figure
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..data import multi30k as m30k
 from ..models.decoding import beam_search, greedy_decode
 from ..models.transformer import MultiHeadAttention, Seq2SeqTransformer, TransformerConfig
 from ..thor import consistency_terms, symmetric_kl, thor_inference, thor_layers, thor_training_loss
 from .progress import progress
-from .store import RunStore, atomic_write_text, data_dir, write_json
+from .store import RunStore, data_dir, write_json
 
 NAME = "thor-multi30k"
 MODELS = ("dense", "switch", "thor")
@@ -575,7 +576,7 @@ def _plot(c: Config, runs: list[dict[str, Any]], path: Path) -> None:
         ax.grid(alpha=0.3)
     fig.suptitle(f"THOR / Switch / dense on Multi30k En-De{' — quick smoke run' if c.quick else ''}")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from .. import gates
+from .._atomic import atomic_write_text, save_figure
 from ..training import fit
 from .progress import console, progress
 from .report import fmt, markdown_table, mean_std
@@ -344,7 +345,7 @@ def run_tuning(
     }
     write_json(out / "results.json", results)
     text = render_tables(results, problem.metrics)
-    (out / "table.md").write_text(text)
+    atomic_write_text(out / "table.md", text)
     plot_results(results, problem.metrics, out / f"{problem.name}.png")
     plot_saturation(results, out / f"{problem.name}-experts-per-input.png")
     print(text)
@@ -510,7 +511,7 @@ def plot_saturation(results: dict[str, Any], path: Path) -> None:
             0.5, 0.5, "no learned sparse gate (DSelect-k, COMET, +) in this run", ha="center", transform=ax0.transAxes
         )
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -665,5 +666,5 @@ def plot_results(results: dict[str, Any], metrics: list[tuple[str, str, bool]], 
     ax2.set_ylabel("validation loss of each trial")
     ax2.set_title("random-search trials")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)

@@ -16,6 +16,7 @@ from typing import Any
 from safetensors.torch import load_model, save_model
 from torch import nn
 
+from .._atomic import atomic_path, write_json
 from .convert import MoefyConfig, moefy
 
 SPARSEMOE_FILE = "sparsemoe.json"
@@ -32,12 +33,13 @@ def save_moefied(model: nn.Module, directory: str | Path, tokenizer: Any = None)
     directory.mkdir(parents=True, exist_ok=True)
     config.architectures = [type(model).__name__]
     config.save_pretrained(directory)
-    save_model(model, str(directory / WEIGHTS_FILE))
+    with atomic_path(directory / WEIGHTS_FILE) as tmp:
+        save_model(model, str(tmp))
     moefy_config: MoefyConfig | None = getattr(model, "moefy_config", None)
     sidecar = directory / SPARSEMOE_FILE
     if moefy_config is not None:
         meta = {"format": _FORMAT, "architecture": type(model).__name__, "moefy": moefy_config.to_dict()}
-        sidecar.write_text(json.dumps(meta, indent=2) + "\n")
+        write_json(sidecar, meta)
     else:
         sidecar.unlink(missing_ok=True)
     if tokenizer is not None:
