@@ -1,28 +1,29 @@
-"""The two kernels of the fast dispatch path, as autograd Functions (eager) and custom ops (compile).
+"""The grouped matmul and the weighted combine of the dispatch, as autograd Functions and custom ops.
 
-``grouped_matmul``: ``xs[rows of e] @ weight[e]`` for rows sorted by expert; ``combine``: the
-weighted scatter-add of expert outputs back to their inputs. Each is written once as a plain kernel
-(no autograd) and exposed twice:
+``grouped_matmul``: ``xs[rows of e] @ weight[e]`` for rows sorted by expert; ``weighted_combine``:
+the weighted scatter-add of expert outputs back to their inputs. Each is written once as a plain
+kernel (``*_kernel``, no autograd) and exposed twice:
 
-- **eager**: a ``torch.autograd.Function`` (about 7 µs less per call than a custom op, which counts
-  for small models). Its backward calls the kernels directly; when a higher-order graph is requested
-  (``create_graph=True``, i.e. grad mode is on inside backward) it calls the differentiable custom
-  ops instead, so double backward (gradient penalties, MAML inner loops) gets real gradients.
-- **torch.compile**: ``torch.library.custom_op`` with a fake (shape-only) implementation and a
-  registered backward. The expert boundaries travel as an ``offsets`` tensor on the device, so the
-  traced graph holds no host synchronisation; only the CPU kernel reads them on the host, inside
-  the opaque op. No output size depends on data.
+- **eager**: a ``torch.autograd.Function`` (``*Fn``; about 7 µs less per call than a custom op,
+  which counts for small models). Its backward calls the kernels directly; when a higher-order
+  graph is requested (``create_graph=True``, i.e. grad mode is on inside backward) it calls the
+  differentiable custom ops instead, so double backward (gradient penalties, MAML inner loops) gets
+  real gradients.
+- **graphs and transforms**: a ``torch.library.custom_op`` (``*_op``) with a fake (shape-only)
+  implementation, a registered backward and a vmap rule (one call per sample). The entry points
+  take it while ``torch.compile`` or ``torch.jit.trace`` records a graph and under ``torch.func``
+  transforms (``grad``, ``vmap``: per-sample gradients). The expert boundaries travel as an
+  ``offsets`` tensor on the device, so a traced graph holds no host synchronisation; only the CPU
+  kernel reads them on the host, inside the opaque op. No output size depends on data.
 
-Shape notes use ``N`` rows (pairs), ``n`` experts, ``d`` input and ``h`` output width, ``T`` inputs.
+This module imports nothing from the package above it (the kernels sit at the bottom of the import
+graph). Shape notes use ``N`` rows (pairs), ``n`` experts, ``d`` input and ``h`` output width, ``T``
+inputs.
 """
 
 from __future__ import annotations
 
-import functools
-import importlib
-import os
 from collections.abc import Callable
-from types import ModuleType
 from typing import Any
 
 import torch
@@ -57,7 +58,7 @@ def _segments(offsets: torch.Tensor) -> list[tuple[int, slice]]:
 
 
 # ------------------------------------------------------------------------------------------ kernels
-def grouped_mm_kernel(xs: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+def grouped_matmul_kernel(xs: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """``[N, d] x [n, d, h] -> [N, h]``: one ``grouped_mm`` where supported, else a loop of ``mm``.
 
     ``offsets: int32[n]`` is the running end row of each expert (``cumsum`` of the counts).
@@ -113,7 +114,7 @@ def _fused_weight_grad(xs: torch.Tensor, grad: torch.Tensor, offsets: torch.Tens
     return F.grouped_mm(xs.t(), grad, offs=offsets)
 
 
-def weight_grad_kernel(xs: torch.Tensor, grad: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+def grouped_matmul_weight_grad_kernel(xs: torch.Tensor, grad: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """``out[e] = xs[rows of e]^T @ grad[rows of e]``: ``[N, d], [N, h] -> [n, d, h]``.
 
     Experts without rows get exact zeros on every path. The CPU loop (large problems) writes each
@@ -132,7 +133,7 @@ def weight_grad_kernel(xs: torch.Tensor, grad: torch.Tensor, offsets: torch.Tens
     return out
 
 
-def combine_kernel(ys: torch.Tensor, token: torch.Tensor, weight: torch.Tensor, num_inputs: int) -> torch.Tensor:
+def weighted_combine_kernel(ys: torch.Tensor, token: torch.Tensor, weight: torch.Tensor, num_inputs: int) -> torch.Tensor:
     """``out[token[i]] += weight[i] · ys[i]``: ``[N, *out] -> [T, *out]``."""
     scale = weight.view(-1, *([1] * (ys.dim() - 1)))
     return ys.new_zeros(num_inputs, *ys.shape[1:]).index_add_(0, token, ys * scale)
@@ -151,54 +152,58 @@ def _combine_grads(
 
 
 # ------------------------------------------------------------------------------------------ custom ops
-@torch.library.custom_op("sparsemoe::grouped_mm", mutates_args=())
-def grouped_mm_op(xs: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """Custom-op form of :func:`grouped_mm_kernel` (opaque to the compiler, differentiable twice)."""
-    return grouped_mm_kernel(xs.contiguous(), weight, offsets)
+@torch.library.custom_op("sparsemoe::grouped_matmul", mutates_args=())
+def grouped_matmul_op(xs: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Custom-op form of :func:`grouped_matmul_kernel` (opaque to the compiler, differentiable twice)."""
+    return grouped_matmul_kernel(xs.contiguous(), weight, offsets)
 
 
-@grouped_mm_op.register_fake
+@grouped_matmul_op.register_fake
 def _(xs: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     return xs.new_empty(xs.shape[0], weight.shape[-1])
 
 
-@torch.library.custom_op("sparsemoe::grouped_mm_weight_grad", mutates_args=())
-def weight_grad_op(xs: torch.Tensor, grad: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """Custom-op form of :func:`weight_grad_kernel`."""
-    return weight_grad_kernel(xs.contiguous(), grad.contiguous(), offsets)
+@torch.library.custom_op("sparsemoe::grouped_matmul_weight_grad", mutates_args=())
+def grouped_matmul_weight_grad_op(xs: torch.Tensor, grad: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Custom-op form of :func:`grouped_matmul_weight_grad_kernel`."""
+    return grouped_matmul_weight_grad_kernel(xs.contiguous(), grad.contiguous(), offsets)
 
 
-@weight_grad_op.register_fake
+@grouped_matmul_weight_grad_op.register_fake
 def _(xs: torch.Tensor, grad: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     return xs.new_empty(offsets.shape[0], xs.shape[1], grad.shape[1])
 
 
-@torch.library.custom_op("sparsemoe::combine", mutates_args=())
-def combine_op(ys: torch.Tensor, token: torch.Tensor, weight: torch.Tensor, num_inputs: int) -> torch.Tensor:
-    """Custom-op form of :func:`combine_kernel`."""
-    return combine_kernel(ys, token, weight, num_inputs)
+@torch.library.custom_op("sparsemoe::weighted_combine", mutates_args=())
+def weighted_combine_op(ys: torch.Tensor, token: torch.Tensor, weight: torch.Tensor, num_inputs: int) -> torch.Tensor:
+    """Custom-op form of :func:`weighted_combine_kernel`."""
+    return weighted_combine_kernel(ys, token, weight, num_inputs)
 
 
-@combine_op.register_fake
+@weighted_combine_op.register_fake
 def _(ys: torch.Tensor, token: torch.Tensor, weight: torch.Tensor, num_inputs: int) -> torch.Tensor:
     return ys.new_empty(num_inputs, *ys.shape[1:])
 
 
 def _save_inputs(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
-    tensors = [t for t in inputs if isinstance(t, torch.Tensor)]
-    ctx.save_for_backward(*tensors)
+    """``setup_context`` of every op and Function here: save the tensor inputs (never the output)."""
+    ctx.save_for_backward(*(t for t in inputs if isinstance(t, torch.Tensor)))
 
 
 def _grouped_mm_backward(ctx: Any, grad: torch.Tensor) -> tuple:
     xs, weight, offsets = ctx.saved_tensors
     grad = grad.contiguous()
-    return grouped_mm_op(grad, weight.transpose(1, 2), offsets), weight_grad_op(xs, grad, offsets), None
+    return (
+        grouped_matmul_op(grad, weight.transpose(1, 2), offsets),
+        grouped_matmul_weight_grad_op(xs, grad, offsets),
+        None,
+    )
 
 
 def _weight_grad_backward(ctx: Any, grad: torch.Tensor) -> tuple:
     """``∂xs[rows of e] = grad_out[rows of e] @ G[e]^T`` and ``∂grad[rows of e] = xs[rows of e] @ G[e]``."""
     xs, grad_out, offsets = ctx.saved_tensors
-    return grouped_mm_op(grad_out, grad.transpose(1, 2), offsets), grouped_mm_op(xs, grad, offsets), None
+    return grouped_matmul_op(grad_out, grad.transpose(1, 2), offsets), grouped_matmul_op(xs, grad, offsets), None
 
 
 def _combine_backward(ctx: Any, grad: torch.Tensor) -> tuple:
@@ -207,51 +212,71 @@ def _combine_backward(ctx: Any, grad: torch.Tensor) -> tuple:
     return grad_ys, None, grad_weight, None
 
 
-grouped_mm_op.register_autograd(_grouped_mm_backward, setup_context=_save_inputs)
-weight_grad_op.register_autograd(_weight_grad_backward, setup_context=_save_inputs)
-combine_op.register_autograd(_combine_backward, setup_context=_save_inputs)
+def _per_sample(op: Callable[..., torch.Tensor]) -> Callable[..., tuple[torch.Tensor, int]]:
+    """A vmap rule that calls ``op`` once per sample and stacks the results along dimension 0.
+
+    The ops' sizes depend on the sample (its expert boundaries), so no batched kernel exists; this
+    is what makes ``torch.func.vmap`` (per-sample gradients) work, at the speed of a Python loop.
+    """
+
+    def rule(info: Any, in_dims: tuple, *args: Any) -> tuple[torch.Tensor, int]:
+        outputs = [
+            op(*(a if dim is None else a.select(dim, b) for a, dim in zip(args, in_dims, strict=True)))
+            for b in range(info.batch_size)
+        ]
+        return torch.stack(outputs), 0
+
+    return rule
+
+
+for _op, _backward in (
+    (grouped_matmul_op, _grouped_mm_backward),
+    (grouped_matmul_weight_grad_op, _weight_grad_backward),
+    (weighted_combine_op, _combine_backward),
+):
+    _op.register_autograd(_backward, setup_context=_save_inputs)
+    _op.register_vmap(_per_sample(_op))
 
 
 # ------------------------------------------------------------------------------------------ eager Functions
-class _GroupedMatmul(torch.autograd.Function):
-    """Eager ``grouped_mm_op``: saves only ``xs``, ``weight`` and the offsets.
+class _GroupedMatmulFn(torch.autograd.Function):
+    """Eager :func:`grouped_matmul_op`: saves only ``xs``, ``weight`` and the offsets.
 
     The input gradient is the same grouped product with the transposed weights; the weight gradient
-    is :func:`weight_grad_kernel`. The incoming gradient is made contiguous (``grouped_mm`` rejects
-    the stride-0 gradient of ``y.sum()``).
+    is :func:`grouped_matmul_weight_grad_kernel`. The incoming gradient is made contiguous
+    (``grouped_mm`` rejects the stride-0 gradient of ``y.sum()``). Written in the ``setup_context``
+    form that ``torch.func`` requires.
     """
 
     @staticmethod
-    def forward(ctx: Any, xs: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(xs, weight, offsets)
-        return grouped_mm_kernel(xs, weight, offsets)
+    def forward(xs: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        return grouped_matmul_kernel(xs, weight, offsets)
+
+    setup_context = staticmethod(_save_inputs)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         xs, weight, offsets = ctx.saved_tensors
         grad = grad.contiguous()
         higher_order = torch.is_grad_enabled()  # create_graph=True: build the gradient's own graph
-        mm: Callable[..., torch.Tensor] = grouped_mm_op if higher_order else grouped_mm_kernel
-        wgrad: Callable[..., torch.Tensor] = weight_grad_op if higher_order else weight_grad_kernel
+        mm: Callable[..., torch.Tensor] = grouped_matmul_op if higher_order else grouped_matmul_kernel
+        wgrad: Callable[..., torch.Tensor] = (
+            grouped_matmul_weight_grad_op if higher_order else grouped_matmul_weight_grad_kernel
+        )
         grad_xs = mm(grad, weight.transpose(1, 2), offsets) if ctx.needs_input_grad[0] else None
         grad_weight = wgrad(xs, grad, offsets) if ctx.needs_input_grad[1] else None
         return grad_xs, grad_weight, None
 
 
-class _WeightedIndexAdd(torch.autograd.Function):
-    """Eager ``combine_op``. Autograd would keep the scaled copy's graph and allocate three
-    ``[N, *out]`` gradients; this backward gathers the output gradient once and reuses it."""
+class _WeightedCombineFn(torch.autograd.Function):
+    """Eager :func:`weighted_combine_op`. Autograd would keep the scaled copy's graph and allocate
+    three ``[N, *out]`` gradients; this backward gathers the output gradient once and reuses it."""
 
     @staticmethod
-    def forward(
-        ctx: Any,
-        ys: torch.Tensor,
-        token: torch.Tensor,
-        weight: torch.Tensor,
-        num_inputs: int,
-    ) -> torch.Tensor:
-        ctx.save_for_backward(ys, token, weight)
-        return combine_kernel(ys, token, weight, num_inputs)
+    def forward(ys: torch.Tensor, token: torch.Tensor, weight: torch.Tensor, num_inputs: int) -> torch.Tensor:
+        return weighted_combine_kernel(ys, token, weight, num_inputs)
+
+    setup_context = staticmethod(_save_inputs)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -261,94 +286,39 @@ class _WeightedIndexAdd(torch.autograd.Function):
 
 
 # ------------------------------------------------------------------------------------------ entry points
-def grouped_matmul_offsets(xs: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+def recording_graph() -> bool:
+    """Whether a graph is being recorded or transformed: ``torch.compile``, ``torch.jit.trace``, ``torch.func``.
+
+    There the entry points call the custom ops (opaque to the compiler, recorded by the tracer, with
+    vmap rules), and fused paths that only have an eager form must stand aside.
+    """
+    return (
+        torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._are_functorch_transforms_active()
+    )
+
+
+def expert_offsets(counts: torch.Tensor) -> torch.Tensor:
+    """``int32[n]`` end row of each expert from the rows per expert ``counts: [n]`` (on the device)."""
+    return torch.cumsum(counts, 0, dtype=torch.int32)
+
+
+def grouped_matmul(xs: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """``xs[rows of e] @ weight[e]`` for rows sorted by expert: ``[N, d] x [n, d, h] -> [N, h]``.
 
-    ``offsets: int32[n]`` holds each expert's end row. Differentiable (twice); traceable by
-    ``torch.compile`` without graph breaks.
+    ``offsets: int32[n]`` holds each expert's end row (:func:`expert_offsets` of the counts). One
+    ``torch.nn.functional.grouped_mm`` where supported (float32/bf16/fp16 with 16-byte aligned
+    rows), else a loop of ``mm`` (float64, say). Differentiable (twice); traceable by
+    ``torch.compile`` without graph breaks; works under ``torch.func.grad``/``vmap``.
     """
-    if torch.compiler.is_compiling():
-        return grouped_mm_op(xs, weight, offsets)
-    return _GroupedMatmul.apply(xs.contiguous(), weight, offsets)
+    if recording_graph():
+        return grouped_matmul_op(xs, weight, offsets)
+    return _GroupedMatmulFn.apply(xs.contiguous(), weight, offsets)
 
 
 def weighted_combine(ys: torch.Tensor, token: torch.Tensor, weight: torch.Tensor, num_inputs: int) -> torch.Tensor:
     """``y[t] = Σ_{pairs i of t} weight[i] · ys[i]``: ``[N, *out] -> [T, *out]`` (``T = num_inputs``)."""
     if weight.dtype != ys.dtype:
         weight = weight.to(ys.dtype)
-    if torch.compiler.is_compiling():
-        return combine_op(ys, token, weight, num_inputs)
-    return _WeightedIndexAdd.apply(ys, token, weight, num_inputs)
-
-
-# ------------------------------------------------------------------------------------------ Triton (CUDA only)
-#: dtypes the fused Triton kernels take on CUDA
-TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_TRITON_WANTED = os.environ.get("SPARSEMOE_TRITON", "1") != "0"
-
-
-def set_triton(enabled: bool) -> bool:
-    """Use the fused Triton kernels of :mod:`sparsemoe.triton_kernels` on CUDA (on by default).
-
-    Returns the previous setting. The kernels give the eager path's results up to summation order
-    (float32 accumulation, atomic adds in the combine), so they are on by default where they apply;
-    switch them off here or with the environment variable ``SPARSEMOE_TRITON=0`` to compare or to
-    debug. They never run on CPU.
-    """
-    global _TRITON_WANTED
-    previous, _TRITON_WANTED = _TRITON_WANTED, bool(enabled)
-    return previous
-
-
-@functools.cache
-def triton_kernels() -> ModuleType | None:
-    """:mod:`sparsemoe.triton_kernels` compiled for the GPU, or ``None`` without a usable ``triton``.
-
-    ``None`` too when the module was imported under ``TRITON_INTERPRET=1`` (CPU interpreter: far too
-    slow for real work). Imported on first use and cached.
-    """
-    try:
-        module = importlib.import_module("sparsemoe.triton_kernels")
-    except ImportError:
-        return None
-    return None if module.INTERPRETED else module
-
-
-def use_triton(x: torch.Tensor, dtype: torch.dtype | None = None) -> bool:
-    """Whether the dispatcher takes the fused Triton path for ``x`` computed in ``dtype`` (default its own).
-
-    Only for CUDA tensors computed in a :data:`TRITON_DTYPES` dtype, with the kernels switched on, not while
-    ``torch.compile`` traces (the compiler sees the custom ops instead), not under
-    ``torch.use_deterministic_algorithms(True)`` (the fused combine adds with atomics), and only when
-    ``triton`` imports. The first test is the device, so CPU calls cost one attribute read.
-    """
-    return (
-        x.is_cuda
-        and _TRITON_WANTED
-        and (x.dtype if dtype is None else dtype) in TRITON_DTYPES
-        and not torch.compiler.is_compiling()
-        and not torch.are_deterministic_algorithms_enabled()
-        and triton_kernels() is not None
-    )
-
-
-# ------------------------------------------------------------------------------------------ random draws
-@torch.library.custom_op("sparsemoe::uniform_topk", mutates_args=("state",))
-def uniform_topk(state: torch.Tensor, rows: int, num_experts: int, k: int) -> torch.Tensor:
-    """``[rows, k]`` distinct uniform experts (the top-k of i.i.d. uniform scores), drawn from ``state``.
-
-    ``state`` is a CPU generator's state (``torch.Generator().get_state()``, a ``uint8`` tensor) and
-    is advanced in place, so a gate that keeps it as a buffer draws exactly the stream its own
-    ``torch.Generator`` would, in eager mode and inside ``torch.compile`` (which cannot trace a
-    ``Generator`` object).
-    """
-    generator = torch.Generator()
-    generator.set_state(state.cpu())
-    indices = torch.rand(rows, num_experts, generator=generator).topk(k, dim=-1).indices
-    state.copy_(generator.get_state().to(state.device))
-    return indices
-
-
-@uniform_topk.register_fake
-def _(state: torch.Tensor, rows: int, num_experts: int, k: int) -> torch.Tensor:
-    return torch.empty(rows, k, dtype=torch.long)
+    if recording_graph():
+        return weighted_combine_op(ys, token, weight, num_inputs)
+    return _WeightedCombineFn.apply(ys, token, weight, num_inputs)
