@@ -20,9 +20,9 @@ import torch
 
 import sparsemoe
 from sparsemoe import kernels
-from sparsemoe.kernels import backends
 from sparsemoe.dispatch import dispatch, reference_dispatch
 from sparsemoe.experts import StackedExperts
+from sparsemoe.kernels import backends
 from sparsemoe.routing import Routing
 
 ROOT = Path(__file__).resolve().parent.parent

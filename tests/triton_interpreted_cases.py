@@ -159,7 +159,9 @@ def test_double_backward_matches_reference(tk: ModuleType) -> None:
 
     def penalty(run: bool) -> list[torch.Tensor]:
         if run:
-            out = experts.forward_combined(x, routing.token[order], counts, routing.weight[order], 9, backend=_interpreted(tk))
+            out = experts.forward_combined(
+                x, routing.token[order], counts, routing.weight[order], 9, backend=_interpreted(tk)
+            )
         else:
             out = reference_dispatch(x, routing, experts)
         (gx,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)

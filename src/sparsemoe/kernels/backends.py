@@ -56,9 +56,7 @@ class Backend:
 
     name: str
     gather_matmul: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.dtype | None], torch.Tensor]
-    matmul_combine: Callable[
-        [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor
-    ]
+    matmul_combine: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
     accepts: Callable[[torch.Tensor, torch.dtype], bool]
 
 
@@ -104,7 +102,9 @@ def _load_triton() -> Backend | None:
     return None if module.INTERPRETED else triton_backend(module)
 
 
-def triton_backend(module: ModuleType, accepts: Callable[[torch.Tensor, torch.dtype], bool] = _triton_accepts) -> Backend:
+def triton_backend(
+    module: ModuleType, accepts: Callable[[torch.Tensor, torch.dtype], bool] = _triton_accepts
+) -> Backend:
     """The ``"triton"`` backend made of ``module``'s kernels (:mod:`sparsemoe.kernels.triton_fused`,
     or, in the tests, that module imported under Triton's CPU interpreter with ``accepts`` always true)."""
 

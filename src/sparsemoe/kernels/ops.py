@@ -133,7 +133,9 @@ def grouped_matmul_weight_grad_kernel(xs: torch.Tensor, grad: torch.Tensor, offs
     return out
 
 
-def weighted_combine_kernel(ys: torch.Tensor, token: torch.Tensor, weight: torch.Tensor, num_inputs: int) -> torch.Tensor:
+def weighted_combine_kernel(
+    ys: torch.Tensor, token: torch.Tensor, weight: torch.Tensor, num_inputs: int
+) -> torch.Tensor:
     """``out[token[i]] += weight[i] · ys[i]``: ``[N, *out] -> [T, *out]``."""
     scale = weight.view(-1, *([1] * (ys.dim() - 1)))
     return ys.new_zeros(num_inputs, *ys.shape[1:]).index_add_(0, token, ys * scale)
@@ -292,9 +294,7 @@ def recording_graph() -> bool:
     There the entry points call the custom ops (opaque to the compiler, recorded by the tracer, with
     vmap rules), and fused paths that only have an eager form must stand aside.
     """
-    return (
-        torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._are_functorch_transforms_active()
-    )
+    return torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._are_functorch_transforms_active()
 
 
 def expert_offsets(counts: torch.Tensor) -> torch.Tensor:

@@ -331,7 +331,9 @@ class _GatherGroupedMatmulFn(torch.autograd.Function):
                 grad_w = grouped_matmul_weight_grad_op(xs, grad.contiguous(), offsets)
             return grad_x, None, grad_w, None
         grad_x = (
-            _launch_grouped_matmul(grad, weight.transpose(1, 2), offsets, token, scatter_rows=x.shape[0])[0] if need_x else None
+            _launch_grouped_matmul(grad, weight.transpose(1, 2), offsets, token, scatter_rows=x.shape[0])[0]
+            if need_x
+            else None
         )
         grad_w = _launch_weight_grad(x, grad, offsets, token, gather_a=True) if need_w else None
         return grad_x, None, grad_w, None
