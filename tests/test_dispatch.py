@@ -213,3 +213,17 @@ def test_multitask_dense_path_matches_sparse_tasks() -> None:
     outputs = dispatch_tasks(x, [first, second], experts)
     for out, routing in zip(outputs, (first, second), strict=True):
         torch.testing.assert_close(out, reference_dispatch(x, routing, experts))
+
+
+def test_dispatch_submodule_is_not_hidden_by_a_function() -> None:
+    """``sparsemoe.dispatch`` is the module (a function of that name used to shadow it)."""
+    import types
+
+    import sparsemoe
+    import sparsemoe.dispatch as dispatch_module
+
+    assert isinstance(dispatch_module, types.ModuleType) and sparsemoe.dispatch is dispatch_module
+    assert dispatch_module.dispatch is dispatch and sparsemoe.reference_dispatch is reference_dispatch
+    x, routing = torch.randn(5, 4), random_routing(5, 3, 2, seed=0, dtype=torch.float32)
+    experts = StackedExperts(3, 4, 6)
+    torch.testing.assert_close(sparsemoe.dispatch.dispatch(x, routing, experts), reference_dispatch(x, routing, experts))
