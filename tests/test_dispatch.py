@@ -226,4 +226,5 @@ def test_dispatch_submodule_is_not_hidden_by_a_function() -> None:
     assert dispatch_module.dispatch is dispatch and sparsemoe.reference_dispatch is reference_dispatch
     x, routing = torch.randn(5, 4), random_routing(5, 3, 2, seed=0, dtype=torch.float32)
     experts = StackedExperts(3, 4, 6)
-    torch.testing.assert_close(sparsemoe.dispatch.dispatch(x, routing, experts), reference_dispatch(x, routing, experts))
+    expected = reference_dispatch(x, routing, experts)
+    torch.testing.assert_close(sparsemoe.dispatch.dispatch(x, routing, experts), expected)
