@@ -95,3 +95,41 @@ def test_every_gate_and_its_plus_variant_compiles_without_graph_breaks(spec: str
     assert len(g_compiled) == len(g_eager)
     for a, b in zip(g_compiled, g_eager, strict=True):
         torch.testing.assert_close(a, b)
+
+
+# ----------------------------------------------------------------------------- torch.func and torch.jit
+@pytest.mark.parametrize(("gate", "options"), [("topk", {"k": 2, "noisy": False}), ("hash", {"k": 2})])
+def test_per_sample_gradients_with_torch_func_match_a_loop(gate: str, options: dict) -> None:
+    """``vmap(grad(loss))`` over samples of a few tokens each: one autograd pass per sample, stacked."""
+    from torch.func import functional_call, grad, vmap
+
+    torch.manual_seed(0)
+    moe = sparsemoe.MoE(8, 16, 4, gate=gate, **options)
+    params = {name: p.detach() for name, p in moe.named_parameters()}
+    x, ids = torch.randn(5, 6, 8), torch.randint(0, 100, (5, 6))  # 5 samples of 6 tokens
+
+    def loss(p: dict[str, torch.Tensor], xs: torch.Tensor, id_s: torch.Tensor) -> torch.Tensor:
+        args = (xs, id_s) if gate == "hash" else (xs,)
+        return functional_call(moe, p, args).pow(2).mean()
+
+    per_sample = vmap(grad(loss), in_dims=(None, 0, 0))(params, x, ids)
+    single = grad(loss)(params, x[2], ids[2])
+    for i in range(x.shape[0]):
+        expected = torch.autograd.grad(loss(dict(moe.named_parameters()), x[i], ids[i]), list(moe.parameters()))
+        for (name, got), want in zip(per_sample.items(), expected, strict=True):
+            assert got.shape == (x.shape[0], *want.shape)
+            torch.testing.assert_close(got[i], want, msg=name)
+            if i == 2:
+                torch.testing.assert_close(single[name], want)
+
+
+def test_jit_trace_works_at_the_traced_shape_and_script_is_unsupported() -> None:
+    torch.manual_seed(0)
+    moe = sparsemoe.MoE(8, 16, 4, gate="topk", k=2, noisy=False).eval()
+    with pytest.warns(torch.jit.TracerWarning):  # sizes and checks become constants
+        traced = torch.jit.trace(moe, (torch.randn(6, 8),), check_trace=False)
+    assert "sparsemoe::grouped_matmul" in str(traced.graph)  # the custom ops are recorded, not inlined
+    x = torch.randn(6, 8)
+    torch.testing.assert_close(traced(x), moe(x))
+    with pytest.raises(Exception):  # noqa: B017 - TorchScript's frontend raises several types
+        torch.jit.script(moe)

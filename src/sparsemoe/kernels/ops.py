@@ -214,60 +214,91 @@ def _combine_backward(ctx: Any, grad: torch.Tensor) -> tuple:
     return grad_ys, None, grad_weight, None
 
 
-def _per_sample(op: Callable[..., torch.Tensor]) -> Callable[..., tuple[torch.Tensor, int]]:
-    """A vmap rule that calls ``op`` once per sample and stacks the results along dimension 0.
-
-    The ops' sizes depend on the sample (its expert boundaries), so no batched kernel exists; this
-    is what makes ``torch.func.vmap`` (per-sample gradients) work, at the speed of a Python loop.
-    """
-
-    def rule(info: Any, in_dims: tuple, *args: Any) -> tuple[torch.Tensor, int]:
-        outputs = [
-            op(*(a if dim is None else a.select(dim, b) for a, dim in zip(args, in_dims, strict=True)))
-            for b in range(info.batch_size)
-        ]
-        return torch.stack(outputs), 0
-
-    return rule
-
-
 for _op, _backward in (
     (grouped_matmul_op, _grouped_mm_backward),
     (grouped_matmul_weight_grad_op, _weight_grad_backward),
     (weighted_combine_op, _combine_backward),
 ):
     _op.register_autograd(_backward, setup_context=_save_inputs)
-    _op.register_vmap(_per_sample(_op))
 
 
 # ------------------------------------------------------------------------------------------ eager Functions
+def functorch_active() -> bool:
+    """Whether a ``torch.func`` transform (``grad``, ``vmap``, ...) is running.
+
+    Custom ops' registered autograd does not support these transforms, so there the Functions below
+    run and differentiate themselves (never the ops); their vmap rules loop over the samples.
+    """
+    return torch._C._are_functorch_transforms_active()
+
+
+def _vmap_by_sample(apply: Callable[..., torch.Tensor]) -> Callable[..., tuple[torch.Tensor, int]]:
+    """A Function's vmap rule: ``apply`` once per sample, results stacked along dimension 0.
+
+    The sizes depend on each sample's expert boundaries, so there is no batched kernel; this makes
+    ``torch.func.vmap`` (per-sample gradients) work, at the speed of a Python loop over the samples.
+    """
+
+    def vmap(info: Any, in_dims: tuple, *args: Any) -> tuple[torch.Tensor, int]:
+        outputs = [
+            apply(*(a if dim is None else a.select(dim, b) for a, dim in zip(args, in_dims, strict=True)))
+            for b in range(info.batch_size)
+        ]
+        return torch.stack(outputs), 0
+
+    return vmap
+
+
 class _GroupedMatmulFn(torch.autograd.Function):
     """Eager :func:`grouped_matmul_op`: saves only ``xs``, ``weight`` and the offsets.
 
     The input gradient is the same grouped product with the transposed weights; the weight gradient
     is :func:`grouped_matmul_weight_grad_kernel`. The incoming gradient is made contiguous
-    (``grouped_mm`` rejects the stride-0 gradient of ``y.sum()``). Written in the ``setup_context``
-    form that ``torch.func`` requires.
+    (``grouped_mm`` rejects the stride-0 gradient of ``y.sum()``). In the ``setup_context`` form,
+    with a vmap rule, so that ``torch.func`` works.
     """
 
     @staticmethod
     def forward(xs: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        return grouped_matmul_kernel(xs, weight, offsets)
+        return grouped_matmul_kernel(xs.contiguous(), weight, offsets)
 
     setup_context = staticmethod(_save_inputs)
+    vmap = staticmethod(_vmap_by_sample(lambda *args: _GroupedMatmulFn.apply(*args)))
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         xs, weight, offsets = ctx.saved_tensors
         grad = grad.contiguous()
-        higher_order = torch.is_grad_enabled()  # create_graph=True: build the gradient's own graph
-        mm: Callable[..., torch.Tensor] = grouped_matmul_op if higher_order else grouped_matmul_kernel
-        wgrad: Callable[..., torch.Tensor] = (
-            grouped_matmul_weight_grad_op if higher_order else grouped_matmul_weight_grad_kernel
-        )
+        mm: Callable[..., torch.Tensor] = grouped_matmul_kernel
+        wgrad: Callable[..., torch.Tensor] = grouped_matmul_weight_grad_kernel
+        if functorch_active():  # differentiable and vmappable: these Functions again
+            mm, wgrad = _GroupedMatmulFn.apply, _WeightGradFn.apply
+        elif torch.is_grad_enabled():  # create_graph=True: build the gradient's own graph
+            mm, wgrad = grouped_matmul_op, grouped_matmul_weight_grad_op
         grad_xs = mm(grad, weight.transpose(1, 2), offsets) if ctx.needs_input_grad[0] else None
         grad_weight = wgrad(xs, grad, offsets) if ctx.needs_input_grad[1] else None
         return grad_xs, grad_weight, None
+
+
+class _WeightGradFn(torch.autograd.Function):
+    """:func:`grouped_matmul_weight_grad_kernel` under ``torch.func`` (elsewhere the kernel or the op run)."""
+
+    @staticmethod
+    def forward(xs: torch.Tensor, grad: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        return grouped_matmul_weight_grad_kernel(xs.contiguous(), grad.contiguous(), offsets)
+
+    setup_context = staticmethod(_save_inputs)
+    vmap = staticmethod(_vmap_by_sample(lambda *args: _WeightGradFn.apply(*args)))
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        xs, grad_out, offsets = ctx.saved_tensors
+        grad = grad.contiguous()
+        return (
+            _GroupedMatmulFn.apply(grad_out, grad.transpose(1, 2), offsets),
+            _GroupedMatmulFn.apply(xs, grad, offsets),
+            None,
+        )
 
 
 class _WeightedCombineFn(torch.autograd.Function):
@@ -279,6 +310,7 @@ class _WeightedCombineFn(torch.autograd.Function):
         return weighted_combine_kernel(ys, token, weight, num_inputs)
 
     setup_context = staticmethod(_save_inputs)
+    vmap = staticmethod(_vmap_by_sample(lambda *args: _WeightedCombineFn.apply(*args)))
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -289,12 +321,12 @@ class _WeightedCombineFn(torch.autograd.Function):
 
 # ------------------------------------------------------------------------------------------ entry points
 def recording_graph() -> bool:
-    """Whether a graph is being recorded or transformed: ``torch.compile``, ``torch.jit.trace``, ``torch.func``.
+    """Whether ``torch.compile`` or ``torch.jit.trace`` is recording a graph.
 
-    There the entry points call the custom ops (opaque to the compiler, recorded by the tracer, with
-    vmap rules), and fused paths that only have an eager form must stand aside.
+    There the entry points call the custom ops (opaque to the compiler, recorded by the tracer), and
+    fused paths that only have an eager form must stand aside (as under :func:`functorch_active`).
     """
-    return torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._are_functorch_transforms_active()
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
 
 
 def expert_offsets(counts: torch.Tensor) -> torch.Tensor:
