@@ -3,6 +3,10 @@
 Only the pairs in a :class:`~sparsemoe.routing.Routing` are computed; nothing is padded and,
 unless a capacity is set on the routing, nothing is dropped.
 
+The experts run through the bank's :meth:`~sparsemoe.experts.ExpertBank.forward_combined`; for
+stacked experts the kernels are those of the chosen backend (:mod:`sparsemoe.kernels.backends`,
+the one place that decides).
+
 Dense path: when the routings cover every (input, expert) pair (a dense softmax gate), sorting,
 gathering and scattering buy nothing. The experts then run on all inputs as batched GEMMs and the
 weights mix them as one dense product: the same outputs and gradients, up to rounding order.
@@ -17,18 +21,16 @@ import torch
 
 from .experts import ExpertBank
 from .kernels import weighted_combine
-from .routing import Routing
+from .routing import Routing, count_per_expert
 
 
 def sort_by_expert(expert: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The stable order that groups pairs by expert, and the pairs per expert ``LongTensor[n]``.
 
-    The counts have a fixed size ``[n]`` (``bincount`` sizes its output by the data, which
-    ``torch.compile`` cannot trace without a graph break).
+    The counts have a fixed size ``[n]`` (:func:`~sparsemoe.routing.count_per_expert`: no host
+    read on CUDA, traceable by ``torch.compile``).
     """
-    order = torch.argsort(expert, stable=True)
-    counts = expert.new_zeros(num_experts).index_add_(0, expert, torch.ones_like(expert))
-    return order, counts
+    return torch.argsort(expert, stable=True), count_per_expert(expert, num_experts)
 
 
 def covers_all_pairs(routings: list[Routing], num_inputs: int, num_experts: int) -> bool:
@@ -88,7 +90,7 @@ def dispatch_tasks(x: torch.Tensor, routings: list[Routing], experts: ExpertBank
         return dense_mix(experts.forward_all(x), routings)
     keys = torch.cat([r.expert * num_inputs + r.token for r in routings])
     unique_keys, position = torch.unique(keys, return_inverse=True)
-    counts = torch.bincount(unique_keys // num_inputs, minlength=num_experts)
+    counts = count_per_expert(unique_keys // num_inputs, num_experts)  # no host sync on CUDA
     ys = experts.forward_sorted(x.index_select(0, unique_keys % num_inputs), counts)  # [N_unique, *out]
     outputs, start = [], 0
     for r in routings:
