@@ -125,3 +125,59 @@ def test_uniform_topk_draws_the_generator_stream_and_compiles() -> None:
     expected = torch.rand(6, 5, generator=generator).topk(2, dim=-1).indices
     torch.testing.assert_close(compiled(state, torch.empty(6, 1)), expected)
     torch.testing.assert_close(state, generator.get_state())
+
+
+def test_weight_grad_function_gradgradcheck() -> None:
+    """The Function that differentiates the weight gradient under torch.func (elsewhere the op does)."""
+    torch.manual_seed(0)
+    xs = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    offsets = _offsets([2, 0, 3])
+    assert gradgradcheck(lambda a, g: ops._WeightGradFn.apply(a, g, offsets), (xs, grad))
+
+
+def test_grouped_matmul_and_combine_under_vmap_and_grad_match_a_loop() -> None:
+    """Batched expert boundaries (one routing per sample): the vmap rules loop over the samples."""
+    from torch.func import grad, vmap
+
+    torch.manual_seed(0)
+    xs, weight = torch.randn(3, 6, 4), torch.randn(3, 4, 5)
+    offsets = torch.stack([_offsets(c) for c in ([2, 0, 4], [6, 0, 0], [1, 2, 3])])  # [B, n]
+    token, pair_weight = torch.randint(0, 4, (3, 6)), torch.rand(3, 6)
+
+    def loss(w: torch.Tensor, x: torch.Tensor, off: torch.Tensor, tok: torch.Tensor, pw: torch.Tensor) -> torch.Tensor:
+        return weighted_combine(grouped_matmul(x, w, off), tok, pw, 4).pow(2).sum()
+
+    got = vmap(grad(loss), in_dims=(None, 0, 0, 0, 0))(weight, xs, offsets, token, pair_weight)  # [B, n, d, h]
+    outputs = vmap(lambda x, off: grouped_matmul(x, weight, off))(xs, offsets)
+    for b in range(3):
+        w = weight.clone().requires_grad_()
+        (want,) = torch.autograd.grad(loss(w, xs[b], offsets[b], token[b], pair_weight[b]), w)
+        torch.testing.assert_close(got[b], want)
+        torch.testing.assert_close(outputs[b], grouped_matmul(xs[b], weight, offsets[b]))
+
+
+def test_kernels_sit_at_the_bottom_of_the_import_graph() -> None:
+    """``sparsemoe.kernels`` imports nothing from the package above it; ``ops`` imports no sibling;
+    ``triton_fused`` only ``ops`` (the backends import it lazily, by name)."""
+    import ast
+    from pathlib import Path
+
+    package = Path(ops.__file__).parent
+    imported: dict[str, set[str]] = {}
+    for path in package.glob("*.py"):
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                assert node.level <= 1, f"{path.name} imports from above the kernels package"
+                if node.level == 1:
+                    names.add(node.module or "")
+                else:
+                    assert not (node.module or "").startswith("sparsemoe"), path.name
+            elif isinstance(node, ast.Import):
+                assert not any(a.name.startswith("sparsemoe") for a in node.names), path.name
+        imported[path.stem] = names
+    assert imported["ops"] == set()
+    assert imported["triton_fused"] == {"ops"}
+    assert imported["backends"] == {"ops"}
+    assert imported["__init__"] == {"ops", "backends"}

@@ -163,6 +163,9 @@ def test_triton_accepts_only_cuda_supported_dtypes_outside_graphs(monkeypatch: p
     with monkeypatch.context() as patch:
         patch.setattr(torch.compiler, "is_compiling", lambda: True)
         assert not accepts(cuda_like, torch.bfloat16)  # type: ignore[arg-type]
+    with monkeypatch.context() as patch:
+        patch.setattr(torch._C, "_are_functorch_transforms_active", lambda: True)
+        assert not accepts(cuda_like, torch.bfloat16)  # type: ignore[arg-type]
 
 
 def _routed(seed: int = 0) -> tuple[torch.Tensor, Routing, StackedExperts]:

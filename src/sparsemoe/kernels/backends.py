@@ -32,7 +32,7 @@ from types import ModuleType
 
 import torch
 
-from .ops import grouped_matmul, recording_graph, weighted_combine
+from .ops import functorch_active, grouped_matmul, recording_graph, weighted_combine
 
 #: environment variable naming the backend (read at the first forward unless :func:`set_backend` ran)
 BACKEND_ENV = "SPARSEMOE_KERNELS"
@@ -82,12 +82,14 @@ TORCH = Backend("torch", _torch_gather_matmul, _torch_matmul_combine, lambda x, 
 
 
 def _triton_accepts(x: torch.Tensor, dtype: torch.dtype) -> bool:
-    """CUDA, a :data:`TRITON_DTYPES` dtype, no graph recording or transform, no deterministic mode
-    (the fused combine adds with atomics). The device is tested first: CPU calls cost one read."""
+    """CUDA, a :data:`TRITON_DTYPES` dtype, no graph recording or ``torch.func`` transform, no
+    deterministic mode (the fused combine adds with atomics). The device is tested first: CPU calls
+    cost one read."""
     return (
         x.is_cuda
         and dtype in TRITON_DTYPES
         and not recording_graph()
+        and not functorch_active()
         and not torch.are_deterministic_algorithms_enabled()
     )
 
