@@ -8,13 +8,15 @@ kernel (``*_kernel``, no autograd) and exposed twice:
   which counts for small models). Its backward calls the kernels directly; when a higher-order
   graph is requested (``create_graph=True``, i.e. grad mode is on inside backward) it calls the
   differentiable custom ops instead, so double backward (gradient penalties, MAML inner loops) gets
-  real gradients.
-- **graphs and transforms**: a ``torch.library.custom_op`` (``*_op``) with a fake (shape-only)
-  implementation, a registered backward and a vmap rule (one call per sample). The entry points
-  take it while ``torch.compile`` or ``torch.jit.trace`` records a graph and under ``torch.func``
-  transforms (``grad``, ``vmap``: per-sample gradients). The expert boundaries travel as an
-  ``offsets`` tensor on the device, so a traced graph holds no host synchronisation; only the CPU
-  kernel reads them on the host, inside the opaque op. No output size depends on data.
+  real gradients. The Functions are in the ``setup_context`` form with vmap rules (one kernel call
+  per sample), so ``torch.func.grad``/``vmap`` (per-sample gradients) work; under those transforms
+  their backward differentiates through the Functions again (custom ops' registered autograd does
+  not support ``torch.func``).
+- **graphs**: a ``torch.library.custom_op`` (``*_op``) with a fake (shape-only) implementation and
+  a registered backward. The entry points take it while ``torch.compile`` or ``torch.jit.trace``
+  records a graph. The expert boundaries travel as an ``offsets`` tensor on the device, so a traced
+  graph holds no host synchronisation; only the CPU kernel reads them on the host, inside the
+  opaque op. No output size depends on data.
 
 This module imports nothing from the package above it (the kernels sit at the bottom of the import
 graph). Shape notes use ``N`` rows (pairs), ``n`` experts, ``d`` input and ``h`` output width, ``T``
