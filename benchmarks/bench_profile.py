@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from sparsemoe.dispatch import combine, sort_by_expert
+from sparsemoe.dispatch import sort_by_expert
+from sparsemoe.kernels import weighted_combine
 
 from . import report
 from .cases import dense_case, sparsemoe_case
@@ -43,7 +44,7 @@ def breakdown(shape: Shape, kind: str, repeats: int) -> Section:
         o, _ = sort_by_expert(routing.expert, shape.n)
         t = routing.token[o]
         torch.autograd.backward(
-            [x.index_select(0, t), combine(ys, t, weight, shape.tokens)], [grad_rows, ours.grad_out]
+            [x.index_select(0, t), weighted_combine(ys, t, weight, shape.tokens)], [grad_rows, ours.grad_out]
         )
 
     parts = {

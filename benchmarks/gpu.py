@@ -7,10 +7,11 @@ numbers are quoted.
 For each of the issue's three shapes it times one training step (forward + backward, bf16, top-k
 routing without noise or balance loss, ``swiglu`` experts) of the dense-equivalent (``T·k`` rows
 through one expert-sized network: the FLOP floor), our layer with the fused Triton kernels of
-:mod:`sparsemoe.triton_kernels` (CUDA with ``triton`` installed only) and without them, our layer
+:mod:`sparsemoe.kernels.triton_fused` (the opt-in ``"triton"`` kernel backend, unverified on a GPU
+until this runs: CUDA with ``triton`` installed only) and without them, our layer
 under ``torch.compile(fullgraph=True, dynamic=True)`` (which does not use them), and the HF Mixtral
 block with its ``grouped_mm`` experts where ``transformers`` is installed; then every gate's layer
-at the third shape against top-k (the library's default: Triton kernels where they apply), and
+at the third shape against top-k (the library's default: the ``"torch"`` kernel backend), and
 saturated DSelect-k and COMET layers at n=64, k=2 against top-k at the same n and k. Peak
 memory is ``torch.cuda.max_memory_allocated`` over one step. Rounds are interleaved and checked for
 spread as in every benchmark here (:mod:`benchmarks.timing`). Writes
@@ -73,14 +74,11 @@ def _ours(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype, gate
 
 
 def _switched(case: Case, triton: bool) -> Case:
-    """``case`` with the fused Triton kernels switched on or off for its forward (restored after)."""
+    """``case`` with the ``"triton"`` or the ``"torch"`` kernel backend for its forward (restored after)."""
 
     def forward(inp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        previous = kernels.set_triton(triton)
-        try:
+        with kernels.use_backend("triton" if triton else "torch"):
             return case.forward(inp)
-        finally:
-            kernels.set_triton(previous)
 
     label = ", Triton kernels" if triton else ", no Triton"
     return Case(case.name + label, case.module, forward, case.x, case.grad_out)
@@ -91,7 +89,7 @@ def _triton_rows(ours: Case, device: torch.device) -> tuple[list[Case], str]:
     plain = _switched(ours, False)
     if device.type != "cuda":
         return [plain], "\n- Triton row skipped: its kernels run on CUDA only\n"
-    if kernels.triton_kernels() is None:
+    if kernels.load_backend("triton") is None:
         return [plain], "\n- Triton row skipped: triton is not installed (`pip install -e '.[gpu]'`)\n"
     return [_switched(ours, True), plain], ""
 

@@ -9,6 +9,7 @@ import torch
 
 from benchmarks import gpu
 from sparsemoe import kernels
+from sparsemoe.kernels import backends
 
 
 def test_gpu_benchmark_runs_on_cpu(tmp_path: Path) -> None:
@@ -26,10 +27,10 @@ def test_gpu_benchmark_runs_on_cpu(tmp_path: Path) -> None:
 
 def test_triton_rows_need_cuda_and_triton(monkeypatch: pytest.MonkeyPatch) -> None:
     ours = gpu._ours(gpu.QUICK_SHAPES[0], torch.device("cpu"), torch.float32)
-    monkeypatch.setattr(kernels, "triton_kernels", lambda: None)
+    monkeypatch.setitem(backends._LOADED, "triton", None)
     rows, note = gpu._triton_rows(ours, torch.device("cuda"))
     assert [c.name for c in rows] == ["sparsemoe (topk), no Triton"] and "not installed" in note
-    monkeypatch.setattr(kernels, "triton_kernels", lambda: object())
+    monkeypatch.setitem(backends._LOADED, "triton", backends.TORCH)  # any loaded backend
     rows, note = gpu._triton_rows(ours, torch.device("cuda"))
     assert [c.name for c in rows] == ["sparsemoe (topk), Triton kernels", "sparsemoe (topk), no Triton"]
     assert note == ""
@@ -37,17 +38,14 @@ def test_triton_rows_need_cuda_and_triton(monkeypatch: pytest.MonkeyPatch) -> No
 
 def test_switched_case_restores_the_setting(monkeypatch: pytest.MonkeyPatch) -> None:
     ours = gpu._ours(gpu.QUICK_SHAPES[0], torch.device("cpu"), torch.float32)
-    seen: list[bool] = []
+    seen: list[str] = []
     original = ours.forward
 
     def forward(inp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        seen.append(kernels._TRITON_WANTED)
+        seen.append(kernels.get_backend())
         return original(inp)
 
     monkeypatch.setattr(ours, "forward", forward)
-    previous = kernels.set_triton(True)
-    try:
+    with kernels.use_backend("triton"):
         gpu._switched(ours, False).step()
-        assert seen == [False] and kernels._TRITON_WANTED
-    finally:
-        kernels.set_triton(previous)
+        assert seen == ["torch"] and kernels.get_backend() == "triton"

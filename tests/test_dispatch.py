@@ -8,9 +8,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.autograd import gradcheck
 
-from sparsemoe import MoE, Routing, StackedExperts, dispatch, reference_dispatch
-from sparsemoe.experts import grouped_matmul, grouped_mm_supported
-from sparsemoe.kernels import _GroupedMatmul, _WeightedIndexAdd
+from sparsemoe import MoE, Routing, StackedExperts, reference_dispatch
+from sparsemoe.dispatch import dispatch
+from sparsemoe.kernels import expert_offsets, grouped_matmul, grouped_mm_supported
+from sparsemoe.kernels.ops import _GroupedMatmulFn, _WeightedCombineFn
 
 from conftest import gate_kwargs
 
@@ -86,7 +87,7 @@ def test_grouped_mm_path_is_taken_and_exact() -> None:
     counts = torch.tensor([5, 0, 11, 4])
     assert grouped_mm_supported(x, w)
     expected = torch.cat([x[:5] @ w[0], x[5:16] @ w[2], x[16:] @ w[3]])
-    torch.testing.assert_close(grouped_matmul(x, w, counts), expected)
+    torch.testing.assert_close(grouped_matmul(x, w, expert_offsets(counts)), expected)
     assert not grouped_mm_supported(x.double(), w.double())  # float64 takes the loop
 
 
@@ -128,15 +129,15 @@ def test_grouped_matmul_gradcheck(counts: list[int]) -> None:
     torch.manual_seed(0)
     xs = torch.randn(sum(counts), 4, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(len(counts), 4, 5, dtype=torch.float64, requires_grad=True)
-    assert gradcheck(lambda a, w: _GroupedMatmul.apply(a, w, _offsets(counts)), (xs, weight))
+    assert gradcheck(lambda a, w: _GroupedMatmulFn.apply(a, w, _offsets(counts)), (xs, weight))
 
 
-def test_weighted_index_add_gradcheck() -> None:
+def test_weighted_combine_gradcheck() -> None:
     torch.manual_seed(0)
     ys = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
     weight = torch.rand(6, dtype=torch.float64, requires_grad=True)
     token = torch.tensor([0, 2, 2, 1, 0, 4])
-    assert gradcheck(lambda y, w: _WeightedIndexAdd.apply(y, token, w, 5), (ys, weight))
+    assert gradcheck(lambda y, w: _WeightedCombineFn.apply(y, token, w, 5), (ys, weight))
 
 
 def test_grouped_matmul_float32_matches_loop_with_empty_experts() -> None:
@@ -145,7 +146,7 @@ def test_grouped_matmul_float32_matches_loop_with_empty_experts() -> None:
     xs = torch.randn(16, 8, requires_grad=True)
     weight = torch.randn(4, 8, 16, requires_grad=True)
     grad = torch.randn(16, 16)
-    out = grouped_matmul(xs, weight, counts)
+    out = grouped_matmul(xs, weight, expert_offsets(counts))
     expected = torch.cat([chunk @ weight[e] for e, chunk in enumerate(xs.split(counts.tolist()))])
     torch.testing.assert_close(out, expected)
     got = torch.autograd.grad(out, (xs, weight), grad)
@@ -157,7 +158,7 @@ def test_grouped_matmul_float32_matches_loop_with_empty_experts() -> None:
 def test_grouped_matmul_accepts_stride0_gradient() -> None:
     xs = torch.randn(6, 8, requires_grad=True)
     weight = torch.randn(2, 8, 16, requires_grad=True)
-    grouped_matmul(xs, weight, torch.tensor([2, 4])).sum().backward()
+    grouped_matmul(xs, weight, _offsets([2, 4])).sum().backward()
     assert xs.grad is not None and weight.grad is not None
 
 
@@ -212,3 +213,18 @@ def test_multitask_dense_path_matches_sparse_tasks() -> None:
     outputs = dispatch_tasks(x, [first, second], experts)
     for out, routing in zip(outputs, (first, second), strict=True):
         torch.testing.assert_close(out, reference_dispatch(x, routing, experts))
+
+
+def test_dispatch_submodule_is_not_hidden_by_a_function() -> None:
+    """``sparsemoe.dispatch`` is the module (a function of that name used to shadow it)."""
+    import types
+
+    import sparsemoe
+    import sparsemoe.dispatch as dispatch_module
+
+    assert isinstance(dispatch_module, types.ModuleType) and sparsemoe.dispatch is dispatch_module
+    assert dispatch_module.dispatch is dispatch and sparsemoe.reference_dispatch is reference_dispatch
+    x, routing = torch.randn(5, 4), random_routing(5, 3, 2, seed=0, dtype=torch.float32)
+    experts = StackedExperts(3, 4, 6)
+    expected = reference_dispatch(x, routing, experts)
+    torch.testing.assert_close(sparsemoe.dispatch.dispatch(x, routing, experts), expected)

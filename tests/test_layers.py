@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 import sparsemoe
-from sparsemoe import ModuleExperts, MoE, MultiTaskMoE, StackedExperts, dispatch, gates
+from sparsemoe import ModuleExperts, MoE, MultiTaskMoE, StackedExperts, gates
+from sparsemoe.dispatch import dispatch
 
 from conftest import gate_kwargs
 

@@ -133,8 +133,7 @@ def test_cuda_forward_does_not_synchronise(gate: str, options: dict, triton: boo
     moe = sparsemoe.MoE(64, 96, 8, gate=gate, expert="swiglu", device="cuda", dtype=torch.bfloat16, **options)
     x = torch.randn(4, 64, 64, device="cuda", dtype=torch.bfloat16)
     ids = torch.randint(0, 50, (4, 64), device="cuda")
-    kernels.set_triton(triton)
-    try:
+    with kernels.use_backend("triton" if triton else "torch"):
         moe(x, ids)  # warm-up: lazy initialisation (cuBLAS handles, Triton compilation) may synchronise
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
@@ -142,5 +141,3 @@ def test_cuda_forward_does_not_synchronise(gate: str, options: dict, triton: boo
             moe(x, ids)
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    finally:
-        kernels.set_triton(True)

@@ -18,6 +18,7 @@ import torch
 
 from sparsemoe.dispatch import reference_dispatch, sort_by_expert
 from sparsemoe.experts import StackedExperts
+from sparsemoe.kernels.backends import Backend, triton_backend
 from sparsemoe.routing import Routing
 
 if os.environ.get("TRITON_INTERPRET") != "1":
@@ -28,10 +29,15 @@ pytest.importorskip("triton")
 
 @pytest.fixture(scope="module")
 def tk() -> ModuleType:
-    from sparsemoe import triton_kernels
+    from sparsemoe.kernels import triton_fused
 
-    assert triton_kernels.INTERPRETED
-    return triton_kernels
+    assert triton_fused.INTERPRETED
+    return triton_fused
+
+
+def _interpreted(tk: ModuleType) -> Backend:
+    """The "triton" backend with the interpreted kernels, taking every call (CPU tensors included)."""
+    return triton_backend(tk, accepts=lambda x, dtype: True)
 
 
 def _pairs(counts: list[int], num_inputs: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -66,7 +72,7 @@ def test_gather_grouped_mm_matches_definition(tk: ModuleType, case: str, dtype: 
     g = torch.Generator().manual_seed(2)
     x = torch.randn(num_inputs, d, generator=g, dtype=dtype, requires_grad=True)
     weight = torch.randn(len(counts), d, h, generator=g, dtype=dtype, requires_grad=True)
-    out = tk.gather_grouped_mm(x, token, weight, offsets)
+    out = tk.gather_grouped_matmul(x, token, weight, offsets)
     expected = torch.einsum("nd,ndh->nh", x[token], weight[expert])
     _close(out, expected, dtype)
     grad = torch.randn(out.shape, generator=g, dtype=dtype)
@@ -88,7 +94,7 @@ def test_grouped_mm_combine_matches_definition(tk: ModuleType, case: str, dtype:
     hidden = torch.randn(len(token), h, generator=g, dtype=dtype, requires_grad=True)
     weight = torch.randn(len(counts), h, d, generator=g, dtype=dtype, requires_grad=True)
     pair_weight = torch.rand(len(token), generator=g, dtype=torch.float32).requires_grad_()  # router dtype
-    out = tk.grouped_mm_combine(hidden, weight, offsets, token, pair_weight, num_inputs)
+    out = tk.grouped_matmul_combine(hidden, weight, offsets, token, pair_weight, num_inputs)
     products = torch.einsum("nh,nhd->nd", hidden, weight[expert])
     expected = torch.zeros(num_inputs, d, dtype=dtype).index_add(0, token, pair_weight.to(dtype)[:, None] * products)
     assert out.shape == (num_inputs, d) and out.dtype == dtype
@@ -104,9 +110,9 @@ def test_grouped_mm_combine_matches_definition(tk: ModuleType, case: str, dtype:
 def test_launchers_reject_missing_index(tk: ModuleType) -> None:
     x, w, offsets = torch.randn(4, 16), torch.randn(1, 16, 16), torch.tensor([4], dtype=torch.int32)
     with pytest.raises(ValueError, match="index is required"):
-        tk.grouped_mm(x, w, offsets, gather=True)
+        tk._launch_grouped_matmul(x, w, offsets, gather=True)
     with pytest.raises(ValueError, match="index is required"):
-        tk.weight_grad(x, x, offsets, gather_b=True)
+        tk._launch_weight_grad(x, x, offsets, gather_b=True)
 
 
 def _routing(num_inputs: int, num_experts: int, k: int, seed: int, dtype: torch.dtype) -> Routing:
@@ -132,7 +138,7 @@ def test_fused_experts_match_reference_dispatch(tk: ModuleType, kind: str, bias:
     routing = _routing(num_inputs, n, k, seed=6, dtype=dtype)
     order, counts = sort_by_expert(routing.expert, n)
     token = routing.token[order]
-    out = experts.forward_fused(x, token, counts, routing.weight[order], num_inputs, tk)
+    out = experts.forward_combined(x, token, counts, routing.weight[order], num_inputs, backend=_interpreted(tk))
     expected = reference_dispatch(x, routing, experts)
     tol = TOL[dtype]
     torch.testing.assert_close(out, expected, **tol)
@@ -153,7 +159,9 @@ def test_double_backward_matches_reference(tk: ModuleType) -> None:
 
     def penalty(run: bool) -> list[torch.Tensor]:
         if run:
-            out = experts.forward_fused(x, routing.token[order], counts, routing.weight[order], 9, tk)
+            out = experts.forward_combined(
+                x, routing.token[order], counts, routing.weight[order], 9, backend=_interpreted(tk)
+            )
         else:
             out = reference_dispatch(x, routing, experts)
         (gx,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)

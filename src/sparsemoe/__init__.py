@@ -4,11 +4,14 @@
 >>> moe = sparsemoe.MoE(d_model=64, d_hidden=128, num_experts=8, gate="comet", k=2)
 >>> y = moe(torch.randn(4, 10, 64))
 >>> loss = y.pow(2).mean() + sparsemoe.aux_loss(moe)
+
+``sparsemoe.dispatch`` is the dispatch module (its function is ``sparsemoe.dispatch.dispatch``), so
+that ``import sparsemoe.dispatch`` and ``sparsemoe.dispatch`` name the same thing.
 """
 
-from . import gates
+from . import dispatch, gates, kernels
 from .checkpoint import load_checkpoint, save_checkpoint
-from .dispatch import dispatch, reference_dispatch
+from .dispatch import reference_dispatch
 from .experts import ExpertBank, ModuleExperts, StackedExperts
 from .gates import GateSpec
 from .hf import moefy
@@ -32,6 +35,7 @@ __all__ = [
     "aux_loss",
     "dispatch",
     "gates",
+    "kernels",
     "load_checkpoint",
     "moefy",
     "reference_dispatch",

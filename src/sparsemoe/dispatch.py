@@ -3,6 +3,10 @@
 Only the pairs in a :class:`~sparsemoe.routing.Routing` are computed; nothing is padded and,
 unless a capacity is set on the routing, nothing is dropped.
 
+The experts run through the bank's :meth:`~sparsemoe.experts.ExpertBank.forward_combined`; for
+stacked experts the kernels are those of the chosen backend (:mod:`sparsemoe.kernels.backends`,
+the one place that decides).
+
 Dense path: when the routings cover every (input, expert) pair (a dense softmax gate), sorting,
 gathering and scattering buy nothing. The experts then run on all inputs as batched GEMMs and the
 weights mix them as one dense product: the same outputs and gradients, up to rounding order.
@@ -23,15 +27,10 @@ from .routing import Routing, count_per_expert
 def sort_by_expert(expert: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The stable order that groups pairs by expert, and the pairs per expert ``LongTensor[n]``.
 
-    The counts have a fixed size ``[n]`` and need no host read (:func:`~sparsemoe.routing.count_per_expert`).
+    The counts have a fixed size ``[n]`` (:func:`~sparsemoe.routing.count_per_expert`: no host
+    read on CUDA, traceable by ``torch.compile``).
     """
-    order = torch.argsort(expert, stable=True)
-    return order, count_per_expert(expert, num_experts)
-
-
-def combine(ys: torch.Tensor, token: torch.Tensor, weight: torch.Tensor, num_inputs: int) -> torch.Tensor:
-    """``y[t] = Σ_{pairs of t} weight · ys``: ``[N, *out] -> [T, *out]``."""
-    return weighted_combine(ys, token, weight, num_inputs)
+    return torch.argsort(expert, stable=True), count_per_expert(expert, num_experts)
 
 
 def covers_all_pairs(routings: list[Routing], num_inputs: int, num_experts: int) -> bool:
@@ -42,8 +41,10 @@ def covers_all_pairs(routings: list[Routing], num_inputs: int, num_experts: int)
     distinct); else one ``[T·n]`` scatter and a host read of one bool. Always False while compiling
     (the answer is data).
     """
+    if torch.compiler.is_compiling():  # first: the tests below compare sizes that are symbolic while tracing
+        return False
     cells = num_inputs * num_experts
-    if cells == 0 or sum(r.num_pairs for r in routings) < cells or torch.compiler.is_compiling():
+    if cells == 0 or sum(r.num_pairs for r in routings) < cells:
         return False
     if any(r.dense is not None and r.num_pairs == cells for r in routings):
         return True
@@ -74,13 +75,8 @@ def dispatch(x: torch.Tensor, routing: Routing, experts: ExpertBank) -> torch.Te
     if covers_all_pairs([routing], routing.num_inputs, experts.num_experts):
         return dense_mix(experts.forward_all(x), [routing])[0]
     order, counts = sort_by_expert(routing.expert, experts.num_experts)
-    token = routing.token[order]
-    if x.is_cuda:  # a bank may fuse gather, experts and combine (Triton kernels); never on CPU
-        fused = experts.forward_combined(x, token, counts, routing.weight[order], routing.num_inputs)
-        if fused is not None:
-            return fused
-    ys = experts.forward_sorted(x.index_select(0, token), counts)  # [N, *out], grouped by expert
-    return combine(ys, token, routing.weight[order], routing.num_inputs)
+    # the bank gathers, runs its experts and combines (StackedExperts with the chosen kernel backend)
+    return experts.forward_combined(x, routing.token[order], counts, routing.weight[order], routing.num_inputs)
 
 
 def dispatch_tasks(x: torch.Tensor, routings: list[Routing], experts: ExpertBank) -> list[torch.Tensor]:
@@ -94,12 +90,12 @@ def dispatch_tasks(x: torch.Tensor, routings: list[Routing], experts: ExpertBank
         return dense_mix(experts.forward_all(x), routings)
     keys = torch.cat([r.expert * num_inputs + r.token for r in routings])
     unique_keys, position = torch.unique(keys, return_inverse=True)
-    counts = count_per_expert(unique_keys // num_inputs, num_experts)
+    counts = count_per_expert(unique_keys // num_inputs, num_experts)  # no host sync on CUDA
     ys = experts.forward_sorted(x.index_select(0, unique_keys % num_inputs), counts)  # [N_unique, *out]
     outputs, start = [], 0
     for r in routings:
         pos = position[start : start + r.num_pairs]
-        outputs.append(combine(ys.index_select(0, pos), r.token, r.weight, num_inputs))
+        outputs.append(weighted_combine(ys.index_select(0, pos), r.token, r.weight, num_inputs))
         start += r.num_pairs
     return outputs
 

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ._validation import check_choice, check_int
-from .kernels import grouped_matmul_offsets, grouped_mm_supported, triton_kernels, use_triton, weighted_combine
+from .kernels import Backend, expert_offsets, grouped_matmul, resolve_backend, weighted_combine
 
 EXPERT_KINDS = ("mlp", "swiglu", "linear")
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -26,8 +25,6 @@ __all__ = [
     "ExpertBank",
     "ModuleExperts",
     "StackedExperts",
-    "grouped_matmul",
-    "grouped_mm_supported",
 ]
 
 
@@ -66,17 +63,18 @@ class ExpertBank(nn.Module):
 
     def forward_combined(
         self, x: torch.Tensor, token: torch.Tensor, counts: torch.Tensor, weight: torch.Tensor, num_inputs: int
-    ) -> torch.Tensor | None:
-        """Gather, experts and combine in one step where the bank has a fused path for ``x``, else ``None``.
+    ) -> torch.Tensor:
+        """Gather, experts and combine: what the dispatcher calls for one routing.
 
-        The dispatcher asks only for CUDA inputs (``None`` sends it down the generic path: gather,
-        :meth:`forward_sorted`, combine). ``token`` and ``weight`` are the pairs' input rows and
-        combine weights sorted by expert, ``counts[e]`` pairs for expert ``e``.
+        ``token`` and ``weight`` are the pairs' input rows and combine weights sorted by expert,
+        ``counts[e]`` pairs for expert ``e``. The default gathers the rows, runs
+        :meth:`forward_sorted` and combines; banks with kernels that fuse these steps override it.
 
         Shape: ``x [T, *in]``, ``token LongTensor[N]``, ``counts LongTensor[n]``, ``weight [N]`` ->
         ``[T, *out]`` with ``T = num_inputs``.
         """
-        return None
+        ys = self.forward_sorted(x.index_select(0, token), counts)  # [N, *out], grouped by expert
+        return weighted_combine(ys, token, weight, num_inputs)
 
     def forward_all(self, x: torch.Tensor) -> torch.Tensor:
         """Every expert on every row: ``x: [T, *in] -> [n, T, *out]`` (the dense path of a softmax gate).
@@ -110,16 +108,6 @@ class ModuleExperts(ExpertBank):
 
     def forward_expert(self, expert: int, x: torch.Tensor) -> torch.Tensor:
         return self.experts[expert](x)
-
-
-def grouped_matmul(xs: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """``xs[rows of e] @ weight[e]`` for every expert ``e``: ``[N, d] x [n, d, h] -> [N, h]``.
-
-    ``counts: LongTensor[n]`` rows per expert, in order. One ``grouped_mm`` call when supported
-    (float32/bf16/fp16), else a loop over the experts' segments (float64, for instance); see
-    :mod:`sparsemoe.kernels` for the autograd and ``torch.compile`` forms.
-    """
-    return grouped_matmul_offsets(xs, weight, torch.cumsum(counts, 0, dtype=torch.int32))
 
 
 def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
@@ -244,44 +232,38 @@ class StackedExperts(ExpertBank):
         compute = _autocast_dtype(xs)
         if compute is not None:  # the custom matmul is not on autocast's op list: cast here, as autocast would
             xs = xs.to(compute)
+        offsets = expert_offsets(counts)
         return self._forward(
             xs,
-            lambda rows, w: grouped_matmul(rows, w if compute is None else w.to(compute), counts),
+            lambda rows, w: grouped_matmul(rows, w if compute is None else w.to(compute), offsets),
             lambda b: (b if compute is None else b.to(compute)).repeat_interleave(
                 counts, dim=0, output_size=xs.shape[0]
             ),
         )
 
     def forward_combined(
-        self, x: torch.Tensor, token: torch.Tensor, counts: torch.Tensor, weight: torch.Tensor, num_inputs: int
-    ) -> torch.Tensor | None:
-        """The fused Triton path on CUDA (see :func:`sparsemoe.kernels.use_triton`), else ``None``."""
-        compute = _autocast_dtype(x)
-        ops = triton_kernels() if use_triton(x, compute) else None
-        if ops is None:
-            return None
-        return self.forward_fused(x, token, counts, weight, num_inputs, ops, compute)
-
-    def forward_fused(
         self,
         x: torch.Tensor,
         token: torch.Tensor,
         counts: torch.Tensor,
         weight: torch.Tensor,
         num_inputs: int,
-        ops: ModuleType,
-        compute: torch.dtype | None = None,
+        *,
+        backend: Backend | None = None,
     ) -> torch.Tensor:
-        """Gather fused into the first grouped GEMM and the combine into the last, with the kernels of ``ops``.
+        """The gather inside the first grouped GEMM and the combine inside the last, by the kernel backend.
 
-        ``ops`` is :mod:`sparsemoe.triton_kernels` (tests pass a copy running in Triton's CPU
-        interpreter); ``compute`` the autocast dtype, if any. The expert boundaries stay on the device.
-        ``linear`` experts (the activation follows their only GEMM) and a second-layer bias (it sits
-        between the product and the combine weight) keep the plain combine after the last GEMM.
+        ``backend`` defaults to :func:`sparsemoe.kernels.resolve_backend`'s choice for ``x`` (the
+        ``"torch"`` kernels unless another backend was chosen and takes the call); tests pass their
+        own (the Triton kernels in Triton's CPU interpreter). The expert boundaries stay on the
+        device. ``linear`` experts (the activation follows their only GEMM) and a second-layer bias
+        (it sits between the product and the combine weight) keep the plain combine after the last GEMM.
 
         Shape: as :meth:`ExpertBank.forward_combined`.
         """
-        offsets = torch.cumsum(counts, 0, dtype=torch.int32)  # [n], on the device: no host read
+        compute = _autocast_dtype(x)  # the custom matmuls are not on autocast's op list: cast, as autocast would
+        ops = backend if backend is not None else resolve_backend(x, compute)
+        offsets = expert_offsets(counts)  # [n], on the device: no host read
 
         def cast(t: torch.Tensor) -> torch.Tensor:
             return t if compute is None else t.to(compute)
@@ -289,13 +271,13 @@ class StackedExperts(ExpertBank):
         def rows_bias(b: torch.Tensor) -> torch.Tensor:
             return cast(b).repeat_interleave(counts, dim=0, output_size=token.shape[0])
 
-        h = self._hidden(cast(x), lambda rows, w: ops.gather_grouped_mm(rows, token, cast(w), offsets), rows_bias)
+        h = self._hidden(x, lambda rows, w: ops.gather_matmul(rows, token, cast(w), offsets, compute), rows_bias)
         if self.w2 is None:
             return weighted_combine(h, token, weight, num_inputs)
         if self.b2 is not None:
-            y = grouped_matmul_offsets(h, cast(self.w2), offsets) + rows_bias(self.b2)
+            y = grouped_matmul(h, cast(self.w2), offsets) + rows_bias(self.b2)
             return weighted_combine(y, token, weight, num_inputs)
-        return ops.grouped_mm_combine(h, cast(self.w2), offsets, token, weight, num_inputs)
+        return ops.matmul_combine(h, cast(self.w2), offsets, token, weight, num_inputs)
 
     def forward_all(self, x: torch.Tensor) -> torch.Tensor:
         """``[T, d_in] -> [n, T, d_out]`` as batched GEMMs, with no sorting or gathering."""

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
+from typing import Any
 
 import torch
 from torch import nn
@@ -170,7 +171,12 @@ class PermutationSearch(nn.Module):
         """Freeze ``Π`` at the Hungarian assignment of the current soft ``Π``; returns ``σ``."""
         self.permutation.copy_(hungarian(self.soft()))
         self.hardened.fill_(True)
+        self._hardened_seen = True
         return self.permutation
+
+    def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._hardened_seen = bool(self.hardened)
 
     # ------------------------------------------------------------------ applying it
     def permute(self, routings: list[Routing]) -> list[Routing]:
@@ -181,7 +187,7 @@ class PermutationSearch(nn.Module):
         current soft ``Π`` while the search is still running). The entropy penalty is attached to
         the first routing only, so a shared ``Π`` is penalised once, not once per task.
         """
-        if not bool(self.hardened):
+        if not self._is_hardened():
             if not self.training:
                 perm = hungarian(self.soft())
                 return [r.relabel(perm.to(r.expert.device)) for r in routings]
@@ -209,6 +215,26 @@ class PermutationSearch(nn.Module):
         if not (self.log_alpha.requires_grad and torch.is_grad_enabled()):
             return weight
         return weight + self.log_alpha.reshape(-1)[:0].sum().to(weight.dtype)
+
+    #: the hardened flag as last read on the host: torch.compile cannot read a buffer's value, so a
+    #: compiled forward is specialised on this (hardening recompiles once)
+    _hardened_seen: bool = False
+
+    def _is_hardened(self) -> bool:
+        """The hardened flag as a Python bool: eagerly the buffer; while compiling, its last host value.
+
+        The soft phase cannot be compiled: its Sinkhorn schedule (temperature, iteration count) and
+        the Hungarian assignment are computed on the host from the step counter.
+        """
+        if not torch.compiler.is_compiling():
+            self._hardened_seen = bool(self.hardened)
+        elif not self._hardened_seen:
+            raise RuntimeError(
+                "torch.compile reached PermutationSearch before it hardened: the soft phase of local "
+                f"search (the first {self.steps} training forwards, and evaluation before hardening) "
+                "runs eagerly. Run those forwards without torch.compile, then compile the model."
+            )
+        return self._hardened_seen
 
     @staticmethod
     def _soft_permute(routing: Routing, pi: torch.Tensor, prune_below: float) -> Routing:

@@ -5,11 +5,31 @@ from __future__ import annotations
 import torch
 
 from .._validation import check_choice, check_seed
-from ..kernels import uniform_topk
 from ..routing import Routing
 from .base import Gate, IdKind
 
 GRANULARITIES = ("token", "sequence", "batch")
+
+
+@torch.library.custom_op("sparsemoe::uniform_topk", mutates_args=("state",))
+def uniform_topk(state: torch.Tensor, rows: int, num_experts: int, k: int) -> torch.Tensor:
+    """``[rows, k]`` distinct uniform experts (the top-k of i.i.d. uniform scores), drawn from ``state``.
+
+    ``state`` is a CPU generator's state (``torch.Generator().get_state()``, a ``uint8`` tensor) and
+    is advanced in place, so a gate that keeps it as a buffer draws exactly the stream its own
+    ``torch.Generator`` would, in eager mode and inside ``torch.compile`` (which cannot trace a
+    ``Generator`` object).
+    """
+    generator = torch.Generator()
+    generator.set_state(state.cpu())
+    indices = torch.rand(rows, num_experts, generator=generator).topk(k, dim=-1).indices
+    state.copy_(generator.get_state().to(state.device))
+    return indices
+
+
+@uniform_topk.register_fake
+def _(state: torch.Tensor, rows: int, num_experts: int, k: int) -> torch.Tensor:
+    return torch.empty(rows, k, dtype=torch.long)
 
 
 class RandomGate(Gate):

@@ -1,5 +1,11 @@
 """Fused Triton kernels for the CUDA dispatch path: gather into the first grouped GEMM, combine into the last.
 
+**Unverified on a GPU, hence opt-in.** These kernels have been checked only in Triton's CPU
+interpreter (tests/test_triton_kernels.py) and compiled for Hopper; no run on a real GPU has yet
+compared them with the reference dispatch (float32 and bf16) or timed them. The ``"triton"`` kernel
+backend (:mod:`sparsemoe.kernels.backends`) that uses them is off by default: choose it with
+``sparsemoe.kernels.set_backend("triton")`` or ``SPARSEMOE_KERNELS=triton``.
+
 Why: the eager path materialises ``x[token]`` (``[N, d]``) before the first grouped matmul and the
 expert outputs (``[N, d]``) plus their weighted copy before the scatter-add. Here the first GEMM
 reads its input rows through the index (``x[token[i]] @ W[e]``, nothing gathered in memory) and
@@ -12,18 +18,19 @@ upper bound on the blocks of ``n`` experts whose rows are padded to ``BM`` each;
 its expert and rows from the offsets (a prefix sum of the per-expert block counts) and the ones
 past the end return at once.
 
-**Exactness.** Products accumulate in float32 (float64 for float64 inputs). float32 inputs use IEEE
-products unless ``torch.backends.cuda.matmul.allow_tf32`` is set, as for ``torch.matmul``. The
-fused combine adds the ``k`` contributions of each input with float32 atomics (then casts), so its
-result equals the eager path's up to summation order and is **not bitwise deterministic** from run
-to run; the dispatcher does not use these kernels when ``torch.use_deterministic_algorithms(True)``
-is on. Gradients of the combine weights are reduced per column tile and summed in a fixed order
-(deterministic). Double backward (``create_graph=True``) falls back to the differentiable custom ops
-of :mod:`sparsemoe.kernels`.
+**Exactness.** Products accumulate in float32 (float64 for float64 inputs). ``tl.dot`` on float32
+inputs defaults to TF32 (10-bit mantissa products); these kernels pass ``input_precision="ieee"``
+(true float32 products) unless ``torch.backends.cuda.matmul.allow_tf32`` is set, as for
+``torch.matmul``. The fused combine adds the ``k`` contributions of each input with float32 atomics
+(then casts), so its result equals the eager path's up to summation order and is **not bitwise
+deterministic** from run to run; the backend stands aside when
+``torch.use_deterministic_algorithms(True)`` is on. Gradients of the combine weights are reduced per
+column tile and summed in a fixed order (deterministic). Double backward (``create_graph=True``)
+falls back to the differentiable custom ops of :mod:`sparsemoe.kernels.ops`.
 
-This module imports ``triton`` and is imported lazily, only on the CUDA path. Under
-``TRITON_INTERPRET=1`` (set before this module is imported) the same kernels run on CPU tensors,
-which is how the tests check them.
+This module imports ``triton`` and is imported lazily, by the ``"triton"`` backend's loader only.
+Under ``TRITON_INTERPRET=1`` (set before this module is imported) the same kernels run on CPU
+tensors, which is how the tests check them.
 
 Shape notes: ``T`` inputs, ``N`` (input, expert) pairs sorted by expert, ``n`` experts, ``K`` the
 reduced width, ``C`` the output width.
@@ -37,7 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import kernels
+from .ops import grouped_matmul_op, grouped_matmul_weight_grad_op
 
 #: whether the kernels run in Triton's CPU interpreter (read when this module is imported, like triton.jit)
 INTERPRETED: bool = bool(triton.knobs.runtime.interpret)
@@ -92,7 +99,7 @@ def _expert_block(offsets_ptr, num_experts, pid_m, BM: tl.constexpr, NP2: tl.con
 
 
 @triton.jit
-def _grouped_mm_kernel(
+def _grouped_matmul_kernel(
     x_ptr, stride_xr, stride_xk,
     w_ptr, stride_we, stride_wk, stride_wc,
     y_ptr, stride_yr, stride_yc,
@@ -151,7 +158,7 @@ def _grouped_mm_kernel(
 
 
 @triton.jit
-def _weight_grad_kernel(
+def _grouped_matmul_weight_grad_kernel(
     a_ptr, stride_ar, stride_ac,
     b_ptr, stride_br, stride_bc,
     out_ptr, stride_oe, stride_oa, stride_ob,
@@ -206,7 +213,7 @@ def _tl_dtype(dtype: torch.dtype) -> Any:
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def grouped_mm(
+def _launch_grouped_matmul(
     x: torch.Tensor,
     weight: torch.Tensor,
     offsets: torch.Tensor,
@@ -245,7 +252,7 @@ def grouped_mm(
         dummy = offsets
         grid = (triton.cdiv(num_rows, block_m) + num_experts, col_tiles)
         other = rowdot if rowdot is not None else x
-        _grouped_mm_kernel[grid](
+        _grouped_matmul_kernel[grid](
             x, x.stride(0), x.stride(1),
             weight, weight.stride(0), weight.stride(1), weight.stride(2),
             y, y.stride(0), y.stride(1),
@@ -263,7 +270,7 @@ def grouped_mm(
     return y, (None if dots is None else dots.sum(0))
 
 
-def weight_grad(
+def _launch_weight_grad(
     a: torch.Tensor,
     b: torch.Tensor,
     offsets: torch.Tensor,
@@ -287,7 +294,7 @@ def weight_grad(
     block_m, block_n, block_k = tiles.pop("BM"), tiles.pop("BN"), tiles.pop("BK")
     if depth_a and depth_b:
         grid = (triton.cdiv(depth_a, block_m) * triton.cdiv(depth_b, block_n), num_experts)
-        _weight_grad_kernel[grid](
+        _grouped_matmul_weight_grad_kernel[grid](
             a, a.stride(0), a.stride(1),
             b, b.stride(0), b.stride(1),
             out, out.stride(0), out.stride(1), out.stride(2),
@@ -300,7 +307,7 @@ def weight_grad(
 
 
 # ------------------------------------------------------------------------------------------ autograd
-class _GatherGroupedMM(torch.autograd.Function):
+class _GatherGroupedMatmulFn(torch.autograd.Function):
     """``z_i = x[token_i] @ weight[e_i]``; saves ``x`` itself, not the ``[N, K]`` gathered rows."""
 
     @staticmethod
@@ -308,7 +315,7 @@ class _GatherGroupedMM(torch.autograd.Function):
         ctx: Any, x: torch.Tensor, token: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor
     ) -> torch.Tensor:
         ctx.save_for_backward(x, token, weight, offsets)
-        return grouped_mm(x, weight, offsets, token, gather=True)[0]
+        return _launch_grouped_matmul(x, weight, offsets, token, gather=True)[0]
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -318,19 +325,21 @@ class _GatherGroupedMM(torch.autograd.Function):
             xs = x.index_select(0, token)
             grad_x = grad_w = None
             if need_x:
-                rows = kernels.grouped_mm_op(grad.contiguous(), weight.transpose(1, 2), offsets)
+                rows = grouped_matmul_op(grad.contiguous(), weight.transpose(1, 2), offsets)
                 grad_x = x.new_zeros(x.shape).index_add(0, token, rows)
             if need_w:
-                grad_w = kernels.weight_grad_op(xs, grad.contiguous(), offsets)
+                grad_w = grouped_matmul_weight_grad_op(xs, grad.contiguous(), offsets)
             return grad_x, None, grad_w, None
         grad_x = (
-            grouped_mm(grad, weight.transpose(1, 2), offsets, token, scatter_rows=x.shape[0])[0] if need_x else None
+            _launch_grouped_matmul(grad, weight.transpose(1, 2), offsets, token, scatter_rows=x.shape[0])[0]
+            if need_x
+            else None
         )
-        grad_w = weight_grad(x, grad, offsets, token, gather_a=True) if need_w else None
+        grad_w = _launch_weight_grad(x, grad, offsets, token, gather_a=True) if need_w else None
         return grad_x, None, grad_w, None
 
 
-class _GroupedMMCombine(torch.autograd.Function):
+class _GroupedMatmulCombineFn(torch.autograd.Function):
     """``y[t] = Σ_{pairs i of t} w_i · (h_i @ weight[e_i])``, never holding the ``[N, C]`` products.
 
     Backward: ``u_i = ∂y[token_i] @ weight[e_i]^T`` is one gathered grouped GEMM; ``∂h_i = w_i u_i``
@@ -349,7 +358,7 @@ class _GroupedMMCombine(torch.autograd.Function):
         num_inputs: int,
     ) -> torch.Tensor:
         ctx.save_for_backward(h, weight, offsets, token, pair_weight)
-        return grouped_mm(h, weight, offsets, token, scatter_rows=num_inputs, scale=pair_weight)[0]
+        return _launch_grouped_matmul(h, weight, offsets, token, scatter_rows=num_inputs, scale=pair_weight)[0]
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -358,35 +367,35 @@ class _GroupedMMCombine(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True: differentiable ops
             grad_rows = grad.index_select(0, token)  # [N, C]
             scaled = grad_rows * pair_weight.to(grad.dtype)[:, None]
-            grad_h = kernels.grouped_mm_op(scaled, weight.transpose(1, 2), offsets) if need_h else None
-            grad_w = kernels.weight_grad_op(h, scaled, offsets) if need_w else None
+            grad_h = grouped_matmul_op(scaled, weight.transpose(1, 2), offsets) if need_h else None
+            grad_w = grouped_matmul_weight_grad_op(h, scaled, offsets) if need_w else None
             grad_pw = None
             if need_pw:
-                grad_pw = (grad_rows * kernels.grouped_mm_op(h, weight, offsets)).sum(1).to(pair_weight.dtype)
+                grad_pw = (grad_rows * grouped_matmul_op(h, weight, offsets)).sum(1).to(pair_weight.dtype)
             return grad_h, grad_w, None, None, grad_pw, None
         grad_h = grad_pw = None
         if need_h or need_pw:
-            grad_h, dots = grouped_mm(
+            grad_h, dots = _launch_grouped_matmul(
                 grad, weight.transpose(1, 2), offsets, token, gather=True,
                 scale=pair_weight, rowdot=h if need_pw else None,
             )  # fmt: skip
             grad_pw = None if dots is None else dots.to(pair_weight.dtype)
-        grad_w = weight_grad(h, grad, offsets, token, gather_b=True, scale=pair_weight) if need_w else None
+        grad_w = _launch_weight_grad(h, grad, offsets, token, gather_b=True, scale=pair_weight) if need_w else None
         return (grad_h if need_h else None), grad_w, None, None, grad_pw, None
 
 
-def gather_grouped_mm(
+def gather_grouped_matmul(
     x: torch.Tensor, token: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor
 ) -> torch.Tensor:
     """``x[token[i]] @ weight[e_i]`` for pairs sorted by expert, without the gathered copy of ``x``.
 
     Shape: ``x: [T, K]``, ``token: int[N]``, ``weight: [n, K, C]``, ``offsets: int32[n]`` -> ``[N, C]``.
-    Differentiable (twice, the second time through :mod:`sparsemoe.kernels`' ops).
+    Differentiable (twice, the second time through the custom ops of :mod:`sparsemoe.kernels.ops`).
     """
-    return _GatherGroupedMM.apply(x, token, weight, offsets)
+    return _GatherGroupedMatmulFn.apply(x, token, weight, offsets)
 
 
-def grouped_mm_combine(
+def grouped_matmul_combine(
     h: torch.Tensor,
     weight: torch.Tensor,
     offsets: torch.Tensor,
@@ -399,4 +408,4 @@ def grouped_mm_combine(
     Shape: ``h: [N, K]`` sorted by expert, ``weight: [n, K, C]``, ``token: int[N]``, ``pair_weight:
     [N]`` (any float dtype; its gradient comes back in it) -> ``[T, C]``, ``T = num_inputs``.
     """
-    return _GroupedMMCombine.apply(h, weight, offsets, token, pair_weight, num_inputs)
+    return _GroupedMatmulCombineFn.apply(h, weight, offsets, token, pair_weight, num_inputs)
