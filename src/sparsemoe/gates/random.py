@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 
 from .._validation import check_choice, check_seed
@@ -46,7 +48,7 @@ class RandomGate(Gate):
         seed: seed of the gate's generator.
     """
 
-    uses_ids = "sequence"  # with granularity="sequence" only
+    uses_ids: ClassVar[IdKind | None] = "sequence"  # with granularity="sequence" only
     summary = "THOR: uniform random experts, seeded, per `token`/`sequence`/`batch` (ids read per `sequence` only)"
 
     rng_state: torch.Tensor
