@@ -227,4 +227,4 @@ def test_config_bad_values_and_files(tmp_path) -> None:
     path.write_text("epochs = 2\nlr = 1\nwarmup_steps = 3\n")
     config = TrainConfig.from_file(path)
     assert config.lr == 1.0 and isinstance(config.lr, float)
-    assert config.fit_kwargs()["scheduler"] is not None
+    assert config.scheduler() is not None

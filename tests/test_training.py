@@ -79,7 +79,7 @@ def test_resume_is_bit_identical(tmp_path, crash_at: int) -> None:
     model_b, resumed = run(tmp_path / "c", resume=tmp_path / "b" / "run.safetensors")
     assert resumed.step_losses == full.step_losses[saved_step:]  # exact equality of floats
     assert resumed.history == full.history
-    assert (resumed.best_epoch, resumed.best_val_loss) == (full.best_epoch, full.best_val_loss)
+    assert (resumed.best_epoch, resumed.best_value) == (full.best_epoch, full.best_value)
     for (name, a), b in zip(model_a.state_dict().items(), model_b.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
 
