@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers import MoE
-from ..training import Callback, RandomBatches, Trainer, TrainConfig, train
+from ..training import Callback, RandomBatches, TrainConfig, Trainer, train
 from .progress import console, progress
 from .report import markdown_table, mean_std
 from .store import RunStore, write_json

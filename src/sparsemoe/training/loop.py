@@ -155,7 +155,9 @@ class Trainer:
         if not callable(loss):
             raise TypeError(f"loss must be callable (batch -> scalar tensor), got {type(loss).__name__}")
         if not isinstance(data, Batches):
-            raise TypeError(f"data must be a sparsemoe.training.Batches (e.g. RandomBatches), got {type(data).__name__}")
+            raise TypeError(
+                f"data must be a sparsemoe.training.Batches (e.g. RandomBatches), got {type(data).__name__}"
+            )
         if not isinstance(config, TrainConfig):
             raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
         if config.metric is not None and evaluate is None:
@@ -172,7 +174,9 @@ class Trainer:
             raise ValueError("model has no parameter that requires grad: nothing to train")
         self.optimizer = (optimizer or adam)(model, config)
         if not isinstance(self.optimizer, torch.optim.Optimizer):
-            raise TypeError(f"optimizer factory must return a torch.optim.Optimizer, got {type(self.optimizer).__name__}")
+            raise TypeError(
+                f"optimizer factory must return a torch.optim.Optimizer, got {type(self.optimizer).__name__}"
+            )
         factory = scheduler if scheduler is not None else config.scheduler()
         self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
         if factory is not None:
