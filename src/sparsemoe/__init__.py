@@ -6,7 +6,7 @@
 >>> loss = y.pow(2).mean() + sparsemoe.aux_loss(moe)
 """
 
-from . import gates
+from . import gates, training
 from .checkpoint import load_checkpoint, save_checkpoint
 from .dispatch import dispatch, reference_dispatch
 from .experts import ExpertBank, ModuleExperts, StackedExperts
@@ -37,4 +37,5 @@ __all__ = [
     "reference_dispatch",
     "routing_stats",
     "save_checkpoint",
+    "training",
 ]

@@ -33,7 +33,7 @@ class Callback:
         """Before the first step of this call (after a resume has restored the state)."""
 
     def after_optimizer_step(self, trainer: Trainer) -> None:
-        """Right after ``optimizer.step()`` and the scheduler step."""
+        """Right after the optimiser step and the scheduler step."""
 
     def on_step_end(self, trainer: Trainer) -> None:
         """After every step, skipped ones included (``trainer.last_loss`` is its loss)."""
