@@ -202,7 +202,7 @@ def test_config_unknown_key(tmp_path) -> None:
     ("text", "message"),
     [
         ('{"lr": "0.1"}', r"key 'lr' must be float, got str"),
-        ('{"epochs": true}', r"key 'epochs' must be int, got bool"),
+        ('{"epochs": true}', r"key 'epochs' must be int or null, got bool"),
         ('{"batch_size": 8.5}', r"key 'batch_size' must be int, got float"),
         ('{"patience": "never"}', r"key 'patience' must be int or null, got str"),
     ],

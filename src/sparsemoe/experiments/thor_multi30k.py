@@ -373,6 +373,7 @@ def train_run(c: Config, corpus: Corpus, kind: str, seed: int, ckpt: Path) -> di
         eval_every=c.eval_every,
         checkpoint_every=c.checkpoint_every,
         checkpoint_path=str(ckpt),
+        checkpoint_at_end=False,  # the finished run is saved as a record; the file is deleted
     )
     label = f"{kind} seed {seed}"
     with progress() as bar:

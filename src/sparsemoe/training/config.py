@@ -62,7 +62,8 @@ class TrainConfig:
       selection metric, ``"stop"`` raises ``FloatingPointError`` naming the step; ``"skip"`` drops
       that step's update (or that evaluation) and goes on.
     - ``checkpoint_every``/``checkpoint_path``: write a resumable checkpoint every this many steps
-      (and after the last one) to this file.
+      to this file, and after the last one unless ``checkpoint_at_end`` is False (for callers that
+      save the finished model themselves and delete the file).
     - ``trim_memory``: on CPU under glibc, hand freed heap memory back to the system after each
       evaluation (``malloc_trim``; costs about a millisecond). With batch sizes that vary a lot,
       glibc otherwise keeps freed memory and the process's resident size creeps up (no leak).
@@ -84,6 +85,7 @@ class TrainConfig:
     nan_policy: str = "stop"
     checkpoint_every: int | None = None
     checkpoint_path: str | None = None
+    checkpoint_at_end: bool = True
     trim_memory: bool = False
 
     def __post_init__(self) -> None:
@@ -119,8 +121,9 @@ class TrainConfig:
             raise TypeError(f"checkpoint_path must be a path, got {type(self.checkpoint_path).__name__}")
         if isinstance(self.checkpoint_path, Path):
             object.__setattr__(self, "checkpoint_path", str(self.checkpoint_path))
-        if not isinstance(self.trim_memory, bool):
-            raise TypeError(f"trim_memory must be True or False, got {self.trim_memory!r}")
+        for name in ("checkpoint_at_end", "trim_memory"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "config") -> TrainConfig:

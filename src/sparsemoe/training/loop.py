@@ -78,8 +78,14 @@ class TrainResult:
 
 
 def _gradients_finite(params: list[nn.Parameter]) -> bool:
-    grads = [p.grad for p in params if p.grad is not None]
-    return not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+    """Whether every gradient is finite: one sum per gradient (a NaN or inf anywhere makes the total
+    non-finite), and the elementwise test only when the total is not finite (it may be an overflow)."""
+    grads = [p.grad.detach() for p in params if p.grad is not None]
+    if not grads:
+        return True
+    if math.isfinite(torch.stack([g.sum(dtype=torch.float64) for g in grads]).sum().item()):
+        return True
+    return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
 
 
 @functools.cache
@@ -87,7 +93,7 @@ def _malloc_trim() -> Callable[[int], int] | None:
     """glibc's ``malloc_trim`` (hands freed heap pages back to the system); ``None`` without glibc."""
     name = ctypes.util.find_library("c")
     try:
-        return ctypes.CDLL(name).malloc_trim if name else None  # type: ignore[no-any-return]
+        return ctypes.CDLL(name).malloc_trim if name else None
     except (OSError, AttributeError):
         return None
 
@@ -249,7 +255,7 @@ class Trainer:
         if self.evaluate_fn is not None and self._evaluated_at != self.step:
             self._evaluate()  # the final weights are always evaluated once
         self.finished = True
-        if cfg.checkpoint_path is not None:
+        if cfg.checkpoint_path is not None and cfg.checkpoint_at_end:
             self._save()  # the finished state: resuming from it trains nothing
         return self._finish()
 
@@ -262,7 +268,8 @@ class Trainer:
     def _train_step(self, batches: Sequence[Any], start: int, end: int) -> None:
         cfg, count = self.config, end - start
         self.optimizer.zero_grad(set_to_none=True)
-        value, terms, finite, what = 0.0, {}, True, "loss"
+        terms: dict[str, float] = {}
+        value, finite, what = 0.0, True, "loss"
         for index in range(start, end):
             loss, extra = _split_loss(self.loss_fn(batches[index]))
             item = loss.item()
@@ -532,5 +539,3 @@ def fit(
         callbacks=hooks,
         resume=resume,
     )
-
-
