@@ -83,7 +83,7 @@ def _gradients_finite(params: list[nn.Parameter]) -> bool:
     grads = [p.grad.detach() for p in params if p.grad is not None]
     if not grads:
         return True
-    if math.isfinite(torch.stack([g.sum(dtype=torch.float64) for g in grads]).sum().item()):
+    if math.isfinite(torch.stack([g.sum().float() for g in grads]).sum().item()):
         return True
     return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
 
