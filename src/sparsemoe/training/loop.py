@@ -275,7 +275,7 @@ class Trainer:
             item = loss.item()
             value += item
             for name, term in extra.items():
-                terms[name] = terms.get(name, 0.0) + float(term)
+                terms[name] = terms.get(name, 0.0) + float(term.detach() if isinstance(term, torch.Tensor) else term)
             if not math.isfinite(item):
                 finite, value = False, item
                 break
