@@ -411,3 +411,13 @@ def test_exactly_one_module_steps_an_optimizer() -> None:
         str(path.relative_to(src)) for path in src.rglob("*.py") if re.search(r"\b\w*opt\w*\.step\(", path.read_text())
     )
     assert stepping == ["training/loop.py"]
+
+
+def test_a_trainer_runs_once() -> None:
+    model, x, y = linear_problem()
+    trainer = Trainer(
+        model, lambda r: (model(x[r]) - y[r]).pow(2).mean(), RandomBatches(len(x), 8, 0), TrainConfig(epochs=1)
+    )
+    assert trainer.run().steps == 2
+    with pytest.raises(RuntimeError, match="a Trainer runs once"):
+        trainer.run()

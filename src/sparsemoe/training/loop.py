@@ -139,6 +139,10 @@ class Trainer:
             (default: ``config.scheduler()``, the warm-up, or constant).
         callbacks: :class:`~sparsemoe.training.Callback` objects, called in order.
 
+    Several processes: give each rank ``data.shard(rank, world)`` (and wrap the model in DDP); each
+    rank then checks its own loss and gradients, so the caller must make the ranks agree on a
+    non-finite step (e.g. all-reduce in the loss) for ``nan_policy`` to act the same on all of them.
+
     Attributes: ``model``, ``config``, ``optimizer``, ``scheduler``, ``step`` (optimiser steps done),
     ``epoch`` and ``position`` (batches done in it), ``history``, ``best_value``/``best_step``,
     ``last_loss`` (the last step's loss, a float), ``last_terms`` and :attr:`seconds`.
@@ -210,6 +214,7 @@ class Trainer:
         self._best_state: dict[str, torch.Tensor] | None = None
         self._seconds_before = self._cpu_before = 0.0
         self._clock = self._cpu_clock = 0.0
+        self._started = False
         self._last_saved = -1
         self.step_losses: list[float] = []
 
@@ -226,8 +231,11 @@ class Trainer:
         continues exactly as the uninterrupted run would (same losses, bit for bit).
         """
         cfg = self.config
+        if self._started:
+            raise RuntimeError("a Trainer runs once; build a new one (with resume=) to continue a run")
         if resume is not None:
             self._restore(resume)
+        self._started = True
         self._clock, self._cpu_clock = time.perf_counter(), time.process_time()
         for c in self.callbacks:
             c.on_train_start(self)
