@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+from dataclasses import replace
 
 import pytest
 import torch
@@ -16,8 +17,9 @@ from sparsemoe.cli import main as cli_main  # noqa: E402
 from sparsemoe.gates import HashGate  # noqa: E402
 from sparsemoe.hf import expert_neurons, ffn_blocks, ffn_importance, moefy  # noqa: E402
 from sparsemoe.hf.io import load_moefied, save_moefied  # noqa: E402
-from sparsemoe.hf.train import Encoded, TrainConfig, collate, hidden_mse, prediction_kl, train  # noqa: E402
+from sparsemoe.hf.train import Encoded, collate, hidden_mse, prediction_kl, train  # noqa: E402
 from sparsemoe.layers import MoE  # noqa: E402
+from sparsemoe.training import TrainConfig  # noqa: E402
 
 
 def moe_layers(model: torch.nn.Module) -> list[MoE]:
@@ -204,7 +206,9 @@ def toy_data(rows: int = 24) -> Encoded:
 def test_distillation_resumes_exactly_after_a_stop(tmp_path, gate) -> None:
     teacher = tiny_bert()
     data = toy_data()
-    config = TrainConfig(steps=6, batch_size=4, lr=1e-3, eval_every=3, checkpoint_every=1, seed=5)
+    config = TrainConfig(
+        steps=6, batch_size=4, lr=1e-3, eval_every=3, checkpoint_every=1, seed=5, checkpoint_path=str(tmp_path / "a.st")
+    )
     dev = [collate(data, list(range(8)))]
 
     def student() -> torch.nn.Module:
@@ -213,7 +217,7 @@ def test_distillation_resumes_exactly_after_a_stop(tmp_path, gate) -> None:
             else moefy(copy.deepcopy(teacher), 2, 12, 4, gate, 1, seed=1)  # fmt: skip
 
     straight = student()
-    state = train(straight, data, config, teacher=teacher, dev=dev, checkpoint=tmp_path / "a.safetensors")
+    state = train(straight, data, config, teacher=teacher, dev=dev)
 
     class Stop(Exception):
         pass
@@ -223,10 +227,11 @@ def test_distillation_resumes_exactly_after_a_stop(tmp_path, gate) -> None:
             raise Stop
 
     resumed = student()
+    config_b = replace(config, checkpoint_path=str(tmp_path / "b.safetensors"))
     with pytest.raises(Stop):
-        train(resumed, data, config, teacher=teacher, dev=dev, checkpoint=tmp_path / "b.safetensors", on_step=stop_at_4)
+        train(resumed, data, config_b, teacher=teacher, dev=dev, on_step=stop_at_4)
     resumed = student()  # a fresh process: new model, state from the checkpoint
-    state_b = train(resumed, data, config, teacher=teacher, dev=dev, checkpoint=tmp_path / "b.safetensors")
+    state_b = train(resumed, data, config_b, teacher=teacher, dev=dev)
     assert state_b["history"] == state["history"] and state_b["best_step"] == state["best_step"]
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, msg=name)
@@ -248,7 +253,7 @@ def test_fine_tuning_lowers_the_loss() -> None:
 
     with torch.no_grad():
         before = float(loss(model.eval()))
-    train(model, data, TrainConfig(steps=12, batch_size=8, lr=3e-3, warmup=0.0, eval_every=0, checkpoint_every=1000))
+    train(model, data, TrainConfig(steps=12, batch_size=8, lr=3e-3), warmup=0.0)
     with torch.no_grad():
         assert float(loss(model)) < before - 0.05
 

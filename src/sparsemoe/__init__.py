@@ -9,7 +9,7 @@
 that ``import sparsemoe.dispatch`` and ``sparsemoe.dispatch`` name the same thing.
 """
 
-from . import dispatch, gates, kernels
+from . import dispatch, gates, kernels, training
 from .checkpoint import load_checkpoint, save_checkpoint
 from .dispatch import reference_dispatch
 from .experts import ExpertBank, ModuleExperts, StackedExperts
@@ -41,4 +41,5 @@ __all__ = [
     "reference_dispatch",
     "routing_stats",
     "save_checkpoint",
+    "training",
 ]

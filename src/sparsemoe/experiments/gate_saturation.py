@@ -29,6 +29,7 @@ from torch import nn
 
 from .._atomic import atomic_write_text, save_figure
 from ..layers import MoE
+from ..training import Callback, RandomBatches, TrainConfig, Trainer, train
 from .progress import console, progress
 from .report import markdown_table, mean_std
 from .store import RunStore, write_json
@@ -88,13 +89,11 @@ def train_one(config: Config, gate: str, gamma: float, entropy_weight: float, se
     x, y, x_test, y_test = _digits()
     moe = MoE(64, 32, config.num_experts, gate=gate, k=config.k, gamma=gamma, entropy_weight=entropy_weight)
     head = nn.Linear(64, 10)
-    params = [*moe.parameters(), *head.parameters()]
-    optimizer = torch.optim.Adam(params, lr=1e-3)
-    generator = torch.Generator().manual_seed(seed)
     curve: list[list[float]] = []
+    accuracies: list[float] = []
     started = time.perf_counter()
 
-    def evaluate(step: int) -> float:
+    def evaluate(step: int) -> None:
         moe.eval()
         with torch.no_grad():
             logits = head(moe(x_test))
@@ -102,21 +101,22 @@ def train_one(config: Config, gate: str, gamma: float, entropy_weight: float, se
             assert routing is not None
             curve.append([step, routing.num_pairs / routing.num_inputs])
         moe.train()
-        return float((logits.argmax(1) == y_test).float().mean())
+        accuracies.append(float((logits.argmax(1) == y_test).float().mean()))
+
+    class Probe(Callback):
+        """Experts per input (and accuracy) on the held-out set after each of ``EVAL_STEPS``."""
+
+        def on_step_end(self, trainer: Trainer) -> None:
+            if trainer.step in EVAL_STEPS or trainer.step == steps:
+                evaluate(trainer.step)
+
+    def loss(rows: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(head(moe(x[rows])), y[rows]) + moe.aux_loss()
 
     evaluate(0)
-    step = 0
-    while step < steps:
-        for rows in torch.randperm(len(x), generator=generator).split(64):
-            loss = F.cross_entropy(head(moe(x[rows])), y[rows]) + moe.aux_loss()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            if step in EVAL_STEPS or step == steps:
-                accuracy = evaluate(step)
-            if step == steps:
-                break
+    train_config = TrainConfig(steps=steps, lr=1e-3, batch_size=64, seed=seed)
+    train(nn.Sequential(moe, head), loss, RandomBatches(len(x), 64, seed), train_config, callbacks=[Probe()])
+    accuracy = accuracies[-1]
     reach = next((s for s, a in curve if a <= config.k + 1e-9), None)
     return {
         "gate": gate,

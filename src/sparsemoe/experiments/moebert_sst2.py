@@ -38,13 +38,16 @@ from .._atomic import atomic_path, atomic_write_text, save_figure
 from ..hf.convert import moefy
 from ..hf.importance import ffn_importance
 from ..hf.io import load_moefied, save_moefied
-from ..hf.train import Encoded, TrainConfig, accuracy, eval_batches, train
+from ..hf.train import Encoded, accuracy, eval_batches, train
 from ..layers import moe_layers
+from ..training import TrainConfig
 from .progress import progress
 from .store import RunStore, data_dir, write_json
 
 NAME = "moebert-sst2"
 LABELS = {0: "negative", 1: "positive"}
+#: training steps between resumable checkpoints of a run
+CHECKPOINT_EVERY = 100
 
 
 @dataclass
@@ -288,9 +291,11 @@ def run(config: Config) -> dict[str, Any]:
                     lr=config.teacher_lr,
                     eval_every=config.eval_every,
                     seed=config.teacher_seed,
+                    checkpoint_every=CHECKPOINT_EVERY,
+                    checkpoint_at_end=False,
+                    checkpoint_path=str(ckpt_dir / "dense.safetensors"),
                 ),
                 dev=dev,
-                checkpoint=ckpt_dir / "dense.safetensors",
                 on_step=_advance(bars, task, overall, 0),
             )
             save_moefied(dense, dense_dir, tokenizer)
@@ -351,13 +356,15 @@ def run(config: Config) -> dict[str, Any]:
                     steps=config.student_steps,
                     batch_size=config.batch_size,
                     lr=config.student_lr,
-                    distill_weight=config.distill_weight,
                     eval_every=config.eval_every,
                     seed=1000 + seed,
+                    checkpoint_every=CHECKPOINT_EVERY,
+                    checkpoint_at_end=False,
+                    checkpoint_path=str(ckpt_dir / f"{key}.safetensors"),
                 ),
                 teacher=dense,
                 dev=dev,
-                checkpoint=ckpt_dir / f"{key}.safetensors",
+                distill_weight=config.distill_weight,
                 on_step=_advance(bars, task, overall, base),
             )
             seconds = time.perf_counter() - started

@@ -35,11 +35,11 @@ import torch
 from torch import nn
 
 from .._atomic import atomic_write_text, save_figure
-from ..checkpoint import load_checkpoint, save_checkpoint
 from ..data import multi30k as m30k
 from ..models.decoding import beam_search, greedy_decode
 from ..models.transformer import MultiHeadAttention, Seq2SeqTransformer, TransformerConfig
 from ..thor import consistency_terms, symmetric_kl, thor_inference, thor_layers, thor_training_loss
+from ..training import Batches, Callback, ProgressBar, TrainConfig, Trainer
 from .progress import progress
 from .store import RunStore, data_dir, write_json
 
@@ -327,105 +327,91 @@ def _mode(model: Seq2SeqTransformer, mode: str, seed: int) -> Any:
     return thor_inference(model, name, expert=int(expert), seed=seed)
 
 
+class _Epochs(Batches):
+    """A :class:`BatchOrder` as the training loop's batch order (epoch ``e``: its batches)."""
+
+    def __init__(self, order: BatchOrder, c: Config) -> None:
+        self.order, self.c = order, c
+
+    def epoch(self, index: int) -> list[list[int]]:
+        return self.order._epoch(index)
+
+    def describe(self) -> dict[str, Any]:
+        return {"seed": self.order.seed, "batch_tokens": self.c.batch_tokens, "sentences": len(self.order.corpus.train)}
+
+
+class _LogEvaluation(Callback):
+    def __init__(self, bar: Any, label: str) -> None:
+        self.bar, self.label = bar, label
+
+    def on_evaluate(self, trainer: Trainer, record: dict[str, Any]) -> None:
+        self.bar.console.log(
+            f"{self.label} step {record['step']}: train CE {record['train_ce']:.3f}, val CE {record['val_ce']:.3f}, "
+            f"val BLEU (greedy) {record['val_bleu_greedy']:.2f}"
+        )
+
+
+#: the keys of a history point in results.json, in order
+_POINT = ("step", "train_ce", "train_loss", "train_kl", "val_ce", "val_bleu_greedy", "wall_seconds")
+
+
 def train_run(c: Config, corpus: Corpus, kind: str, seed: int, ckpt: Path) -> dict[str, Any]:
     """Train one model for ``c.steps`` updates (resuming from ``ckpt``) and evaluate it."""
     model = _model(c, kind, corpus.tokenizer.vocab_size, seed)
-    optimizer = torch.optim.Adam(model.parameters(), lr=c.lr, betas=(0.9, 0.98), eps=1e-8)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, c))
-    # Everything a resumed run needs besides the tensors; "window" sums the losses since the last eval point.
-    state: dict[str, Any] = {
-        "history": [],
-        "train_seconds": 0.0,
-        "train_cpu_seconds": 0.0,
-        "window": {"ce": 0.0, "loss": 0.0, "kl": 0.0, "n": 0},
-    }
-    step = 0
-    if ckpt.exists():
-        meta = load_checkpoint(ckpt, model, optimizer)
-        step, state = int(meta["step"]), meta["config"]["state"]
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, c), last_epoch=step - 1)
-    else:
-        torch.manual_seed(seed)
-    wall, cpu = time.perf_counter(), time.process_time()
-    window = state["window"]
+
+    def loss(idx: list[int]) -> dict[str, torch.Tensor]:
+        src = m30k.pad_batch([corpus.train.src[i] for i in idx], eos=True)
+        tgt = m30k.pad_batch([corpus.train.tgt[i] for i in idx], bos=True, eos=True)
+        tin, tout = tgt[:, :-1], tgt[:, 1:]
+        if kind == "thor":
+            terms = thor_training_loss(
+                lambda: model(src, tin), tout, c.alpha, pad_id=m30k.PAD_ID, label_smoothing=c.label_smoothing
+            )
+            return {"loss": terms.total, "ce": terms.ce_1, "kl": terms.kl}
+        logits = model(src, tin)
+        terms = consistency_terms(logits, logits, tout, 0.0, pad_id=m30k.PAD_ID, label_smoothing=c.label_smoothing)
+        return {"loss": terms.ce_1 + model.aux_loss(), "ce": terms.ce_1, "kl": terms.kl}
+
+    def evaluate() -> dict[str, float]:
+        return {
+            "val_ce": _val_loss(model, corpus, c),
+            "val_bleu_greedy": _val_bleu_greedy(model, corpus, kind, c),
+            "wall_seconds": trainer.seconds,
+        }
+
+    config = TrainConfig(
+        steps=c.steps,
+        lr=c.lr,
+        seed=seed,
+        eval_every=c.eval_every,
+        checkpoint_every=c.checkpoint_every,
+        checkpoint_path=str(ckpt),
+        checkpoint_at_end=False,  # the finished run is saved as a record; the file is deleted
+    )
     label = f"{kind} seed {seed}"
-    order = BatchOrder(c, corpus, seed)
     with progress() as bar:
-        task = bar.add_task(label, total=c.steps, completed=step)
-        while step < c.steps:
-            model.train()
-            idx = order(step)
-            src = m30k.pad_batch([corpus.train.src[i] for i in idx], eos=True)
-            tgt = m30k.pad_batch([corpus.train.tgt[i] for i in idx], bos=True, eos=True)
-            tin, tout = tgt[:, :-1], tgt[:, 1:]
-            if kind == "thor":
-                terms = thor_training_loss(
-                    lambda: model(src, tin),  # noqa: B023 (called right here, inside this iteration)
-                    tout,
-                    c.alpha,
-                    pad_id=m30k.PAD_ID,
-                    label_smoothing=c.label_smoothing,
-                )
-                loss = terms.total
-            else:
-                logits = model(src, tin)
-                terms = consistency_terms(
-                    logits, logits, tout, 0.0, pad_id=m30k.PAD_ID, label_smoothing=c.label_smoothing
-                )
-                loss = terms.ce_1 + model.aux_loss()
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"{label}: loss became {loss.item()} at update {step}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            window["ce"] += float(terms.ce_1.detach())
-            window["loss"] += float(loss.detach())
-            window["kl"] += float(terms.kl.detach())
-            window["n"] += 1
-            bar.update(task, completed=step)
-            if step % c.eval_every == 0 or step == c.steps:
-                n = max(window["n"], 1)
-                point = {
-                    "step": step,
-                    "train_ce": window["ce"] / n,
-                    "train_loss": window["loss"] / n,
-                    "train_kl": window["kl"] / n,
-                    "val_ce": _val_loss(model, corpus, c),
-                    "val_bleu_greedy": _val_bleu_greedy(model, corpus, kind, c),
-                    "wall_seconds": state["train_seconds"] + time.perf_counter() - wall,
-                }
-                state["history"].append(point)
-                window = state["window"] = {"ce": 0.0, "loss": 0.0, "kl": 0.0, "n": 0}
-                bar.console.log(
-                    f"{label} step {step}: train CE {point['train_ce']:.3f}, val CE {point['val_ce']:.3f}, "
-                    f"val BLEU (greedy) {point['val_bleu_greedy']:.2f}"
-                )
-            if step % c.checkpoint_every == 0 and step < c.steps:
-                _save(ckpt, model, optimizer, step, state, wall, cpu)
-                wall, cpu = time.perf_counter(), time.process_time()
-    state["train_seconds"] += time.perf_counter() - wall
-    state["train_cpu_seconds"] += time.process_time() - cpu
-    del state["window"]
-    record = {"model": kind, "seed": seed, **state, **_evaluate(model, kind, corpus, c, seed)}
+        trainer = Trainer(
+            model,
+            loss,
+            _Epochs(BatchOrder(c, corpus, seed), c),
+            config,
+            evaluate=evaluate,
+            optimizer=lambda m, cfg: torch.optim.Adam(m.parameters(), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-8),
+            scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, c)),
+            callbacks=[ProgressBar(label, bar), _LogEvaluation(bar, label)],
+        )
+        torch.manual_seed(seed)  # a resumed run restores the RNG states from the checkpoint instead
+        result = trainer.run(ckpt if ckpt.exists() else None)
+    record = {
+        "model": kind,
+        "seed": seed,
+        "history": [{k: h[k] for k in _POINT} for h in result.history],
+        "train_seconds": result.seconds,
+        "train_cpu_seconds": result.cpu_seconds,
+        **_evaluate(model, kind, corpus, c, seed),
+    }
     record["params"] = model.parameter_counts()
     return record
-
-
-def _save(
-    ckpt: Path,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    step: int,
-    state: dict[str, Any],
-    wall: float,
-    cpu: float,
-) -> None:
-    state["train_seconds"] += time.perf_counter() - wall
-    state["train_cpu_seconds"] += time.process_time() - cpu
-    ckpt.parent.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(ckpt, model, optimizer, step=step, config={"state": state})
 
 
 def _evaluate(model: Seq2SeqTransformer, kind: str, corpus: Corpus, c: Config, seed: int) -> dict[str, Any]:

@@ -141,7 +141,7 @@ def trial_record(
     """What a ``train`` function returns: the fit's outcome, per-split metrics, experts used per input
     (at the end, and after each epoch on a fixed validation probe), the validation loss per epoch."""
     return {
-        "val_loss": result.best_val_loss,
+        "val_loss": result.best_value,
         **metrics,
         "active_experts": active_experts(last_routing),
         "active_experts_per_epoch": active_per_epoch,

@@ -7,12 +7,10 @@ objects import it when called (install the ``hf`` extra).
 from .convert import MoEFFN, MoefyConfig, expert_neurons, ffn_blocks, moefy
 from .importance import ffn_importance
 from .io import load_moefied, save_moefied
-from .train import TrainConfig
 
 __all__ = [
     "MoEFFN",
     "MoefyConfig",
-    "TrainConfig",
     "expert_neurons",
     "ffn_blocks",
     "ffn_importance",

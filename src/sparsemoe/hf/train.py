@@ -1,7 +1,7 @@
 """Fine-tuning and distillation of sequence classifiers, resumable from safetensors checkpoints.
 
-One loop serves both steps of MoEBERT: fine-tuning the dense model (task loss only) and distilling
-the converted MoE student from the frozen dense teacher:
+One loss serves both steps of MoEBERT, trained by :class:`~sparsemoe.training.Trainer`: fine-tuning
+the dense model (task loss only) and distilling the converted MoE student from the frozen dense teacher:
 
     L = CE(student, y) + λ · (Σ_layers MSE(H_student, H_teacher) + ½ (KL(p_t‖p_s) + KL(p_s‖p_t))) + gate losses
 
@@ -13,10 +13,8 @@ step) sees the same batches as an uninterrupted one.
 
 from __future__ import annotations
 
-import copy
-import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoint import load_checkpoint, save_checkpoint
 from ..layers import aux_loss
 from ..thor import symmetric_kl
+from ..training import Batches, Callback, TrainConfig, Trainer
 
 
 @dataclass
@@ -58,12 +56,27 @@ def collate(data: Encoded, rows: Sequence[int], pad_id: int = 0) -> dict[str, to
     return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([data.labels[i] for i in rows])}
 
 
+class RowBatches(Batches):
+    """Epoch ``e`` walks a permutation of the rows seeded by ``(seed, e)`` in ``batch_size`` slices
+    (a last partial slice is dropped, unless it is the only one)."""
+
+    def __init__(self, num_rows: int, batch_size: int, seed: int) -> None:
+        self.num_rows, self.batch_size, self.seed = num_rows, batch_size, seed
+
+    def epoch(self, index: int) -> list[list[int]]:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + index)
+        order = torch.randperm(self.num_rows, generator=generator)
+        size = self.batch_size
+        return [order[i * size : (i + 1) * size].tolist() for i in range(max(self.num_rows // size, 1))]
+
+    def describe(self) -> dict[str, Any]:
+        return {"num_rows": self.num_rows, "batch_size": self.batch_size, "seed": self.seed}
+
+
 def batch_rows(num_rows: int, batch_size: int, seed: int, step: int) -> list[int]:
-    """Rows of training batch ``step``: epoch ``e`` walks a permutation seeded by ``(seed, e)``."""
-    per_epoch = max(num_rows // batch_size, 1)
-    epoch, index = divmod(step, per_epoch)
-    order = torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-    return order[index * batch_size : (index + 1) * batch_size].tolist()
+    """Rows of training batch ``step`` of :class:`RowBatches`."""
+    epoch, index = divmod(step, max(num_rows // batch_size, 1))
+    return RowBatches(num_rows, batch_size, seed).epoch(epoch)[index]
 
 
 def eval_batches(data: Encoded, batch_size: int = 64) -> list[dict[str, torch.Tensor]]:
@@ -99,26 +112,33 @@ def hidden_mse(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor],
     return torch.stack([((s - t).pow(2) * weight).sum() / count for s, t in zip(student, teacher, strict=True)]).sum()
 
 
-@dataclass
-class TrainConfig:
-    """Hyper-parameters of one training run (fine-tuning when there is no teacher)."""
-
-    steps: int = 1000
-    batch_size: int = 32
-    lr: float = 5e-5
-    weight_decay: float = 0.0
-    warmup: float = 0.1  # fraction of steps with a linear warm-up, then linear decay to 0
-    distill_weight: float = 1.0  # λ
-    eval_every: int = 250  # steps between dev evaluations (model selection); 0 = only at the end
-    checkpoint_every: int = 100
-    seed: int = 0
-
-
-def _lr_factor(step: int, config: TrainConfig) -> float:
-    warm = max(int(config.warmup * config.steps), 1)
+def _lr_factor(step: int, steps: int, warmup: float) -> float:
+    """Linear warm-up over the first ``warmup`` fraction of ``steps``, then linear decay to 0."""
+    warm = max(int(warmup * steps), 1)
     if step < warm:
         return (step + 1) / warm
-    return max(0.0, (config.steps - step) / max(config.steps - warm, 1))
+    return max(0.0, (steps - step) / max(steps - warm, 1))
+
+
+def adamw_grouped(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW with ``config.weight_decay`` on matrices only (no decay on biases and LayerNorms)."""
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.dim() < 2 or "LayerNorm" in name else decay).append(param)
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.lr,
+    )
+
+
+class _OnStep(Callback):
+    def __init__(self, on_step: Callable[[int], None]) -> None:
+        self.on_step = on_step
+
+    def on_step_end(self, trainer: Trainer) -> None:
+        self.on_step(trainer.step)
 
 
 def train(
@@ -128,82 +148,52 @@ def train(
     *,
     teacher: nn.Module | None = None,
     dev: Sequence[dict[str, torch.Tensor]] | None = None,
-    checkpoint: Path | None = None,
+    distill_weight: float = 1.0,
+    warmup: float = 0.1,
     on_step: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` in place and load the weights that scored best on ``dev`` (last ones if no dev).
 
     Args:
         model: a Hugging Face sequence classifier (dense or converted).
-        data: training set.
-        config: see :class:`TrainConfig`.
+        data: training set, in :class:`RowBatches` order.
+        config: ``steps`` (required), ``batch_size``, ``lr``, ``weight_decay`` (AdamW, not on biases
+            and LayerNorms), ``eval_every``, ``seed``; ``checkpoint_path``/``checkpoint_every``: the
+            resumable state (an existing file is resumed from; the caller saves the finished model
+            and may delete it).
         teacher: the frozen dense model to distil from; ``None`` = plain fine-tuning.
-        dev: evaluation batches for model selection every ``config.eval_every`` steps.
-        checkpoint: file for the resumable state, written every ``config.checkpoint_every`` steps
-            (weights, optimiser, RNG, step); the best weights go to ``<checkpoint stem>.best.safetensors``.
-            An existing file is resumed from. Nothing is written after the last step: the caller
-            saves the finished model (and may delete both files).
+        dev: evaluation batches; the best dev accuracy (``"dev"``) selects the weights.
+        distill_weight: λ of the distillation terms.
+        warmup: fraction of ``steps`` with a linear warm-up, then linear decay to 0.
         on_step: called after each step with the number of steps done (progress bars).
 
-    Returns ``{"best_dev": accuracy or None, "best_step", "history": [{"step", "dev", "loss"}...]}``.
+    Returns ``{"best_dev": accuracy or None, "best_step", "history": [{"step", "loss", "dev"}...]}``.
     """
-    decay: list[nn.Parameter] = []
-    no_decay: list[nn.Parameter] = []
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            (no_decay if param.dim() < 2 or "LayerNorm" in name else decay).append(param)
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=config.lr,
-    )
+    if config.steps is None:
+        raise ValueError("config.steps must be set: this schedule decays to 0 at the last step")
+    if not 0.0 <= warmup <= 1.0:
+        raise ValueError(f"warmup must be a fraction of the steps in [0, 1], got {warmup}")
     if teacher is not None:
         teacher.eval()  # frozen: run under no_grad (its requires_grad flags are left alone, so copies of it train)
-    state: dict[str, Any] = {"best_dev": None, "best_step": None, "history": []}
-    best_path = None if checkpoint is None else checkpoint.with_suffix(".best.safetensors")
-    best_weights: dict[str, torch.Tensor] | None = None
-    start = 0
-    if checkpoint is not None and checkpoint.exists():
-        meta = load_checkpoint(checkpoint, model, optimizer)
-        start, state = meta["step"], meta["config"]["state"]
-    model.train()
-    eval_every = config.eval_every or config.steps
-    running, counted = state.pop("running", (0.0, 0))  # loss sum and count since the last record
-    for step in range(start, config.steps):
-        for group in optimizer.param_groups:
-            group["lr"] = config.lr * _lr_factor(step, config)
-        batch = collate(data, batch_rows(len(data), config.batch_size, config.seed, step))
-        loss = _loss(model, teacher, batch, config.distill_weight)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        value = loss.item()
-        if not math.isfinite(value):
-            raise FloatingPointError(f"training loss became {value} at step {step}; lower lr")
-        running, counted = running + value, counted + 1
-        done = step + 1
-        if done % eval_every == 0 or done == config.steps:
-            record: dict[str, Any] = {"step": done, "loss": running / max(counted, 1)}
-            running, counted = 0.0, 0
-            if dev is not None:
-                record["dev"] = accuracy(model, dev)
-                if state["best_dev"] is None or record["dev"] > state["best_dev"]:
-                    state["best_dev"], state["best_step"] = record["dev"], done
-                    best_weights = copy.deepcopy(model.state_dict())
-                    if best_path is not None:
-                        save_checkpoint(best_path, model, step=done)
-            state["history"].append(record)
-        if checkpoint is not None and done % config.checkpoint_every == 0 and done < config.steps:
-            saved = {**state, "running": (running, counted)}
-            save_checkpoint(checkpoint, model, optimizer, step=done, config={"train": asdict(config), "state": saved})
-        if on_step is not None:
-            on_step(done)
-    if dev is not None and state["best_step"] is not None:
-        if best_weights is not None:
-            model.load_state_dict(best_weights)
-        elif best_path is not None and best_path.exists():
-            load_checkpoint(best_path, model, restore_rng=False)
-    model.eval()
-    return state
+    steps = config.steps
+    if dev is not None:
+        config = replace(config, metric="dev", mode="max")
+    path = config.checkpoint_path
+    result = Trainer(
+        model,
+        lambda rows: _loss(model, teacher, collate(data, rows), distill_weight),
+        RowBatches(len(data), config.batch_size, config.seed),
+        config,
+        evaluate=None if dev is None else (lambda: {"dev": accuracy(model, dev)}),
+        optimizer=adamw_grouped,
+        scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, steps, warmup)),
+        callbacks=[] if on_step is None else [_OnStep(on_step)],
+    ).run(resume=path if path is not None and Path(path).exists() else None)
+    return {
+        "best_dev": result.best_value,
+        "best_step": result.best_step,
+        "history": [{"step": h["step"], "loss": h["train_loss"], "dev": h["dev"]} for h in result.history],
+    }
 
 
 def _loss(

@@ -1,6 +1,28 @@
-"""Training helpers shared by the demo and the experiments."""
+"""The one training loop (:class:`Trainer`) and its configuration, data orders and callbacks.
 
+Every trainer in the package runs through it: the loss is a callable, everything else a setting
+of :class:`TrainConfig` or a :class:`Callback`. :func:`fit` is the common case (Adam on shuffled
+rows, the best validation epoch restored).
+"""
+
+from .callbacks import Callback, MetricsLog, ProgressBar, TensorBoardLog
 from .config import TrainConfig
-from .loop import FitResult, fit, minibatches
+from .data import Batches, RandomBatches, ShardedBatches, minibatches
+from .loop import Trainer, TrainResult, adam, fit, train
 
-__all__ = ["FitResult", "TrainConfig", "fit", "minibatches"]
+__all__ = [
+    "Batches",
+    "Callback",
+    "MetricsLog",
+    "ProgressBar",
+    "RandomBatches",
+    "ShardedBatches",
+    "TensorBoardLog",
+    "TrainConfig",
+    "TrainResult",
+    "Trainer",
+    "adam",
+    "fit",
+    "minibatches",
+    "train",
+]

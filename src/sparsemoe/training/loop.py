@@ -1,45 +1,76 @@
-"""A small, explicit training loop: Adam, minibatches, early stopping, checkpoints that resume exactly.
+"""The one training loop: steps over batches, a loss callable, hooks for everything else.
+
+Every trainer in the package (the demo, the tuning studies, MoEBERT distillation, THOR,
+gate saturation) is a :class:`Trainer`: a model, a loss callable (THOR's two passes, distillation
+and multi-task sums are losses, not loops), a :class:`~sparsemoe.training.Batches` order, an
+evaluation callable and a :class:`~sparsemoe.training.TrainConfig`. One step:
+
+1. ``loss(batch)`` for each of ``config.accumulate`` micro-batches; a non-finite loss is caught
+   before its backward pass;
+2. backward, then the gradients (or their clipped norm) are checked: the NaN/inf policy acts
+   *before* the optimiser step, so a bad step never reaches the weights;
+3. optimiser step, scheduler step, ``after_optimizer_step`` callbacks (bias updates of loss-free
+   balancing go here), ``on_step_end`` callbacks;
+4. evaluation when due (every ``eval_every`` steps, or at each epoch's end), best-by-metric
+   selection, early stopping; a checkpoint when due.
 
 Resuming is bit-identical: a checkpoint holds, besides the model, optimiser, scheduler and RNG states
-(:mod:`sparsemoe.checkpoint`), the loop's own position: epoch, batches done in it, the data
-generator's state at the start of the epoch (so the epoch's shuffle is redrawn identically), the
-running epoch sums, the history and the best weights so far.
+(:mod:`sparsemoe.checkpoint`), the loop's position (epoch and batches done in it; batch orders are
+pure functions of the epoch), the running loss sums, the history and the best weights so far.
 """
 
 from __future__ import annotations
 
 import copy
+import ctypes
+import ctypes.util
+import functools
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from .._validation import check_choice, check_int
+from .._validation import check_int
 from ..checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+from .callbacks import Callback
+from .config import SchedulerFactory, TrainConfig
+from .data import Batches, RandomBatches
 
-NAN_POLICIES = ("stop", "skip")
-#: fit arguments that fix the data order; a checkpoint resumes only with the same values
-_RESUME_KEYS = ("num_rows", "batch_size", "seed")
+#: ``loss(batch)``: a scalar tensor, or a mapping with the scalar ``"loss"`` and other terms to log
+LossFn = Callable[[Any], "torch.Tensor | Mapping[str, torch.Tensor | float]"]
+#: ``evaluate()``: metric name -> value (run in eval mode under ``torch.no_grad``)
+EvaluateFn = Callable[[], Mapping[str, float]]
+OptimizerFactory = Callable[[nn.Module, TrainConfig], torch.optim.Optimizer]
 
-SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
 
-
-def minibatches(num_rows: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
-    """Shuffled row indices, ``batch_size`` at a time (the last batch may be smaller)."""
-    yield from torch.randperm(num_rows, generator=generator).split(batch_size)
+def adam(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """The default optimiser: Adam over the trainable parameters, ``config.lr`` and ``weight_decay``."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
 
 
 @dataclass
-class FitResult:
-    best_epoch: int
-    best_val_loss: float
+class TrainResult:
+    """What a run did. ``history`` has one record per evaluation: ``epoch``, ``step``, the mean
+    training terms since the previous evaluation (``train_loss``, ``train_<term>``) and the metrics."""
+
+    #: best value of ``config.metric`` (``None`` without a metric) and where it was reached
+    best_value: float | None
+    best_step: int | None
+    best_epoch: int | None
+    #: optimiser steps (skipped ones included) and epochs begun, over the whole run (resumes included)
+    steps: int
     epochs_run: int
+    #: training wall and CPU seconds over the whole run (resumes included), evaluations included
     seconds: float
-    history: list[dict[str, float]] = field(default_factory=list)
+    cpu_seconds: float
+    stopped_early: bool
+    history: list[dict[str, Any]] = field(default_factory=list)
     #: training loss of every step run by this call (skipped non-finite steps included, as nan/inf)
     step_losses: list[float] = field(default_factory=list)
     #: steps skipped by ``nan_policy="skip"`` (global step numbers, counted from 1)
@@ -47,8 +78,421 @@ class FitResult:
 
 
 def _gradients_finite(params: list[nn.Parameter]) -> bool:
-    grads = [p.grad for p in params if p.grad is not None]
-    return not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+    """Whether every gradient is finite: one sum per gradient (a NaN or inf anywhere makes the total
+    non-finite), and the elementwise test only when the total is not finite (it may be an overflow)."""
+    grads = [p.grad.detach() for p in params if p.grad is not None]
+    if not grads:
+        return True
+    if math.isfinite(torch.stack([g.sum().float() for g in grads]).sum().item()):
+        return True
+    return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim`` (hands freed heap pages back to the system); ``None`` without glibc."""
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        return None
+
+
+def _split_loss(out: object) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
+    """The scalar loss and the extra terms of what a loss callable returned; TypeError otherwise."""
+    terms: dict[str, torch.Tensor | float] = {}
+    if isinstance(out, Mapping):
+        if "loss" not in out:
+            raise TypeError(f"the loss callable returned a mapping without 'loss' (keys: {', '.join(map(str, out))})")
+        terms = {str(k): v for k, v in out.items() if k != "loss"}
+        out = out["loss"]
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(
+            f"the loss callable must return a scalar torch.Tensor (or a mapping with one under 'loss'), got "
+            f"{type(out).__name__}; return the tensor itself, not loss.item() or float(loss)"
+        )
+    if out.dim() != 0:
+        raise TypeError(
+            f"the loss callable returned a tensor of shape {tuple(out.shape)}; it must be a scalar: reduce it "
+            "with .mean() or .sum()"
+        )
+    if not out.requires_grad:
+        raise TypeError("the loss callable returned a tensor that does not require grad: nothing would be trained")
+    return out, terms
+
+
+class Trainer:
+    """One training run; see the module docstring for a step. :meth:`run` trains and returns a
+    :class:`TrainResult`. Callbacks read the attributes below while it runs.
+
+    Args:
+        model: the module to train (in place); left in eval mode with the best (or last) weights.
+        loss: ``loss(batch)`` -> scalar tensor, or ``{"loss": scalar, "<term>": value, ...}`` (the
+            other terms are averaged into the history as ``train_<term>``).
+        data: the batch order (:class:`~sparsemoe.training.RandomBatches`, or any
+            :class:`~sparsemoe.training.Batches`; ``data.shard(rank, world)`` for several processes).
+        config: lengths, evaluation, selection, NaN policy, checkpoints (:class:`TrainConfig`).
+        evaluate: ``evaluate()`` -> ``{metric: value}``, run in eval mode under ``torch.no_grad``;
+            needed when ``config.metric`` is set.
+        optimizer: ``optimizer(model, config)`` -> an optimiser (default: :func:`adam`).
+        scheduler: ``scheduler(optimizer)`` -> an ``LRScheduler``, stepped after every optimiser step
+            (default: ``config.scheduler()``, the warm-up, or constant).
+        callbacks: :class:`~sparsemoe.training.Callback` objects, called in order.
+
+    Several processes: give each rank ``data.shard(rank, world)`` (and wrap the model in DDP); each
+    rank then checks its own loss and gradients, so the caller must make the ranks agree on a
+    non-finite step (e.g. all-reduce in the loss) for ``nan_policy`` to act the same on all of them.
+
+    Attributes: ``model``, ``config``, ``optimizer``, ``scheduler``, ``step`` (optimiser steps done),
+    ``epoch`` and ``position`` (batches done in it), ``history``, ``best_value``/``best_step``,
+    ``last_loss`` (the last step's loss, a float), ``last_terms`` and :attr:`seconds`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss: LossFn,
+        data: Batches,
+        config: TrainConfig,
+        *,
+        evaluate: EvaluateFn | None = None,
+        optimizer: OptimizerFactory | None = None,
+        scheduler: SchedulerFactory | None = None,
+        callbacks: Sequence[Callback] = (),
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not callable(loss):
+            raise TypeError(f"loss must be callable (batch -> scalar tensor), got {type(loss).__name__}")
+        if not isinstance(data, Batches):
+            raise TypeError(
+                f"data must be a sparsemoe.training.Batches (e.g. RandomBatches), got {type(data).__name__}"
+            )
+        if not isinstance(config, TrainConfig):
+            raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+        if config.metric is not None and evaluate is None:
+            raise ValueError(f"config.metric={config.metric!r} needs evaluate= (a callable returning the metrics)")
+        if evaluate is not None and not callable(evaluate):
+            raise TypeError(f"evaluate must be callable, got {type(evaluate).__name__}")
+        bad = [c for c in callbacks if not isinstance(c, Callback)]
+        if bad:
+            raise TypeError(f"callbacks must be sparsemoe.training.Callback objects, got {type(bad[0]).__name__}")
+        self.model, self.loss_fn, self.data, self.config = model, loss, data, config
+        self.evaluate_fn, self.callbacks = evaluate, list(callbacks)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError("model has no parameter that requires grad: nothing to train")
+        self.optimizer = (optimizer or adam)(model, config)
+        if not isinstance(self.optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                f"optimizer factory must return a torch.optim.Optimizer, got {type(self.optimizer).__name__}"
+            )
+        factory = scheduler if scheduler is not None else config.scheduler()
+        self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+        if factory is not None:
+            made = factory(self.optimizer)
+            if not isinstance(made, torch.optim.lr_scheduler.LRScheduler):
+                raise TypeError(
+                    "scheduler factory must return a torch.optim.lr_scheduler.LRScheduler, got "
+                    f"{type(made).__name__}; write e.g. scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, 10)"
+                )
+            self.scheduler = made
+        # the loop's position and bookkeeping (all of it in the checkpoint)
+        self.step, self.epoch, self.position = 0, 0, 0
+        self.history: list[dict[str, Any]] = []
+        self.best_value: float | None = None
+        self.best_step: int | None = None
+        self.best_epoch: int | None = None
+        self.best_index = -1  # evaluation index of the best value
+        self.skipped: list[int] = []
+        self.last_loss = math.nan
+        self.last_terms: dict[str, float] = {}
+        self.stopped_early = self.finished = False
+        self._window: dict[str, float] = {}  # training term sums since the last evaluation
+        self._window_steps = 0
+        self._evaluated_at = -1  # step of the last evaluation
+        self._best_state: dict[str, torch.Tensor] | None = None
+        self._seconds_before = self._cpu_before = 0.0
+        self._clock = self._cpu_clock = 0.0
+        self._started = False
+        self._last_saved = -1
+        self.step_losses: list[float] = []
+
+    # ----------------------------------------------------------------------------------- running
+    @property
+    def seconds(self) -> float:
+        """Training wall seconds so far, over the whole run (resumes included)."""
+        return self._seconds_before + time.perf_counter() - self._clock
+
+    def run(self, resume: str | Path | None = None) -> TrainResult:
+        """Train until ``config.epochs``/``config.steps`` are done or patience runs out.
+
+        ``resume``: a checkpoint written by a trainer built the same way (same data order); the run
+        continues exactly as the uninterrupted run would (same losses, bit for bit).
+        """
+        cfg = self.config
+        if self._started:
+            raise RuntimeError("a Trainer runs once; build a new one (with resume=) to continue a run")
+        if resume is not None:
+            self._restore(resume)
+        self._started = True
+        self._clock, self._cpu_clock = time.perf_counter(), time.process_time()
+        for c in self.callbacks:
+            c.on_train_start(self)
+        self.model.train()
+        while not self.finished and not self._budget_spent():
+            batches = self.data.epoch(self.epoch)
+            if len(batches) == 0:
+                raise ValueError(f"data.epoch({self.epoch}) returned no batches")
+            while self.position < len(batches) and not self._budget_spent():
+                end = min(self.position + cfg.accumulate, len(batches))
+                self._train_step(batches, self.position, end)
+                if cfg.eval_every is not None and self.step % cfg.eval_every == 0:
+                    self._evaluate()
+                if cfg.checkpoint_every is not None and self.step % cfg.checkpoint_every == 0 and not self.finished:
+                    self._save()
+                if self.finished:
+                    break
+            if self.position == len(batches) and not self.finished:
+                if cfg.eval_every is None:
+                    self._evaluate()
+                for c in self.callbacks:
+                    c.on_epoch_end(self)
+                if not self.finished:
+                    self.epoch, self.position = self.epoch + 1, 0
+        if self.evaluate_fn is not None and self._evaluated_at != self.step:
+            self._evaluate()  # the final weights are always evaluated once
+        self.finished = True
+        if cfg.checkpoint_path is not None and cfg.checkpoint_at_end:
+            self._save()  # the finished state: resuming from it trains nothing
+        return self._finish()
+
+    def _budget_spent(self) -> bool:
+        cfg = self.config
+        return (cfg.steps is not None and self.step >= cfg.steps) or (
+            cfg.epochs is not None and self.epoch >= cfg.epochs
+        )
+
+    def _train_step(self, batches: Sequence[Any], start: int, end: int) -> None:
+        cfg, count = self.config, end - start
+        self.optimizer.zero_grad(set_to_none=True)
+        terms: dict[str, float] = {}
+        value, finite, what = 0.0, True, "loss"
+        for index in range(start, end):
+            loss, extra = _split_loss(self.loss_fn(batches[index]))
+            item = loss.item()
+            value += item
+            for name, term in extra.items():
+                terms[name] = terms.get(name, 0.0) + float(term.detach() if isinstance(term, torch.Tensor) else term)
+            if not math.isfinite(item):
+                finite, value = False, item
+                break
+            (loss if count == 1 else loss / count).backward()
+        if count > 1 and finite:
+            value, terms = value / count, {k: v / count for k, v in terms.items()}
+        if finite:
+            if cfg.clip_norm is not None:
+                finite = bool(torch.isfinite(nn.utils.clip_grad_norm_(self.params, cfg.clip_norm)))
+            else:
+                finite = _gradients_finite(self.params)
+            what = "gradient"
+        self.step += 1
+        self.position = end
+        self.last_loss, self.last_terms = value, terms
+        self.step_losses.append(value)
+        if not finite:
+            if cfg.nan_policy == "stop":
+                kept = (
+                    f"; the last good checkpoint is {cfg.checkpoint_path} (step {self._last_saved})"
+                    if cfg.checkpoint_path is not None and self._last_saved >= 0
+                    else ""
+                )
+                raise FloatingPointError(
+                    f"non-finite {what} at step {self.step} (epoch {self.epoch}, batch {end - 1}): loss={value}"
+                    f"{kept}; lower lr, set clip_norm, or pass nan_policy='skip'"
+                )
+            self.optimizer.zero_grad(set_to_none=True)
+            self.skipped.append(self.step)
+        else:
+            self.optimizer.step()
+            if self.scheduler is not None:
+                self.scheduler.step()
+            for c in self.callbacks:
+                c.after_optimizer_step(self)
+            self._window["loss"] = self._window.get("loss", 0.0) + value
+            for name, term in terms.items():
+                self._window[name] = self._window.get(name, 0.0) + term
+            self._window_steps += 1
+        for c in self.callbacks:
+            c.on_step_end(self)
+
+    def _evaluate(self) -> None:
+        cfg = self.config
+        self._evaluated_at = self.step
+        if self.evaluate_fn is None:
+            return
+        self.model.eval()
+        with torch.no_grad():
+            metrics = self.evaluate_fn()
+        self.model.train()
+        if not isinstance(metrics, Mapping):
+            raise TypeError(f"evaluate must return a mapping of metric name to value, got {type(metrics).__name__}")
+        n = max(self._window_steps, 1)
+        record: dict[str, Any] = {"epoch": self.epoch, "step": self.step}
+        record.update({f"train_{k}": v / n for k, v in self._window.items()} or {"train_loss": 0.0})
+        record.update({str(k): float(v) for k, v in metrics.items()})
+        self._window, self._window_steps = {}, 0
+        self.history.append(record)
+        index = len(self.history) - 1
+        if cfg.metric is not None:
+            if cfg.metric not in record:
+                raise ValueError(f"evaluate returned no {cfg.metric!r} (config.metric); it returned {sorted(metrics)}")
+            value = record[cfg.metric]
+            if not math.isfinite(value):
+                if cfg.nan_policy == "stop":
+                    raise FloatingPointError(
+                        f"evaluation at step {self.step} (epoch {self.epoch}) gave {cfg.metric}={value}; the model "
+                        "diverged or the evaluation is broken (nan_policy='skip' ignores such evaluations)"
+                    )
+            elif self.best_value is None or (value < self.best_value if cfg.mode == "min" else value > self.best_value):
+                self.best_value, self.best_step, self.best_epoch, self.best_index = (
+                    value,
+                    self.step,
+                    self.epoch,
+                    index,
+                )
+                self._best_state = copy.deepcopy(self.model.state_dict())
+            if cfg.patience is not None and self.best_index != index and index - self.best_index >= cfg.patience:
+                self.stopped_early = self.finished = True
+        for c in self.callbacks:
+            c.on_evaluate(self, record)
+        trim = _malloc_trim() if cfg.trim_memory and not self.params[0].is_cuda else None
+        if trim is not None:
+            trim(0)
+
+    def _finish(self) -> TrainResult:
+        cfg = self.config
+        if cfg.metric is not None:
+            if self._best_state is None:
+                steps = [h["step"] for h in self.history]
+                raise FloatingPointError(
+                    f"no evaluation gave a finite {cfg.metric} (evaluated at steps {steps}): the model diverged or "
+                    "the evaluation is broken; the initial weights are not a trained model"
+                )
+            self.model.load_state_dict(self._best_state)
+        self.model.eval()
+        result = TrainResult(
+            best_value=self.best_value,
+            best_step=self.best_step,
+            best_epoch=self.best_epoch,
+            steps=self.step,
+            epochs_run=self.epoch + (1 if self.position else 0),
+            seconds=self.seconds,
+            cpu_seconds=self._cpu_before + time.process_time() - self._cpu_clock,
+            stopped_early=self.stopped_early,
+            history=self.history,
+            step_losses=self.step_losses,
+            skipped_steps=self.skipped,
+        )
+        for c in self.callbacks:
+            c.on_train_end(self, result)
+        return result
+
+    # ----------------------------------------------------------------------------------- checkpoints
+    def _run_config(self) -> dict[str, Any]:
+        return {"data": self.data.describe(), "train": self.config.to_dict()}
+
+    def _save(self) -> None:
+        path = self.config.checkpoint_path
+        assert path is not None
+        state = {
+            "epoch": self.epoch,
+            "position": self.position,
+            "window": self._window,
+            "window_steps": self._window_steps,
+            "evaluated_at": self._evaluated_at,
+            "history": self.history,
+            "best": [self.best_value, self.best_step, self.best_epoch, self.best_index],
+            "skipped": self.skipped,
+            "seconds": self.seconds,
+            "cpu_seconds": self._cpu_before + time.process_time() - self._cpu_clock,
+            "stopped_early": self.stopped_early,
+            "finished": self.finished,
+        }
+        best = {f"best.{k}": v for k, v in (self._best_state or {}).items()}
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        save_checkpoint(
+            path,
+            self.model,
+            self.optimizer,
+            scheduler=self.scheduler,
+            step=self.step,
+            config=self._run_config(),
+            state=state,
+            tensors=best,
+        )
+        self._last_saved = self.step
+
+    def _restore(self, resume: str | Path) -> None:
+        written = read_checkpoint(resume)[1]["config"]  # checked before anything is loaded
+        if "data" not in written or "train" not in written:
+            raise ValueError(f"cannot resume from {resume}: it was not written by sparsemoe.training.Trainer")
+        mine = self.data.describe()
+        for key in sorted(set(written["data"]) | set(mine)):
+            if written["data"].get(key) != mine.get(key):
+                raise ValueError(
+                    f"cannot resume from {resume}: it was written with {key}={written['data'].get(key)!r}, "
+                    f"this run has {key}={mine.get(key)!r} (the data order would differ)"
+                )
+        saved = load_checkpoint(resume, self.model, self.optimizer, scheduler=self.scheduler)
+        loop = saved["state"]
+        self.step, self.epoch, self.position = saved["step"], loop["epoch"], loop["position"]
+        self._window, self._window_steps = loop["window"], loop["window_steps"]
+        self._evaluated_at, self.history, self.skipped = loop["evaluated_at"], loop["history"], loop["skipped"]
+        self.best_value, self.best_step, self.best_epoch, self.best_index = loop["best"]
+        self._seconds_before, self._cpu_before = loop["seconds"], loop["cpu_seconds"]
+        self.stopped_early, self.finished = loop["stopped_early"], loop["finished"]
+        best = {k[len("best.") :]: v for k, v in saved["tensors"].items() if k.startswith("best.")}
+        self._best_state = best or None
+        self._last_saved = self.step
+
+
+def train(
+    model: nn.Module,
+    loss: LossFn,
+    data: Batches,
+    config: TrainConfig,
+    *,
+    evaluate: EvaluateFn | None = None,
+    optimizer: OptimizerFactory | None = None,
+    scheduler: SchedulerFactory | None = None,
+    callbacks: Sequence[Callback] = (),
+    resume: str | Path | None = None,
+) -> TrainResult:
+    """``Trainer(model, loss, data, config, ...).run(resume)``: see :class:`Trainer`."""
+    trainer = Trainer(
+        model, loss, data, config, evaluate=evaluate, optimizer=optimizer, scheduler=scheduler, callbacks=callbacks
+    )
+    return trainer.run(resume)
+
+
+class _FitHooks(Callback):
+    """``fit``'s ``on_step(step, loss)`` and ``on_epoch(epoch, val_loss)`` as a callback."""
+
+    def __init__(
+        self,
+        on_step: Callable[[int, torch.Tensor], None] | None,
+        on_epoch: Callable[[int, float], None] | None,
+    ) -> None:
+        self.on_step, self.on_epoch = on_step, on_epoch
+
+    def on_step_end(self, trainer: Trainer) -> None:
+        if self.on_step is not None:
+            self.on_step(trainer.step, torch.tensor(trainer.last_loss))
+
+    def on_evaluate(self, trainer: Trainer, record: dict[str, Any]) -> None:
+        if self.on_epoch is not None:
+            self.on_epoch(record["epoch"], record["val_loss"])
 
 
 def fit(
@@ -70,143 +514,36 @@ def fit(
     resume: str | Path | None = None,
     on_step: Callable[[int, torch.Tensor], None] | None = None,
     on_epoch: Callable[[int, float], None] | None = None,
-) -> FitResult:
-    """Train ``model`` with Adam and keep the weights of the best validation epoch.
+) -> TrainResult:
+    """Train ``model`` with Adam on shuffled rows, keep the weights of the best validation epoch.
 
-    Args:
-        batch_loss: maps a LongTensor of row indices to the training loss (aux losses included).
-        num_rows: number of training rows.
-        val_loss: evaluates the model (it is put in eval mode around the call).
-        patience: stop after this many epochs without improvement (``None``: never).
-        scheduler: ``scheduler(optimizer) -> LRScheduler``, stepped after every optimiser step.
-        nan_policy: on a NaN/inf loss or gradient, ``"stop"`` raises ``FloatingPointError`` naming
-            the step (the last checkpoint written stays as it was: nothing is saved after the bad
-            step); ``"skip"`` drops that step's update and goes on (listed in ``skipped_steps``).
-        checkpoint_path: where to write checkpoints (one file, replaced durably each time).
-        checkpoint_every: write one every this many steps (and after the last step); needs
-            ``checkpoint_path``. ``None`` with a path: after the last step only.
-        resume: a checkpoint written by ``fit`` to continue from; the run then continues exactly as
-            the uninterrupted run would (same losses, bit for bit). ``model`` must be freshly built
-            the same way; ``num_rows``, ``batch_size`` and ``seed`` must match the checkpoint's.
-        on_step: called as ``on_step(step, loss)`` after each step, skipped ones included (e.g. local
-            search schedules); ``on_epoch(epoch, val_loss)`` after each epoch (e.g. progress bars).
-
-    ``FitResult.epochs_run`` counts the epochs of the whole run, those before a resume included.
+    The common case of :class:`Trainer`: ``batch_loss(rows)`` maps a LongTensor of row indices to the
+    training loss, ``val_loss()`` is evaluated after every epoch (``history[i]["val_loss"]``) and
+    selects the best epoch (min); ``patience`` counts epochs without improvement. The other
+    arguments are those of :class:`TrainConfig`. ``on_step(step, loss)`` runs after every step,
+    skipped ones included; ``on_epoch(epoch, val_loss)`` after every evaluation.
     """
-    nan_policy = check_choice("nan_policy", nan_policy, NAN_POLICIES)
+    config = TrainConfig(
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        seed=seed,
+        weight_decay=weight_decay,
+        patience=patience,
+        metric="val_loss",
+        nan_policy=nan_policy,
+        checkpoint_every=checkpoint_every,
+        checkpoint_path=None if checkpoint_path is None else str(checkpoint_path),
+    )
     num_rows = check_int("num_rows", num_rows, low=1)
-    batch_size = check_int("batch_size", batch_size, low=1)
-    if checkpoint_every is not None:
-        check_int("checkpoint_every", checkpoint_every, low=1)
-        if checkpoint_path is None:
-            raise ValueError("checkpoint_every needs checkpoint_path= (the file to write)")
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-    sched = scheduler(optimizer) if scheduler is not None else None
-    generator = torch.Generator().manual_seed(seed)
-    run_config = {"num_rows": num_rows, "batch_size": batch_size, "seed": seed}
-
-    best_loss, best_epoch, best_state = float("inf"), -1, copy.deepcopy(model.state_dict())
-    history: list[dict[str, float]] = []
-    step, first_epoch, position, total, batches = 0, 0, 0, 0.0, 0
-    epoch_start_rng = generator.get_state()
-    skipped: list[int] = []
-    if resume is not None:
-        written = read_checkpoint(resume)[1]["config"]  # checked before anything is loaded
-        for key in _RESUME_KEYS:
-            if written.get(key) != run_config[key]:
-                raise ValueError(
-                    f"cannot resume from {resume}: it was written with {key}={written.get(key)!r}, "
-                    f"this run has {key}={run_config[key]!r} (the data order would differ)"
-                )
-        saved = load_checkpoint(resume, model, optimizer, scheduler=sched)
-        loop = saved["state"]
-        step, first_epoch, position = saved["step"], loop["epoch"], loop["position"]
-        total, batches, skipped = loop["total"], loop["batches"], loop["skipped"]
-        best_loss, best_epoch, history = loop["best_loss"], loop["best_epoch"], loop["history"]
-        best_state = {k[len("best.") :]: v for k, v in saved["tensors"].items() if k.startswith("best.")}
-        epoch_start_rng = saved["tensors"]["data_rng"]
-
-    def checkpoint(epoch: int, position: int, data_rng: torch.Tensor, total: float, batches: int) -> None:
-        """Save the run so that it resumes at batch ``position`` of ``epoch`` (shuffled from ``data_rng``)."""
-        state = {
-            "epoch": epoch,
-            "position": position,
-            "total": total,
-            "batches": batches,
-            "skipped": skipped,
-            "best_loss": best_loss,
-            "best_epoch": best_epoch,
-            "history": history,
-        }
-        tensors = {"data_rng": data_rng, **{f"best.{k}": v for k, v in best_state.items()}}
-        assert checkpoint_path is not None
-        save_checkpoint(
-            checkpoint_path,
-            model,
-            optimizer,
-            scheduler=sched,
-            step=step,
-            config=run_config,
-            state=state,
-            tensors=tensors,
-        )
-
-    start, epoch, losses = time.perf_counter(), first_epoch, []
-    last_saved_step = step if resume is not None else -1
-    stopped_early = False
-    for epoch in range(first_epoch, epochs):
-        model.train()
-        if epoch != first_epoch or resume is None:
-            epoch_start_rng, position, total, batches = generator.get_state(), 0, 0.0, 0
-        generator.set_state(epoch_start_rng)
-        for index, rows in enumerate(minibatches(num_rows, batch_size, generator)):
-            if index < position:  # done before the checkpoint we resumed from
-                continue
-            loss = batch_loss(rows)
-            optimizer.zero_grad(set_to_none=True)
-            finite = bool(torch.isfinite(loss))
-            if finite:
-                loss.backward()
-                finite = _gradients_finite(params)
-            step += 1
-            position = index + 1
-            losses.append(loss.item())
-            if not finite:
-                what = f"non-finite {'loss' if not math.isfinite(losses[-1]) else 'gradient'}"
-                if nan_policy == "stop":
-                    kept = f"; the last good checkpoint is {checkpoint_path} (step {last_saved_step})"
-                    raise FloatingPointError(
-                        f"{what} at step {step} (epoch {epoch}, batch {index}): loss={losses[-1]}"
-                        + (kept if checkpoint_path is not None and last_saved_step >= 0 else "")
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                skipped.append(step)
-            else:
-                optimizer.step()
-                if sched is not None:
-                    sched.step()
-                total, batches = total + losses[-1], batches + 1
-            if on_step is not None:
-                on_step(step, loss)
-            if checkpoint_every is not None and step % checkpoint_every == 0:
-                checkpoint(epoch, position, epoch_start_rng, total, batches)
-                last_saved_step = step
-        model.eval()
-        with torch.no_grad():
-            current = float(val_loss())
-        history.append({"epoch": epoch, "train_loss": total / max(batches, 1), "val_loss": current})
-        if on_epoch is not None:
-            on_epoch(epoch, current)
-        if current < best_loss:
-            best_loss, best_epoch, best_state = current, epoch, copy.deepcopy(model.state_dict())
-        elif patience is not None and epoch - best_epoch >= patience:
-            stopped_early = True
-        if stopped_early:
-            break
-    if checkpoint_path is not None and step != last_saved_step:
-        # resumes at the next epoch: the generator now holds that epoch's starting state
-        checkpoint(epochs if stopped_early else epoch + 1, 0, generator.get_state(), 0.0, 0)
-    model.load_state_dict(best_state)
-    model.eval()
-    return FitResult(best_epoch, best_loss, len(history), time.perf_counter() - start, history, losses, skipped)
+    hooks = [_FitHooks(on_step, on_epoch)] if on_step is not None or on_epoch is not None else []
+    return train(
+        model,
+        batch_loss,
+        RandomBatches(num_rows, batch_size, seed),
+        config,
+        evaluate=lambda: {"val_loss": float(val_loss())},
+        scheduler=scheduler,
+        callbacks=hooks,
+        resume=resume,
+    )

@@ -1,0 +1,167 @@
+"""Hooks of the training loop: a :class:`Callback` base and the standard ones (progress bar, metrics
+log as JSONL/CSV, TensorBoard).
+
+A callback subclasses :class:`Callback` and overrides the moments it needs; each receives the running
+:class:`~sparsemoe.training.Trainer` (its ``step``, ``epoch``, ``history``, ``model``, ``optimizer``...).
+``after_optimizer_step`` is the place for updates that must follow every real optimiser step and
+never a skipped one (e.g. the bias updates of loss-free load balancing).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .._atomic import atomic_write_text
+
+if TYPE_CHECKING:
+    from rich.progress import Progress, TaskID
+
+    from .loop import Trainer, TrainResult
+
+
+class Callback:
+    """No-op hooks, called in this order: ``on_train_start``; per step ``after_optimizer_step`` (not
+    for steps skipped by the NaN policy), ``on_step_end``; ``on_evaluate`` after each evaluation
+    (``record`` is the new history entry; the best weights are already updated); ``on_epoch_end``;
+    ``on_train_end`` with the result (best weights restored)."""
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        """Before the first step of this call (after a resume has restored the state)."""
+
+    def after_optimizer_step(self, trainer: Trainer) -> None:
+        """Right after the optimiser step and the scheduler step."""
+
+    def on_step_end(self, trainer: Trainer) -> None:
+        """After every step, skipped ones included (``trainer.last_loss`` is its loss)."""
+
+    def on_evaluate(self, trainer: Trainer, record: dict[str, Any]) -> None:
+        """After each evaluation."""
+
+    def on_epoch_end(self, trainer: Trainer) -> None:
+        """After the last batch of an epoch (and its evaluation, when evaluating per epoch)."""
+
+    def on_train_end(self, trainer: Trainer, result: TrainResult) -> None:
+        """After training, before :meth:`Trainer.run` returns."""
+
+
+def total_steps(trainer: Trainer) -> int:
+    """The number of optimiser steps the run will take at most (its step budget, or its epochs)."""
+    config = trainer.config
+    if config.epochs is None:
+        assert config.steps is not None  # TrainConfig sets epochs when neither is given
+        return config.steps
+    per_epoch = math.ceil(len(trainer.data.epoch(0)) / config.accumulate)
+    by_epochs = config.epochs * per_epoch
+    return by_epochs if config.steps is None else min(config.steps, by_epochs)
+
+
+class ProgressBar(Callback):
+    """A rich progress bar over the steps. ``progress``: an existing ``rich.progress.Progress`` (the
+    caller starts and stops it); ``None``: one of its own, shown while training."""
+
+    def __init__(self, description: str = "training", progress: Progress | None = None) -> None:
+        self.description, self.progress, self.own = description, progress, progress is None
+        self.task: TaskID | None = None
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        if self.progress is None:
+            from rich.progress import Progress
+
+            self.progress = Progress()
+        if self.own:
+            self.progress.start()
+        self.task = self.progress.add_task(self.description, total=total_steps(trainer), completed=trainer.step)
+
+    def on_step_end(self, trainer: Trainer) -> None:
+        assert self.progress is not None and self.task is not None
+        self.progress.update(self.task, completed=trainer.step)
+
+    def on_train_end(self, trainer: Trainer, result: TrainResult) -> None:
+        if self.own and self.progress is not None:
+            self.progress.stop()
+
+
+class MetricsLog(Callback):
+    """Every evaluation record as a line of ``path``: JSON Lines (``.jsonl``) or CSV (``.csv``; the
+    columns are those of the first record). With ``every=N`` (JSONL only) also a line
+    ``{"step", "epoch", "train_loss", "lr"}`` every ``N`` steps. A fresh run starts the file anew; a
+    resumed one drops the lines written after its checkpoint's step, so the log matches the run."""
+
+    def __init__(self, path: str | Path, every: int | None = None) -> None:
+        self.path = Path(path)
+        if self.path.suffix not in (".jsonl", ".csv"):
+            raise ValueError(f"path must end in .jsonl or .csv, got {self.path.name}")
+        if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+            raise ValueError(f"every must be an int >= 1 or None, got {every!r}")
+        if every is not None and self.path.suffix == ".csv":
+            raise ValueError("every= (per-step lines) needs a .jsonl log; a CSV log holds the evaluations only")
+        self.every = every
+        self.columns: list[str] | None = None
+
+    def _rows(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        with self.path.open(newline="") as f:
+            if self.path.suffix == ".jsonl":
+                return [json.loads(line) for line in f if line.strip()]
+            return list(csv.DictReader(f))
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        kept = [r for r in self._rows() if int(r["step"]) <= trainer.step] if trainer.step else []
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.suffix == ".jsonl":
+            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+            return
+        self.columns = list(kept[0]) if kept else None
+        with self.path.open("w", newline="") as f:
+            if self.columns is not None:
+                writer = csv.DictWriter(f, self.columns)
+                writer.writeheader()
+                writer.writerows(kept)
+
+    def _append(self, row: dict[str, Any]) -> None:
+        with self.path.open("a", newline="") as f:
+            if self.path.suffix == ".jsonl":
+                f.write(json.dumps(row) + "\n")
+                return
+            if self.columns is None:
+                self.columns = list(row)
+                csv.DictWriter(f, self.columns).writeheader()
+            csv.DictWriter(f, self.columns, extrasaction="ignore").writerow(row)
+
+    def on_step_end(self, trainer: Trainer) -> None:
+        if self.every is not None and trainer.step % self.every == 0:
+            lr = trainer.optimizer.param_groups[0]["lr"]
+            self._append({"step": trainer.step, "epoch": trainer.epoch, "train_loss": trainer.last_loss, "lr": lr})
+
+    def on_evaluate(self, trainer: Trainer, record: dict[str, Any]) -> None:
+        self._append(record)
+
+
+class TensorBoardLog(Callback):
+    """Scalars for TensorBoard in ``log_dir``: the training loss and LR every step, every metric of
+    each evaluation. Needs ``tensorboard`` (``pip install tensorboard``)."""
+
+    def __init__(self, log_dir: str | Path) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as e:
+            raise ImportError(f"TensorBoardLog needs tensorboard: pip install tensorboard ({e})") from None
+        self.writer = SummaryWriter(str(log_dir))
+
+    def on_step_end(self, trainer: Trainer) -> None:
+        self.writer.add_scalar("train/loss", trainer.last_loss, trainer.step)
+        self.writer.add_scalar("train/lr", trainer.optimizer.param_groups[0]["lr"], trainer.step)
+
+    def on_evaluate(self, trainer: Trainer, record: dict[str, Any]) -> None:
+        for name, value in record.items():
+            if name not in ("step", "epoch"):
+                self.writer.add_scalar(f"eval/{name}", value, trainer.step)
+        self.writer.flush()
+
+    def on_train_end(self, trainer: Trainer, result: TrainResult) -> None:
+        self.writer.close()
