@@ -10,6 +10,7 @@ never a skipped one (e.g. the bias updates of loss-free load balancing).
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from pathlib import Path
@@ -107,7 +108,10 @@ class MetricsLog(Callback):
             return []
         with self.path.open(newline="") as f:
             if self.path.suffix == ".jsonl":
-                return [json.loads(line) for line in f if line.strip()]
+                lines = [line for line in f if line.strip()]
+                if lines and not lines[-1].endswith("\n"):
+                    lines.pop()  # torn by a crash mid-append: that step is rerun after the resume anyway
+                return [json.loads(line) for line in lines]
             return list(csv.DictReader(f))
 
     def on_train_start(self, trainer: Trainer) -> None:
@@ -117,11 +121,12 @@ class MetricsLog(Callback):
             atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
             return
         self.columns = list(kept[0]) if kept else None
-        with self.path.open("w", newline="") as f:
-            if self.columns is not None:
-                writer = csv.DictWriter(f, self.columns)
-                writer.writeheader()
-                writer.writerows(kept)
+        text = io.StringIO(newline="")
+        if self.columns is not None:
+            writer = csv.DictWriter(text, self.columns)
+            writer.writeheader()
+            writer.writerows(kept)
+        atomic_write_text(self.path, text.getvalue())
 
     def _append(self, row: dict[str, Any]) -> None:
         with self.path.open("a", newline="") as f:
