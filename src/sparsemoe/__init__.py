@@ -10,7 +10,7 @@ from . import gates
 from .checkpoint import load_checkpoint, save_checkpoint
 from .dispatch import dispatch, reference_dispatch
 from .experts import ExpertBank, ModuleExperts, StackedExperts
-from .gates import GateSpec
+from .gates import GateSpec, update_balance
 from .hf import moefy
 from .layers import MoE, MoELayer, MultiTaskMoE, aux_loss, routing_stats
 from .routing import Routing, RoutingStats
@@ -37,4 +37,5 @@ __all__ = [
     "reference_dispatch",
     "routing_stats",
     "save_checkpoint",
+    "update_balance",
 ]

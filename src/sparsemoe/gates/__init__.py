@@ -17,12 +17,14 @@ from types import MappingProxyType
 from typing import Any
 
 from .._validation import check_int
+from .balance import LossFreeBalance, update_balance
 from .base import Gate, IdKind, KPolicy, Sparsity, route_tasks
 from .comet import CometGate
 from .dselect_k import DSelectKGate
 from .expert_choice import ExpertChoiceGate
 from .hash import HashGate
 from .random import RandomGate
+from .sigmoid import SigmoidGate
 from .smooth_step import smooth_step
 from .softmax import SoftmaxGate
 from .table import render_table
@@ -208,6 +210,7 @@ for _name, _cls in {
     "expert_choice": ExpertChoiceGate,
     "dselect_k": DSelectKGate,
     "comet": CometGate,
+    "sigmoid": SigmoidGate,
 }.items():
     register(_name, _cls)
 
@@ -221,7 +224,9 @@ __all__ = [
     "HashGate",
     "IdKind",
     "KPolicy",
+    "LossFreeBalance",
     "RandomGate",
+    "SigmoidGate",
     "SoftmaxGate",
     "Sparsity",
     "SwitchGate",
@@ -241,5 +246,6 @@ __all__ = [
     "smooth_step",
     "sparsity",
     "takes_k",
+    "update_balance",
     "uses_ids",
 ]

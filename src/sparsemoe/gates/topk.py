@@ -12,6 +12,7 @@ from torch import nn
 
 from .._validation import check_float
 from ..routing import Routing, count_per_expert
+from .balance import LossFreeBalance
 from .base import Gate, linear_batch
 
 
@@ -46,7 +47,7 @@ def _smooth_load(
     return torch.special.ndtr((clean - threshold) / noise_std).sum(0)
 
 
-class TopKGate(Gate):
+class TopKGate(LossFreeBalance, Gate):
     """Noisy top-k gating (Shazeer et al., 2017).
 
     ``h = W x + b (+ ε · softplus(W_noise x) while training)``; keep the ``k`` largest and softmax
@@ -63,6 +64,9 @@ class TopKGate(Gate):
             is always exactly 1, so the task loss gives the router no gradient at all (only the
             balance loss trains it): pass ``normalize=False`` there, which keeps the chosen
             experts' probabilities over all ``n`` experts (as Switch does) and so their gradient.
+        bias_update_rate: loss-free balancing (Wang et al. 2024, see :mod:`sparsemoe.gates.balance`):
+            select by ``logits + b`` but weight by the unbiased logits, ``b`` moved by
+            :func:`sparsemoe.update_balance`; 0 (the default) is off.
     """
 
     aux_losses = MappingProxyType({"load_balance": "CV² of importance and load, times `balance_weight`"})
@@ -80,11 +84,14 @@ class TopKGate(Gate):
         noisy: bool = True,
         balance_weight: float = 1e-2,
         normalize: bool = True,
+        bias_update_rate: float = 0.0,
         check_finite: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
+        check_float("bias_update_rate", bias_update_rate, low=0.0)
         super().__init__(d_in, num_experts, k, check_finite=check_finite, dtype=dtype)
+        self._init_balance(num_experts, bias_update_rate, device)
         self.noisy = bool(noisy)
         self.normalize = bool(normalize)
         self.balance_weight = check_float("balance_weight", balance_weight, low=0.0)
@@ -95,7 +102,7 @@ class TopKGate(Gate):
             nn.init.zeros_(self.noise_proj.bias)
 
     def batch_key(self) -> Hashable:
-        return (self.noisy, self.balance_weight, self.normalize, self.proj.weight.dtype)
+        return (self.noisy, self.balance_weight, self.normalize, self.balancing, self.proj.weight.dtype)
 
     def route(self, x: torch.Tensor, ids: torch.Tensor | None) -> Routing:
         return self.route_batch([self], x, ids)[0]
@@ -113,12 +120,20 @@ class TopKGate(Gate):
             logits = clean + torch.randn_like(clean) * noise_std
         balance = first.balance_weight > 0 and first.training and rows > 0
         smooth_load = balance and noise_std is not None and k < n
+        select = logits
+        if first.balancing:  # loss-free balancing: select by logits + b, weight by the logits
+            bias = torch.stack([g.balance_bias for g in topks]).to(logits.dtype)  # [G, n]
+            select, clean = logits + bias, clean + bias
         # The smooth load needs the (k+1)-th value too: one topk serves both.
-        top_values, top_idx = logits.topk(k + 1 if smooth_load else k, dim=-1)  # [T, G, k(+1)]
+        top_values, top_idx = select.topk(k + 1 if smooth_load else k, dim=-1)  # [T, G, k(+1)]
         top_idx = top_idx[..., :k]
-        if first.normalize:
+        for g, gate in enumerate(topks):
+            gate._count_load(top_idx[:, g])
+        if first.balancing and first.normalize:
+            weights = torch.softmax(logits.gather(-1, top_idx), dim=-1)  # [T, G, k], unbiased
+        elif first.normalize:
             weights = torch.softmax(top_values[..., :k], dim=-1)  # [T, G, k]
-        else:  # each chosen expert's probability over all n (softmax is monotone: the same top k)
+        else:  # each chosen expert's (unbiased) probability over all n
             weights = torch.softmax(logits, dim=-1).gather(-1, top_idx)  # [T, G, k]
         aux: list[dict[str, torch.Tensor]] = [{} for _ in topks]
         if balance:
@@ -128,7 +143,7 @@ class TopKGate(Gate):
             importance = importance.view(num_gates, n)
             if smooth_load:
                 assert noise_std is not None
-                load = _smooth_load(clean, logits, noise_std, top_values, k)  # [G, n]
+                load = _smooth_load(clean, select, noise_std, top_values, k)  # [G, n]
                 penalty = _cv_squared(torch.stack([importance, load], dim=1)).sum(-1)  # [G]
             else:
                 penalty = _cv_squared(importance)
@@ -138,7 +153,7 @@ class TopKGate(Gate):
     def extra_repr(self) -> str:
         return (
             f"{super().extra_repr()}, noisy={self.noisy}, balance_weight={self.balance_weight}, "
-            f"normalize={self.normalize}"
+            f"normalize={self.normalize}, bias_update_rate={self.bias_update_rate}"
         )
 
 
