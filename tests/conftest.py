@@ -11,9 +11,9 @@ import torch
 from sparsemoe import gates
 
 # Gates that place a constant per-input weight sum of 1 on their experts.
-NORMALISED_GATES = ("softmax", "topk", "hash", "random", "dselect_k", "comet")
+NORMALISED_GATES = ("softmax", "topk", "hash", "random", "dselect_k", "comet", "sigmoid")
 # Gates whose k bounds the experts per input exactly (DSelect-k/COMET only once saturated).
-EXACT_K_GATES = ("topk", "hash", "random")
+EXACT_K_GATES = ("topk", "hash", "random", "sigmoid")
 
 # The tests run tiny models: extra intra-op threads only add overhead (and thrash on a shared CPU).
 torch.set_num_threads(1)

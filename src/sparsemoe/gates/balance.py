@@ -14,6 +14,8 @@ are summed in one all-reduce, so every rank moves its (replicated) bias identica
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -25,39 +27,50 @@ from ..routing import count_per_expert
 class LossFreeBalance(nn.Module):
     """Mixin of gates with a loss-free balancing bias; call :meth:`_init_balance` in ``__init__``.
 
-    Buffers: ``balance_bias`` (``float32[n]``, persistent) and ``balance_counts`` (``float32[n]``,
-    inputs per expert since the last :meth:`update_balance`, not saved).
+    Buffers: ``balance_bias`` (``float32[n]``, persistent; keep it in float32: steps of ``u = 1e-3``
+    vanish in bf16) and ``balance_counts`` (``int64[n]``,
+    inputs per expert since the last :func:`update_balance`, not saved). Both are ``None`` (no
+    ``state_dict`` key) when the rate is 0 and the gate does not ``keep_bias`` (so existing
+    checkpoints of the gate keep loading); a gate that keeps it (sigmoid) selects with a fixed bias
+    at rate 0, e.g. one loaded from a trained model.
     """
 
-    balance_bias: torch.Tensor
-    balance_counts: torch.Tensor
+    balance_bias: torch.Tensor | None
+    balance_counts: torch.Tensor | None
     bias_update_rate: float
 
-    def _init_balance(self, num_experts: int, bias_update_rate: float, device: torch.device | str | None) -> None:
+    def _init_balance(
+        self, num_experts: int, bias_update_rate: float, device: torch.device | str | None, *, keep_bias: bool
+    ) -> None:
         self.bias_update_rate = check_float("bias_update_rate", bias_update_rate, low=0.0)
-        self.register_buffer("balance_bias", torch.zeros(num_experts, device=device))
-        self.register_buffer("balance_counts", torch.zeros(num_experts, device=device), persistent=False)
+        has_bias = keep_bias or self.bias_update_rate > 0
+        self.register_buffer("balance_bias", torch.zeros(num_experts, device=device) if has_bias else None)
+        # int64: exact at any count, and untouched by a model-wide .to(dtype)
+        counts = torch.zeros(num_experts, dtype=torch.long, device=device) if self.bias_update_rate > 0 else None
+        self.register_buffer("balance_counts", counts, persistent=False)
 
     @property
     def balancing(self) -> bool:
-        """Whether the bias takes part in the selection (``bias_update_rate > 0``)."""
+        """Whether :func:`update_balance` moves this gate's bias (``bias_update_rate > 0``)."""
         return self.bias_update_rate > 0
 
     def _biased(self, scores: torch.Tensor) -> torch.Tensor:
         """``scores [..., n] + b``: the selection scores (the bias is a buffer: no gradient)."""
-        return scores + self.balance_bias.to(scores.dtype) if self.balancing else scores
+        return scores if self.balance_bias is None else scores + self.balance_bias.to(scores.dtype)
 
     def _count_load(self, expert: torch.Tensor) -> None:
         """Add the chosen experts ``expert: LongTensor[...]`` to the counts (training only, no sync)."""
-        if self.balancing and self.training:
+        if self.balance_counts is not None and self.training:
             with torch.no_grad():
                 counts = count_per_expert(expert.reshape(-1), self.balance_counts.numel())
-                self.balance_counts.add_(counts.to(self.balance_counts.dtype))
+                self.balance_counts.add_(counts)
 
     def _apply_update(self, counts: torch.Tensor) -> None:
         """``b += u · sign(mean(counts) − counts)``, then reset the local counts."""
+        assert self.balance_bias is not None and self.balance_counts is not None
         with torch.no_grad():
-            self.balance_bias.add_(self.bias_update_rate * torch.sign(counts.mean() - counts))
+            load = counts.to(torch.float64)
+            self.balance_bias.add_(self.bias_update_rate * torch.sign(load.mean() - load).to(self.balance_bias.dtype))
             self.balance_counts.zero_()
 
 
@@ -79,7 +92,7 @@ def update_balance(model: nn.Module, group: dist.ProcessGroup | None = None) -> 
     found = balanced_gates(model)
     if not found:
         return 0
-    counts = [gate.balance_counts for gate in found]
+    counts = [cast(torch.Tensor, gate.balance_counts) for gate in found]
     if dist.is_available() and dist.is_initialized():
         flat = torch.cat(counts)  # one collective for every gate of the model
         dist.all_reduce(flat, group=group)

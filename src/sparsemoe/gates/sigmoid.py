@@ -91,7 +91,7 @@ class SigmoidGate(LossFreeBalance, Gate):
         self.num_groups, self.topk_groups = num_groups, topk_groups
         self.seq_balance_weight = seq_balance_weight
         self.proj = nn.Linear(d_in, num_experts, bias=False, device=device, dtype=dtype)
-        self._init_balance(num_experts, bias_update_rate, device)
+        self._init_balance(num_experts, bias_update_rate, device, keep_bias=True)
 
     def id_kind(self) -> IdKind | None:
         """``"sequence"`` when the sequence-wise balance loss is on (it reads the sequences), else ``None``."""

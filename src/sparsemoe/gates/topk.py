@@ -91,7 +91,7 @@ class TopKGate(LossFreeBalance, Gate):
     ) -> None:
         check_float("bias_update_rate", bias_update_rate, low=0.0)
         super().__init__(d_in, num_experts, k, check_finite=check_finite, dtype=dtype)
-        self._init_balance(num_experts, bias_update_rate, device)
+        self._init_balance(num_experts, bias_update_rate, device, keep_bias=False)
         self.noisy = bool(noisy)
         self.normalize = bool(normalize)
         self.balance_weight = check_float("balance_weight", balance_weight, low=0.0)
@@ -102,7 +102,7 @@ class TopKGate(LossFreeBalance, Gate):
             nn.init.zeros_(self.noise_proj.bias)
 
     def batch_key(self) -> Hashable:
-        return (self.noisy, self.balance_weight, self.normalize, self.balancing, self.proj.weight.dtype)
+        return (self.noisy, self.balance_weight, self.normalize, self.balance_bias is not None, self.proj.weight.dtype)
 
     def route(self, x: torch.Tensor, ids: torch.Tensor | None) -> Routing:
         return self.route_batch([self], x, ids)[0]
@@ -121,15 +121,16 @@ class TopKGate(LossFreeBalance, Gate):
         balance = first.balance_weight > 0 and first.training and rows > 0
         smooth_load = balance and noise_std is not None and k < n
         select = logits
-        if first.balancing:  # loss-free balancing: select by logits + b, weight by the logits
-            bias = torch.stack([g.balance_bias for g in topks]).to(logits.dtype)  # [G, n]
+        biased = first.balance_bias is not None
+        if biased:  # loss-free balancing: select by logits + b, weight by the logits
+            bias = torch.stack([cast(torch.Tensor, g.balance_bias) for g in topks]).to(logits.dtype)  # [G, n]
             select, clean = logits + bias, clean + bias
         # The smooth load needs the (k+1)-th value too: one topk serves both.
         top_values, top_idx = select.topk(k + 1 if smooth_load else k, dim=-1)  # [T, G, k(+1)]
         top_idx = top_idx[..., :k]
         for g, gate in enumerate(topks):
             gate._count_load(top_idx[:, g])
-        if first.balancing and first.normalize:
+        if biased and first.normalize:
             weights = torch.softmax(logits.gather(-1, top_idx), dim=-1)  # [T, G, k], unbiased
         elif first.normalize:
             weights = torch.softmax(top_values[..., :k], dim=-1)  # [T, G, k]
