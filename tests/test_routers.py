@@ -258,7 +258,7 @@ def test_sigmoid_gate_rejects_bad_options(options: dict, error: type, match: str
 
 
 def test_update_balance_rejects_a_non_module() -> None:
-    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+    with pytest.raises(TypeError, match=r"model must be a torch\.nn\.Module"):
         sparsemoe.update_balance("model")  # type: ignore[arg-type]
 
 
@@ -267,7 +267,9 @@ def test_update_balance_rejects_a_non_module() -> None:
 
 @pytest.mark.parametrize("shared_gate", [False, True])
 def test_shared_experts_add_to_the_routed_output(shared_gate: bool) -> None:
-    moe = MoE(D, 12, N, gate="sigmoid", k=2, expert="swiglu", shared_experts=2, shared_hidden=5, shared_gate=shared_gate)
+    moe = MoE(
+        D, 12, N, gate="sigmoid", k=2, expert="swiglu", shared_experts=2, shared_hidden=5, shared_gate=shared_gate
+    )
     assert moe.shared_expert.d_hidden == 10  # two experts of width 5, stored as one MLP of width 10
     x = torch.randn(3, 4, D)
     y = moe(x)
