@@ -379,3 +379,25 @@ def test_compiled_forward_counts_loads_like_eager() -> None:
     compiled(x)
     compiled(x)
     assert moe.gate.balance_counts.tolist() == (2 * moe.last_routing.load()).tolist()
+
+
+def test_topk_z_loss_is_the_st_moe_formula() -> None:
+    gate = TopKGate(D, N, k=2, noisy=False, balance_weight=0.0, z_loss_weight=0.5, dtype=torch.float64).train()
+    x = torch.randn(10, D, dtype=torch.float64)
+    r = gate(x)
+    assert set(r.aux_losses) == {"z_loss"}
+    torch.testing.assert_close(r.aux_losses["z_loss"], 0.5 * torch.logsumexp(gate.proj(x), -1).pow(2).mean())
+    assert "z_loss" not in TopKGate(D, N, k=2).train()(x.float()).aux_losses  # off by default
+
+
+def test_batched_topk_gates_keep_their_own_biases() -> None:
+    layer = sparsemoe.MultiTaskMoE(D, 4, N, 3, gate="topk", k=2, noisy=False, bias_update_rate=1e-3).eval()
+    with torch.no_grad():
+        for gate in layer.gates:
+            gate.balance_bias.normal_(0, 1.0)
+    x = torch.randn(15, D)
+    batched = gates.route_tasks(list(layer.gates), x, None)
+    for gate, routing in zip(layer.gates, batched, strict=True):
+        alone = gate.route(x, None)
+        assert torch.equal(routing.expert, alone.expert)
+        torch.testing.assert_close(routing.weight, alone.weight)
