@@ -356,10 +356,40 @@ def _balance_worker(rank: int, port: int, out: str) -> None:
     for gate in model:
         gate(_rows(rows))
     updated = sparsemoe.update_balance(model)
-    Path(out, f"rank{rank}.json").write_text(
-        json.dumps({"updated": updated, "bias": [g.balance_bias.tolist() for g in model]})
-    )
+    result = {"updated": updated, "bias": [g.balance_bias.tolist() for g in model], "expert_parallel": "ok"}
+    try:
+        _check_expert_parallel(rank)
+    except Exception as error:  # reported by the test; the other rank must not wait on this one
+        result["expert_parallel"] = repr(error)
+    Path(out, f"rank{rank}.json").write_text(json.dumps(result))
     dist.destroy_process_group()
+
+
+def _check_expert_parallel(rank: int) -> None:
+    """Sigmoid gate + gated shared expert, experts sharded over 2 ranks: the unsharded layer's output and input
+    gradient on this rank's tokens, and a bias that stays identical over the ranks after update_balance."""
+    from sparsemoe.distributed import expert_parallel
+
+    torch.manual_seed(0)  # the same layer on every rank
+    moe = MoE(6, 8, 4, gate="sigmoid", k=2, shared_experts=1, shared_gate=True, dtype=torch.float64)
+    ref = MoE(6, 8, 4, gate="sigmoid", k=2, shared_experts=1, shared_gate=True, dtype=torch.float64)
+    ref.load_state_dict(moe.state_dict())
+    layer = expert_parallel(moe)
+    x = torch.randn(5 + 2 * rank, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(rank))
+    outputs = []
+    for module in (layer, ref):
+        xi = x.clone().requires_grad_(True)
+        y = module(xi)
+        y.pow(2).sum().backward()
+        outputs.append((y.detach(), xi.grad))
+    sparsemoe.update_balance(layer)  # collective
+    bias = layer.gate.balance_bias.clone()
+    everyone = [torch.zeros_like(bias) for _ in range(2)]
+    dist.all_gather(everyone, bias)
+    (y, gx), (y_ref, gx_ref) = outputs
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(gx, gx_ref)
+    assert torch.equal(everyone[0], everyone[1]) and bias.abs().sum() > 0
 
 
 def test_update_balance_all_reduces_the_counts_over_ranks(tmp_path: Path) -> None:
@@ -367,6 +397,7 @@ def test_update_balance_all_reduces_the_counts_over_ranks(tmp_path: Path) -> Non
     found = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert found[0] == found[1]  # every rank holds the same bias
     assert found[0]["updated"] == 2
+    assert found[0]["expert_parallel"] == "ok", found[0]["expert_parallel"]
     for bias, rate in zip(found[0]["bias"], (0.1, 0.2), strict=True):
         assert bias == pytest.approx([-rate, rate, rate, rate])
 
