@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 import sparsemoe
 from sparsemoe import MoE, gates
 from sparsemoe.gates import SigmoidGate, TopKGate
-from sparsemoe.routing import Routing
+from sparsemoe.routing import Routing, max_violation
 
 D, N = 8, 8
 
@@ -328,6 +328,8 @@ def test_routing_stats_report_max_violation_dead_experts_and_entropy() -> None:
     stats = Routing(token, expert, weight, num_experts=4, num_inputs=4).stats()
     assert stats.load == [4, 1, 1, 0] and stats.dead_experts == 1
     assert stats.max_violation == pytest.approx(4 / 1.5 - 1)  # mean load 6/4
+    assert max_violation([3, 3, 3]) == 0.0 and max_violation([0, 0]) == 0.0
+    assert max_violation([4, 1, 1, 0]) + 1 == pytest.approx(4 / 1.5)
     per_input = [math.log(2), 0.0, 0.0, -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))]
     assert stats.router_entropy == pytest.approx(sum(per_input) / 4)
     moe = MoE(D, 12, N, gate="sigmoid", k=2)

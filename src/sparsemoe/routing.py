@@ -72,6 +72,15 @@ def _cached_pair_grid(num_inputs: int, per_input: int, device: torch.device) -> 
         return _build_pair_grid(num_inputs, per_input, device)
 
 
+def max_violation(load: Sequence[int]) -> float:
+    """MaxVio (Wang et al. 2024): ``max_i load_i / mean load − 1``; 0 when balanced or empty.
+
+    Per batch in :meth:`Routing.stats`; over a window, pass the loads summed over its batches.
+    """
+    total = sum(load)
+    return max(load) * len(load) / total - 1.0 if total else 0.0
+
+
 @dataclass(frozen=True)
 class RoutingStats:
     """Summary of one routing decision, cheap enough to log every step (one host sync)."""
@@ -298,13 +307,12 @@ class Routing:
         # one transfer for every number (float64 holds the counts exactly)
         values = torch.cat([load.to(torch.float64), self.weight_entropy().to(torch.float64).reshape(1)]).tolist()
         counts, entropy = [int(c) for c in values[:-1]], values[-1]
-        mean = self.num_pairs / self.num_experts
         return RoutingStats(
             load=counts,
             active_per_input=self.num_pairs / max(self.num_inputs, 1),
             dropped_fraction=self.dropped_fraction,
             num_inputs=self.num_inputs,
-            max_violation=max(counts) / mean - 1.0 if self.num_pairs else 0.0,
+            max_violation=max_violation(counts),
             dead_experts=sum(c == 0 for c in counts),
             router_entropy=entropy,
         )
