@@ -18,13 +18,14 @@ NORMALISED_GATES = (
     "random",
     "dselect_k",
     "comet",
+    "sigmoid",
     "fixed",
     "mean",
     "sentence_draw",
     "token_draw",
 )
 # Gates whose k bounds the experts per input exactly (DSelect-k/COMET only once saturated).
-EXACT_K_GATES = ("topk", "hash", "random", "token_draw")
+EXACT_K_GATES = ("topk", "hash", "random", "sigmoid", "token_draw")
 
 # The tests run tiny models: extra intra-op threads only add overhead (and thrash on a shared CPU).
 torch.set_num_threads(1)

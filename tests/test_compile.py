@@ -20,6 +20,7 @@ GATES = {
     "switch": {},
     "hash": {"k": 2},
     "random": {"k": 2},
+    "sigmoid": {"k": 2, "num_groups": 2, "topk_groups": 1},  # counts loads in a buffer while training
 }
 
 

@@ -412,6 +412,7 @@ def _routing_and_grads(gs: list[gates.Gate], routings: list, upstream: list[torc
         ("topk", {}),
         ("topk", {"noisy": False}),
         ("topk", {"noisy": False, "balance_weight": 0.0}),
+        ("topk", {"z_loss_weight": 1e-3, "bias_update_rate": 1e-3}),
     ],
 )
 def test_batched_task_gates_match_routing_one_by_one(name: str, options: dict, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -493,9 +494,14 @@ def test_repr_names_the_sizes(gate_name: str) -> None:
 # ------------------------------------------------------------------ traits
 
 
+# Losses off by default (weight 0), switched on for the trait test.
+LOSSES_ON = {"sigmoid": {"seq_balance_weight": 1e-4}, "topk": {"z_loss_weight": 1e-3}}
+
+
 def test_aux_loss_trait_names_what_training_routings_hold(gate_name: str) -> None:
     """The ``aux_losses`` trait (and so the README's table) lists exactly the losses a gate emits."""
-    _, r = route(gate_name, torch.randn(T, D), train=True)
+    gate = gates.build(gate_name, D, N, **gate_kwargs(gate_name, N), **LOSSES_ON.get(gate_name, {})).train()
+    r = gate(torch.randn(T, D))
     assert set(r.aux_losses) == set(gates.aux_loss_names(gate_name))
     _, r = route(gate_name, torch.randn(T, D), train=False)
     assert set(r.aux_losses) <= set(gates.aux_loss_names(gate_name))

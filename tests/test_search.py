@@ -186,7 +186,7 @@ def test_local_search_off_leaves_the_layer_unchanged(gate: str) -> None:
         assert torch.equal(ya, yb)
 
 
-@pytest.mark.parametrize("gate", ["topk+", "hash+", "dselect_k+", "comet+", "softmax+"])
+@pytest.mark.parametrize("gate", ["topk+", "hash+", "dselect_k+", "comet+", "softmax+", "sigmoid+"])
 def test_plus_gate_names_switch_local_search_on(gate: str) -> None:
     kwargs = {} if gate == "softmax+" else {"k": 2}
     moe = sparsemoe.MultiTaskMoE(6, 4, 8, 2, gate=gate, local_search_steps=2, **kwargs)

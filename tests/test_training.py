@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import itertools
 import json
 import re
 from pathlib import Path
@@ -421,3 +422,24 @@ def test_a_trainer_runs_once() -> None:
     assert trainer.run().steps == 2
     with pytest.raises(RuntimeError, match="a Trainer runs once"):
         trainer.run()
+
+
+def test_the_loop_updates_loss_free_balancing_biases_after_each_optimizer_step() -> None:
+    """Once per optimizer step, over the loads of all its micro-batches (none for a skipped step)."""
+    torch.manual_seed(0)
+    moe = MoE(6, 8, 4, gate="sigmoid", k=1, bias_update_rate=0.1)
+    x = torch.randn(32, 6)
+    seen: list[torch.Tensor] = []
+
+    class Probe(Callback):
+        def after_optimizer_step(self, trainer: Trainer) -> None:
+            seen.append(moe.gate.balance_bias.clone())
+            assert int(moe.gate.balance_counts.sum()) == 0  # counted loads were spent on this update
+
+    config = TrainConfig(steps=3, lr=0.01, batch_size=8, accumulate=2)
+    train(moe, lambda r: moe(x[r]).pow(2).mean(), RandomBatches(len(x), 4, 0), config, callbacks=[Probe()])
+    assert len(seen) == 3
+    # each update moves every expert's bias by exactly ±u or 0 (the sign rule), and the first one moves some
+    steps = torch.stack([seen[0], *(b - a for a, b in itertools.pairwise(seen))])
+    assert torch.isin(steps.round(decimals=6), torch.tensor([-0.1, 0.0, 0.1])).all()
+    assert seen[0].abs().sum() > 0

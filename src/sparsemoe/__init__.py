@@ -13,7 +13,7 @@ from . import dispatch, gates, kernels, training
 from .checkpoint import load_checkpoint, save_checkpoint
 from .dispatch import reference_dispatch
 from .experts import ExpertBank, ModuleExperts, StackedExperts
-from .gates import GateSpec
+from .gates import GateSpec, update_balance
 from .hf import moefy
 from .layers import MoE, MoELayer, MultiTaskMoE, aux_loss, routing_stats
 from .routing import Routing, RoutingStats
@@ -42,4 +42,5 @@ __all__ = [
     "routing_stats",
     "save_checkpoint",
     "training",
+    "update_balance",
 ]

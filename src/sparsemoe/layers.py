@@ -224,6 +224,13 @@ class MoE(MoELayer):
         local_search_steps: training forwards before the permutation is hardened and frozen.
         device, dtype: factory arguments, as for ``torch.nn.Linear``.
         router_dtype: dtype of the gate (default: float32 when ``dtype`` is bf16/fp16, else ``dtype``).
+        shared_experts: experts computed for every input besides the routed ones (DeepSeek-MoE,
+            Qwen2-MoE), added to the routed output. ``s`` shared experts of width ``h`` are stored
+            as one dense expert of width ``s·h`` (the same function as their sum, as DeepSeek-V3
+            stores them) in ``shared_expert``, computed as one dense MLP (not fused into the routed
+            experts' grouped matmul). Needs ``expert`` to be ``"mlp"`` or ``"swiglu"``.
+        shared_hidden: hidden width ``h`` of each shared expert (default ``d_hidden``).
+        shared_gate: scale the shared output by ``sigmoid(x · w)`` (Qwen2-MoE; ``shared_expert_gate``).
         **gate_options: passed to the gate (``gamma=``, ``entropy_weight=``, ``noisy=``, ...).
 
     Shape:
@@ -253,12 +260,16 @@ class MoE(MoELayer):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         router_dtype: torch.dtype | None = None,
+        shared_experts: int = 0,
+        shared_hidden: int | None = None,
+        shared_gate: bool = False,
         **gate_options: Any,
     ) -> None:
         super().__init__()
         self.d_model = self.d_in = self.d_gate = check_int("d_model", d_model, low=1)
         num_experts = check_int("num_experts", num_experts, low=1)
         local_search_steps, capacity_limit = _routing_args(local_search_steps, capacity_limit)
+        shared_width = _shared_width(shared_experts, shared_hidden, shared_gate, d_hidden, expert)
         self.router_dtype = resolve_router_dtype(dtype, router_dtype)
         self.gate, search = _build_gate(
             gate,
@@ -269,10 +280,28 @@ class MoE(MoELayer):
             local_search,
         )
         self.experts = _make_experts(expert, num_experts, d_model, d_hidden, d_model, activation, bias, device, dtype)
+        self.shared_expert: StackedExperts | None = None
+        self.shared_expert_gate: nn.Linear | None = None
+        if shared_width:
+            kind = cast(str, expert)  # checked by _shared_width
+            self.shared_expert = StackedExperts(
+                1, d_model, shared_width, d_model, kind=kind, activation=activation, bias=bias, device=device,
+                dtype=dtype,
+            )  # fmt: skip
+            if shared_gate:
+                self.shared_expert_gate = nn.Linear(d_model, 1, bias=False, device=device, dtype=dtype)
         self._init_routing(num_experts, search, local_search_steps, capacity_limit, check_finite, device)
 
     def task_gates(self) -> Sequence[Gate]:
         return (self.gate,)
+
+    def shared_output(self, rows: torch.Tensor) -> torch.Tensor:
+        """``[T, d_model]``: the shared experts on every row ``rows: [T, d_model]`` (gated if ``shared_gate``)."""
+        assert self.shared_expert is not None
+        y = self.shared_expert.forward_expert(0, rows)
+        if self.shared_expert_gate is not None:
+            y = torch.sigmoid(self.shared_expert_gate(rows)) * y
+        return y
 
     @property
     def last_routing(self) -> Routing | None:
@@ -287,6 +316,8 @@ class MoE(MoELayer):
         leading, rows, gate_rows, flat_ids = self._flatten(x, None, ids)
         routing = self.route(gate_rows, flat_ids)
         y = dispatch(rows, routing, self.experts)  # [T, *out]
+        if self.shared_expert is not None:
+            y = y + self.shared_output(rows)
         return y.view(*leading, *y.shape[1:])
 
     def routing_stats(self) -> dict[str, float | list[int]]:
@@ -400,6 +431,28 @@ class MultiTaskMoE(MoELayer):
     def routing_stats(self) -> list[dict[str, float | list[int]]]:
         """Per task: load per expert, mean active experts per input, dropped fraction."""
         return self._stats()
+
+
+def _shared_width(
+    shared_experts: object, shared_hidden: object, shared_gate: object, d_hidden: int | None, expert: object
+) -> int:
+    """Hidden width of the one dense MLP holding the shared experts (0: none), checked before anything is built."""
+    count = check_int("shared_experts", shared_experts, low=0)
+    if not isinstance(shared_gate, bool):
+        raise TypeError(f"shared_gate must be True or False, got {type(shared_gate).__name__}")
+    if count == 0:
+        if shared_hidden is not None or shared_gate:
+            raise ValueError("shared_hidden= and shared_gate= need shared_experts >= 1 (the number of shared experts)")
+        return 0
+    if expert not in ("mlp", "swiglu"):
+        raise ValueError(
+            f"shared_experts needs expert='mlp' or 'swiglu' (got {expert!r}): shared experts are stored as one "
+            "MLP of their total width"
+        )
+    width = shared_hidden if shared_hidden is not None else d_hidden
+    if width is None:
+        raise ValueError("shared_experts needs a width: pass shared_hidden= or d_hidden=")
+    return count * check_int("shared_hidden", width, low=1)
 
 
 def _task_gates_from(gate: object, num_tasks: int) -> list[Gate]:

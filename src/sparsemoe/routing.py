@@ -75,14 +75,26 @@ def _cached_pair_grid(num_inputs: int, per_input: int, device: torch.device) -> 
         return _build_pair_grid(num_inputs, per_input, device)
 
 
+def max_violation(load: Sequence[int]) -> float:
+    """MaxVio (Wang et al. 2024): ``max_i load_i / mean load − 1``; 0 when balanced or empty.
+
+    Per batch in :meth:`Routing.stats`; over a window, pass the loads summed over its batches.
+    """
+    total = sum(load)
+    return max(load) * len(load) / total - 1.0 if total else 0.0
+
+
 @dataclass(frozen=True)
 class RoutingStats:
-    """Summary of one routing decision, cheap enough to log every step."""
+    """Summary of one routing decision, cheap enough to log every step (one host sync)."""
 
     load: list[int]  # pairs per expert
     active_per_input: float  # mean number of experts computed per input row
     dropped_fraction: float  # pairs removed by a capacity limit
     num_inputs: int
+    max_violation: float = 0.0  # MaxVio: max_i load_i / mean load - 1 (0: perfectly balanced)
+    dead_experts: int = 0  # experts that received no input
+    router_entropy: float = 0.0  # mean over inputs of the entropy (nats) of its normalised weights
 
     def as_dict(self) -> dict[str, float | list[int]]:
         return {
@@ -90,6 +102,9 @@ class RoutingStats:
             "active_per_input": self.active_per_input,
             "dropped_fraction": self.dropped_fraction,
             "num_inputs": self.num_inputs,
+            "max_violation": self.max_violation,
+            "dead_experts": self.dead_experts,
+            "router_entropy": self.router_entropy,
         }
 
 
@@ -278,12 +293,31 @@ class Routing:
         """Sum of the auxiliary losses (a zero scalar if there are none)."""
         return total_aux_loss([self])
 
+    def weight_entropy(self) -> torch.Tensor:
+        """Scalar: mean over inputs (with pairs) of the entropy, in nats, of their weights normalised to sum 1.
+
+        0 for one expert per input; ``log k`` for ``k`` equal weights. Detached (a statistic).
+        """
+        w = self.weight.detach().float().clamp_min(0)
+        total = w.new_zeros(self.num_inputs).index_add(0, self.token, w)  # [T]
+        p = w / total[self.token].clamp_min(torch.finfo(w.dtype).tiny)  # [N]
+        per_input = w.new_zeros(self.num_inputs).index_add(0, self.token, -torch.special.xlogy(p, p))  # [T]
+        routed = (total > 0).to(w.dtype)
+        return (per_input * routed).sum() / routed.sum().clamp_min(1)
+
     def stats(self) -> RoutingStats:
+        load = self.load()  # [n]
+        # one transfer for every number (float64 holds the counts exactly)
+        values = torch.cat([load.to(torch.float64), self.weight_entropy().to(torch.float64).reshape(1)]).tolist()
+        counts, entropy = [int(c) for c in values[:-1]], values[-1]
         return RoutingStats(
-            load=self.load().tolist(),
+            load=counts,
             active_per_input=self.num_pairs / max(self.num_inputs, 1),
             dropped_fraction=self.dropped_fraction,
             num_inputs=self.num_inputs,
+            max_violation=max_violation(counts),
+            dead_experts=sum(c == 0 for c in counts),
+            router_entropy=entropy,
         )
 
 

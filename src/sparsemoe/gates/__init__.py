@@ -17,12 +17,14 @@ from types import MappingProxyType
 from typing import Any
 
 from .._validation import check_int
+from .balance import LossFreeBalance, update_balance
 from .base import Gate, IdKind, KPolicy, Sparsity, route_tasks
 from .comet import CometGate
 from .dselect_k import DSelectKGate
 from .expert_choice import ExpertChoiceGate
 from .hash import HashGate
 from .random import RandomGate
+from .sigmoid import SigmoidGate
 from .smooth_step import smooth_step
 from .softmax import SoftmaxGate
 from .table import render_table
@@ -218,6 +220,7 @@ for _name, _cls in {
     "mean": MeanGate,
     "sentence_draw": SentenceDrawGate,
     "token_draw": TokenDrawGate,
+    "sigmoid": SigmoidGate,
 }.items():
     register(_name, _cls)
 
@@ -232,9 +235,11 @@ __all__ = [
     "HashGate",
     "IdKind",
     "KPolicy",
+    "LossFreeBalance",
     "MeanGate",
     "RandomGate",
     "SentenceDrawGate",
+    "SigmoidGate",
     "SoftmaxGate",
     "Sparsity",
     "SwitchGate",
@@ -256,5 +261,6 @@ __all__ = [
     "sparsity",
     "takes_k",
     "trainable",
+    "update_balance",
     "uses_ids",
 ]

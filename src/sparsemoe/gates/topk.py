@@ -12,6 +12,7 @@ from torch import nn
 
 from .._validation import check_float
 from ..routing import Routing, count_per_expert
+from .balance import LossFreeBalance
 from .base import Gate, linear_batch
 
 
@@ -31,6 +32,15 @@ def _cv_squared(v: torch.Tensor) -> torch.Tensor:
     return var / (mean**2 + 1e-10)
 
 
+def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
+    """``mean over rows of logsumexp(logits)²`` along the last dimension (Zoph et al. 2022, ST-MoE).
+
+    Keeps router logits small, so the softmax stays out of the range where bf16/fp32 rounding flips
+    choices. ``logits: [T, ..., n]`` gives ``[...]`` (one loss per gate of a batched call).
+    """
+    return torch.logsumexp(logits, dim=-1).pow(2).mean(0)
+
+
 def _smooth_load(
     clean: torch.Tensor, noisy: torch.Tensor, noise_std: torch.Tensor, top_kp1: torch.Tensor, k: int
 ) -> torch.Tensor:
@@ -46,14 +56,15 @@ def _smooth_load(
     return torch.special.ndtr((clean - threshold) / noise_std).sum(0)
 
 
-class TopKGate(Gate):
+class TopKGate(LossFreeBalance, Gate):
     """Noisy top-k gating (Shazeer et al., 2017).
 
     ``h = W x + b (+ ε · softplus(W_noise x) while training)``; keep the ``k`` largest and softmax
     over them (``normalize=True``, the paper's form), or weight each chosen expert by its softmax
     probability over all ``n`` (``normalize=False``, Switch-style). The balance loss (``aux_losses["load_balance"]``) is
     ``balance_weight · (CV²(importance) + CV²(load))``, with the smooth load estimator when noise is
-    on (importance only otherwise); CV² uses the population variance.
+    on (importance only otherwise); CV² uses the population variance. The router z-loss
+    ``z_loss_weight · mean logsumexp(W x + b)²`` (``aux_losses["z_loss"]``) is off by default.
 
     Args:
         k: experts per input.
@@ -63,9 +74,18 @@ class TopKGate(Gate):
             is always exactly 1, so the task loss gives the router no gradient at all (only the
             balance loss trains it): pass ``normalize=False`` there, which keeps the chosen
             experts' probabilities over all ``n`` experts (as Switch does) and so their gradient.
+        z_loss_weight: weight of the router z-loss (ST-MoE uses 1e-3); 0 is off.
+        bias_update_rate: loss-free balancing (Wang et al. 2024, see :mod:`sparsemoe.gates.balance`):
+            select by ``logits + b`` but weight by the unbiased logits, ``b`` moved by
+            :func:`sparsemoe.update_balance`; 0 (the default) is off.
     """
 
-    aux_losses = MappingProxyType({"load_balance": "CV² of importance and load, times `balance_weight`"})
+    aux_losses = MappingProxyType(
+        {
+            "load_balance": "CV² of importance and load, times `balance_weight`",
+            "z_loss": "β · mean logsumexp(Wx+b)², with `z_loss_weight=` > 0",
+        }
+    )
     summary = (
         "noisy top-k (Shazeer et al. 2017); `noisy=`, `balance_weight=` switch noise/loss off; "
         "`normalize=False`: Switch-style weights (a router gradient at k=1)"
@@ -80,14 +100,20 @@ class TopKGate(Gate):
         noisy: bool = True,
         balance_weight: float = 1e-2,
         normalize: bool = True,
+        z_loss_weight: float = 0.0,
+        bias_update_rate: float = 0.0,
         check_finite: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
+        check_float("bias_update_rate", bias_update_rate, low=0.0)
+        z_loss_weight = check_float("z_loss_weight", z_loss_weight, low=0.0)
         super().__init__(d_in, num_experts, k, check_finite=check_finite, dtype=dtype)
+        self._init_balance(num_experts, bias_update_rate, device, keep_bias=False)
         self.noisy = bool(noisy)
         self.normalize = bool(normalize)
         self.balance_weight = check_float("balance_weight", balance_weight, low=0.0)
+        self.z_loss_weight = z_loss_weight
         self.proj = nn.Linear(d_in, num_experts, device=device, dtype=dtype)
         self.noise_proj = nn.Linear(d_in, num_experts, device=device, dtype=dtype) if self.noisy else None
         if self.noise_proj is not None:
@@ -95,7 +121,8 @@ class TopKGate(Gate):
             nn.init.zeros_(self.noise_proj.bias)
 
     def batch_key(self) -> Hashable:
-        return (self.noisy, self.balance_weight, self.normalize, self.proj.weight.dtype)
+        biased = self.balance_bias is not None
+        return (self.noisy, self.balance_weight, self.z_loss_weight, self.normalize, biased, self.proj.weight.dtype)
 
     def route(self, x: torch.Tensor, ids: torch.Tensor | None) -> Routing:
         return self.route_batch([self], x, ids)[0]
@@ -113,12 +140,24 @@ class TopKGate(Gate):
             logits = clean + torch.randn_like(clean) * noise_std
         balance = first.balance_weight > 0 and first.training and rows > 0
         smooth_load = balance and noise_std is not None and k < n
+        z_loss = None
+        if first.z_loss_weight > 0 and first.training and rows > 0:
+            z_loss = first.z_loss_weight * router_z_loss(clean)  # [G]
+        select = logits
+        biased = first.balance_bias is not None
+        if biased:  # loss-free balancing: select by logits + b, weight by the logits
+            bias = torch.stack([cast(torch.Tensor, g.balance_bias) for g in topks]).to(logits.dtype)  # [G, n]
+            select, clean = logits + bias, clean + bias
         # The smooth load needs the (k+1)-th value too: one topk serves both.
-        top_values, top_idx = logits.topk(k + 1 if smooth_load else k, dim=-1)  # [T, G, k(+1)]
+        top_values, top_idx = select.topk(k + 1 if smooth_load else k, dim=-1)  # [T, G, k(+1)]
         top_idx = top_idx[..., :k]
-        if first.normalize:
+        for g, gate in enumerate(topks):
+            gate._count_load(top_idx[:, g])
+        if biased and first.normalize:
+            weights = torch.softmax(logits.gather(-1, top_idx), dim=-1)  # [T, G, k], unbiased
+        elif first.normalize:
             weights = torch.softmax(top_values[..., :k], dim=-1)  # [T, G, k]
-        else:  # each chosen expert's probability over all n (softmax is monotone: the same top k)
+        else:  # each chosen expert's (unbiased) probability over all n
             weights = torch.softmax(logits, dim=-1).gather(-1, top_idx)  # [T, G, k]
         aux: list[dict[str, torch.Tensor]] = [{} for _ in topks]
         if balance:
@@ -128,17 +167,19 @@ class TopKGate(Gate):
             importance = importance.view(num_gates, n)
             if smooth_load:
                 assert noise_std is not None
-                load = _smooth_load(clean, logits, noise_std, top_values, k)  # [G, n]
+                load = _smooth_load(clean, select, noise_std, top_values, k)  # [G, n]
                 penalty = _cv_squared(torch.stack([importance, load], dim=1)).sum(-1)  # [G]
             else:
                 penalty = _cv_squared(importance)
             aux = [{"load_balance": first.balance_weight * p} for p in penalty.unbind(0)]
+        if z_loss is not None:
+            aux = [{**losses, "z_loss": z} for losses, z in zip(aux, z_loss.unbind(0), strict=True)]
         return [Routing.from_topk(top_idx[:, g], weights[:, g], n, aux_losses=aux[g]) for g in range(num_gates)]
 
     def extra_repr(self) -> str:
         return (
             f"{super().extra_repr()}, noisy={self.noisy}, balance_weight={self.balance_weight}, "
-            f"normalize={self.normalize}"
+            f"normalize={self.normalize}, z_loss_weight={self.z_loss_weight}, bias_update_rate={self.bias_update_rate}"
         )
 
 
@@ -189,7 +230,7 @@ class SwitchGate(Gate):
         if x.shape[0] > 0:
             routed_fraction = count_per_expert(expert, self.num_experts).to(probs.dtype) / x.shape[0]
             aux["load_balance"] = self.balance_weight * self.num_experts * (routed_fraction * probs.mean(0)).sum()
-            aux["z_loss"] = self.z_loss_weight * torch.logsumexp(logits, dim=-1).pow(2).mean()
+            aux["z_loss"] = self.z_loss_weight * router_z_loss(logits)
         return Routing.from_topk(expert[:, None], weight[:, None], self.num_experts, aux_losses=aux)
 
     def extra_repr(self) -> str:

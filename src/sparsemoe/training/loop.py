@@ -9,8 +9,8 @@ evaluation callable and a :class:`~sparsemoe.training.TrainConfig`. One step:
    before its backward pass;
 2. backward, then the gradients (or their clipped norm) are checked: the NaN/inf policy acts
    *before* the optimiser step, so a bad step never reaches the weights;
-3. optimiser step, scheduler step, ``after_optimizer_step`` callbacks (bias updates of loss-free
-   balancing go here), ``on_step_end`` callbacks;
+3. optimiser step, scheduler step, the loss-free balancing bias update of every gate that has one
+   (:func:`sparsemoe.update_balance`), ``after_optimizer_step`` callbacks, ``on_step_end`` callbacks;
 4. evaluation when due (every ``eval_every`` steps, or at each epoch's end), best-by-metric
    selection, early stopping; a checkpoint when due.
 
@@ -37,6 +37,7 @@ from torch import nn
 
 from .._validation import check_int
 from ..checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+from ..gates import update_balance
 from .callbacks import Callback
 from .config import SchedulerFactory, TrainConfig
 from .data import Batches, RandomBatches
@@ -317,6 +318,7 @@ class Trainer:
             self.optimizer.step()
             if self.scheduler is not None:
                 self.scheduler.step()
+            update_balance(self.model)
             for c in self.callbacks:
                 c.after_optimizer_step(self)
             self._window["loss"] = self._window.get("loss", 0.0) + value
