@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 
 from sparsemoe.experiments import comet_movielens, comet_multimnist, comet_tuning
 
-pytestmark = pytest.mark.skipif(
-    not os.environ.get("SPARSEMOE_DATA_DIR"),
-    reason="SPARSEMOE_DATA_DIR is not set (export SPARSEMOE_DATA_DIR=../shared/data to run the experiment smoke tests)",
-)
+from conftest import needs_data
+
+pytestmark = needs_data("movielens-100k", "mnist-5k")
 
 
 def _results(folder) -> dict:

@@ -19,6 +19,8 @@ from sparsemoe.hf.io import load_moefied, save_moefied  # noqa: E402
 from sparsemoe.hf.train import Encoded, TrainConfig, collate, hidden_mse, symmetric_kl, train  # noqa: E402
 from sparsemoe.layers import MoE  # noqa: E402
 
+from conftest import needs_data  # noqa: E402
+
 
 def moe_layers(model: torch.nn.Module) -> list[MoE]:
     return [m for m in model.modules() if isinstance(m, MoE)]
@@ -294,6 +296,7 @@ def test_predict_prints_label_and_probability(tmp_path, pretrained, capsys) -> N
 
 
 # ------------------------------------------------------------------------------------------- experiment
+@needs_data("sst2")
 def test_moebert_sst2_quick_writes_the_summary_and_resumes(tmp_path) -> None:
     import json
 

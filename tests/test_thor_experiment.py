@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -11,10 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-pytestmark = pytest.mark.skipif(
-    not os.environ.get("SPARSEMOE_DATA_DIR"),
-    reason="SPARSEMOE_DATA_DIR is not set (export SPARSEMOE_DATA_DIR=../shared/data to run the experiment smoke tests)",
-)
+from conftest import needs_data
+
+pytestmark = needs_data("multi30k")
 
 
 @pytest.fixture(autouse=True)

@@ -28,7 +28,7 @@ import numpy as np
 
 from . import comet_movielens
 from .progress import console, progress
-from .report import markdown_table
+from .report import markdown_table, pyplot, save_figure
 from .store import write_json
 from .tuning import command_line, run_gate_study, storage_url
 
@@ -312,10 +312,7 @@ def render(results: dict[str, Any], checkpoints: list[int]) -> str:
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(len(SCORES), len(PAIRS), figsize=(11, 3.4 * len(SCORES)), squeeze=False)
     budgets = np.arange(1, results["trials_per_gate"] + 1)
@@ -337,5 +334,4 @@ def plot(results: dict[str, Any], path: Path) -> None:
         fontsize=9,
     )
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)

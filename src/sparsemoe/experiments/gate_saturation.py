@@ -23,7 +23,7 @@ from torch import nn
 
 from ..layers import MoE
 from .progress import console, progress
-from .report import markdown_table, mean_std
+from .report import markdown_table, mean_std, pyplot, save_figure
 from .store import RunStore, write_json
 
 NAME = "gate-saturation"
@@ -231,10 +231,7 @@ def render(results: dict[str, Any]) -> str:
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     cfg = results["config"]
     gates = cfg["gates"]
@@ -257,5 +254,4 @@ def plot(results: dict[str, Any], path: Path) -> None:
         ax.set_title(f"{gate}{quick}: one line per seed", fontsize=10)
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)

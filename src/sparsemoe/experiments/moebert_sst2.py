@@ -20,7 +20,6 @@ sittings. The full GLUE recipe (epochs over all 67k sentences, 3 to 25 epochs) i
 from __future__ import annotations
 
 import copy
-import csv
 import math
 import statistics
 import time
@@ -32,13 +31,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..data import sst2
 from ..hf.convert import moefy
 from ..hf.importance import ffn_importance
 from ..hf.io import load_moefied, save_moefied
 from ..hf.train import Encoded, TrainConfig, accuracy, eval_batches, train
 from ..layers import moe_layers
 from .progress import progress
-from .store import RunStore, data_dir, write_json
+from .report import fmt_value, markdown_table, mean_std, pyplot, save_figure
+from .store import RunStore, write_json
 
 NAME = "moebert-sst2"
 LABELS = {0: "negative", 1: "positive"}
@@ -131,12 +132,10 @@ def pretrained_path() -> Path:
 
 
 def read_split(path: Path, tokenizer: Any, max_length: int, rows: int | None = None) -> Encoded:
-    """``sentence<TAB>label`` with a header, tokenised (truncated to ``max_length``, unpadded)."""
-    with path.open(newline="") as f:
-        lines = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))[1:]
-    lines = lines[:rows] if rows else lines
-    ids = tokenizer([s.strip() for s, _ in lines], truncation=True, max_length=max_length)["input_ids"]
-    return Encoded(ids, [int(label) for _, label in lines])
+    """An SST-2 file (:func:`sparsemoe.data.sst2.read_tsv`) tokenised (truncated to ``max_length``, unpadded)."""
+    sentences, labels = sst2.read_tsv(path, rows)
+    ids = tokenizer(sentences, truncation=True, max_length=max_length)["input_ids"]
+    return Encoded(ids, labels)
 
 
 def _quick(config: Config) -> Config:
@@ -240,15 +239,15 @@ def run(config: Config) -> dict[str, Any]:
 
     config = _quick(config)
     out = config.out
+    paths = {split: sst2.split_path(split) for split in sst2.SPLITS}  # the data check: before anything is written
+    source = pretrained_path()
     store = RunStore(out, asdict(config), selection=("quick", "out", "seeds", "gates", "throughput_rounds"))
     models_dir, ckpt_dir = out / "models", out / "ckpt"
-    source = pretrained_path()
     tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
-    sst2 = data_dir("sst2")
     rows = QUICK_ROWS if config.quick else {}
-    train_set = read_split(sst2 / "train.tsv", tokenizer, config.max_length, rows.get("train"))
-    dev_set = read_split(sst2 / "dev.tsv", tokenizer, config.max_length, config.dev_rows + config.importance_rows)
-    test_set = read_split(sst2 / "test.tsv", tokenizer, config.max_length, rows.get("test"))
+    train_set = read_split(paths["train"], tokenizer, config.max_length, rows.get("train"))
+    dev_set = read_split(paths["dev"], tokenizer, config.max_length, config.dev_rows + config.importance_rows)
+    test_set = read_split(paths["test"], tokenizer, config.max_length, rows.get("test"))
     dev = eval_batches(dev_set.subset(range(config.dev_rows)))
     test = eval_batches(test_set)
     importance_batches = eval_batches(dev_set.subset(range(config.dev_rows, len(dev_set))), 32)
@@ -385,11 +384,6 @@ def run(config: Config) -> dict[str, Any]:
     return _report(config, store, timing)
 
 
-def _mean_std(values: list[float]) -> tuple[float, float | None]:
-    """Mean and sample std (``None`` for a single run: no spread was measured)."""
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
-
-
 def _report(config: Config, store: RunStore, timing: dict[str, Any]) -> dict[str, Any]:
     records = [r for r in store if "model" in r]
     summary: dict[str, dict[str, Any]] = {}
@@ -397,10 +391,10 @@ def _report(config: Config, store: RunStore, timing: dict[str, Any]) -> dict[str
         rows = [r for r in records if r["model"] == name]
         if not rows:
             continue
-        mean, std = _mean_std([r["test_accuracy"] for r in rows])
+        accuracy = mean_std([r["test_accuracy"] for r in rows])
         summary[name] = {
-            "accuracy": mean,
-            "accuracy_std": std,
+            "accuracy": accuracy["mean"],
+            "accuracy_std": accuracy["std"] if accuracy["n"] > 1 else None,  # one run: no spread measured
             "seeds": len(rows),
             "params": rows[0]["params"],
             "active_params_per_token": statistics.fmean(r["active_params_per_token"] for r in rows),
@@ -438,25 +432,33 @@ def _details(summary: dict[str, dict[str, Any]], records: list[dict[str, Any]]) 
     return out
 
 
-def _fmt(value: float | None, digits: int = 2) -> str:
-    return "n/a" if value is None else f"{value:.{digits}f}"
-
-
 def _table(config: Config, summary: dict[str, dict[str, Any]], details: dict[str, dict[str, Any]]) -> None:
     title = f"# {NAME}{' (quick smoke run: numbers mean nothing)' if config.quick else ''}\n\n"
-    lines = [
-        "| model | test accuracy % (mean ± std) | − teacher | seeds | params | active params / token "
-        "| experts / token | sentences/s | train min (all seeds) |",
-        "|---|---|---|---|---|---|---|---|---|",
+    headers = [
+        "model",
+        "test accuracy % (mean ± std)",
+        "− teacher",
+        "seeds",
+        "params",
+        "active params / token",
+        "experts / token",
+        "sentences/s",
+        "train min (all seeds)",
     ]
-    for name, s in summary.items():
-        d = details[name]
-        delta = "" if d["vs_teacher"] is None else f"{d['vs_teacher']:+.2f}"
-        lines.append(
-            f"| {name} | {s['accuracy']:.2f} ± {_fmt(s['accuracy_std'])} | {delta} | {s['seeds']} "
-            f"| {s['params'] / 1e6:.2f}M | {s['active_params_per_token'] / 1e6:.2f}M "
-            f"| {_fmt(d['experts_per_token'])} | {_fmt(s['sentences_per_second'], 1)} | {d['train_minutes']:.1f} |"
-        )
+    rows = [
+        [
+            name,
+            f"{s['accuracy']:.2f} ± {fmt_value(s['accuracy_std'])}",
+            "" if details[name]["vs_teacher"] is None else f"{details[name]['vs_teacher']:+.2f}",
+            s["seeds"],
+            f"{s['params'] / 1e6:.2f}M",
+            f"{s['active_params_per_token'] / 1e6:.2f}M",
+            fmt_value(details[name]["experts_per_token"]),
+            fmt_value(s["sentences_per_second"], 1),
+            f"{details[name]['train_minutes']:.1f}",
+        ]
+        for name, s in summary.items()
+    ]
     total = sum(d["train_minutes"] for d in details.values())
     note = (
         f"\nSST-2 test.tsv (GLUE validation, {QUICK_ROWS['test'] if config.quick else 872} sentences); "
@@ -467,14 +469,11 @@ def _table(config: Config, summary: dict[str, dict[str, Any]], details: dict[str
         f"Experts / token: experts computed per real token, averaged over the MoE layers (4 = all). "
         f"Training time of the whole study: {total:.0f} min (wall clock, one thread per process).\n"
     )
-    (config.out / "table.md").write_text(title + "\n".join(lines) + "\n" + note)
+    (config.out / "table.md").write_text(title + markdown_table(headers, rows) + note)
 
 
 def _plot(config: Config, summary: dict[str, dict[str, Any]], threads: int) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     names = list(summary)
     fig, (ax_acc, ax_speed) = plt.subplots(1, 2, figsize=(10, 4.6), layout="constrained")
@@ -500,5 +499,4 @@ def _plot(config: Config, summary: dict[str, dict[str, Any]], threads: int) -> N
     ax_speed.set_title(f"throughput ({threads} thread(s))")
     fig.legend(loc="outside lower center", ncols=2, frameon=False)
     fig.suptitle(f"MoEBERT on SST-2, MiniLM-L6, 4 experts{' (quick smoke run)' if config.quick else ''}")
-    fig.savefig(config.out / "accuracy_throughput.png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, config.out / "accuracy_throughput.png", dpi=120)

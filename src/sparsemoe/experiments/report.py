@@ -1,12 +1,22 @@
-"""Tables and summaries for experiment results."""
+"""Tables, summaries and figures for experiment results: the one place the experiments format numbers and draw.
+
+matplotlib is imported only when a figure is drawn (through :func:`pyplot`), on the Agg backend: the
+experiments write PNG files and need no display.
+"""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from types import ModuleType
+
+    from matplotlib.figure import Figure
 
 
 def mean_std(values: Sequence[float]) -> dict[str, float]:
@@ -29,8 +39,29 @@ def fmt(stat: dict[str, float], digits: int = 4) -> str:
     return f"{stat['mean']:.{digits}f}"
 
 
+def fmt_value(value: float | None, digits: int = 2) -> str:
+    """``value`` with ``digits`` decimals, or ``n/a`` where nothing was measured (``None``)."""
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A GitHub-flavoured Markdown table."""
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
+
+
+def pyplot() -> ModuleType:
+    """``matplotlib.pyplot`` on the Agg backend (figures go to files)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig: Figure, path: str | Path, dpi: int) -> None:
+    """Write ``fig`` to ``path`` and close it (pyplot keeps every open figure alive otherwise)."""
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)

@@ -20,21 +20,12 @@ from typing import Any
 
 from .._atomic import atomic_write_text
 
-__all__ = ["RunStore", "atomic_write_text", "write_json"]
+__all__ = ["RunStore", "write_json"]
 
 
 def write_json(path: str | Path, obj: Any) -> None:
     """``obj`` as indented JSON, written atomically with the umask's permissions."""
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
-
-
-def __getattr__(name: str) -> Any:
-    """``data_dir`` and ``DATA_ENV`` moved to ``sparsemoe.data``; the old import path still finds them."""
-    if name in ("data_dir", "DATA_ENV"):
-        from ..data import _paths
-
-        return getattr(_paths, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class RunStore:

@@ -24,7 +24,6 @@ all models, which trains nothing and writes the combined tables.
 from __future__ import annotations
 
 import math
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -34,13 +33,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._atomic import atomic_write_text
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..data import multi30k as m30k
-from ..models.decoding import beam_search, greedy_decode
+from ..data.multi30k import Corpus
+from ..models.decoding import translate
 from ..models.transformer import MultiHeadAttention, Seq2SeqTransformer, TransformerConfig
 from ..thor import consistency_terms, symmetric_kl, thor_inference, thor_training_loss
 from .progress import progress
-from .store import RunStore, atomic_write_text, data_dir, write_json
+from .report import markdown_table, mean_std, pyplot, save_figure
+from .store import RunStore, write_json
 
 NAME = "thor-multi30k"
 MODELS = ("dense", "switch", "thor")
@@ -105,28 +107,12 @@ def _effective(config: Config) -> Config:
 
 
 # ------------------------------------------------------------------------------------------- data
-@dataclass
-class Corpus:
-    tokenizer: m30k.SubwordTokenizer
-    train: m30k.ParallelData
-    val: m30k.ParallelData
-    test: m30k.ParallelData
-
-
 def _corpus(c: Config) -> Corpus:
-    folder = data_dir("multi30k")
-    limit = 400 if c.quick else None
-    eval_limit = 24 if c.quick else None
-    tokenizer = m30k.train_tokenizer(folder, c.out / "cache", c.vocab_size, max_sentences=limit)
-    return Corpus(
-        tokenizer,
-        m30k.encode_split(folder, "train", tokenizer, limit),
-        m30k.encode_split(folder, "val", tokenizer, eval_limit),
-        m30k.encode_split(folder, "test", tokenizer, eval_limit),
-    )
+    """The study's corpus: quick runs read 400 training and 24 val/test pairs."""
+    return m30k.load_corpus(c.out / "cache", c.vocab_size, 400 if c.quick else None, 24 if c.quick else None)
 
 
-def _model(c: Config, kind: str, vocab: int, seed: int) -> Seq2SeqTransformer:
+def build_model(c: Config, kind: str, vocab: int, seed: int) -> Seq2SeqTransformer:
     torch.manual_seed(seed)
     return Seq2SeqTransformer(
         TransformerConfig(
@@ -154,60 +140,10 @@ def _lr_factor(step: int, c: Config) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(progress_, 1.0)))
 
 
-class BatchOrder:
-    """The batch of each update: a pure function of (seed, update), so a resumed run replays the order.
-
-    Epoch ``e`` is shuffled with seed ``seed * 1000 + e``; epochs are built once and kept.
-    """
-
-    def __init__(self, c: Config, corpus: Corpus, seed: int) -> None:
-        self.c, self.corpus, self.seed = c, corpus, seed
-        self.epochs: list[list[list[int]]] = []
-
-    def _epoch(self, epoch: int) -> list[list[int]]:
-        while len(self.epochs) <= epoch:
-            generator = torch.Generator().manual_seed(self.seed * 1000 + len(self.epochs))
-            self.epochs.append(m30k.token_batches(self.corpus.train, self.c.batch_tokens, generator))
-        return self.epochs[epoch]
-
-    def __call__(self, step: int) -> list[int]:
-        epoch, offset = 0, step
-        while offset >= len(self._epoch(epoch)):
-            offset -= len(self._epoch(epoch))
-            epoch += 1
-        return self._epoch(epoch)[offset]
-
-
-# ------------------------------------------------------------------------------------------- decoding
-def translate(
-    model: Seq2SeqTransformer,
-    corpus: Corpus,
-    data: m30k.ParallelData,
-    *,
-    beam: int = 1,
-    length_penalty: float = 0.6,
-    batch_sentences: int = 100,
-) -> list[str]:
-    """Detokenised translations of ``data.src`` (greedy when ``beam == 1``), in corpus order."""
-    out: list[str] = [""] * len(data)
-    order = sorted(range(len(data)), key=lambda i: len(data.src[i]))
-    for start in range(0, len(order), batch_sentences):
-        idx = order[start : start + batch_sentences]
-        src = m30k.pad_batch([data.src[i] for i in idx], eos=True)
-        ids = torch.tensor(idx, dtype=torch.long)
-        if beam == 1:
-            hyps = greedy_decode(model, src, bos_id=m30k.BOS_ID, eos_id=m30k.EOS_ID, sentence_ids=ids)
-        else:
-            hyps = beam_search(
-                model, src, bos_id=m30k.BOS_ID, eos_id=m30k.EOS_ID, beam=beam, alpha=length_penalty, sentence_ids=ids
-            )
-        for i, text in zip(idx, corpus.tokenizer.decode(hyps), strict=True):
-            out[i] = text
-    return out
-
-
+# ------------------------------------------------------------------------------------------- evaluation
 def _bleu(model: Seq2SeqTransformer, corpus: Corpus, data: m30k.ParallelData, beam: int, lp: float) -> float:
-    return m30k.corpus_bleu(translate(model, corpus, data, beam=beam, length_penalty=lp), data.tgt_text)[0]
+    hypotheses = translate(model, corpus.tokenizer, data, beam=beam, length_penalty=lp)
+    return m30k.corpus_bleu(hypotheses, data.tgt_text)[0]
 
 
 def _dropout_only(model: nn.Module) -> None:
@@ -270,10 +206,10 @@ def _agreement(model: Seq2SeqTransformer, kind: str, corpus: Corpus, seed: int) 
         if kind == "thor":
             model.eval()
             with thor_inference(model, "random-token", seed=1000 + draw):
-                hyps.append(translate(model, corpus, corpus.test))
+                hyps.append(translate(model, corpus.tokenizer, corpus.test))
         else:
             _dropout_only(model)
-            hyps.append(translate(model, corpus, corpus.test))
+            hyps.append(translate(model, corpus.tokenizer, corpus.test))
     model.eval()
     if kind == "thor":
         result["kl_experts_only"] = _pass_kl(
@@ -316,7 +252,7 @@ def _mode(model: Seq2SeqTransformer, kind: str, mode: str, seed: int) -> Any:
 
 def train_run(c: Config, corpus: Corpus, kind: str, seed: int, ckpt: Path) -> dict[str, Any]:
     """Train one model for ``c.steps`` updates (resuming from ``ckpt``) and evaluate it."""
-    model = _model(c, kind, corpus.tokenizer.vocab_size, seed)
+    model = build_model(c, kind, corpus.tokenizer.vocab_size, seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=c.lr, betas=(0.9, 0.98), eps=1e-8)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, c))
     # Everything a resumed run needs besides the tensors; "window" sums the losses since the last eval point.
@@ -336,7 +272,7 @@ def train_run(c: Config, corpus: Corpus, kind: str, seed: int, ckpt: Path) -> di
     wall, cpu = time.perf_counter(), time.process_time()
     window = state["window"]
     label = f"{kind} seed {seed}"
-    order = BatchOrder(c, corpus, seed)
+    order = m30k.BatchOrder(corpus.train, c.batch_tokens, seed)
     with progress() as bar:
         task = bar.add_task(label, total=c.steps, completed=step)
         while step < c.steps:
@@ -432,14 +368,6 @@ def _evaluate(model: Seq2SeqTransformer, kind: str, corpus: Corpus, c: Config, s
 
 
 # ------------------------------------------------------------------------------------------- reporting
-def _mean_std(values: list[float]) -> dict[str, float]:
-    return {
-        "mean": statistics.fmean(values),
-        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-        "n": len(values),
-    }
-
-
 def _summaries(c: Config, runs: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
     by_model: dict[str, Any] = {}
     summary_json: dict[str, Any] = {}
@@ -449,12 +377,12 @@ def _summaries(c: Config, runs: list[dict[str, Any]]) -> tuple[dict[str, Any], d
             continue
         default = c.thor_mode if kind == "thor" else "deterministic"
         modes = {
-            mode: {split: _mean_std([r["bleu"][mode][split] for r in rs]) for split in ("val", "test")}
+            mode: {split: mean_std([r["bleu"][mode][split] for r in rs]) for split in ("val", "test")}
             for mode in rs[0]["bleu"]
         }
-        agreement = {key: _mean_std([r["agreement"][key] for r in rs]) for key in rs[0]["agreement"]}
+        agreement = {key: mean_std([r["agreement"][key] for r in rs]) for key in rs[0]["agreement"]}
         hours = [r["train_seconds"] / 3600 for r in rs]
-        by_model[kind] = {"bleu": modes, "agreement": agreement, "train_hours_per_run": _mean_std(hours)}
+        by_model[kind] = {"bleu": modes, "agreement": agreement, "train_hours_per_run": mean_std(hours)}
         summary_json[kind] = {
             "test_bleu": modes[default]["test"]["mean"],
             "test_bleu_std": modes[default]["test"]["std"],
@@ -477,21 +405,30 @@ def _table(c: Config, by_model: dict[str, Any], summary: dict[str, Any], signatu
         f"sacrebleu `{signature}`; mean ± std over seeds. `train h` is the total wall-clock hours of a "
         f"model's runs; THOR does two forward/backward passes per update.",
         "",
-        "| model | inference | val BLEU | test BLEU | seeds | params | active params/token | train h |",
-        "|---|---|---|---|---|---|---|---|",
     ]
-    for kind, s in by_model.items():
-        for mode, b in s["bleu"].items():
-            star = " (default)" if kind == "thor" and mode == summary[kind]["inference_mode"] else ""
-            lines.append(
-                f"| {kind} | {mode}{star} | {b['val']['mean']:.2f} ± {b['val']['std']:.2f} | "
-                f"{b['test']['mean']:.2f} ± {b['test']['std']:.2f} | {b['test']['n']} | {summary[kind]['params']:,} | "
-                f"{summary[kind]['active_params_per_token']:,} | {summary[kind]['train_hours']:.2f} |"
-            )
-    lines += ["", "**Agreement of two stochastic passes**", "", "| model | measure | mean ± std |", "|---|---|---|"]
-    for kind, s in by_model.items():
-        for key, v in s["agreement"].items():
-            lines.append(f"| {kind} | {key} | {v['mean']:.4f} ± {v['std']:.4f} |")
+    rows = [
+        [
+            kind,
+            f"{mode}{' (default)' if kind == 'thor' and mode == summary[kind]['inference_mode'] else ''}",
+            f"{b['val']['mean']:.2f} ± {b['val']['std']:.2f}",
+            f"{b['test']['mean']:.2f} ± {b['test']['std']:.2f}",
+            b["test"]["n"],
+            f"{summary[kind]['params']:,}",
+            f"{summary[kind]['active_params_per_token']:,}",
+            f"{summary[kind]['train_hours']:.2f}",
+        ]
+        for kind, s in by_model.items()
+        for mode, b in s["bleu"].items()
+    ]
+    headers = ["model", "inference", "val BLEU", "test BLEU", "seeds", "params", "active params/token", "train h"]
+    lines.append(markdown_table(headers, rows).rstrip("\n"))
+    agreement = [
+        [kind, key, f"{v['mean']:.4f} ± {v['std']:.4f}"]
+        for kind, s in by_model.items()
+        for key, v in s["agreement"].items()
+    ]
+    lines += ["", "**Agreement of two stochastic passes**", ""]
+    lines.append(markdown_table(["model", "measure", "mean ± std"], agreement).rstrip("\n"))
     lines += [
         "",
         "kl_*: mean symmetric KL (nats) per val target token between two teacher-forced passes "
@@ -503,7 +440,7 @@ def _table(c: Config, by_model: dict[str, Any], summary: dict[str, Any], signatu
 
 
 def _plot(c: Config, runs: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     colours = {"dense": "tab:blue", "switch": "tab:orange", "thor": "tab:green"}
@@ -527,8 +464,7 @@ def _plot(c: Config, runs: list[dict[str, Any]], path: Path) -> None:
         ax.legend(fontsize=7, loc=corner)
     fig.suptitle(f"THOR / Switch / dense on Multi30k En-De{' — quick smoke run' if c.quick else ''}")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 def run(config: Config) -> dict[str, Any]:

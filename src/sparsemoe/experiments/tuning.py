@@ -27,7 +27,7 @@ import numpy as np
 from .. import gates
 from ..training import fit
 from .progress import console, progress
-from .report import fmt, markdown_table, mean_std
+from .report import fmt, markdown_table, mean_std, pyplot, save_figure
 from .store import RunStore, write_json
 
 #: one trained model: ``{"val_loss": float, "val": {metric: v}, "test": {metric: v}, "seconds": float, ...}``
@@ -439,10 +439,7 @@ def _mean_curve(curves: list[list[float]]) -> list[float]:
 def plot_saturation(results: dict[str, Any], path: Path) -> None:
     """Experts computed per input after each epoch, each seed of the best configuration (and of the best
     configuration that reached k, where that is another one), for the learned sparse gates."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     gates = [g for g in results["best_runs"] if g in LEARNED_SPARSE]
     fig, ax = plt.subplots(figsize=(7, 4.2))
@@ -476,8 +473,7 @@ def plot_saturation(results: dict[str, Any], path: Path) -> None:
     if ax.get_legend_handles_labels()[0]:
         ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def _sem(stat: dict[str, float], digits: int = 4) -> str:
@@ -597,10 +593,7 @@ def _gamma_table(results: dict[str, Any]) -> str:
 
 def plot_results(results: dict[str, Any], metrics: list[tuple[str, str, bool]], path: Path) -> None:
     """Headline metric per gate (top-5% and best-config) and the validation-loss spread of all trials."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     key, label, _ = metrics[0]
     summary, trials = results["summary"], results["trials"]
@@ -623,5 +616,4 @@ def plot_results(results: dict[str, Any], metrics: list[tuple[str, str, bool]], 
     ax2.set_ylabel("validation loss of each trial")
     ax2.set_title("random-search trials")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
