@@ -42,7 +42,7 @@ def data_dir(name: str) -> Path:
     if path.is_dir() and not missing:
         return path
     origin = f"{DATA_ENV}={os.environ[DATA_ENV]}" if os.environ.get(DATA_ENV) else f"the default; {DATA_ENV} is not set"
-    layout = f"{path}/{{{','.join(files)}}}" if files else f"{path}/"
+    layout = f"{path}/{{{','.join(files)}}}" if len(files) > 1 else f"{path}/{''.join(files)}"
     raise FileNotFoundError(
         f"data set {name!r} not found: expected {layout} (data folder {root}, {origin}). "
         f"Download it there with: sparsemoe data fetch {name}; or set {DATA_ENV} to a folder that holds {name}/"

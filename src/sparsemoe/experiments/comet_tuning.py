@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from . import comet_movielens
+from .config import ConfigError
 from .progress import console, progress
 from .report import markdown_table, pyplot, save_figure
 from .store import write_json
@@ -61,7 +62,7 @@ class Config:
 
     def __post_init__(self) -> None:
         if not isinstance(self.trials, int) or self.trials < 0:
-            raise ValueError(f"trials: must be an integer >= 0 (0: the default), got {self.trials!r}")
+            raise ConfigError("trials", f"must be an integer, at least 0 (0: the default; got {self.trials!r})")
         self.out, self.movielens_out = Path(self.out), Path(self.movielens_out)
         self.movielens_config()  # validates epochs and patience
 

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers import MoE
+from .config import ConfigError
 from .progress import console, progress
 from .report import markdown_table, mean_std, pyplot, save_figure
 from .store import RunStore, write_json
@@ -49,14 +50,14 @@ class Config:
     def __post_init__(self) -> None:
         bad = [g for g in self.gates if g not in GATES]
         if bad or not self.gates:
-            raise ValueError(f"gates: choose one or more of {' '.join(GATES)}, got {self.gates}")
+            raise ConfigError("gates", f"choose one or more of {' '.join(GATES)} (got {self.gates})")
         for name in ("seeds", "steps", "num_experts", "k"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name}: must be a positive integer, got {getattr(self, name)!r}")
+                raise ConfigError(name, f"must be an integer, at least 1 (got {getattr(self, name)!r})")
         if any(g <= 0 for g in self.gammas) or not self.gammas:
-            raise ValueError(f"gammas: give positive values, got {self.gammas}")
+            raise ConfigError("gammas", f"give positive values (got {self.gammas})")
         if any(w < 0 for w in self.entropy_weights) or not self.entropy_weights:
-            raise ValueError(f"entropy_weights: give values >= 0, got {self.entropy_weights}")
+            raise ConfigError("entropy_weights", f"give values >= 0 (got {self.entropy_weights})")
         self.out = Path(self.out)
 
 

@@ -37,7 +37,8 @@ from ..hf.importance import ffn_importance
 from ..hf.io import load_moefied, save_moefied
 from ..hf.train import Encoded, TrainConfig, accuracy, eval_batches, train
 from ..layers import moe_layers
-from .progress import progress
+from .config import ConfigError
+from .progress import console, progress
 from .report import fmt_value, markdown_table, mean_std, pyplot, save_figure
 from .store import RunStore, write_json
 
@@ -92,21 +93,19 @@ class Config:
             "throughput_rounds",
         ):
             if int(getattr(self, name)) < 1:
-                raise ValueError(
-                    f"{name} must be >= 1, got {getattr(self, name)}; pass --{name.replace('_', '-')} 1 or more"
-                )
+                raise ConfigError(name, f"must be at least 1 (got {getattr(self, name)})")
         for name in ("teacher_lr", "student_lr", "comet_gamma"):
             if not float(getattr(self, name)) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+                raise ConfigError(name, f"must be above 0 (got {getattr(self, name)})")
         for name in ("distill_weight", "comet_entropy", "topk_balance"):
             if float(getattr(self, name)) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+                raise ConfigError(name, f"must be at least 0 (got {getattr(self, name)})")
         if not self.gates:
-            raise ValueError("gates must name at least one gate, e.g. --gates hash comet")
+            raise ConfigError("gates", "name at least one gate, e.g. --gates hash comet")
         if not 0 <= self.search_fraction <= 1:
-            raise ValueError(f"search_fraction must lie in [0, 1], got {self.search_fraction}")
+            raise ConfigError("search_fraction", f"must lie in [0, 1] (got {self.search_fraction})")
         if self.shared > self.expert_dim:
-            raise ValueError(f"shared={self.shared} exceeds expert_dim={self.expert_dim}; lower --shared")
+            raise ConfigError("shared", f"{self.shared} exceeds --expert-dim {self.expert_dim}; lower --shared")
 
 
 QUICK: dict[str, Any] = {
@@ -253,6 +252,9 @@ def run(config: Config) -> dict[str, Any]:
     importance_batches = eval_batches(dev_set.subset(range(config.dev_rows, len(dev_set))), 32)
 
     runs = [(gate, seed) for gate in config.gates for seed in range(config.seeds)]
+    keys = ["dense", *(RunStore.key(gate=gate, seed=seed) for gate, seed in runs)]
+    if note := store.reuse_note(keys, "pass a new --out (or delete that folder) to retrain"):
+        console.print(note, soft_wrap=True)
     total_steps = config.teacher_steps + len(runs) * config.student_steps
     dense_dir = models_dir / "dense"
     with progress() as bars:

@@ -79,6 +79,16 @@ class RunStore:
         path = self.path(key)
         return json.loads(path.read_text()) if path.exists() else None
 
+    def reuse_note(self, keys: Iterable[str], retrain: str) -> str | None:
+        """What a rerun reuses: ``"reusing 5 saved runs (in <folder>); <retrain>"``, or ``None`` when nothing is saved.
+
+        ``retrain`` says how to train them again instead (``"--fresh to retrain"``).
+        """
+        reused = sum(self.path(key).exists() for key in keys)
+        if not reused:
+            return None
+        return f"reusing {reused} saved run{'' if reused == 1 else 's'} (in {self.runs_dir}); {retrain}"
+
     def put(self, key: str, record: dict[str, Any]) -> None:
         write_json(self.path(key), record)
 

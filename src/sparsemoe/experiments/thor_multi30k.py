@@ -40,7 +40,8 @@ from ..data.multi30k import Corpus
 from ..models.decoding import translate
 from ..models.transformer import MultiHeadAttention, Seq2SeqTransformer, TransformerConfig
 from ..thor import consistency_terms, symmetric_kl, thor_inference, thor_training_loss
-from .progress import progress
+from .config import ConfigError
+from .progress import console, progress
 from .report import markdown_table, mean_std, pyplot, save_figure
 from .store import RunStore, write_json
 
@@ -79,19 +80,19 @@ class Config:
         self.out = Path(self.out)
         unknown = sorted(set(self.models) - set(MODELS))
         if unknown or not self.models:
-            raise ValueError(f"models: unknown {unknown}; choose from {', '.join(MODELS)}")
+            raise ConfigError("models", f"unknown {unknown}; choose from {', '.join(MODELS)}")
         for name in ("seeds", "vocab_size", "d_model", "layers", "heads", "d_hidden", "num_experts", "batch_tokens"):
             if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(name, f"must be at least 1 (got {getattr(self, name)})")
         for name in ("steps", "eval_every", "checkpoint_every", "beam"):
             if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(name, f"must be at least 1 (got {getattr(self, name)})")
         if self.thor_mode not in THOR_MODES:
-            raise ValueError(f"thor_mode must be one of {', '.join(THOR_MODES)}, got {self.thor_mode!r}")
+            raise ConfigError("thor_mode", f"must be one of {', '.join(THOR_MODES)} (got {self.thor_mode!r})")
         if not 0.0 <= self.label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+            raise ConfigError("label_smoothing", f"must lie in [0, 1) (got {self.label_smoothing})")
         if self.d_model % self.heads:
-            raise ValueError(f"d_model={self.d_model} must be divisible by heads={self.heads}")
+            raise ConfigError("d_model", f"{self.d_model} must be divisible by --heads {self.heads}")
 
 
 def _effective(config: Config) -> Config:
@@ -472,6 +473,9 @@ def run(config: Config) -> dict[str, Any]:
     c = _effective(config)
     corpus = _corpus(c)
     store = RunStore(c.out, asdict(c), selection=("quick", "out", "seeds", "models", "thor_mode"))
+    keys = [store.key(model=kind, seed=seed) for kind in c.models for seed in range(c.seeds)]
+    if note := store.reuse_note(keys, "pass a new --out (or delete that folder) to retrain"):
+        console.print(note, soft_wrap=True)
     for kind in c.models:
         for seed in range(c.seeds):
             key = store.key(model=kind, seed=seed)

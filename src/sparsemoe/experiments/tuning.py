@@ -26,6 +26,7 @@ import numpy as np
 
 from .. import gates
 from ..training import fit
+from .config import ConfigError
 from .progress import console, progress
 from .report import fmt, markdown_table, mean_std, pyplot, save_figure
 from .store import RunStore, write_json
@@ -91,14 +92,14 @@ def check_study_config(config: Any, gates_allowed: tuple[str, ...]) -> None:
     """Validation shared by the tuning experiments' ``Config.__post_init__``."""
     unknown = [g for g in config.gates if g not in gates_allowed]
     if unknown:
-        raise ValueError(f"gates: unknown {unknown}; choose from {' '.join(gates_allowed)}")
+        raise ConfigError("gates", f"unknown {unknown}; choose from {' '.join(gates_allowed)}")
     if not config.gates:
-        raise ValueError("gates: give at least one gate")
+        raise ConfigError("gates", "give at least one gate")
     for name in ("trials", "seeds", "epochs", "patience"):
         value = getattr(config, name, 0)
         low = 1 if name in ("seeds", "epochs") else 0
         if not isinstance(value, int) or value < low:
-            raise ValueError(f"{name}: must be an integer >= {low}, got {value!r}")
+            raise ConfigError(name, f"must be an integer, at least {low} (got {value!r})")
     config.out = Path(config.out)
 
 
