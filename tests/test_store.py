@@ -91,3 +91,16 @@ def test_store_settings_survive_paths_and_tuples(tmp_path: Path) -> None:
     config = {"out": tmp_path / "x", "shape": (1, 2)}
     RunStore(tmp_path, config)
     RunStore(tmp_path, config)  # JSON turns tuples into lists and paths into strings: still equal
+
+
+def test_reuse_note_counts_the_saved_runs_a_rerun_will_skip(tmp_path: Path) -> None:
+    store = RunStore(tmp_path)
+    keys = [RunStore.key(gate="topk", seed=seed) for seed in range(3)]
+    assert store.reuse_note(keys, "--fresh to retrain") is None  # nothing saved: nothing to say
+    store.put(keys[0], {"seed": 0})
+    assert store.reuse_note(keys, "--fresh to retrain") == (
+        f"reusing 1 saved run (in {tmp_path / 'runs'}); --fresh to retrain"
+    )
+    store.put(keys[2], {"seed": 2})
+    store.put(RunStore.key(gate="hash", seed=0), {"seed": 0})  # saved, but not asked for
+    assert store.reuse_note(keys, "x").startswith("reusing 2 saved runs ")

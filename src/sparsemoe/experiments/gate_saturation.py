@@ -129,20 +129,25 @@ def run(config: Config) -> dict[str, Any]:
     out = config.out / "quick" if config.quick else config.out
     store = RunStore(out, asdict(config), selection=("quick", "out", "seeds", "gates", "gammas", "entropy_weights"))
     grid = list(itertools.product(config.gates, gammas, config.entropy_weights, range(seeds)))
+    keys = [
+        RunStore.key(
+            evals=len(EVAL_STEPS),
+            gate=gate,
+            gamma=gamma,
+            entropy=weight,
+            seed=seed,
+            steps=steps,
+            n=config.num_experts,
+            k=config.k,
+        )
+        for gate, gamma, weight, seed in grid
+    ]
+    if note := store.reuse_note(keys, "pass a new --out (or delete that folder) to retrain"):
+        console.print(note, soft_wrap=True)
     runs = []
     with progress() as bar:
         task = bar.add_task(f"{NAME}: runs", total=len(grid))
-        for gate, gamma, weight, seed in grid:
-            key = RunStore.key(
-                evals=len(EVAL_STEPS),
-                gate=gate,
-                gamma=gamma,
-                entropy=weight,
-                seed=seed,
-                steps=steps,
-                n=config.num_experts,
-                k=config.k,
-            )
+        for (gate, gamma, weight, seed), key in zip(grid, keys, strict=True):
             record = store.get(key)
             if record is None:
                 record = train_one(config, gate, gamma, weight, seed, steps)

@@ -239,6 +239,8 @@ def run_gate_study(problem: Problem, gate: str, trials: int, storage: str, advan
         if t.state.is_finished() and "record" in t.user_attrs and t.datetime_start and t.datetime_complete:
             times = {"started": t.datetime_start.timestamp(), "finished": t.datetime_complete.timestamp()}
             done.setdefault(t.user_attrs["record"]["number"], {**t.user_attrs["record"], **times})
+    if reused := sum(slot in done for slot in range(trials)):
+        console.print(f"{gate}: reusing {reused} finished trials ({storage}); pass a new --out to search again")
     for slot in range(trials):
         if slot not in done:
             done[slot] = _run_trial(study, problem, gate, slot)
