@@ -12,8 +12,6 @@ import torch
 
 from conftest import needs_data
 
-pytestmark = needs_data("multi30k")
-
 
 @pytest.fixture(autouse=True)
 def _one_thread() -> Iterator[None]:
@@ -23,6 +21,7 @@ def _one_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
+@needs_data("multi30k")
 def test_quick_run_writes_the_promised_files_and_resumes(tmp_path: Path) -> None:
     from sparsemoe.experiments.thor_multi30k import THOR_MODES, Config, run
 
@@ -46,6 +45,7 @@ def test_quick_run_writes_the_promised_files_and_resumes(tmp_path: Path) -> None
     assert again["runs"] == results["runs"]
 
 
+@needs_data("multi30k")
 def test_interrupted_run_resumes_exactly(tmp_path: Path) -> None:
     from sparsemoe.experiments.thor_multi30k import Config, _corpus, _effective, train_run
 
