@@ -114,6 +114,7 @@ def _corpus(c: Config) -> Corpus:
 
 
 def build_model(c: Config, kind: str, vocab: int, seed: int) -> Seq2SeqTransformer:
+    """The study's ``kind`` model (dense, switch or thor), initialised from ``seed`` (the benchmark builds it too)."""
     torch.manual_seed(seed)
     return Seq2SeqTransformer(
         TransformerConfig(
