@@ -36,7 +36,7 @@ from ._paths import data_root
 SOURCES = {
     "movielens-100k": "https://files.grouplens.org/datasets/movielens/ml-100k.zip",
     "mnist-5k": "https://storage.googleapis.com/cvdf-datasets/mnist/",
-    "sst2": "https://raw.githubusercontent.com/forest-snow/alps/master/data/SST-2/",
+    "sst2": "https://raw.githubusercontent.com/forest-snow/alps/main/data/SST-2/",
     "multi30k": "https://raw.githubusercontent.com/multi30k/dataset/master/data/task1/raw/",
 }
 
