@@ -92,7 +92,12 @@ def test_an_out_inside_a_file_is_a_one_line_error(
 
 @pytest.mark.parametrize(
     ("name", "data"),
-    [("comet-movielens", "movielens-100k"), ("comet-multimnist", "mnist-5k"), ("thor-multi30k", "multi30k")],
+    [
+        ("comet-movielens", "movielens-100k"),
+        ("comet-multimnist", "mnist-5k"),
+        ("comet-tuning", "movielens-100k"),
+        ("thor-multi30k", "multi30k"),
+    ],
 )
 def test_nothing_is_written_before_the_data_check_passes(
     name: str, data: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from ..data import data_dir, movielens
 from . import comet_movielens
 from .config import ConfigError
 from .progress import console, progress
@@ -180,6 +181,7 @@ def ratio_band(
 def load_trials(config: Config) -> dict[str, list[dict[str, Any]]]:
     """The MovieLens trials of the four gates, from (or by running) comet-movielens' Optuna studies."""
     ml = config.movielens_config()
+    data_dir(movielens.NAME)  # the data check, before any folder or Optuna database is made
     folder = ml.out / "quick" if ml.quick else ml.out
     folder.mkdir(parents=True, exist_ok=True)
     counts = comet_movielens.trial_counts(ml, ml.gates)
