@@ -1,7 +1,9 @@
-"""Tables, summaries and figures for experiment results: the one place the experiments format numbers and draw.
+"""What every experiment's report is made of: one ``mean_std``, number formats, Markdown tables, figures.
 
-matplotlib is imported only when a figure is drawn (through :func:`pyplot`), on the Agg backend: the
-experiments write PNG files and need no display.
+Each study lays out its own tables and plots (they read its results' structure) from these pieces, so
+summary statistics and formats cannot drift apart between studies. matplotlib is imported only when a
+figure is drawn (through :func:`pyplot`), on the Agg backend: the experiments write PNG files and need
+no display.
 """
 
 from __future__ import annotations
