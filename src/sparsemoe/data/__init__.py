@@ -1,4 +1,4 @@
-"""Loaders for the real data sets the experiments use, read from ``$SPARSEMOE_DATA_DIR``."""
+"""Loaders for the real data sets the experiments use, read from the data folder (see :func:`data_root`)."""
 
 from ._paths import DATA_ENV, data_dir, data_root
 from .movielens import MovieLens, load_movielens
