@@ -16,8 +16,8 @@ import time
 
 import torch
 
+from sparsemoe.data import sst2
 from sparsemoe.experiments.moebert_sst2 import pretrained_path, read_split
-from sparsemoe.experiments.store import data_dir
 from sparsemoe.hf import moefy
 from sparsemoe.hf.train import _loss, batch_rows, collate
 
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
 
     logging.set_verbosity_error()
     tokenizer = AutoTokenizer.from_pretrained(pretrained_path(), local_files_only=True)
-    data = read_split(data_dir("sst2") / "train.tsv", tokenizer, 64, 20_000)
+    data = read_split(sst2.split_path("train"), tokenizer, 64, 20_000)
     teacher = AutoModelForSequenceClassification.from_pretrained(pretrained_path(), num_labels=2).eval()
     models = {"dense (fine-tune)": None, **{g: moefy(copy.deepcopy(teacher), gate=g).train() for g in args.gates}}
     dense = copy.deepcopy(teacher).train()

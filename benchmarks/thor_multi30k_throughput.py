@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from sparsemoe.data import multi30k as m30k
-from sparsemoe.experiments.thor_multi30k import BatchOrder, Config, _corpus, _model
+from sparsemoe.experiments.thor_multi30k import Config, build_model
 from sparsemoe.thor import consistency_terms, thor_training_loss
 
 
@@ -31,13 +31,13 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     c = replace(Config(out=args.cache.parent), d_hidden=args.d_hidden, vocab_size=args.vocab_size)
-    corpus = _corpus(c)
-    order = BatchOrder(c, corpus, 0)
+    corpus = m30k.load_corpus(c.out / "cache", c.vocab_size)
+    order = m30k.BatchOrder(corpus.train, c.batch_tokens, 0)
     epoch_tokens = sum(len(t) + 1 for t in corpus.train.tgt)
-    updates_per_epoch = len(order._epoch(0))
+    updates_per_epoch = len(order.epoch(0))
     print(f"vocab {corpus.tokenizer.vocab_size}, {updates_per_epoch} updates/epoch of <= {c.batch_tokens} tokens")
     for kind in args.models:
-        model = _model(c, kind, corpus.tokenizer.vocab_size, 0).train()
+        model = build_model(c, kind, corpus.tokenizer.vocab_size, 0).train()
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
         tokens, start = 0, 0.0
         for step in range(5 + args.updates):

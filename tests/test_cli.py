@@ -65,6 +65,66 @@ def test_bad_demo_values_exit_2_naming_the_option(
     assert not (tmp_path / "results.json").exists()
 
 
+SEEDED = ("comet-movielens", "comet-multimnist", "gate-saturation", "moebert-sst2", "thor-multi30k")
+
+
+@pytest.mark.parametrize("command", [["demo"], *(["reproduce", name] for name in SEEDED)])
+def test_every_command_names_the_flag_not_the_config_field(
+    command: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert {*SEEDED, "comet-tuning"} == set(EXPERIMENTS)  # comet-tuning reads the comet-movielens studies
+    assert main([*command, "--seeds", "0", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sparsemoe: error: argument --seeds: must be") and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", [["demo"], ["reproduce", "thor-multi30k"], ["reproduce", "comet-movielens"]])
+def test_an_out_inside_a_file_is_a_one_line_error(
+    command: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "file").write_text("keep me")
+    assert main([*command, "--quick", "--out", str(tmp_path / "file" / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"sparsemoe: error: argument --out: {tmp_path / 'file'} is a file, not a folder; pass another --out\n"
+    assert (tmp_path / "file").read_text() == "keep me"
+
+
+@pytest.mark.parametrize(
+    ("name", "data"),
+    [
+        ("comet-movielens", "movielens-100k"),
+        ("comet-multimnist", "mnist-5k"),
+        ("comet-tuning", "movielens-100k"),
+        ("thor-multi30k", "multi30k"),
+    ],
+)
+def test_nothing_is_written_before_the_data_check_passes(
+    name: str, data: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("SPARSEMOE_DATA_DIR", str(tmp_path / "no-data"))
+    out = tmp_path / "out"
+    assert main(["reproduce", name, "--quick", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"sparsemoe data fetch {data}" in err, err
+    assert not out.exists()  # no Optuna database, no run store, no tokenizer cache
+
+
+def test_data_fetch_offers_every_data_set_a_study_reads(capsys: pytest.CaptureFixture[str]) -> None:
+    text = _help(["data", "fetch"], capsys)
+    for name in ("movielens-100k", "mnist-5k", "multi30k", "sst2"):
+        assert name in text
+    args = cli.build_parser().parse_args(["data", "fetch", "sst2", "--root", "somewhere"])
+    assert (args.name, args.root) == ("sst2", "somewhere")
+
+
+def test_demo_writes_to_an_untracked_folder_unless_told_otherwise() -> None:
+    assert demo.Config().out == Path("sparsemoe-out/demo")
+    ignored = (Path(__file__).resolve().parents[1] / ".gitignore").read_text().split()
+    assert "sparsemoe-out/" in ignored
+    assert demo.Config(out=Path("results/demo")).out == Path("results/demo")  # the committed results, on request
+
+
 def test_unknown_gate_message_lists_the_gates(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["demo", "--quick", "--out", str(tmp_path), "--gates", "nope"]) == 2
     err = capsys.readouterr().err
@@ -360,9 +420,12 @@ def test_demo_quick_writes_results_and_resumes(
     for path in [out_dir / "results.json", out_dir / "table.md", *(out_dir / "runs").glob("*.json")]:
         assert path.stat().st_mode & 0o777 == 0o644, path
 
-    # A second call finds both runs saved and trains nothing.
+    # A second call finds both runs saved, says so, and trains nothing.
+    capsys.readouterr()
     monkeypatch.setattr(demo, "train_one", _must_not_train)
     assert main(args) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert "reusing 2 saved runs" in err and "--fresh to retrain" in err
     assert json.loads((out_dir / "results.json").read_text())["summary"] == results["summary"]
 
 

@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 
 from sparsemoe.experiments import comet_movielens, comet_multimnist, comet_tuning
 
-pytestmark = pytest.mark.skipif(
-    not os.environ.get("SPARSEMOE_DATA_DIR"),
-    reason="SPARSEMOE_DATA_DIR is not set (export SPARSEMOE_DATA_DIR=../shared/data to run the experiment smoke tests)",
-)
+from conftest import needs_data
 
 
 def _results(folder) -> dict:
@@ -21,6 +17,7 @@ def _results(folder) -> dict:
     return json.loads((folder / "results.json").read_text())
 
 
+@needs_data("movielens-100k")
 def test_comet_movielens_quick(tmp_path) -> None:
     config = comet_movielens.Config(quick=True, trials=1, seeds=1, out=tmp_path / "ml", gates=["topk", "comet+"])
     comet_movielens.run(config)
@@ -38,6 +35,7 @@ def test_comet_movielens_quick(tmp_path) -> None:
     )
 
 
+@needs_data("mnist-5k")
 def test_comet_multimnist_quick(tmp_path) -> None:
     config = comet_multimnist.Config(quick=True, trials=1, seeds=1, out=tmp_path / "mm", gates=["hash+", "dselect_k"])
     comet_multimnist.run(config)
@@ -45,6 +43,7 @@ def test_comet_multimnist_quick(tmp_path) -> None:
     assert 0.0 <= results["summary"]["hash+"]["best"]["accuracy"]["mean"] <= 1.0
 
 
+@needs_data("movielens-100k")
 def test_comet_tuning_quick(tmp_path) -> None:
     config = comet_tuning.Config(quick=True, trials=2, movielens_out=tmp_path / "ml", out=tmp_path / "tuning")
     comet_tuning.run(config)

@@ -22,6 +22,8 @@ from sparsemoe.checkpoint import load_checkpoint
 from sparsemoe.data.table import read_table
 from sparsemoe.training import TrainConfig, fit
 
+from conftest import needs_data
+
 TESTS = Path(__file__).resolve().parent
 SRC = TESTS.parent / "src"
 
@@ -177,11 +179,10 @@ def test_good_table_reads_and_gzip_truncation_is_reported(tmp_path) -> None:
         read_table(cut, columns=3, delimiter=",")
 
 
+@needs_data("movielens-100k")
 def test_real_data_reads_unchanged() -> None:
     from sparsemoe.data.movielens import read_ratings
 
-    if not os.environ.get("SPARSEMOE_DATA_DIR"):
-        pytest.skip("SPARSEMOE_DATA_DIR not set")
     ratings = read_ratings()
     assert ratings.shape == (100_000, 3) and ratings[0].tolist() == [196, 242, 3]
     assert np.isin(ratings[:, 2], [1, 2, 3, 4, 5]).all()

@@ -21,6 +21,8 @@ from sparsemoe.hf.train import Encoded, collate, hidden_mse, prediction_kl, trai
 from sparsemoe.layers import MoE  # noqa: E402
 from sparsemoe.training import TrainConfig  # noqa: E402
 
+from conftest import needs_data  # noqa: E402
+
 
 def moe_layers(model: torch.nn.Module) -> list[MoE]:
     return [m for m in model.modules() if isinstance(m, MoE)]
@@ -299,6 +301,7 @@ def test_predict_prints_label_and_probability(tmp_path, pretrained, capsys) -> N
 
 
 # ------------------------------------------------------------------------------------------- experiment
+@needs_data("sst2")
 def test_moebert_sst2_quick_writes_the_summary_and_resumes(tmp_path) -> None:
     import json
 

@@ -151,3 +151,16 @@ def test_the_package_writes_files_only_through_the_one_writer() -> None:
             if _DIRECT_WRITES.search(code) and "(tmp" not in code and "str(tmp)" not in code:
                 found.append(f"{path.relative_to(src)}:{number}: {line.strip()}")
     assert not found, "write these through sparsemoe._atomic:\n" + "\n".join(found)
+
+
+def test_reuse_note_counts_the_saved_runs_a_rerun_will_skip(tmp_path: Path) -> None:
+    store = RunStore(tmp_path)
+    keys = [RunStore.key(gate="topk", seed=seed) for seed in range(3)]
+    assert store.reuse_note(keys, "--fresh to retrain") is None  # nothing saved: nothing to say
+    store.put(keys[0], {"seed": 0})
+    assert store.reuse_note(keys, "--fresh to retrain") == (
+        f"reusing 1 saved run (in {tmp_path / 'runs'}); --fresh to retrain"
+    )
+    store.put(keys[2], {"seed": 2})
+    store.put(RunStore.key(gate="hash", seed=0), {"seed": 0})  # saved, but not asked for
+    assert store.reuse_note(keys, "x").startswith("reusing 2 saved runs ")

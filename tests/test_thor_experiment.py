@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -11,10 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-pytestmark = pytest.mark.skipif(
-    not os.environ.get("SPARSEMOE_DATA_DIR"),
-    reason="SPARSEMOE_DATA_DIR is not set (export SPARSEMOE_DATA_DIR=../shared/data to run the experiment smoke tests)",
-)
+from conftest import needs_data
 
 
 @pytest.fixture(autouse=True)
@@ -25,6 +21,7 @@ def _one_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
+@needs_data("multi30k")
 def test_quick_run_writes_the_promised_files_and_resumes(tmp_path: Path) -> None:
     from sparsemoe.experiments.thor_multi30k import THOR_MODES, Config, run
 
@@ -48,6 +45,7 @@ def test_quick_run_writes_the_promised_files_and_resumes(tmp_path: Path) -> None
     assert again["runs"] == results["runs"]
 
 
+@needs_data("multi30k")
 def test_interrupted_run_resumes_exactly(tmp_path: Path) -> None:
     from sparsemoe.experiments.thor_multi30k import Config, _corpus, _effective, train_run
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from .data._paths import LAYOUT
 from .experiments import EXPERIMENTS
 from .experiments.config import ConfigError, FieldType, bounds_text, field_type, help_text
 
@@ -153,10 +154,22 @@ def _check_threads(value: int) -> int:
     return value
 
 
+def check_out(config: Any) -> None:
+    """A one-line ``ValueError`` naming ``--out`` when the output folder (or a parent of it) is a file."""
+    out = getattr(config, "out", None)
+    if out is None:
+        return
+    path = Path(out)
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise ValueError(f"argument --out: {existing} is a file, not a folder; pass another --out")
+
+
 def _run_experiment(module: ModuleType, args: argparse.Namespace) -> int:
     import torch
 
     config = config_from_args(module.Config, args)
+    check_out(config)
     torch.set_num_threads(_check_threads(args.threads))
     module.run(config)
     return 0
@@ -235,8 +248,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = sub.add_parser("data", help="data sets").add_subparsers(dest="data_command", required=True)
     fetch = data.add_parser("fetch", help="download a data set from its canonical source")
-    fetch.add_argument("name", choices=["movielens-100k", "mnist-5k"])
-    fetch.add_argument("--root", default=None, help="parent folder (default: $SPARSEMOE_DATA_DIR)")
+    fetch.add_argument("name", choices=sorted(LAYOUT), help="the data set")
+    fetch.add_argument(
+        "--root", default=None, help="parent folder (default: $SPARSEMOE_DATA_DIR, else ~/.cache/sparsemoe/data)"
+    )
     fetch.set_defaults(func=_cmd_data_fetch)
 
     predict = sub.add_parser("predict", help="classify sentences with a saved model (sparsemoe.hf.save_moefied)")

@@ -15,6 +15,9 @@ from pathlib import Path
 
 import torch
 
+from ._paths import data_dir
+
+NAME = "multi30k"
 SPLITS = ("train", "val", "test")
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 
@@ -155,6 +158,56 @@ def token_batches(data: ParallelData, max_tokens: int, generator: torch.Generato
     if generator is not None:
         batches = [batches[j] for j in torch.randperm(len(batches), generator=generator).tolist()]
     return batches
+
+
+class BatchOrder:
+    """The batch of each update: a pure function of (seed, update), so a resumed run replays the order.
+
+    Epoch ``e`` is :func:`token_batches` of ``data`` shuffled with seed ``seed * 1000 + e``; epochs
+    are built once and kept.
+    """
+
+    def __init__(self, data: ParallelData, batch_tokens: int, seed: int) -> None:
+        self.data, self.batch_tokens, self.seed = data, batch_tokens, seed
+        self.epochs: list[list[list[int]]] = []
+
+    def epoch(self, epoch: int) -> list[list[int]]:
+        while len(self.epochs) <= epoch:
+            generator = torch.Generator().manual_seed(self.seed * 1000 + len(self.epochs))
+            self.epochs.append(token_batches(self.data, self.batch_tokens, generator))
+        return self.epochs[epoch]
+
+    def __call__(self, step: int) -> list[int]:
+        epoch, offset = 0, step
+        while offset >= len(self.epoch(epoch)):
+            offset -= len(self.epoch(epoch))
+            epoch += 1
+        return self.epoch(epoch)[offset]
+
+
+@dataclass
+class Corpus:
+    """The tokenizer and the tokenised splits of one study."""
+
+    tokenizer: SubwordTokenizer
+    train: ParallelData
+    val: ParallelData
+    test: ParallelData
+
+
+def load_corpus(
+    cache_dir: Path, vocab_size: int, max_sentences: int | None = None, eval_sentences: int | None = None
+) -> Corpus:
+    """Multi30k from the data folder: the tokenizer (trained on ``max_sentences`` training pairs, cached
+    in ``cache_dir``) and the splits (``max_sentences`` training and ``eval_sentences`` val/test pairs)."""
+    folder = data_dir(NAME)
+    tokenizer = train_tokenizer(folder, cache_dir, vocab_size, max_sentences=max_sentences)
+    return Corpus(
+        tokenizer,
+        encode_split(folder, "train", tokenizer, max_sentences),
+        encode_split(folder, "val", tokenizer, eval_sentences),
+        encode_split(folder, "test", tokenizer, eval_sentences),
+    )
 
 
 def corpus_bleu(hypotheses: list[str], references: list[str]) -> tuple[float, str]:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
-from ..data import MovieLens, load_movielens
+from ..data import MovieLens, data_dir, load_movielens, movielens
 from ..models import RecsysMMoE
 from .tuning import (
     PAPER_GATES,
@@ -184,6 +184,7 @@ def problem(settings: dict[str, Any]) -> Problem:
 
 def run(config: Config) -> dict[str, Any]:
     """Tune every gate, retrain the best configurations, write results.json, table.md and plots."""
+    data_dir(movielens.NAME)  # the data check, before anything (an Optuna database) is written
     seeds = min(config.seeds, QUICK_CAPS["seeds"]) if config.quick else config.seeds
     out = config.out / "quick" if config.quick else config.out
     return run_tuning(

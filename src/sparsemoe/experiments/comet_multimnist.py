@@ -22,8 +22,9 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
-from ..data import MultiMNIST, load_multimnist
+from ..data import MultiMNIST, data_dir, load_multimnist, multimnist
 from ..models import VisionMMoE
+from .config import ConfigError
 from .tuning import (
     PAPER_GATES,
     Problem,
@@ -71,7 +72,7 @@ class Config:
     def __post_init__(self) -> None:
         check_study_config(self, PAPER_GATES)
         if self.trials < 1:
-            raise ValueError(f"trials: must be >= 1, got {self.trials}")
+            raise ConfigError("trials", f"must be at least 1 (got {self.trials})")
 
 
 @functools.lru_cache(maxsize=2)
@@ -156,6 +157,7 @@ def problem(settings: dict[str, Any]) -> Problem:
 
 def run(config: Config) -> dict[str, Any]:
     """Tune every gate, retrain the best configurations, write results.json, table.md and plots."""
+    data_dir(multimnist.NAME)  # the data check, before anything (an Optuna database) is written
     trials = min(config.trials, QUICK_CAPS["trials"]) if config.quick else config.trials
     seeds = min(config.seeds, QUICK_CAPS["seeds"]) if config.quick else config.seeds
     out = config.out / "quick" if config.quick else config.out

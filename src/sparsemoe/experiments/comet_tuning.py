@@ -26,10 +26,12 @@ from typing import Any
 
 import numpy as np
 
-from .._atomic import atomic_write_text, save_figure
+from .._atomic import atomic_write_text
+from ..data import data_dir, movielens
 from . import comet_movielens
+from .config import ConfigError
 from .progress import console, progress
-from .report import markdown_table
+from .report import markdown_table, pyplot, save_figure
 from .store import write_json
 from .tuning import command_line, run_gate_study, storage_url
 
@@ -62,7 +64,7 @@ class Config:
 
     def __post_init__(self) -> None:
         if not isinstance(self.trials, int) or self.trials < 0:
-            raise ValueError(f"trials: must be an integer >= 0 (0: the default), got {self.trials!r}")
+            raise ConfigError("trials", f"must be an integer, at least 0 (0: the default; got {self.trials!r})")
         self.out, self.movielens_out = Path(self.out), Path(self.movielens_out)
         self.movielens_config()  # validates epochs and patience
 
@@ -180,6 +182,7 @@ def ratio_band(
 def load_trials(config: Config) -> dict[str, list[dict[str, Any]]]:
     """The MovieLens trials of the four gates, from (or by running) comet-movielens' Optuna studies."""
     ml = config.movielens_config()
+    data_dir(movielens.NAME)  # the data check, before any folder or Optuna database is made
     folder = ml.out / "quick" if ml.quick else ml.out
     folder.mkdir(parents=True, exist_ok=True)
     counts = comet_movielens.trial_counts(ml, ml.gates)
@@ -313,10 +316,7 @@ def render(results: dict[str, Any], checkpoints: list[int]) -> str:
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(len(SCORES), len(PAIRS), figsize=(11, 3.4 * len(SCORES)), squeeze=False)
     budgets = np.arange(1, results["trials_per_gate"] + 1)
@@ -339,4 +339,3 @@ def plot(results: dict[str, Any], path: Path) -> None:
     )
     fig.tight_layout()
     save_figure(fig, path, dpi=110)
-    plt.close(fig)

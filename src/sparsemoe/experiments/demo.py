@@ -55,7 +55,10 @@ class Config:
     """Options of ``sparsemoe demo`` (each field is a command-line option of the same name)."""
 
     quick: bool = field(default=False, metadata={"help": "a few epochs and one seed (smoke test); writes to OUT/quick"})
-    out: Path = field(default=Path("results/demo"), metadata={"help": "output folder"})
+    out: Path = field(
+        default=Path("sparsemoe-out/demo"),
+        metadata={"help": "output folder (untracked by git); --out results/demo regenerates the committed results"},
+    )
     seeds: int = field(default=3, metadata={"help": "seeds per gate; --quick uses 1", "min": 1})
     gates: list[str] = field(
         default_factory=gate_registry.trainable, metadata={"help": "gates to run; NAME+ adds local search"}
@@ -311,6 +314,9 @@ def run(config: Config) -> dict[str, Any]:
     if config.fresh:
         RunStore(out).clear()
     store = RunStore(out, asdict(config), selection=("quick", "out", "seeds", "gates", "fresh", "epochs"))
+    keys = [RunStore.key(gate=gate, seed=seed, epochs=epochs) for gate in gate_names for seed in range(seeds)]
+    if note := store.reuse_note(keys, "--fresh to retrain"):
+        console.print(note, soft_wrap=True)
     records = []
     with progress() as bar:
         task = bar.add_task("demo: training", total=len(gate_names) * seeds)

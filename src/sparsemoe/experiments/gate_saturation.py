@@ -27,11 +27,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._atomic import atomic_write_text, save_figure
+from .._atomic import atomic_write_text
 from ..layers import MoE
 from ..training import Callback, RandomBatches, TrainConfig, Trainer, train
+from .config import ConfigError
 from .progress import console, progress
-from .report import markdown_table, mean_std
+from .report import markdown_table, mean_std, pyplot, save_figure
 from .store import RunStore, write_json
 
 NAME = "gate-saturation"
@@ -61,14 +62,14 @@ class Config:
     def __post_init__(self) -> None:
         bad = [g for g in self.gates if g not in GATES]
         if bad or not self.gates:
-            raise ValueError(f"gates: choose one or more of {' '.join(GATES)}, got {self.gates}")
+            raise ConfigError("gates", f"choose one or more of {' '.join(GATES)} (got {self.gates})")
         for name in ("seeds", "steps", "num_experts", "k"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name}: must be a positive integer, got {getattr(self, name)!r}")
+                raise ConfigError(name, f"must be an integer, at least 1 (got {getattr(self, name)!r})")
         if any(g <= 0 for g in self.gammas) or not self.gammas:
-            raise ValueError(f"gammas: give positive values, got {self.gammas}")
+            raise ConfigError("gammas", f"give positive values (got {self.gammas})")
         if any(w < 0 for w in self.entropy_weights) or not self.entropy_weights:
-            raise ValueError(f"entropy_weights: give values >= 0, got {self.entropy_weights}")
+            raise ConfigError("entropy_weights", f"give values >= 0 (got {self.entropy_weights})")
         self.out = Path(self.out)
 
 
@@ -139,20 +140,25 @@ def run(config: Config) -> dict[str, Any]:
     out = config.out / "quick" if config.quick else config.out
     store = RunStore(out, asdict(config), selection=("quick", "out", "seeds", "gates", "gammas", "entropy_weights"))
     grid = list(itertools.product(config.gates, gammas, config.entropy_weights, range(seeds)))
+    keys = [
+        RunStore.key(
+            evals=len(EVAL_STEPS),
+            gate=gate,
+            gamma=gamma,
+            entropy=weight,
+            seed=seed,
+            steps=steps,
+            n=config.num_experts,
+            k=config.k,
+        )
+        for gate, gamma, weight, seed in grid
+    ]
+    if note := store.reuse_note(keys, "pass a new --out (or delete that folder) to retrain"):
+        console.print(note, soft_wrap=True)
     runs = []
     with progress() as bar:
         task = bar.add_task(f"{NAME}: runs", total=len(grid))
-        for gate, gamma, weight, seed in grid:
-            key = RunStore.key(
-                evals=len(EVAL_STEPS),
-                gate=gate,
-                gamma=gamma,
-                entropy=weight,
-                seed=seed,
-                steps=steps,
-                n=config.num_experts,
-                k=config.k,
-            )
+        for (gate, gamma, weight, seed), key in zip(grid, keys, strict=True):
             record = store.get(key)
             if record is None:
                 record = train_one(config, gate, gamma, weight, seed, steps)
@@ -298,10 +304,7 @@ def render(results: dict[str, Any]) -> str:
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     cfg = results["config"]
     gates = cfg["gates"]
@@ -341,4 +344,3 @@ def plot(results: dict[str, Any], path: Path) -> None:
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
     save_figure(fig, path, dpi=110)
-    plt.close(fig)

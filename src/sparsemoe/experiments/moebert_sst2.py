@@ -21,7 +21,6 @@ times one step of each kind. The full GLUE recipe (epochs over all
 from __future__ import annotations
 
 import copy
-import csv
 import math
 import statistics
 import time
@@ -34,15 +33,18 @@ import torch
 from torch import nn
 
 from .. import gates
-from .._atomic import atomic_path, atomic_write_text, save_figure
+from .._atomic import atomic_path, atomic_write_text
+from ..data import sst2
 from ..hf.convert import moefy
 from ..hf.importance import ffn_importance
 from ..hf.io import load_moefied, save_moefied
 from ..hf.train import Encoded, accuracy, eval_batches, train
 from ..layers import moe_layers
 from ..training import TrainConfig
-from .progress import progress
-from .store import RunStore, data_dir, write_json
+from .config import ConfigError
+from .progress import console, progress
+from .report import fmt_value, markdown_table, mean_std, pyplot, save_figure
+from .store import RunStore, write_json
 
 NAME = "moebert-sst2"
 LABELS = {0: "negative", 1: "positive"}
@@ -99,21 +101,19 @@ class Config:
             "throughput_rounds",
         ):
             if int(getattr(self, name)) < 1:
-                raise ValueError(
-                    f"{name} must be >= 1, got {getattr(self, name)}; pass --{name.replace('_', '-')} 1 or more"
-                )
+                raise ConfigError(name, f"must be at least 1 (got {getattr(self, name)})")
         for name in ("teacher_lr", "student_lr", "comet_gamma"):
             if not float(getattr(self, name)) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+                raise ConfigError(name, f"must be above 0 (got {getattr(self, name)})")
         for name in ("distill_weight", "comet_entropy", "topk_balance"):
             if float(getattr(self, name)) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+                raise ConfigError(name, f"must be at least 0 (got {getattr(self, name)})")
         if not self.gates:
-            raise ValueError("gates must name at least one gate, e.g. --gates hash comet")
+            raise ConfigError("gates", "name at least one gate, e.g. --gates hash comet")
         if not 0 <= self.search_fraction <= 1:
-            raise ValueError(f"search_fraction must lie in [0, 1], got {self.search_fraction}")
+            raise ConfigError("search_fraction", f"must lie in [0, 1] (got {self.search_fraction})")
         if self.shared > self.expert_dim:
-            raise ValueError(f"shared={self.shared} exceeds expert_dim={self.expert_dim}; lower --shared")
+            raise ConfigError("shared", f"{self.shared} exceeds --expert-dim {self.expert_dim}; lower --shared")
 
 
 QUICK: dict[str, Any] = {
@@ -139,12 +139,10 @@ def pretrained_path() -> Path:
 
 
 def read_split(path: Path, tokenizer: Any, max_length: int, rows: int | None = None) -> Encoded:
-    """``sentence<TAB>label`` with a header, tokenised (truncated to ``max_length``, unpadded)."""
-    with path.open(newline="") as f:
-        lines = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))[1:]
-    lines = lines[:rows] if rows else lines
-    ids = tokenizer([s.strip() for s, _ in lines], truncation=True, max_length=max_length)["input_ids"]
-    return Encoded(ids, [int(label) for _, label in lines])
+    """An SST-2 file (:func:`sparsemoe.data.sst2.read_tsv`) tokenised (truncated to ``max_length``, unpadded)."""
+    sentences, labels = sst2.read_tsv(path, rows)
+    ids = tokenizer(sentences, truncation=True, max_length=max_length)["input_ids"]
+    return Encoded(ids, labels)
 
 
 def _quick(config: Config) -> Config:
@@ -252,20 +250,23 @@ def run(config: Config) -> dict[str, Any]:
 
     config = _quick(config)
     out = config.out
+    paths = {split: sst2.split_path(split) for split in sst2.SPLITS}  # the data check: before anything is written
+    source = pretrained_path()
     store = RunStore(out, asdict(config), selection=("quick", "out", "seeds", "gates", "throughput_rounds"))
     models_dir, ckpt_dir = out / "models", out / "ckpt"
-    source = pretrained_path()
     tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
-    sst2 = data_dir("sst2")
     rows = QUICK_ROWS if config.quick else {}
-    train_set = read_split(sst2 / "train.tsv", tokenizer, config.max_length, rows.get("train"))
-    dev_set = read_split(sst2 / "dev.tsv", tokenizer, config.max_length, config.dev_rows + config.importance_rows)
-    test_set = read_split(sst2 / "test.tsv", tokenizer, config.max_length, rows.get("test"))
+    train_set = read_split(paths["train"], tokenizer, config.max_length, rows.get("train"))
+    dev_set = read_split(paths["dev"], tokenizer, config.max_length, config.dev_rows + config.importance_rows)
+    test_set = read_split(paths["test"], tokenizer, config.max_length, rows.get("test"))
     dev = eval_batches(dev_set.subset(range(config.dev_rows)))
     test = eval_batches(test_set)
     importance_batches = eval_batches(dev_set.subset(range(config.dev_rows, len(dev_set))), 32)
 
     runs = [(gate, seed) for gate in config.gates for seed in range(config.seeds)]
+    keys = ["dense", *(RunStore.key(gate=gate, seed=seed) for gate, seed in runs)]
+    if note := store.reuse_note(keys, "pass a new --out (or delete that folder) to retrain"):
+        console.print(note, soft_wrap=True)
     total_steps = config.teacher_steps + len(runs) * config.student_steps
     dense_dir = models_dir / "dense"
     with progress() as bars:
@@ -401,11 +402,6 @@ def run(config: Config) -> dict[str, Any]:
     return _report(config, store, timing)
 
 
-def _mean_std(values: list[float]) -> tuple[float, float | None]:
-    """Mean and sample std (``None`` for a single run: no spread was measured)."""
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
-
-
 def _report(config: Config, store: RunStore, timing: dict[str, Any]) -> dict[str, Any]:
     records = [r for r in store if "model" in r]
     summary: dict[str, dict[str, Any]] = {}
@@ -413,10 +409,10 @@ def _report(config: Config, store: RunStore, timing: dict[str, Any]) -> dict[str
         rows = [r for r in records if r["model"] == name]
         if not rows:
             continue
-        mean, std = _mean_std([r["test_accuracy"] for r in rows])
+        accuracy = mean_std([r["test_accuracy"] for r in rows])
         summary[name] = {
-            "accuracy": mean,
-            "accuracy_std": std,
+            "accuracy": accuracy["mean"],
+            "accuracy_std": accuracy["std"] if accuracy["n"] > 1 else None,  # one run: no spread measured
             "seeds": len(rows),
             "params": rows[0]["params"],
             "active_params_per_token": statistics.fmean(r["active_params_per_token"] for r in rows),
@@ -459,26 +455,37 @@ def _details(summary: dict[str, dict[str, Any]], records: list[dict[str, Any]]) 
     return out
 
 
-def _fmt(value: float | None, digits: int = 2) -> str:
-    return "n/a" if value is None else f"{value:.{digits}f}"
-
-
 def _table(config: Config, summary: dict[str, dict[str, Any]], details: dict[str, dict[str, Any]]) -> None:
     title = f"# {NAME}{' (quick smoke run: numbers mean nothing)' if config.quick else ''}\n\n"
-    lines = [
-        "| model | test accuracy % (mean ± std) | − teacher | seeds | seeds > 1 point below teacher | params "
-        "| active params / token | experts / token | sentences/s | train min (all seeds) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+    headers = [
+        "model",
+        "test accuracy % (mean ± std)",
+        "− teacher",
+        "seeds",
+        "seeds > 1 point below teacher",
+        "params",
+        "active params / token",
+        "experts / token",
+        "sentences/s",
+        "train min (all seeds)",
     ]
-    for name, s in summary.items():
-        d = details[name]
-        delta = "" if d["vs_teacher"] is None else f"{d['vs_teacher']:+.2f}"
-        below = "" if d["seeds_over_1_point_below"] is None else f"{d['seeds_over_1_point_below']}/{s['seeds']}"
-        lines.append(
-            f"| {name} | {s['accuracy']:.2f} ± {_fmt(s['accuracy_std'])} | {delta} | {s['seeds']} | {below} "
-            f"| {s['params'] / 1e6:.2f}M | {s['active_params_per_token'] / 1e6:.2f}M "
-            f"| {_fmt(d['experts_per_token'])} | {_fmt(s['sentences_per_second'], 1)} | {d['train_minutes']:.1f} |"
-        )
+    rows = [
+        [
+            name,
+            f"{s['accuracy']:.2f} ± {fmt_value(s['accuracy_std'])}",
+            "" if details[name]["vs_teacher"] is None else f"{details[name]['vs_teacher']:+.2f}",
+            s["seeds"],
+            ""
+            if details[name]["seeds_over_1_point_below"] is None
+            else f"{details[name]['seeds_over_1_point_below']}/{s['seeds']}",
+            f"{s['params'] / 1e6:.2f}M",
+            f"{s['active_params_per_token'] / 1e6:.2f}M",
+            fmt_value(details[name]["experts_per_token"]),
+            fmt_value(s["sentences_per_second"], 1),
+            f"{details[name]['train_minutes']:.1f}",
+        ]
+        for name, s in summary.items()
+    ]
     total = sum(d["train_minutes"] for d in details.values())
     note = (
         f"\nSST-2 test.tsv (GLUE validation, {QUICK_ROWS['test'] if config.quick else 872} sentences); "
@@ -490,14 +497,11 @@ def _table(config: Config, summary: dict[str, dict[str, Any]], details: dict[str
         f"Single-thread training time of the whole study: {total:.0f} min (each run's training time on one thread, "
         f"added up; runs in parallel processes overlap in wall clock).\n"
     )
-    atomic_write_text(config.out / "table.md", title + "\n".join(lines) + "\n" + note)
+    atomic_write_text(config.out / "table.md", title + markdown_table(headers, rows) + note)
 
 
 def _plot(config: Config, summary: dict[str, dict[str, Any]], threads: int) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     names = list(summary)
     fig, (ax_acc, ax_speed) = plt.subplots(1, 2, figsize=(10, 4.6), layout="constrained")
@@ -524,4 +528,3 @@ def _plot(config: Config, summary: dict[str, dict[str, Any]], threads: int) -> N
     fig.legend(loc="outside lower center", ncols=2, frameon=False)
     fig.suptitle(f"MoEBERT on SST-2, MiniLM-L6, 4 experts{' (quick smoke run)' if config.quick else ''}")
     save_figure(fig, config.out / "accuracy_throughput.png", dpi=120)
-    plt.close(fig)

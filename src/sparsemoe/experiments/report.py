@@ -1,12 +1,26 @@
-"""Tables and summaries for experiment results."""
+"""What every experiment's report is made of: one ``mean_std``, number formats, Markdown tables, figures.
+
+Each study lays out its own tables and plots (they read its results' structure) from these pieces, so
+summary statistics and formats cannot drift apart between studies. matplotlib is imported only when a
+figure is drawn (through :func:`pyplot`), on the Agg backend: the experiments write PNG files and need
+no display.
+"""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from .. import _atomic
+
+if TYPE_CHECKING:
+    from types import ModuleType
+
+    from matplotlib.figure import Figure
 
 
 def mean_std(values: Sequence[float]) -> dict[str, float]:
@@ -29,8 +43,29 @@ def fmt(stat: dict[str, float], digits: int = 4) -> str:
     return f"{stat['mean']:.{digits}f}"
 
 
+def fmt_value(value: float | None, digits: int = 2) -> str:
+    """``value`` with ``digits`` decimals, or ``n/a`` where nothing was measured (``None``)."""
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A GitHub-flavoured Markdown table."""
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
+
+
+def pyplot() -> ModuleType:
+    """``matplotlib.pyplot`` on the Agg backend (figures go to files)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig: Figure, path: str | Path, dpi: int) -> None:
+    """Write ``fig`` to ``path`` atomically and close it (pyplot keeps every open figure alive otherwise)."""
+    _atomic.save_figure(fig, path, dpi=dpi)
+    pyplot().close(fig)

@@ -19,18 +19,9 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from .._atomic import atomic_write_text, write_json
+from .._atomic import write_json
 
-__all__ = ["RunStore", "atomic_write_text", "write_json"]
-
-
-def __getattr__(name: str) -> Any:
-    """``data_dir`` and ``DATA_ENV`` moved to ``sparsemoe.data``; the old import path still finds them."""
-    if name in ("data_dir", "DATA_ENV"):
-        from ..data import _paths
-
-        return getattr(_paths, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__all__ = ["RunStore", "write_json"]
 
 
 class RunStore:
@@ -83,6 +74,16 @@ class RunStore:
     def get(self, key: str) -> dict[str, Any] | None:
         path = self.path(key)
         return json.loads(path.read_text()) if path.exists() else None
+
+    def reuse_note(self, keys: Iterable[str], retrain: str) -> str | None:
+        """What a rerun reuses: ``"reusing 5 saved runs (in <folder>); <retrain>"``, or ``None`` when nothing is saved.
+
+        ``retrain`` says how to train them again instead (``"--fresh to retrain"``).
+        """
+        reused = sum(self.path(key).exists() for key in keys)
+        if not reused:
+            return None
+        return f"reusing {reused} saved run{'' if reused == 1 else 's'} (in {self.runs_dir}); {retrain}"
 
     def put(self, key: str, record: dict[str, Any]) -> None:
         write_json(self.path(key), record)

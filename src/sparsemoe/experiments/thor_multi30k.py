@@ -24,7 +24,6 @@ all models, which trains nothing and writes the combined tables.
 from __future__ import annotations
 
 import math
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -34,14 +33,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._atomic import atomic_write_text, save_figure
+from .._atomic import atomic_write_text
 from ..data import multi30k as m30k
-from ..models.decoding import beam_search, greedy_decode
+from ..data.multi30k import Corpus
+from ..models.decoding import translate
 from ..models.transformer import MultiHeadAttention, Seq2SeqTransformer, TransformerConfig
 from ..thor import consistency_terms, symmetric_kl, thor_inference, thor_layers, thor_training_loss
 from ..training import Batches, Callback, ProgressBar, TrainConfig, Trainer
-from .progress import progress
-from .store import RunStore, data_dir, write_json
+from .config import ConfigError
+from .progress import console, progress
+from .report import markdown_table, mean_std, pyplot, save_figure
+from .store import RunStore, write_json
 
 NAME = "thor-multi30k"
 MODELS = ("dense", "switch", "thor")
@@ -86,19 +88,19 @@ class Config:
         self.out = Path(self.out)
         unknown = sorted(set(self.models) - set(MODELS))
         if unknown or not self.models:
-            raise ValueError(f"models: unknown {unknown}; choose from {', '.join(MODELS)}")
+            raise ConfigError("models", f"unknown {unknown}; choose from {', '.join(MODELS)}")
         for name in ("seeds", "vocab_size", "d_model", "layers", "heads", "d_hidden", "num_experts", "batch_tokens"):
             if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(name, f"must be at least 1 (got {getattr(self, name)})")
         for name in ("steps", "eval_every", "checkpoint_every", "beam"):
             if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(name, f"must be at least 1 (got {getattr(self, name)})")
         if self.thor_mode not in THOR_MODES:
-            raise ValueError(f"thor_mode must be one of {', '.join(THOR_MODES)}, got {self.thor_mode!r}")
+            raise ConfigError("thor_mode", f"must be one of {', '.join(THOR_MODES)} (got {self.thor_mode!r})")
         if not 0.0 <= self.label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+            raise ConfigError("label_smoothing", f"must lie in [0, 1) (got {self.label_smoothing})")
         if self.d_model % self.heads:
-            raise ValueError(f"d_model={self.d_model} must be divisible by heads={self.heads}")
+            raise ConfigError("d_model", f"{self.d_model} must be divisible by --heads {self.heads}")
 
 
 def _effective(config: Config) -> Config:
@@ -114,28 +116,13 @@ def _effective(config: Config) -> Config:
 
 
 # ------------------------------------------------------------------------------------------- data
-@dataclass
-class Corpus:
-    tokenizer: m30k.SubwordTokenizer
-    train: m30k.ParallelData
-    val: m30k.ParallelData
-    test: m30k.ParallelData
-
-
 def _corpus(c: Config) -> Corpus:
-    folder = data_dir("multi30k")
-    limit = 400 if c.quick else None
-    eval_limit = 24 if c.quick else None
-    tokenizer = m30k.train_tokenizer(folder, c.out / "cache", c.vocab_size, max_sentences=limit)
-    return Corpus(
-        tokenizer,
-        m30k.encode_split(folder, "train", tokenizer, limit),
-        m30k.encode_split(folder, "val", tokenizer, eval_limit),
-        m30k.encode_split(folder, "test", tokenizer, eval_limit),
-    )
+    """The study's corpus: quick runs read 400 training and 24 val/test pairs."""
+    return m30k.load_corpus(c.out / "cache", c.vocab_size, 400 if c.quick else None, 24 if c.quick else None)
 
 
-def _model(c: Config, kind: str, vocab: int, seed: int) -> Seq2SeqTransformer:
+def build_model(c: Config, kind: str, vocab: int, seed: int) -> Seq2SeqTransformer:
+    """The study's ``kind`` model (dense, switch or thor), initialised from ``seed`` (the benchmark builds it too)."""
     torch.manual_seed(seed)
     gate, gate_options = MODEL_GATES[kind]
     switch = kind == "switch"
@@ -167,60 +154,10 @@ def _lr_factor(step: int, c: Config) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(progress_, 1.0)))
 
 
-class BatchOrder:
-    """The batch of each update: a pure function of (seed, update), so a resumed run replays the order.
-
-    Epoch ``e`` is shuffled with seed ``seed * 1000 + e``; epochs are built once and kept.
-    """
-
-    def __init__(self, c: Config, corpus: Corpus, seed: int) -> None:
-        self.c, self.corpus, self.seed = c, corpus, seed
-        self.epochs: list[list[list[int]]] = []
-
-    def _epoch(self, epoch: int) -> list[list[int]]:
-        while len(self.epochs) <= epoch:
-            generator = torch.Generator().manual_seed(self.seed * 1000 + len(self.epochs))
-            self.epochs.append(m30k.token_batches(self.corpus.train, self.c.batch_tokens, generator))
-        return self.epochs[epoch]
-
-    def __call__(self, step: int) -> list[int]:
-        epoch, offset = 0, step
-        while offset >= len(self._epoch(epoch)):
-            offset -= len(self._epoch(epoch))
-            epoch += 1
-        return self._epoch(epoch)[offset]
-
-
-# ------------------------------------------------------------------------------------------- decoding
-def translate(
-    model: Seq2SeqTransformer,
-    corpus: Corpus,
-    data: m30k.ParallelData,
-    *,
-    beam: int = 1,
-    length_penalty: float = 0.6,
-    batch_sentences: int = 100,
-) -> list[str]:
-    """Detokenised translations of ``data.src`` (greedy when ``beam == 1``), in corpus order."""
-    out: list[str] = [""] * len(data)
-    order = sorted(range(len(data)), key=lambda i: len(data.src[i]))
-    for start in range(0, len(order), batch_sentences):
-        idx = order[start : start + batch_sentences]
-        src = m30k.pad_batch([data.src[i] for i in idx], eos=True)
-        ids = torch.tensor(idx, dtype=torch.long)
-        if beam == 1:
-            hyps = greedy_decode(model, src, bos_id=m30k.BOS_ID, eos_id=m30k.EOS_ID, sentence_ids=ids)
-        else:
-            hyps = beam_search(
-                model, src, bos_id=m30k.BOS_ID, eos_id=m30k.EOS_ID, beam=beam, alpha=length_penalty, sentence_ids=ids
-            )
-        for i, text in zip(idx, corpus.tokenizer.decode(hyps), strict=True):
-            out[i] = text
-    return out
-
-
+# ------------------------------------------------------------------------------------------- evaluation
 def _bleu(model: Seq2SeqTransformer, corpus: Corpus, data: m30k.ParallelData, beam: int, lp: float) -> float:
-    return m30k.corpus_bleu(translate(model, corpus, data, beam=beam, length_penalty=lp), data.tgt_text)[0]
+    hypotheses = translate(model, corpus.tokenizer, data, beam=beam, length_penalty=lp)
+    return m30k.corpus_bleu(hypotheses, data.tgt_text)[0]
 
 
 def _dropout_only(model: nn.Module) -> None:
@@ -283,10 +220,10 @@ def _agreement(model: Seq2SeqTransformer, kind: str, corpus: Corpus, seed: int) 
         if kind == "thor":
             model.eval()
             with thor_inference(model, "random-token", seed=1000 + draw):
-                hyps.append(translate(model, corpus, corpus.test))
+                hyps.append(translate(model, corpus.tokenizer, corpus.test))
         else:
             _dropout_only(model)
-            hyps.append(translate(model, corpus, corpus.test))
+            hyps.append(translate(model, corpus.tokenizer, corpus.test))
     model.eval()
     if kind == "thor":
         result["kl_experts_only"] = _pass_kl(
@@ -328,16 +265,16 @@ def _mode(model: Seq2SeqTransformer, mode: str, seed: int) -> Any:
 
 
 class _Epochs(Batches):
-    """A :class:`BatchOrder` as the training loop's batch order (epoch ``e``: its batches)."""
+    """A :class:`~sparsemoe.data.multi30k.BatchOrder` as the training loop's batch order."""
 
-    def __init__(self, order: BatchOrder, c: Config) -> None:
-        self.order, self.c = order, c
+    def __init__(self, order: m30k.BatchOrder) -> None:
+        self.order = order
 
     def epoch(self, index: int) -> list[list[int]]:
-        return self.order._epoch(index)
+        return self.order.epoch(index)
 
     def describe(self) -> dict[str, Any]:
-        return {"seed": self.order.seed, "batch_tokens": self.c.batch_tokens, "sentences": len(self.order.corpus.train)}
+        return {"seed": self.order.seed, "batch_tokens": self.order.batch_tokens, "sentences": len(self.order.data)}
 
 
 class _LogEvaluation(Callback):
@@ -357,7 +294,7 @@ _POINT = ("step", "train_ce", "train_loss", "train_kl", "val_ce", "val_bleu_gree
 
 def train_run(c: Config, corpus: Corpus, kind: str, seed: int, ckpt: Path) -> dict[str, Any]:
     """Train one model for ``c.steps`` updates (resuming from ``ckpt``) and evaluate it."""
-    model = _model(c, kind, corpus.tokenizer.vocab_size, seed)
+    model = build_model(c, kind, corpus.tokenizer.vocab_size, seed)
 
     def loss(idx: list[int]) -> dict[str, torch.Tensor]:
         src = m30k.pad_batch([corpus.train.src[i] for i in idx], eos=True)
@@ -393,7 +330,7 @@ def train_run(c: Config, corpus: Corpus, kind: str, seed: int, ckpt: Path) -> di
         trainer = Trainer(
             model,
             loss,
-            _Epochs(BatchOrder(c, corpus, seed), c),
+            _Epochs(m30k.BatchOrder(corpus.train, c.batch_tokens, seed)),
             config,
             evaluate=evaluate,
             optimizer=lambda m, cfg: torch.optim.Adam(m.parameters(), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-8),
@@ -431,14 +368,6 @@ def _evaluate(model: Seq2SeqTransformer, kind: str, corpus: Corpus, c: Config, s
 
 
 # ------------------------------------------------------------------------------------------- reporting
-def _mean_std(values: list[float]) -> dict[str, float]:
-    return {
-        "mean": statistics.fmean(values),
-        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-        "n": len(values),
-    }
-
-
 def _summaries(c: Config, runs: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
     by_model: dict[str, Any] = {}
     summary_json: dict[str, Any] = {}
@@ -448,12 +377,12 @@ def _summaries(c: Config, runs: list[dict[str, Any]]) -> tuple[dict[str, Any], d
             continue
         default = c.thor_mode if kind == "thor" else "deterministic"
         modes = {
-            mode: {split: _mean_std([r["bleu"][mode][split] for r in rs]) for split in ("val", "test")}
+            mode: {split: mean_std([r["bleu"][mode][split] for r in rs]) for split in ("val", "test")}
             for mode in rs[0]["bleu"]
         }
-        agreement = {key: _mean_std([r["agreement"][key] for r in rs]) for key in rs[0]["agreement"]}
+        agreement = {key: mean_std([r["agreement"][key] for r in rs]) for key in rs[0]["agreement"]}
         hours = [r["train_seconds"] / 3600 for r in rs]
-        by_model[kind] = {"bleu": modes, "agreement": agreement, "train_hours_per_run": _mean_std(hours)}
+        by_model[kind] = {"bleu": modes, "agreement": agreement, "train_hours_per_run": mean_std(hours)}
         summary_json[kind] = {
             "test_bleu": modes[default]["test"]["mean"],
             "test_bleu_std": modes[default]["test"]["std"],
@@ -503,21 +432,30 @@ def _table(
         f"training time on one thread added over the model's runs (runs in parallel processes overlap in wall "
         f"clock); THOR does two forward/backward passes per update. " + " ".join(_merged_runs(c, runs or [])),
         "",
-        "| model | inference | val BLEU | test BLEU | seeds | params | active params/token | train h |",
-        "|---|---|---|---|---|---|---|---|",
     ]
-    for kind, s in by_model.items():
-        for mode, b in s["bleu"].items():
-            star = " (default)" if kind == "thor" and mode == summary[kind]["inference_mode"] else ""
-            lines.append(
-                f"| {kind} | {mode}{star} | {b['val']['mean']:.2f} ± {b['val']['std']:.2f} | "
-                f"{b['test']['mean']:.2f} ± {b['test']['std']:.2f} | {b['test']['n']} | {summary[kind]['params']:,} | "
-                f"{summary[kind]['active_params_per_token']:,} | {summary[kind]['train_hours']:.2f} |"
-            )
-    lines += ["", "**Agreement of two stochastic passes**", "", "| model | measure | mean ± std |", "|---|---|---|"]
-    for kind, s in by_model.items():
-        for key, v in s["agreement"].items():
-            lines.append(f"| {kind} | {key} | {v['mean']:.4f} ± {v['std']:.4f} |")
+    rows = [
+        [
+            kind,
+            f"{mode}{' (default)' if kind == 'thor' and mode == summary[kind]['inference_mode'] else ''}",
+            f"{b['val']['mean']:.2f} ± {b['val']['std']:.2f}",
+            f"{b['test']['mean']:.2f} ± {b['test']['std']:.2f}",
+            b["test"]["n"],
+            f"{summary[kind]['params']:,}",
+            f"{summary[kind]['active_params_per_token']:,}",
+            f"{summary[kind]['train_hours']:.2f}",
+        ]
+        for kind, s in by_model.items()
+        for mode, b in s["bleu"].items()
+    ]
+    headers = ["model", "inference", "val BLEU", "test BLEU", "seeds", "params", "active params/token", "train h"]
+    lines.append(markdown_table(headers, rows).rstrip("\n"))
+    agreement = [
+        [kind, key, f"{v['mean']:.4f} ± {v['std']:.4f}"]
+        for kind, s in by_model.items()
+        for key, v in s["agreement"].items()
+    ]
+    lines += ["", "**Agreement of two stochastic passes**", ""]
+    lines.append(markdown_table(["model", "measure", "mean ± std"], agreement).rstrip("\n"))
     lines += [
         "",
         "kl_*: mean symmetric KL (nats) per val target token between two teacher-forced passes "
@@ -531,7 +469,7 @@ def _table(
 def _plot(c: Config, runs: list[dict[str, Any]], path: Path) -> None:
     """Curves per run: colour = system, marker = seed, solid = train / dashed = val. The legends
     name each system once and give the seed and split keys separately."""
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     from matplotlib.lines import Line2D
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -563,7 +501,6 @@ def _plot(c: Config, runs: list[dict[str, Any]], path: Path) -> None:
     fig.suptitle(f"THOR / Switch / dense on Multi30k En-De{' — quick smoke run' if c.quick else ''}")
     fig.tight_layout()
     save_figure(fig, path, dpi=120)
-    plt.close(fig)
 
 
 def run(config: Config) -> dict[str, Any]:
@@ -571,6 +508,9 @@ def run(config: Config) -> dict[str, Any]:
     c = _effective(config)
     corpus = _corpus(c)
     store = RunStore(c.out, asdict(c), selection=("quick", "out", "seeds", "models", "thor_mode"))
+    keys = [store.key(model=kind, seed=seed) for kind in c.models for seed in range(c.seeds)]
+    if note := store.reuse_note(keys, "pass a new --out (or delete that folder) to retrain"):
+        console.print(note, soft_wrap=True)
     for kind in c.models:
         for seed in range(c.seeds):
             key = store.key(model=kind, seed=seed)

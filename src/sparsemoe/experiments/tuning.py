@@ -25,10 +25,11 @@ from typing import Any
 import numpy as np
 
 from .. import gates
-from .._atomic import atomic_write_text, save_figure
+from .._atomic import atomic_write_text
 from ..training import fit
+from .config import ConfigError
 from .progress import console, progress
-from .report import fmt, markdown_table, mean_std
+from .report import fmt, markdown_table, mean_std, pyplot, save_figure
 from .store import RunStore, write_json
 
 #: one trained model: ``{"val_loss": float, "val": {metric: v}, "test": {metric: v}, "seconds": float, ...}``
@@ -92,14 +93,14 @@ def check_study_config(config: Any, gates_allowed: tuple[str, ...]) -> None:
     """Validation shared by the tuning experiments' ``Config.__post_init__``."""
     unknown = [g for g in config.gates if g not in gates_allowed]
     if unknown:
-        raise ValueError(f"gates: unknown {unknown}; choose from {' '.join(gates_allowed)}")
+        raise ConfigError("gates", f"unknown {unknown}; choose from {' '.join(gates_allowed)}")
     if not config.gates:
-        raise ValueError("gates: give at least one gate")
+        raise ConfigError("gates", "give at least one gate")
     for name in ("trials", "seeds", "epochs", "patience"):
         value = getattr(config, name, 0)
         low = 1 if name in ("seeds", "epochs") else 0
         if not isinstance(value, int) or value < low:
-            raise ValueError(f"{name}: must be an integer >= {low}, got {value!r}")
+            raise ConfigError(name, f"must be an integer, at least {low} (got {value!r})")
     config.out = Path(config.out)
 
 
@@ -250,6 +251,8 @@ def run_gate_study(problem: Problem, gate: str, trials: int, storage: str, advan
         if t.state.is_finished() and "record" in t.user_attrs and t.datetime_start and t.datetime_complete:
             times = {"started": t.datetime_start.timestamp(), "finished": t.datetime_complete.timestamp()}
             done.setdefault(t.user_attrs["record"]["number"], {**t.user_attrs["record"], **times})
+    if reused := sum(slot in done for slot in range(trials)):
+        console.print(f"{gate}: reusing {reused} finished trials ({storage}); pass a new --out to search again")
     for slot in range(trials):
         if slot not in done:
             done[slot] = _run_trial(study, problem, gate, slot)
@@ -457,10 +460,7 @@ def _mean_curve(curves: list[list[float]]) -> list[float]:
 def plot_saturation(results: dict[str, Any], path: Path) -> None:
     """Experts computed per input after each epoch, each seed of the best configuration (and of the best
     configuration that reached k, where that is another one), for the learned sparse gates."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     gates = [g for g in results["best_runs"] if _learns_sparsity(g)]
     k = results["config"].get("k")
@@ -512,7 +512,6 @@ def plot_saturation(results: dict[str, Any], path: Path) -> None:
         )
     fig.tight_layout()
     save_figure(fig, path, dpi=110)
-    plt.close(fig)
 
 
 def _sem(stat: dict[str, float], digits: int = 4) -> str:
@@ -640,10 +639,7 @@ def _gamma_table(results: dict[str, Any]) -> str:
 
 def plot_results(results: dict[str, Any], metrics: list[tuple[str, str, bool]], path: Path) -> None:
     """Headline metric per gate (top-5% and best-config) and the validation-loss spread of all trials."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     key, label, _ = metrics[0]
     summary, trials = results["summary"], results["trials"]
@@ -667,4 +663,3 @@ def plot_results(results: dict[str, Any], metrics: list[tuple[str, str, bool]], 
     ax2.set_title("random-search trials")
     fig.tight_layout()
     save_figure(fig, path, dpi=110)
-    plt.close(fig)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from ..data.multi30k import BOS_ID, EOS_ID, ParallelData, SubwordTokenizer, pad_batch
 from .transformer import LayerCache, Seq2SeqTransformer
 
 
@@ -146,3 +147,34 @@ def beam_search(
         _reorder(cache, index)
         scores = new_scores
     return [max(f, key=lambda pair: pair[0])[1] if f else [] for f in finished]
+
+
+def translate(
+    model: Seq2SeqTransformer,
+    tokenizer: SubwordTokenizer,
+    data: ParallelData,
+    *,
+    beam: int = 1,
+    length_penalty: float = 0.6,
+    batch_sentences: int = 100,
+) -> list[str]:
+    """Detokenised translations of ``data.src`` (greedy when ``beam == 1``), in corpus order.
+
+    Sentences are decoded in batches of similar length (less padding); ``sentence_ids`` are the
+    corpus indices, so per-sentence expert draws do not depend on the batching.
+    """
+    out: list[str] = [""] * len(data)
+    order = sorted(range(len(data)), key=lambda i: len(data.src[i]))
+    for start in range(0, len(order), batch_sentences):
+        idx = order[start : start + batch_sentences]
+        src = pad_batch([data.src[i] for i in idx], eos=True)
+        ids = torch.tensor(idx, dtype=torch.long)
+        if beam == 1:
+            hyps = greedy_decode(model, src, bos_id=BOS_ID, eos_id=EOS_ID, sentence_ids=ids)
+        else:
+            hyps = beam_search(
+                model, src, bos_id=BOS_ID, eos_id=EOS_ID, beam=beam, alpha=length_penalty, sentence_ids=ids
+            )
+        for i, text in zip(idx, tokenizer.decode(hyps), strict=True):
+            out[i] = text
+    return out
