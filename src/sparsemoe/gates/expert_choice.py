@@ -56,8 +56,9 @@ class ExpertChoiceGate(Gate):
 
     def capacity(self, num_inputs: int) -> int:
         """``C``: how many of ``num_inputs`` inputs each expert takes (at most all of them)."""
-        share = self.capacity_factor * self.k / self.num_experts
-        return num_inputs if math.isinf(share) else min(num_inputs, math.ceil(share * num_inputs))
+        if self.capacity_factor == math.inf:  # a float comparison: torch.compile traces it (math.isinf it does not)
+            return num_inputs
+        return min(num_inputs, math.ceil(self.capacity_factor * self.k / self.num_experts * num_inputs))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, capacity_factor={self.capacity_factor}"
