@@ -5,10 +5,10 @@ of :class:`TrainConfig` or a :class:`Callback`. :func:`fit` is the common case (
 rows, the best validation epoch restored).
 """
 
-from .callbacks import Callback, MetricsLog, ProgressBar, TensorBoardLog
+from .callbacks import MetricsLog, ProgressBar, TensorBoardLog
 from .config import TrainConfig
 from .data import Batches, RandomBatches, ShardedBatches, minibatches
-from .loop import Trainer, TrainResult, adam, fit, train
+from .loop import Callback, Trainer, TrainResult, adam, fit, train
 
 __all__ = [
     "Batches",

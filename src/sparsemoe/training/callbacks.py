@@ -1,10 +1,8 @@
-"""Hooks of the training loop: a :class:`Callback` base and the standard ones (progress bar, metrics
-log as JSONL/CSV, TensorBoard).
+"""The standard hooks of the training loop: progress bar, metrics log as JSONL/CSV, TensorBoard.
 
-A callback subclasses :class:`Callback` and overrides the moments it needs; each receives the running
-:class:`~sparsemoe.training.Trainer` (its ``step``, ``epoch``, ``history``, ``model``, ``optimizer``...).
-``after_optimizer_step`` is the place for updates that must follow every real optimiser step and
-never a skipped one (e.g. the bias updates of loss-free load balancing).
+Each is a :class:`~sparsemoe.training.Callback` (defined beside the loop that calls it) and overrides
+the moments it needs; each receives the running :class:`~sparsemoe.training.Trainer` (its ``step``,
+``epoch``, ``history``, ``model``, ``optimizer``...).
 """
 
 from __future__ import annotations
@@ -17,36 +15,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .._atomic import atomic_write_text
+from .loop import Callback, Trainer, TrainResult
 
 if TYPE_CHECKING:
     from rich.progress import Progress, TaskID
-
-    from .loop import Trainer, TrainResult
-
-
-class Callback:
-    """No-op hooks, called in this order: ``on_train_start``; per step ``after_optimizer_step`` (not
-    for steps skipped by the NaN policy), ``on_step_end``; ``on_evaluate`` after each evaluation
-    (``record`` is the new history entry; the best weights are already updated); ``on_epoch_end``;
-    ``on_train_end`` with the result (best weights restored)."""
-
-    def on_train_start(self, trainer: Trainer) -> None:
-        """Before the first step of this call (after a resume has restored the state)."""
-
-    def after_optimizer_step(self, trainer: Trainer) -> None:
-        """Right after the optimiser step and the scheduler step."""
-
-    def on_step_end(self, trainer: Trainer) -> None:
-        """After every step, skipped ones included (``trainer.last_loss`` is its loss)."""
-
-    def on_evaluate(self, trainer: Trainer, record: dict[str, Any]) -> None:
-        """After each evaluation."""
-
-    def on_epoch_end(self, trainer: Trainer) -> None:
-        """After the last batch of an epoch (and its evaluation, when evaluating per epoch)."""
-
-    def on_train_end(self, trainer: Trainer, result: TrainResult) -> None:
-        """After training, before :meth:`Trainer.run` returns."""
 
 
 def total_steps(trainer: Trainer) -> int:

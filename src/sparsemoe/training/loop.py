@@ -38,7 +38,6 @@ from torch import nn
 from .._validation import check_int
 from ..checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from ..gates import update_balance
-from .callbacks import Callback
 from .config import SchedulerFactory, TrainConfig
 from .data import Batches, RandomBatches
 
@@ -120,6 +119,34 @@ def _split_loss(out: object) -> tuple[torch.Tensor, dict[str, torch.Tensor | flo
     if not out.requires_grad:
         raise TypeError("the loss callable returned a tensor that does not require grad: nothing would be trained")
     return out, terms
+
+
+class Callback:
+    """Hooks of the loop; subclass and override the moments you need. ``after_optimizer_step`` is the
+    place for updates that must follow every real optimiser step and never a skipped one.
+
+    No-op hooks, called in this order: ``on_train_start``; per step ``after_optimizer_step`` (not
+    for steps skipped by the NaN policy), ``on_step_end``; ``on_evaluate`` after each evaluation
+    (``record`` is the new history entry; the best weights are already updated); ``on_epoch_end``;
+    ``on_train_end`` with the result (best weights restored)."""
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        """Before the first step of this call (after a resume has restored the state)."""
+
+    def after_optimizer_step(self, trainer: Trainer) -> None:
+        """Right after the optimiser step and the scheduler step."""
+
+    def on_step_end(self, trainer: Trainer) -> None:
+        """After every step, skipped ones included (``trainer.last_loss`` is its loss)."""
+
+    def on_evaluate(self, trainer: Trainer, record: dict[str, Any]) -> None:
+        """After each evaluation."""
+
+    def on_epoch_end(self, trainer: Trainer) -> None:
+        """After the last batch of an epoch (and its evaluation, when evaluating per epoch)."""
+
+    def on_train_end(self, trainer: Trainer, result: TrainResult) -> None:
+        """After training, before :meth:`Trainer.run` returns."""
 
 
 class Trainer:
