@@ -19,7 +19,7 @@ import torch
 from sparsemoe.data import sst2
 from sparsemoe.experiments.moebert_sst2 import pretrained_path, read_split
 from sparsemoe.hf import moefy
-from sparsemoe.hf.train import _loss, batch_rows, collate
+from sparsemoe.hf.train import batch_rows, collate, distillation_loss
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
         for name, model in models.items():
             start = time.perf_counter()
             student = dense if model is None else model
-            loss = _loss(student, None if model is None else teacher, batch, 1.0)
+            loss = distillation_loss(student, None if model is None else teacher, batch, 1.0)
             optimizers[name].zero_grad(set_to_none=True)
             loss.backward()
             optimizers[name].step()

@@ -181,7 +181,7 @@ def train(
     path = config.checkpoint_path
     result = Trainer(
         model,
-        lambda rows: _loss(model, teacher, collate(data, rows), distill_weight),
+        lambda rows: distillation_loss(model, teacher, collate(data, rows), distill_weight),
         RowBatches(len(data), config.batch_size, config.seed),
         config,
         evaluate=None if dev is None else (lambda: {"dev": accuracy(model, dev)}),
@@ -196,9 +196,11 @@ def train(
     }
 
 
-def _loss(
+def distillation_loss(
     model: nn.Module, teacher: nn.Module | None, batch: dict[str, torch.Tensor], distill_weight: float
 ) -> torch.Tensor:
+    """MoEBERT's training loss of one batch: cross-entropy plus the aux losses, and with a teacher
+    ``distill_weight`` × (hidden-state MSE + prediction KL)."""
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     out = model(**inputs, output_hidden_states=teacher is not None)
     loss = F.cross_entropy(out.logits.float(), batch["labels"]) + aux_loss(model)
