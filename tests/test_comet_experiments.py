@@ -141,7 +141,8 @@ def test_gate_saturation_quick(tmp_path) -> None:
     assert _results(tmp_path / "gs" / "quick")["config"]["steps"] == 200
     (run,) = results["runs"]
     assert run["curve"][0] == [0, 16.0]  # untrained: every expert for every input (the init is soft)
-    assert 1.0 <= run["final_experts"] <= 16.0
+    assert 1.0 <= run["final_experts"] <= 16.0 and 1.0 <= run["test_experts"] <= 16.0
+    assert 0.0 <= run["val_accuracy"] <= 1.0 and 0.0 <= run["test_accuracy"] <= 1.0
     assert [s for s, _ in run["curve"]] == [0, 5, 10, 20, 30, 50, 75, 100, 150, 200]
     with pytest.raises(ValueError, match="gates"):
         gate_saturation.Config(gates=["topk"])

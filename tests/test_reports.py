@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from sparsemoe.experiments import gate_saturation, tuning
 
@@ -22,7 +23,23 @@ def _saturation_results(val: dict[float, float] | None) -> dict[str, Any]:
                 if val is not None:
                     run["val_accuracy"] = val[gamma]
                 runs.append(run)
-    return {"config": {"steps": 3000, "gates": ["comet"]}, "runs": runs}
+    summary = [
+        {
+            "gate": "comet",
+            "gamma": gamma,
+            "entropy_weight": weight,
+            **{
+                name: {"mean": sum(r[name] for r in group) / len(group), "std": 0.0}
+                for name in ("val_accuracy", "test_accuracy")
+                if name in group[0]
+            },
+        }
+        for gamma in reach
+        for weight in (0.1, 1.0)
+        if (group := [r for r in runs if (r["gamma"], r["entropy_weight"]) == (gamma, weight)])
+    ]
+    config = {"steps": 3000, "gates": ["comet"], "gammas": list(reach), "entropy_weights": [0.1, 1.0]}
+    return {"config": config, "runs": runs, "summary": summary}
 
 
 def test_default_rule_takes_the_widest_band_that_reaches_k_early_on_validation_accuracy() -> None:
@@ -32,6 +49,33 @@ def test_default_rule_takes_the_widest_band_that_reaches_k_early_on_validation_a
     # ... unless it loses more than the margin of validation accuracy against the best candidate
     worse = _saturation_results({0.1: 0.97, 1.0: 0.97 - 2 * gate_saturation.ACCURACY_MARGIN, 10.0: 0.97})
     assert gate_saturation.choose_default(worse, "comet") == {"gamma": 0.1, "entropy_weight": 0.1}
+
+
+def test_default_rule_reads_validation_accuracy_never_test_accuracy() -> None:
+    results = _saturation_results({0.1: 0.97, 1.0: 0.97 - 2 * gate_saturation.ACCURACY_MARGIN, 10.0: 0.97})
+    pick = gate_saturation.choose_default(results, "comet")
+    assert pick == {"gamma": 0.1, "entropy_weight": 0.1}
+    # test accuracy that would favour gamma 1 (and sink gamma 0.1) changes nothing
+    for run in results["runs"]:
+        run["test_accuracy"] = 0.99 if run["gamma"] == 1.0 else 0.1
+    assert gate_saturation.choose_default(results, "comet") == pick
+    # the reading reports the pick's test accuracy and says it is not the library's default
+    text = gate_saturation._choice_text(results)
+    assert "comet: γ = 0.1, entropy weight 0.1, NOT the library's default (γ = 1, entropy weight 0.1" in text
+    agreeing = gate_saturation._choice_text(_saturation_results({0.1: 0.97, 1.0: 0.97, 10.0: 0.97}))
+    assert "comet: γ = 1, entropy weight 0.1, the library's default; its validation accuracy 0.970, test" in agreeing
+
+
+def test_validation_and_test_digits_are_disjoint_stratified_and_fixed() -> None:
+    _, y = gate_saturation._digits()
+    rows = gate_saturation.split_rows(y)
+    assert [len(rows[name]) for name in ("train", "val", "test")] == [1400, 201, 196]
+    parts = [set(rows[name].tolist()) for name in ("train", "val", "test")]
+    assert not (parts[0] & parts[1] or parts[0] & parts[2] or parts[1] & parts[2])
+    assert set.union(*parts) == set(range(len(y)))
+    val, test = y[rows["val"]].bincount(minlength=10), y[rows["test"]].bincount(minlength=10)
+    assert ((val - test).abs() <= 1).all()  # each class split in half
+    assert all(torch.equal(a, b) for a, b in zip(rows.values(), gate_saturation.split_rows(y).values(), strict=True))
 
 
 def test_default_rule_refuses_runs_without_validation_accuracy() -> None:

@@ -63,11 +63,12 @@ class CometGate(Gate):
 
     Defaults (``gamma=1.0``, ``entropy_weight=0.1``), from the seeded ``gate-saturation`` study
     (results/gate-saturation: 16 experts, k=2, one MoE layer on scikit-learn digits, Adam lr 1e-3,
-    2 seeds): with ``γ = 1`` COMET computes k experts per input on held-out data after 50 steps
-    (``γ = 0.1``: 5-10 steps; ``γ = 10``: still above k after 1,000 steps), at the same test accuracy
-    for ``γ`` in {0.1, 1, 10}; the entropy weight (0.1 or 1) barely moved either. ``γ = 1`` keeps
-    the widest soft band (the most gradient for the routing) among the candidates that saturate
-    within a few hundred steps, and is the official code's default. Saturation speed scales with
+    2 seeds), whose rule (``gate_saturation.choose_default``) picks them on validation data: with
+    ``γ = 1`` COMET computes k experts per validation input after 50 steps (``γ = 0.1``: 5-10 steps;
+    ``γ = 10``: still above k after 1,000 steps), at a validation accuracy within 0.01 of the best
+    candidate's; the entropy weight (0.1 or 1) barely moved either. ``γ = 1`` keeps the widest soft
+    band (the most gradient for the routing) among the candidates that reach k within 5% of the
+    steps, and is the official code's default. Saturation speed scales with
     ``|w·x|`` relative to ``γ``: inputs of a much smaller norm need a smaller ``γ``.
 
     Args:
