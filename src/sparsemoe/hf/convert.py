@@ -320,6 +320,17 @@ def _word_embeddings(model: nn.Module) -> nn.Module | None:
     return get() if callable(get) else None
 
 
+def attach_token_ids(model: nn.Module, slot: _TokenIds, moe: MoE, gate_name: str) -> None:
+    """Hook ``model`` so that ``slot`` holds the ``input_ids`` of each forward (for gates routing by token id)."""
+    embeddings = _word_embeddings(model)
+    if embeddings is None:
+        if moe.gate.id_kind() == "token":
+            raise TypeError(f"{gate_name} routing needs the model's word embeddings; {type(model).__name__} has none")
+    else:
+        model.register_forward_pre_hook(slot.clear)
+        embeddings.register_forward_pre_hook(slot.capture)
+
+
 def moefy(
     model: nn.Module,
     num_experts: int = 4,
@@ -391,13 +402,7 @@ def moefy(
             family.install(layer, MoEFFN(moe, bias, slot))
     finally:
         torch.set_rng_state(generator_state)
-    embeddings = _word_embeddings(model)
-    if embeddings is None:
-        if moe.gate.id_kind() == "token":
-            raise TypeError(f"{spec.name} routing needs the model's word embeddings; {type(model).__name__} has none")
-    else:
-        model.register_forward_pre_hook(slot.clear)
-        embeddings.register_forward_pre_hook(slot.capture)
+    attach_token_ids(model, slot, moe, spec.name)
     config = MoefyConfig(num_experts, expert_dim, shared, gate, k, dict(gate_options), seed)
     model.moefy_config = config  # type: ignore[assignment]
     return model
