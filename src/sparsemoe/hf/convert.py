@@ -76,9 +76,7 @@ class MoEFFN(nn.Module):
     + LN); in a decoder block it is the block's ``mlp``.
     """
 
-    def __init__(
-        self, moe: MoE, bias: torch.Tensor | None, slot: _TokenIds, dropout: nn.Module | None = None
-    ) -> None:
+    def __init__(self, moe: MoE, bias: torch.Tensor | None, slot: _TokenIds, dropout: nn.Module | None = None) -> None:
         super().__init__()
         self.moe = moe
         # b2 [d], added once per token (None: the dense FFN had none)
@@ -156,7 +154,7 @@ def _activation(model: nn.Module, fn: nn.Module, key: str = "hidden_act") -> str
         act = {nn.ReLU: "relu", nn.SiLU: "silu", nn.GELU: "gelu"}.get(type(fn), type(fn).__name__)
         act = {"GELUActivation": "gelu", "SiLUActivation": "silu", "NewGELUActivation": "gelu_new"}.get(act, act)
     if not isinstance(act, str) or act not in _ACTIVATIONS:
-        raise ValueError(f"sparsemoe converts FFNs with the activations {sorted(_ACTIVATIONS)}; this model uses {act!r}")
+        raise ValueError(f"sparsemoe converts FFNs with the activations {sorted(_ACTIVATIONS)}; the model uses {act!r}")
     return _ACTIVATIONS[act]
 
 

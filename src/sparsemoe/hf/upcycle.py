@@ -101,8 +101,9 @@ def _check_args(
     if not chosen or any(not isinstance(i, int) or isinstance(i, bool) for i in chosen):
         raise ValueError(f"layers must be a non-empty sequence of block indices (ints), got {layers!r}")
     if len(set(chosen)) != len(chosen) or not all(-blocks <= i < blocks for i in chosen):
-        raise ValueError(f"layers must be distinct indices in [0, {blocks}) (the model has {blocks} MLP blocks), "
-                         f"got {chosen}")
+        raise ValueError(
+            f"layers must be distinct indices in [0, {blocks}) (the model has {blocks} MLP blocks), got {chosen}"
+        )
     return sorted(i % blocks for i in chosen)
 
 
@@ -128,7 +129,7 @@ def _drop(bank: StackedExperts, dense: DenseFFN, ratio: float, granularity: int,
                 e = c * granularity + g
                 idx = perm[(torch.arange(q) + c * q) % width].to(bank.w1.device)  # [q] local neurons
                 assert bank.w2 is not None
-                bank.w2[e, idx, :] = draw(dense.down, (q, bank.d_out)) * scale
+                bank.w2[e, idx, :] = draw(dense.down, (q, bank.w2.shape[-1])) * scale
                 up_cols = idx + width if gated else idx  # swiglu's w1 holds [gate | up]
                 bank.w1[e][:, up_cols] = draw(dense.up, (q, bank.d_in)).T
                 if dense.gate is not None:
@@ -222,7 +223,8 @@ def upcycle(
             )  # fmt: skip
             if granularity > 1:
                 _tie_router(moe, granularity)
-            built.append((block, family, MoEFFN(moe, dense.down_bias, slot, dense.dropout)))
+            ffn = MoEFFN(moe, dense.down_bias, slot, dense.dropout).train(block.training)  # the block's mode
+            built.append((block, family, ffn))
     finally:
         torch.set_rng_state(generator_state)
     attach_token_ids(model, slot, built[0][2].moe, spec.name)
