@@ -20,6 +20,7 @@ import importlib.machinery
 import sys
 from collections.abc import Sequence
 from types import ModuleType
+from typing import Any
 
 import torch
 from torch import nn
@@ -40,10 +41,12 @@ class HFExperts(ExpertBank):
     Shape: ``forward_sorted(xs [N, d], counts LongTensor[n]) -> [N, d]``.
     """
 
+    hf: Any  # the decorated Hugging Face experts module (attributes set by transformers)
+
     def __init__(self, module: nn.Module) -> None:
         super().__init__()
         object.__setattr__(self, "hf", module)  # not a submodule: the HF module owns its weights
-        self.num_experts = int(module.num_experts)  # type: ignore[arg-type]
+        self.num_experts = int(self.hf.num_experts)
         self.d_out = None
 
     def _weight(self, name: str) -> torch.Tensor:
