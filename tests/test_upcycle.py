@@ -11,7 +11,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from sparsemoe.experts import StackedExperts  # noqa: E402
-from sparsemoe.hf import MoEFFN, UpcycleConfig, moefy, upcycle  # noqa: E402
+from sparsemoe.hf import MoEFFN, UpcycleConfig, export_mixtral, moefy, upcycle  # noqa: E402
 from sparsemoe.hf.io import load_moefied, save_moefied  # noqa: E402
 from sparsemoe.layers import MoE  # noqa: E402
 
@@ -269,3 +269,57 @@ def test_upcycled_model_trains() -> None:
 def test_converted_layers_take_the_models_mode() -> None:
     assert all(not f.training for f in moe_ffns(upcycle(tiny(), 4, 2)))  # tiny() is in eval mode
     assert all(f.training for f in moe_ffns(upcycle(tiny().train(), 4, 2)))
+
+
+def perturb(model: torch.nn.Module) -> None:
+    """Move every converted weight (as training would), so an export must carry them all."""
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for ffn in moe_ffns(model):
+            for p in ffn.moe.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=generator).to(p))
+
+
+@pytest.mark.parametrize(("kind", "granularity"), [("llama", 1), ("mistral", 1), ("llama", 2)])
+def test_export_to_mixtral_loads_in_plain_transformers_with_the_same_logits(
+    kind: str, granularity: int, tmp_path: Any
+) -> None:
+    model = upcycle(tiny(kind), 4, 2, granularity=granularity, router_bias=False)
+    assert all(f.moe.gate.proj.bias is None for f in moe_ffns(model))  # type: ignore[union-attr]
+    perturb(model)
+    with torch.no_grad():
+        expected = model(ids()).logits
+    export_mixtral(model, tmp_path)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(loaded).__name__ == "MixtralForCausalLM"
+    assert loaded.config.num_local_experts == 4 and loaded.config.intermediate_size == 64 // granularity
+    with torch.no_grad():
+        got = loaded(ids()).logits
+    assert torch.allclose(got, expected, atol=1e-5, rtol=0), (got - expected).abs().max()
+
+
+def test_export_names_what_mixtral_cannot_express(tmp_path: Any) -> None:
+    with_bias = upcycle(tiny(), 4, 2)
+    perturb(with_bias)
+    with pytest.raises(ValueError, match="router_bias=False"):
+        export_mixtral(with_bias, tmp_path)
+    with pytest.raises(ValueError, match="block 1 is dense"):
+        export_mixtral(upcycle(tiny(), 4, 2, layers=[0, 2], router_bias=False), tmp_path)
+    with pytest.raises(ValueError, match="normalize=True"):
+        export_mixtral(upcycle(tiny(), 4, 2, router_bias=False, normalize=False), tmp_path)
+    with pytest.raises(ValueError, match="upcycled from llama, mistral"):
+        export_mixtral(upcycle(tiny("gpt2"), 4, 2), tmp_path)
+    with pytest.raises(ValueError, match="upcycled from llama, mistral"):
+        export_mixtral(tiny(), tmp_path)
+    with pytest.raises(ValueError, match="linear router"):
+        upcycle(tiny(), 4, 1, gate="hash", router_bias=False)
+    assert not any(tmp_path.iterdir())
+
+
+def test_save_and_load_keep_a_bias_free_router(tmp_path: Any) -> None:
+    model = upcycle(tiny(), 4, 2, router_bias=False)
+    save_moefied(model, tmp_path)
+    loaded = load_moefied(tmp_path)
+    assert loaded.upcycle_config.router_bias is False
+    with torch.no_grad():
+        assert torch.equal(loaded(ids()).logits, model(ids()).logits)

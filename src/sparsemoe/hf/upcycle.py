@@ -65,6 +65,7 @@ class UpcycleConfig:
     granularity: int = 1
     gate_options: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
+    router_bias: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -154,6 +155,16 @@ def _tie_router(moe: MoE, granularity: int) -> None:
                     proj.bias.copy_(proj.bias[rows])
 
 
+def _drop_router_bias(moe: MoE, gate_name: str) -> None:
+    """Remove the bias of the gate's linear router (``router_bias=False``)."""
+    proj = getattr(moe.gate, "proj", None)
+    if not isinstance(proj, nn.Linear):
+        raise ValueError(
+            f"router_bias=False needs a gate with a linear router (topk, softmax...); {gate_name} has none"
+        )
+    proj.register_parameter("bias", None)
+
+
 def upcycle(
     model: nn.Module,
     num_experts: int = 8,
@@ -165,6 +176,7 @@ def upcycle(
     drop_ratio: float = 0.5,
     granularity: int = 1,
     seed: int = 0,
+    router_bias: bool = True,
     **gate_options: Any,
 ) -> nn.Module:
     """Replace the MLPs of a Hugging Face causal LM by sparse MoEs started from them, in place.
@@ -182,6 +194,8 @@ def upcycle(
         drop_ratio: fraction of each expert's neurons re-drawn by ``init="drop"``.
         granularity: ``G`` shards of the MLP per copy (fine-grained experts; see the module docstring).
         seed: seeds the routers (layer ``i`` with ``seed + i``) and the re-drawn neurons.
+        router_bias: ``False`` removes the bias of the gate's linear router (``proj``), as Mixtral's
+            router has none: needed by :func:`~sparsemoe.hf.export_mixtral`.
         **gate_options: passed to the gate (``normalize=``, ``balance_weight=``...).
 
     Returns the model, with ``model.upcycle_config`` (an :class:`UpcycleConfig`) set.
@@ -221,6 +235,8 @@ def upcycle(
                 weight.shape[0], width, num_experts, gate=spec, k=k, expert=bank,
                 device=weight.device, dtype=weight.dtype, **layer_options,
             )  # fmt: skip
+            if not router_bias:
+                _drop_router_bias(moe, spec.name)
             if granularity > 1:
                 _tie_router(moe, granularity)
             ffn = MoEFFN(moe, dense.down_bias, slot, dense.dropout).train(block.training)  # the block's mode
@@ -232,6 +248,6 @@ def upcycle(
         family.install(block, ffn)
     layer_list = None if layers is None else chosen
     model.upcycle_config = UpcycleConfig(  # type: ignore[assignment]
-        num_experts, k, gate, layer_list, init, float(drop_ratio), granularity, dict(gate_options), seed
+        num_experts, k, gate, layer_list, init, float(drop_ratio), granularity, dict(gate_options), seed, router_bias
     )
     return model
