@@ -93,3 +93,14 @@ def test_the_sparsemoe_forward_runs(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(backend.HFExperts, "forward_combined", counted)
     run(configs()["mixtral"], EXPERTS_IMPLEMENTATION, torch.float32)
     assert len(calls) == 2  # one per layer
+
+
+def test_benchmark_runs_and_the_implementations_agree(capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks import hf_experts
+
+    hf_experts.main(["--tokens", "32", "--d-model", "16", "--d-hidden", "32", "--experts", "4", "--repeats", "1"])
+    out = capsys.readouterr().out
+    diffs = [float(line.rsplit("=", 1)[1]) for line in out.splitlines() if line.startswith("max |")]
+    assert len(diffs) == 3 and max(diffs) < 1e-5
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "ms" not in line]
+    assert [row.split(" | ")[0] for row in rows] == ["| eager", "| grouped_mm", "| sparsemoe"]
