@@ -351,3 +351,55 @@ def test_smollm2_135m_upcycles_offline() -> None:
         assert torch.equal(model.generate(prompt, **greedy), dense.generate(prompt, **greedy))
     assert len(moe_ffns(model)) == 15
     assert (got - ref).abs().max() <= 1e-4 * ref.abs().max()  # float32 sums in another order: relative 1e-4
+
+
+def word_tokenizer() -> Any:
+    """A whitespace word-level tokenizer over VOCAB words, built here (no download)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["[UNK]", "[EOS]"] + [f"w{i}" for i in range(VOCAB - 2)]
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", eos_token="[EOS]")
+
+
+def test_cli_upcycles_a_folder_and_generates(tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    from sparsemoe.cli import main
+
+    dense = tiny()
+    dense.save_pretrained(tmp_path / "dense")
+    word_tokenizer().save_pretrained(tmp_path / "dense")
+    args = ["--experts", "4", "--k", "2", "--layers", "0", "2", "--init", "copy"]
+    assert main(["upcycle", str(tmp_path / "dense"), "--out", str(tmp_path / "moe"), *args]) == 0
+    assert (tmp_path / "moe" / "sparsemoe.json").is_file()
+    loaded = load_moefied(tmp_path / "moe")
+    assert loaded.upcycle_config.layers == [0, 2] and len(moe_ffns(loaded)) == 2
+    capsys.readouterr()
+    prompt = ["generate", "w3 w5 w7", "--max-new-tokens", "4"]
+    assert main([*prompt, "--model", str(tmp_path / "moe")]) == 0
+    upcycled_text = capsys.readouterr().out
+    assert main([*prompt, "--model", str(tmp_path / "dense")]) == 0
+    assert upcycled_text == capsys.readouterr().out  # copy init: the dense model's greedy continuation
+    assert upcycled_text.startswith("w3 w5 w7") and 3 < len(upcycled_text.split()) <= 7  # special tokens dropped
+
+
+def test_cli_errors_name_the_problem(tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    from sparsemoe.cli import main
+
+    tiny().save_pretrained(tmp_path / "dense")
+    word_tokenizer().save_pretrained(tmp_path / "dense")
+    out = ["--out", str(tmp_path / "moe")]
+    assert main(["upcycle", str(tmp_path / "dense"), "--experts", "4", "--k", "5", *out]) == 2
+    assert "k must be an int in [1, num_experts=4]" in capsys.readouterr().err
+    assert main(["upcycle", str(tmp_path / "nowhere"), *out]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    bert = transformers.BertForMaskedLM(
+        transformers.BertConfig(
+            vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
+        )
+    )
+    bert.save_pretrained(tmp_path / "bert")
+    word_tokenizer().save_pretrained(tmp_path / "bert")
+    assert main(["upcycle", str(tmp_path / "bert"), *out]) == 2
+    assert "upcycle supports llama" in capsys.readouterr().err
+    assert not (tmp_path / "moe").exists()
