@@ -123,6 +123,24 @@ def test_fine_grained_expert_holds_its_shard_with_the_down_projection_times_g() 
         assert torch.equal(experts.w2[e], mlp.down_proj.weight[:, shard].T * 4)  # type: ignore[index]
 
 
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_megatron_scaling_spreads_g_over_the_matrices(kind: str) -> None:
+    dense = tiny(kind)
+    down = upcycle(copy.deepcopy(dense), 8, 4, granularity=4)
+    megatron = upcycle(copy.deepcopy(dense), 8, 4, granularity=4, scaling="megatron")
+    factor = 4 ** (1 / 3) if kind == "llama" else 4 ** (1 / 2)
+    for a, b in zip(moe_ffns(down), moe_ffns(megatron), strict=True):
+        ba, bb = bank(a), bank(b)
+        assert torch.allclose(bb.w1, ba.w1 * factor, rtol=1e-6, atol=0)
+        assert torch.allclose(bb.w2, ba.w2 / 4 * factor, rtol=1e-6, atol=0)  # type: ignore[operator]
+        if ba.b1 is not None:
+            assert torch.allclose(bb.b1, ba.b1 * factor, rtol=1e-6, atol=0)  # type: ignore[arg-type]
+        assert torch.equal(b.moe.gate.proj.weight, a.moe.gate.proj.weight)  # type: ignore[union-attr]
+    assert megatron.upcycle_config.scaling == "megatron"
+    with pytest.raises(ValueError, match="scaling must be one of"):
+        upcycle(copy.deepcopy(dense), 8, 4, granularity=4, scaling="up")
+
+
 def test_drop_redraws_the_given_fraction_of_different_neurons_per_expert() -> None:
     dense = tiny(width=256)
     mlp = dense.model.layers[1].mlp

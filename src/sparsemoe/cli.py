@@ -228,7 +228,7 @@ def _cmd_upcycle(args: argparse.Namespace) -> int:
 
     options = {
         "num_experts": args.experts, "k": args.k, "gate": args.gate, "layers": args.layers, "init": args.init,
-        "drop_ratio": args.drop_ratio, "granularity": args.granularity, "seed": args.seed,
+        "drop_ratio": args.drop_ratio, "granularity": args.granularity, "scaling": args.scaling, "seed": args.seed,
         "router_bias": not args.no_router_bias,
     }  # fmt: skip
     print(upcycle_folder(args.model, args.out, **options))
@@ -254,6 +254,7 @@ def _add_causal_lm_commands(sub: Any) -> None:
     up.add_argument("--init", choices=["copy", "drop"], default="copy", help="expert initialisation (default copy)")
     up.add_argument("--drop-ratio", type=float, default=0.5, help="neurons re-drawn per expert by --init drop")
     up.add_argument("--granularity", type=_positive_int, default=1, help="shards per MLP (fine-grained experts)")
+    up.add_argument("--scaling", choices=["down", "megatron"], default="down", help="fine-grained expert scaling")
     up.add_argument("--seed", type=int, default=0)
     up.add_argument("--no-router-bias", action="store_true", help="bias-free router (for export_mixtral)")
     up.set_defaults(func=_cmd_upcycle)

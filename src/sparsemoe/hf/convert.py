@@ -275,8 +275,8 @@ def expert_neurons(importance: torch.Tensor, num_experts: int, expert_dim: int, 
     return torch.stack(experts)
 
 
-def expert_bank(ffn: DenseFFN, neurons: torch.Tensor, scale: float = 1.0) -> StackedExperts:
-    """Stacked experts, expert ``e`` holding the dense FFN's neurons ``neurons[e]`` (its weights times ``scale`` in W2).
+def expert_bank(ffn: DenseFFN, neurons: torch.Tensor) -> StackedExperts:
+    """Stacked experts, expert ``e`` holding the dense FFN's neurons ``neurons[e]``.
 
     Gated FFNs give ``swiglu`` experts (gate and up side by side in ``w1``), the others ``mlp``
     experts; biases of the first layer go with their neurons. The second layer's bias is not in the
@@ -298,7 +298,7 @@ def expert_bank(ffn: DenseFFN, neurons: torch.Tensor, scale: float = 1.0) -> Sta
             first = torch.cat([ffn.gate.detach()[neurons], first], dim=1)  # [n, 2m, d]: gate, then up
         bank.w1.copy_(first.transpose(1, 2))  # [n, d, m or 2m]
         assert bank.w2 is not None
-        bank.w2.copy_(ffn.down.detach()[:, neurons].permute(1, 2, 0) * scale)  # [n, m, d]
+        bank.w2.copy_(ffn.down.detach()[:, neurons].permute(1, 2, 0))  # [n, m, d]
         if bank.b1 is not None:
             zeros = torch.zeros(ffn.width, dtype=up.dtype, device=up.device)
             b_up = (ffn.up_bias if ffn.up_bias is not None else zeros).detach()[neurons]  # [n, m]

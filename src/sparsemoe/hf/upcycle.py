@@ -29,6 +29,11 @@ experts are then all ``G`` shards of ``k/G`` copies, each shard weighted ``p_c /
 normalised top-k gate (``Σ_c p_c = 1``), so the layer computes
 ``Σ_c p_c/G · Σ_g G·shard_g(x) = MLP(x)``: the dense output again. (The scaling goes to the down
 projection because it is linear in the output; scaling a gated unit's gate would not be.)
+The shard order and the tied router rows are Megatron-Core's (``upcycling_utils``); its weight
+scaling, ``scaling="megatron"``, instead multiplies each of a gated unit's three matrices by
+``G^(1/3)`` (each of the two layers by ``G^(1/2)`` otherwise), which balances the weights' scale
+but equals ``G ·`` the shard only for a positively homogeneous activation, so with SiLU/GELU the
+output at initialisation is close to, not equal to, the dense one.
 Gates without a linear router (hash, random...) get the shards and scaling but no tied router,
 and so no such promise.
 """
@@ -50,6 +55,7 @@ from .convert import GPT2, LLAMA, DenseFFN, FFNFamily, MoEFFN, _TokenIds, attach
 #: the architectures :func:`upcycle` converts
 UPCYCLE_FAMILIES: tuple[FFNFamily, ...] = (LLAMA, GPT2)
 INITS = ("copy", "drop")
+SCALINGS = ("down", "megatron")
 
 
 @dataclass
@@ -66,13 +72,21 @@ class UpcycleConfig:
     gate_options: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     router_bias: bool = True
+    scaling: str = "down"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 def _check_args(
-    num_experts: int, k: int | None, init: str, drop_ratio: float, granularity: int, blocks: int, layers: Any
+    num_experts: int,
+    k: int | None,
+    init: str,
+    drop_ratio: float,
+    granularity: int,
+    scaling: str,
+    blocks: int,
+    layers: Any,
 ) -> list[int]:
     """Validate the arguments; returns the indices of the blocks to convert."""
     if not isinstance(num_experts, int) or isinstance(num_experts, bool) or num_experts < 1:
@@ -92,6 +106,8 @@ def _check_args(
                 f"with granularity={granularity}, k counts fine-grained experts and must be a multiple of it "
                 f"(k = G · copies per token); got k={k!r}"
             )
+    if scaling not in SCALINGS:
+        raise ValueError(f"scaling must be one of {SCALINGS}, got {scaling!r}")
     if init not in INITS:
         raise ValueError(f"init must be one of {INITS}, got {init!r}")
     if not isinstance(drop_ratio, (int, float)) or not 0.0 <= drop_ratio <= 1.0:
@@ -108,7 +124,7 @@ def _check_args(
     return sorted(i % blocks for i in chosen)
 
 
-def _drop(bank: StackedExperts, dense: DenseFFN, ratio: float, granularity: int, scale: float, seed: int) -> None:
+def _drop(bank: StackedExperts, dense: DenseFFN, ratio: float, granularity: int, seed: int) -> None:
     """Re-draw ``round(ratio · width)`` neurons of each expert from the dense matrices' statistics (in place)."""
     width = bank.d_hidden
     q = round(ratio * width)
@@ -130,7 +146,7 @@ def _drop(bank: StackedExperts, dense: DenseFFN, ratio: float, granularity: int,
                 e = c * granularity + g
                 idx = perm[(torch.arange(q) + c * q) % width].to(bank.w1.device)  # [q] local neurons
                 assert bank.w2 is not None
-                bank.w2[e, idx, :] = draw(dense.down, (q, bank.w2.shape[-1])) * scale
+                bank.w2[e, idx, :] = draw(dense.down, (q, bank.w2.shape[-1]))
                 up_cols = idx + width if gated else idx  # swiglu's w1 holds [gate | up]
                 bank.w1[e][:, up_cols] = draw(dense.up, (q, bank.d_in)).T
                 if dense.gate is not None:
@@ -140,6 +156,27 @@ def _drop(bank: StackedExperts, dense: DenseFFN, ratio: float, granularity: int,
                         bank.b1[e, up_cols] = draw(dense.up_bias, (q,))
                     if dense.gate_bias is not None:
                         bank.b1[e, idx] = draw(dense.gate_bias, (q,))
+
+
+def _scale(bank: StackedExperts, granularity: int, scaling: str) -> None:
+    """Scale fine-grained experts so that ``G`` shards weighted ``1/G`` each add up to the dense MLP (in place).
+
+    ``"down"``: the down projection times ``G`` (exact: the expert is linear in it). ``"megatron"``:
+    Megatron-Core's split of the factor ``G`` over the matrices, ``G^(1/3)`` on gate, up and down of
+    a gated unit, ``G^(1/2)`` on the two layers (and first bias) otherwise; exact only for
+    positively homogeneous activations (ReLU), not for SiLU/GELU.
+    """
+    if granularity == 1:
+        return
+    assert bank.w2 is not None
+    with torch.no_grad():
+        if scaling == "down":
+            bank.w2.mul_(granularity)
+            return
+        factor = granularity ** (1 / 3 if bank.kind == "swiglu" else 1 / 2)
+        for tensor in (bank.w1, bank.b1, bank.w2):
+            if tensor is not None:
+                tensor.mul_(factor)
 
 
 def _tie_router(moe: MoE, granularity: int) -> None:
@@ -175,6 +212,7 @@ def upcycle(
     *,
     drop_ratio: float = 0.5,
     granularity: int = 1,
+    scaling: str = "down",
     seed: int = 0,
     router_bias: bool = True,
     **gate_options: Any,
@@ -193,6 +231,8 @@ def upcycle(
         init: ``"copy"`` or ``"drop"`` (see the module docstring for what each promises).
         drop_ratio: fraction of each expert's neurons re-drawn by ``init="drop"``.
         granularity: ``G`` shards of the MLP per copy (fine-grained experts; see the module docstring).
+        scaling: how fine-grained experts are scaled: ``"down"`` (default, the dense output exactly) or
+            ``"megatron"`` (Megatron-Core's ``G^(1/3)`` on each matrix of a gated unit; approximate).
         seed: seeds the routers (layer ``i`` with ``seed + i``) and the re-drawn neurons.
         router_bias: ``False`` removes the bias of the gate's linear router (``proj``), as Mixtral's
             router has none: needed by :func:`~sparsemoe.hf.export_mixtral`.
@@ -205,7 +245,7 @@ def upcycle(
     if getattr(model, "moefy_config", None) is not None or getattr(model, "upcycle_config", None) is not None:
         raise ValueError("this model is already converted; upcycle the dense model")
     blocks = find_ffns(model, UPCYCLE_FAMILIES, caller="upcycle")
-    chosen = _check_args(num_experts, k, init, drop_ratio, granularity, len(blocks), layers)
+    chosen = _check_args(num_experts, k, init, drop_ratio, granularity, scaling, len(blocks), layers)
     spec = gates.parse(gate)
     options = dict(gate_options)
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
@@ -223,9 +263,10 @@ def upcycle(
             width = dense.width // granularity
             shards = torch.arange(dense.width).view(granularity, width)  # [G, h/G]
             neurons = shards.repeat(num_experts // granularity, 1)  # [n, h/G]: expert c·G+g = shard g
-            bank = expert_bank(dense, neurons, scale=float(granularity))
+            bank = expert_bank(dense, neurons)
             if init == "drop":
-                _drop(bank, dense, drop_ratio, granularity, float(granularity), seed + index)
+                _drop(bank, dense, drop_ratio, granularity, seed + index)
+            _scale(bank, granularity, scaling)
             layer_options = dict(options)
             if gates.accepts_option(spec.name, "seed"):
                 layer_options.setdefault("seed", seed + index)
@@ -248,6 +289,16 @@ def upcycle(
         family.install(block, ffn)
     layer_list = None if layers is None else chosen
     model.upcycle_config = UpcycleConfig(  # type: ignore[assignment]
-        num_experts, k, gate, layer_list, init, float(drop_ratio), granularity, dict(gate_options), seed, router_bias
+        num_experts,
+        k,
+        gate,
+        layer_list,
+        init,
+        float(drop_ratio),
+        granularity,
+        dict(gate_options),
+        seed,
+        router_bias,
+        scaling,
     )
     return model
