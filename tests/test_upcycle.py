@@ -13,7 +13,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from sparsemoe.experts import StackedExperts  # noqa: E402
-from sparsemoe.hf import MoEFFN, UpcycleConfig, export_mixtral, moefy, upcycle  # noqa: E402
+from sparsemoe.hf import MoEFFN, UpcycleConfig, export_mixtral, export_qwen2_moe, moefy, upcycle  # noqa: E402
 from sparsemoe.hf.io import load_moefied, save_moefied  # noqa: E402
 from sparsemoe.layers import MoE  # noqa: E402
 
@@ -316,6 +316,26 @@ def test_export_to_mixtral_loads_in_plain_transformers_with_the_same_logits(
     with torch.no_grad():
         got = loaded(ids()).logits
     assert torch.allclose(got, expected, atol=1e-5, rtol=0), (got - expected).abs().max()
+
+
+@pytest.mark.parametrize(("layers", "normalize"), [(None, True), ([0, 2], True), ([1], False)])
+def test_export_to_qwen2_moe_loads_in_plain_transformers_with_the_same_logits(
+    layers: list[int] | None, normalize: bool, tmp_path: Any
+) -> None:
+    model = upcycle(tiny("qwen2"), 4, 2, layers=layers, router_bias=False, normalize=normalize)
+    perturb(model)
+    with torch.no_grad():
+        expected = model(ids()).logits
+    export_qwen2_moe(model, tmp_path)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(loaded).__name__ == "Qwen2MoeForCausalLM"
+    assert loaded.config.mlp_only_layers == [i for i in range(3) if layers is not None and i not in layers]
+    assert loaded.config.norm_topk_prob is normalize
+    with torch.no_grad():
+        got = loaded(ids()).logits
+    assert torch.allclose(got, expected, atol=1e-5, rtol=0), (got - expected).abs().max()
+    with pytest.raises(ValueError, match="upcycled from qwen2"):
+        export_qwen2_moe(upcycle(tiny(), 4, 2, router_bias=False), tmp_path)
 
 
 def test_export_names_what_mixtral_cannot_express(tmp_path: Any) -> None:

@@ -7,7 +7,7 @@ dispatch as the Hugging Face experts implementation ``"sparsemoe"`` (:mod:`spars
 
 from .backend import EXPERTS_IMPLEMENTATION, register_experts_backend
 from .convert import MoEFFN, MoefyConfig, expert_neurons, ffn_blocks, moefy
-from .export import export_mixtral
+from .export import export_mixtral, export_qwen2_moe
 from .importance import ffn_importance
 from .io import load_moefied, save_moefied
 from .upcycle import UpcycleConfig, upcycle
@@ -19,6 +19,7 @@ __all__ = [
     "UpcycleConfig",
     "expert_neurons",
     "export_mixtral",
+    "export_qwen2_moe",
     "ffn_blocks",
     "ffn_importance",
     "load_moefied",
