@@ -106,9 +106,15 @@ def test_fine_grained_experts_keep_the_dense_logits(kind: str, granularity: int,
     experts = bank(moe_ffns(model)[0])
     assert experts.num_experts == num_experts and experts.d_hidden == 64 // granularity
     assert torch.allclose(got, ref, atol=1e-5, rtol=0), (got - ref).abs().max()
-    # the chosen experts are whole copies: all G shards of k / G copies
+    # the chosen experts are whole copies: all G shards of k / G copies (tied router rows)
     routing = moe_ffns(model)[0].moe.last_routing
     assert routing is not None
+    chosen = routing.expert.view(routing.num_inputs, k).sort(dim=1).values  # [T, k]
+    copies = chosen[:, ::granularity] // granularity  # [T, k / G]
+    whole = copies.repeat_interleave(granularity, dim=1) * granularity + torch.arange(granularity).repeat(
+        k // granularity
+    )
+    assert torch.equal(chosen, whole)
 
 
 def test_fine_grained_expert_holds_its_shard_with_the_down_projection_times_g() -> None:
