@@ -236,6 +236,49 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_upcycle(args: argparse.Namespace) -> int:
+    from .hf.generate import upcycle_folder
+
+    options = {
+        "num_experts": args.experts, "k": args.k, "gate": args.gate, "layers": args.layers, "init": args.init,
+        "drop_ratio": args.drop_ratio, "granularity": args.granularity, "scaling": args.scaling, "seed": args.seed,
+        "router_bias": not args.no_router_bias,
+    }  # fmt: skip
+    print(upcycle_folder(args.model, args.out, **options))
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from .hf.generate import generate_text
+
+    print(generate_text(args.model, args.prompt, max_new_tokens=args.max_new_tokens, sample=args.sample))
+    return 0
+
+
+def _add_causal_lm_commands(sub: Any) -> None:
+    """``sparsemoe upcycle`` and ``sparsemoe generate`` (:mod:`sparsemoe.hf.generate`)."""
+    up = sub.add_parser("upcycle", help="turn a causal LM's MLPs into sparse MoEs (sparsemoe.hf.upcycle) and save it")
+    up.add_argument("model", type=Path, help="model folder (save_pretrained) or .gguf file (llm extra)")
+    up.add_argument("--out", required=True, type=Path, help="folder to write (safetensors + sparsemoe.json)")
+    up.add_argument("--experts", type=_positive_int, default=8, help="experts per layer (default 8)")
+    up.add_argument("--k", type=_positive_int, default=2, help="experts per token (default 2)")
+    up.add_argument("--gate", default="topk", help="gate spec (default topk; see `sparsemoe gates`)")
+    up.add_argument("--layers", type=int, nargs="+", default=None, help="MLP block indices to convert (default all)")
+    up.add_argument("--init", choices=["copy", "drop"], default="copy", help="expert initialisation (default copy)")
+    up.add_argument("--drop-ratio", type=float, default=0.5, help="neurons re-drawn per expert by --init drop")
+    up.add_argument("--granularity", type=_positive_int, default=1, help="shards per MLP (fine-grained experts)")
+    up.add_argument("--scaling", choices=["down", "megatron"], default="down", help="fine-grained expert scaling")
+    up.add_argument("--seed", type=int, default=0)
+    up.add_argument("--no-router-bias", action="store_true", help="bias-free router (for export_mixtral)")
+    up.set_defaults(func=_cmd_upcycle)
+    gen = sub.add_parser("generate", help="continue a prompt with a saved causal LM (dense, upcycled or GGUF)")
+    gen.add_argument("--model", required=True, type=Path, help="folder written by sparsemoe upcycle, or any causal LM")
+    gen.add_argument("prompt", help="text to continue")
+    gen.add_argument("--max-new-tokens", type=_positive_int, default=32)
+    gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    gen.set_defaults(func=_cmd_generate)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``sparsemoe`` parser; experiment options are added when their command is parsed."""
     parser = argparse.ArgumentParser(
@@ -261,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-length", type=_positive_int, default=64, help="truncate sentences to this many tokens (default 64)"
     )
     predict.set_defaults(func=_cmd_predict)
+    _add_causal_lm_commands(sub)
 
     reproduce = sub.add_parser("reproduce", help="run a paper experiment end to end")
     names = reproduce.add_subparsers(dest="experiment", required=True, metavar="NAME", parser_class=_LazyParser)

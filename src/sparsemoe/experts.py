@@ -15,6 +15,7 @@ from .kernels import Backend, expert_offsets, grouped_matmul, resolve_backend, w
 EXPERT_KINDS = ("mlp", "swiglu", "linear")
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu": F.gelu,
+    "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),  # GPT-2's gelu_new
     "relu": F.relu,
     "silu": F.silu,
     "identity": lambda t: t,
@@ -132,7 +133,7 @@ class StackedExperts(ExpertBank):
         d_hidden: hidden width (``mlp``/``swiglu``); ignored by ``linear``.
         d_out: output width (default ``d_in``; for ``linear`` the layer's width).
         kind: one of ``mlp``, ``swiglu``, ``linear``.
-        activation: ``gelu``, ``relu``, ``silu`` or ``identity`` (``mlp``/``linear``).
+        activation: ``gelu``, ``gelu_tanh``, ``relu``, ``silu`` or ``identity`` (``mlp``/``linear``).
         bias: learn biases.
         device, dtype: where and in which dtype to create the weights (as ``torch.nn.Linear``).
 

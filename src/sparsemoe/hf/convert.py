@@ -13,7 +13,7 @@ pre-hook on the word embeddings records them in a slot that every converted FFN 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -24,8 +24,16 @@ from .. import gates
 from ..experts import StackedExperts
 from ..layers import MoE
 
-#: Hugging Face ``hidden_act`` names -> sparsemoe expert activations (same functions)
-_ACTIVATIONS = {"gelu": "gelu", "relu": "relu", "silu": "silu", "swish": "silu"}
+#: Hugging Face activation names (``hidden_act``, GPT-2's ``activation_function``) -> sparsemoe
+#: expert activations (the same functions; ``gelu_new`` is the tanh form, equal to rounding)
+_ACTIVATIONS = {
+    "gelu": "gelu",
+    "relu": "relu",
+    "silu": "silu",
+    "swish": "silu",
+    "gelu_new": "gelu_tanh",
+    "gelu_pytorch_tanh": "gelu_tanh",
+}
 
 
 @dataclass
@@ -61,16 +69,19 @@ class _TokenIds:
 
 
 class MoEFFN(nn.Module):
-    """``act(x W1 + b1) W2 + b2`` of one encoder layer, as a sparse MoE plus the shared ``b2``.
+    """``act(x W1 + b1) W2 + b2`` of one layer, as a sparse MoE plus the shared ``b2``.
 
-    Shape: ``[B, L, d] -> [B, L, d]``. Stands in for ``BertIntermediate``; the layer's
-    ``output.dense`` becomes ``nn.Identity`` so ``BertOutput`` keeps only dropout + residual + LN.
+    Shape: ``[B, L, d] -> [B, L, d]``. In a BERT layer it stands in for ``BertIntermediate`` (the
+    layer's ``output.dense`` becomes ``nn.Identity`` so ``BertOutput`` keeps only dropout + residual
+    + LN); in a decoder block it is the block's ``mlp``.
     """
 
-    def __init__(self, moe: MoE, bias: torch.Tensor, slot: _TokenIds) -> None:
+    def __init__(self, moe: MoE, bias: torch.Tensor | None, slot: _TokenIds, dropout: nn.Module | None = None) -> None:
         super().__init__()
         self.moe = moe
-        self.bias = nn.Parameter(bias.detach().clone())  # b2 [d], added once per token
+        # b2 [d], added once per token (None: the dense FFN had none)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
+        self.dropout = dropout if dropout is not None else nn.Identity()  # the dense FFN's own (GPT-2)
         self._slot = slot
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -83,7 +94,152 @@ class MoEFFN(nn.Module):
                     f"(not inputs_embeds); got ids of shape {None if ids is None else tuple(ids.shape)} "
                     f"for hidden states {tuple(hidden.shape)}"
                 )
-        return self.moe(hidden, ids=ids) + self.bias
+        y = self.moe(hidden, ids=ids)
+        return self.dropout(y if self.bias is None else y + self.bias)
+
+
+@dataclass(frozen=True)
+class DenseFFN:
+    """One dense FFN's weights in ``nn.Linear`` layout (``[out, in]``), whatever the architecture stores.
+
+    ``act(x up^T + up_bias) down^T + down_bias``, or with a ``gate`` the gated unit
+    ``(silu(x gate^T + gate_bias) * (x up^T + up_bias)) down^T + down_bias`` (SwiGLU).
+
+    Shapes: ``up``, ``gate [h, d]``; ``up_bias``, ``gate_bias [h]``; ``down [d, h]``; ``down_bias [d]``.
+    """
+
+    up: torch.Tensor
+    up_bias: torch.Tensor | None
+    gate: torch.Tensor | None
+    gate_bias: torch.Tensor | None
+    down: torch.Tensor
+    down_bias: torch.Tensor | None
+    activation: str
+    dropout: nn.Module | None = None  # applied after the FFN inside it (GPT-2), kept after the MoE
+
+    @property
+    def width(self) -> int:
+        """``h``: the FFN's intermediate width."""
+        return self.up.shape[0]
+
+
+@dataclass(frozen=True)
+class FFNFamily:
+    """How to find, read and replace the FFN of one family of Hugging Face blocks.
+
+    ``matches(block)`` says whether a module is such a block; ``read(model, block)`` returns its
+    :class:`DenseFFN`; ``install(block, ffn)`` puts the sparse replacement in place of the dense FFN.
+    """
+
+    name: str
+    examples: str
+    matches: Callable[[nn.Module], bool]
+    read: Callable[[nn.Module, Any], DenseFFN]
+    install: Callable[[Any, nn.Module], None]
+
+
+def _is_linear(module: Any) -> bool:
+    return isinstance(module, nn.Linear)
+
+
+def _is_conv1d(module: Any) -> bool:
+    """Hugging Face's ``Conv1D`` (GPT-2): ``x @ weight + bias`` with ``weight [in, out]``."""
+    return type(module).__name__ == "Conv1D" and isinstance(getattr(module, "weight", None), torch.Tensor)
+
+
+def _activation(model: nn.Module, fn: nn.Module, key: str = "hidden_act") -> str:
+    """The sparsemoe activation of a block: from ``config.<key>``, else from the module ``fn`` itself."""
+    act = getattr(getattr(model, "config", None), key, None)
+    if act is None:  # no config: recognise the module itself
+        act = {nn.ReLU: "relu", nn.SiLU: "silu", nn.GELU: "gelu"}.get(type(fn), type(fn).__name__)
+        act = {"GELUActivation": "gelu", "SiLUActivation": "silu", "NewGELUActivation": "gelu_new"}.get(act, act)
+    if not isinstance(act, str) or act not in _ACTIVATIONS:
+        raise ValueError(f"sparsemoe converts FFNs with the activations {sorted(_ACTIVATIONS)}; the model uses {act!r}")
+    return _ACTIVATIONS[act]
+
+
+def _bert_matches(module: nn.Module) -> bool:
+    intermediate = getattr(module, "intermediate", None)
+    output = getattr(module, "output", None)
+    return (
+        _is_linear(getattr(intermediate, "dense", None))
+        and hasattr(intermediate, "intermediate_act_fn")
+        and _is_linear(getattr(output, "dense", None))
+        and hasattr(output, "LayerNorm")
+    )
+
+
+def _bert_read(model: nn.Module, layer: Any) -> DenseFFN:
+    w1, w2 = layer.intermediate.dense, layer.output.dense
+    act = _activation(model, layer.intermediate.intermediate_act_fn)
+    return DenseFFN(w1.weight, w1.bias, None, None, w2.weight, w2.bias, act)
+
+
+def _bert_install(layer: Any, ffn: nn.Module) -> None:
+    # BertOutput keeps dropout + residual + LayerNorm; its dense layer is now inside ffn
+    layer.intermediate = ffn
+    layer.output.dense = nn.Identity()
+
+
+def _llama_matches(module: nn.Module) -> bool:
+    mlp = getattr(module, "mlp", None)
+    return all(_is_linear(getattr(mlp, name, None)) for name in ("gate_proj", "up_proj", "down_proj"))
+
+
+def _llama_read(model: nn.Module, block: Any) -> DenseFFN:
+    mlp = block.mlp
+    act = _activation(model, mlp.act_fn)
+    if act != "silu":
+        raise ValueError(f"gated MLPs are converted to SwiGLU experts, which need hidden_act='silu'; got {act!r}")
+    g, u, d = mlp.gate_proj, mlp.up_proj, mlp.down_proj
+    return DenseFFN(u.weight, u.bias, g.weight, g.bias, d.weight, d.bias, act)
+
+
+def _gpt2_matches(module: nn.Module) -> bool:
+    mlp = getattr(module, "mlp", None)
+    return _is_conv1d(getattr(mlp, "c_fc", None)) and _is_conv1d(getattr(mlp, "c_proj", None))
+
+
+def _gpt2_read(model: nn.Module, block: Any) -> DenseFFN:
+    mlp = block.mlp
+    act = _activation(model, mlp.act, key="activation_function")
+    w1, w2 = mlp.c_fc, mlp.c_proj  # Conv1D: weight [in, out]
+    return DenseFFN(w1.weight.t(), w1.bias, None, None, w2.weight.t(), w2.bias, act, getattr(mlp, "dropout", None))
+
+
+def _mlp_install(block: Any, ffn: nn.Module) -> None:
+    block.mlp = ffn
+
+
+#: BERT-family encoder layers (``.intermediate.dense`` + ``.output.dense``): :func:`moefy`
+BERT = FFNFamily("bert", "BertLayer, RobertaLayer, ElectraLayer", _bert_matches, _bert_read, _bert_install)
+#: decoder blocks with a gated SwiGLU ``.mlp`` (``gate_proj``/``up_proj``/``down_proj``)
+LLAMA = FFNFamily("llama", "Llama, Mistral, Qwen2, SmolLM2", _llama_matches, _llama_read, _mlp_install)
+#: GPT-2 blocks (``.mlp.c_fc`` + ``.mlp.c_proj`` as ``Conv1D``)
+GPT2 = FFNFamily("gpt2", "GPT-2", _gpt2_matches, _gpt2_read, _mlp_install)
+
+
+def find_ffns(
+    model: nn.Module, families: Sequence[FFNFamily], caller: str = "moefy"
+) -> list[tuple[str, Any, FFNFamily]]:
+    """``(name, block, family)`` of every block of ``model`` with an FFN of one of ``families``, in model order.
+
+    The one model walker of :func:`moefy` and :func:`~sparsemoe.hf.upcycle`. Raises ``TypeError``
+    naming the supported architectures when there is none.
+    """
+    found: list[tuple[str, Any, FFNFamily]] = []
+    for name, module in model.named_modules():
+        family = next((f for f in families if f.matches(module)), None)
+        if family is not None:
+            found.append((name, module, family))
+    if not found:
+        kind = getattr(getattr(model, "config", None), "model_type", None)
+        supported = "; ".join(f"{f.name} ({f.examples})" for f in families)
+        raise TypeError(
+            f"{caller} supports {supported}; {type(model).__name__}"
+            f"{f' (model_type={kind!r})' if kind else ''} has no such FFN block"
+        )
+    return found
 
 
 def ffn_blocks(model: nn.Module) -> list[tuple[str, Any]]:
@@ -91,25 +247,7 @@ def ffn_blocks(model: nn.Module) -> list[tuple[str, Any]]:
 
     Raises ``TypeError`` naming the architecture when there is none.
     """
-    blocks: list[tuple[str, Any]] = []
-    for name, module in model.named_modules():
-        intermediate = getattr(module, "intermediate", None)
-        output = getattr(module, "output", None)
-        if (
-            isinstance(getattr(intermediate, "dense", None), nn.Linear)
-            and hasattr(intermediate, "intermediate_act_fn")
-            and isinstance(getattr(output, "dense", None), nn.Linear)
-            and hasattr(output, "LayerNorm")
-        ):
-            blocks.append((name, module))
-    if not blocks:
-        kind = getattr(getattr(model, "config", None), "model_type", None)
-        raise TypeError(
-            f"moefy supports BERT-family encoders (layers with .intermediate.dense and .output.dense, such as "
-            f"BertLayer, RobertaLayer, ElectraLayer); {type(model).__name__}"
-            f"{f' (model_type={kind!r})' if kind else ''} has no such layer"
-        )
-    return blocks
+    return [(name, block) for name, block, _ in find_ffns(model, (BERT,))]
 
 
 def expert_neurons(importance: torch.Tensor, num_experts: int, expert_dim: int, shared: int) -> torch.Tensor:
@@ -137,32 +275,38 @@ def expert_neurons(importance: torch.Tensor, num_experts: int, expert_dim: int, 
     return torch.stack(experts)
 
 
-def _activation(model: nn.Module, layer: Any) -> str:
-    act = getattr(getattr(model, "config", None), "hidden_act", None)
-    if act is None:  # no config: recognise the module itself
-        fn = layer.intermediate.intermediate_act_fn
-        act = {nn.ReLU: "relu", nn.SiLU: "silu", nn.GELU: "gelu"}.get(type(fn), type(fn).__name__)
-        if type(fn).__name__ == "GELUActivation":
-            act = "gelu"
-    if not isinstance(act, str) or act not in _ACTIVATIONS:
-        raise ValueError(f"moefy supports the activations {sorted(_ACTIVATIONS)}; this model uses {act!r}")
-    return _ACTIVATIONS[act]
+def expert_bank(ffn: DenseFFN, neurons: torch.Tensor) -> StackedExperts:
+    """Stacked experts, expert ``e`` holding the dense FFN's neurons ``neurons[e]``.
 
+    Gated FFNs give ``swiglu`` experts (gate and up side by side in ``w1``), the others ``mlp``
+    experts; biases of the first layer go with their neurons. The second layer's bias is not in the
+    bank (``b2 is None``): :class:`MoEFFN` adds it once per token.
 
-def _expert_bank(layer: Any, neurons: torch.Tensor, activation: str) -> StackedExperts:
-    """Stacked experts holding ``W1[idx], b1[idx], W2[:, idx]`` for each expert's neuron set."""
-    w1 = layer.intermediate.dense.weight  # [h, d]
-    b1 = layer.intermediate.dense.bias  # [h] or None
-    w2 = layer.output.dense.weight  # [d, h]
-    n, expert_dim = neurons.shape
-    bank = StackedExperts(n, w1.shape[1], expert_dim, w2.shape[0], kind="mlp", activation=activation, bias=True)
-    bank.b2 = None  # b2 is added once, by MoEFFN
+    Shape: ``neurons LongTensor[n, m]`` -> ``n`` experts of hidden width ``m``.
+    """
+    n, width = neurons.shape
+    d_in, d_out = ffn.up.shape[1], ffn.down.shape[0]
+    gated = ffn.gate is not None
+    first_bias = ffn.up_bias is not None or ffn.gate_bias is not None
+    kind = "swiglu" if gated else "mlp"
+    bank = StackedExperts(n, d_in, width, d_out, kind=kind, activation=ffn.activation, bias=first_bias)
+    bank.b2 = None  # the second bias is added once, by MoEFFN
+    up = ffn.up.detach()
     with torch.no_grad():
-        bank.w1.copy_(w1[neurons].transpose(1, 2))  # [n, d, e]
-        assert bank.b1 is not None and bank.w2 is not None
-        bank.b1.copy_(b1[neurons] if b1 is not None else torch.zeros_like(bank.b1))
-        bank.w2.copy_(w2[:, neurons].permute(1, 2, 0))  # [n, e, d]
-    return bank.to(w1.dtype)
+        first = up[neurons]  # [n, m, d]
+        if ffn.gate is not None:
+            first = torch.cat([ffn.gate.detach()[neurons], first], dim=1)  # [n, 2m, d]: gate, then up
+        bank.w1.copy_(first.transpose(1, 2))  # [n, d, m or 2m]
+        assert bank.w2 is not None
+        bank.w2.copy_(ffn.down.detach()[:, neurons].permute(1, 2, 0))  # [n, m, d]
+        if bank.b1 is not None:
+            zeros = torch.zeros(ffn.width, dtype=up.dtype, device=up.device)
+            b_up = (ffn.up_bias if ffn.up_bias is not None else zeros).detach()[neurons]  # [n, m]
+            if gated:
+                b_gate = (ffn.gate_bias if ffn.gate_bias is not None else zeros).detach()[neurons]
+                b_up = torch.cat([b_gate, b_up], dim=1)
+            bank.b1.copy_(b_up)
+    return bank.to(device=up.device, dtype=up.dtype)
 
 
 def _vocab_size(model: nn.Module) -> int | None:
@@ -172,6 +316,17 @@ def _vocab_size(model: nn.Module) -> int | None:
 def _word_embeddings(model: nn.Module) -> nn.Module | None:
     get = getattr(model, "get_input_embeddings", None)
     return get() if callable(get) else None
+
+
+def attach_token_ids(model: nn.Module, slot: _TokenIds, moe: MoE, gate_name: str) -> None:
+    """Hook ``model`` so that ``slot`` holds the ``input_ids`` of each forward (for gates routing by token id)."""
+    embeddings = _word_embeddings(model)
+    if embeddings is None:
+        if moe.gate.id_kind() == "token":
+            raise TypeError(f"{gate_name} routing needs the model's word embeddings; {type(model).__name__} has none")
+    else:
+        model.register_forward_pre_hook(slot.clear)
+        embeddings.register_forward_pre_hook(slot.capture)
 
 
 def moefy(
@@ -209,8 +364,8 @@ def moefy(
     """
     if getattr(model, "moefy_config", None) is not None:
         raise ValueError("this model is already converted (it has moefy_config); convert the dense model")
-    blocks = ffn_blocks(model)
-    ffn = blocks[0][1].intermediate.dense.out_features
+    blocks = find_ffns(model, (BERT,))
+    ffn = BERT.read(model, blocks[0][1]).width
     if not isinstance(num_experts, int) or num_experts < 1:
         raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
     expert_dim = ffn // num_experts if expert_dim is None else expert_dim
@@ -229,30 +384,23 @@ def moefy(
     generator_state = torch.get_rng_state()
     torch.manual_seed(seed)
     try:
-        for index, (_, layer) in enumerate(blocks):
+        for index, (_, layer, family) in enumerate(blocks):
             scores = torch.arange(ffn, 0, -1, dtype=torch.float64) if importance is None else importance[index]
             if scores.numel() != ffn:
                 raise ValueError(f"importance[{index}] has {scores.numel()} scores; the FFN has {ffn} neurons")
-            neurons = expert_neurons(scores, num_experts, expert_dim, shared)
-            bank = _expert_bank(layer, neurons, _activation(model, layer))
+            dense = family.read(model, layer)
+            bank = expert_bank(dense, expert_neurons(scores, num_experts, expert_dim, shared))
             options = dict(layer_options)
             if gates.accepts_option(spec.name, "seed"):  # hash tables, random draws: one per layer
                 options.setdefault("seed", seed + index)
-            dense_out = layer.output.dense
-            moe = MoE(dense_out.out_features, expert_dim, num_experts, gate=spec, k=k, expert=bank, **options)
-            moe.to(device=dense_out.weight.device)
-            bias = dense_out.bias if dense_out.bias is not None else torch.zeros(dense_out.out_features)
-            layer.intermediate = MoEFFN(moe, bias, slot)
-            layer.output.dense = nn.Identity()
+            d_model = dense.down.shape[0]
+            moe = MoE(d_model, expert_dim, num_experts, gate=spec, k=k, expert=bank, **options)
+            moe.to(device=dense.down.device)
+            bias = dense.down_bias if dense.down_bias is not None else torch.zeros(d_model)
+            family.install(layer, MoEFFN(moe, bias, slot))
     finally:
         torch.set_rng_state(generator_state)
-    embeddings = _word_embeddings(model)
-    if embeddings is None:
-        if moe.gate.id_kind() == "token":
-            raise TypeError(f"{spec.name} routing needs the model's word embeddings; {type(model).__name__} has none")
-    else:
-        model.register_forward_pre_hook(slot.clear)
-        embeddings.register_forward_pre_hook(slot.capture)
+    attach_token_ids(model, slot, moe, spec.name)
     config = MoefyConfig(num_experts, expert_dim, shared, gate, k, dict(gate_options), seed)
     model.moefy_config = config  # type: ignore[assignment]
     return model

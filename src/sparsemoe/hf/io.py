@@ -1,10 +1,11 @@
-"""Save and reload converted (moefied) Hugging Face models: safetensors weights + JSON configs.
+"""Save and reload converted Hugging Face models (moefied encoders, upcycled causal LMs).
 
 A folder holds ``config.json`` (the Hugging Face config, with the architecture's class name),
 ``model.safetensors`` (every weight and buffer, hash tables and learned permutations included),
-``sparsemoe.json`` (the :func:`~sparsemoe.hf.moefy` arguments that rebuild the structure) and,
-when given, the tokenizer files. No pickle anywhere. A folder without ``sparsemoe.json`` is an
-ordinary dense model and loads as one.
+``sparsemoe.json`` (which conversion, :func:`~sparsemoe.hf.moefy` or :func:`~sparsemoe.hf.upcycle`,
+under its name, with the arguments that rebuild the structure) and, when given, the tokenizer
+files. No pickle anywhere. A folder without ``sparsemoe.json`` is an ordinary dense model and
+loads as one (the class named in ``config.json``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch import nn
 
 from .._atomic import atomic_path, write_json
 from .convert import MoefyConfig, moefy
+from .upcycle import UpcycleConfig, upcycle
 
 SPARSEMOE_FILE = "sparsemoe.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -25,7 +27,7 @@ _FORMAT = 1
 
 
 def save_moefied(model: nn.Module, directory: str | Path, tokenizer: Any = None) -> Path:
-    """Write ``model`` (converted by :func:`moefy`, or dense) and ``tokenizer`` to ``directory``."""
+    """Write ``model`` (converted by :func:`moefy` or :func:`upcycle`, or dense) and ``tokenizer`` to ``directory``."""
     directory = Path(directory)
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "save_pretrained"):
@@ -36,9 +38,11 @@ def save_moefied(model: nn.Module, directory: str | Path, tokenizer: Any = None)
     with atomic_path(directory / WEIGHTS_FILE) as tmp:
         save_model(model, str(tmp))
     moefy_config: MoefyConfig | None = getattr(model, "moefy_config", None)
+    upcycle_config: UpcycleConfig | None = getattr(model, "upcycle_config", None)
     sidecar = directory / SPARSEMOE_FILE
-    if moefy_config is not None:
-        meta = {"format": _FORMAT, "architecture": type(model).__name__, "moefy": moefy_config.to_dict()}
+    conversion = ("moefy", moefy_config) if moefy_config is not None else ("upcycle", upcycle_config)
+    if conversion[1] is not None:
+        meta = {"format": _FORMAT, "architecture": type(model).__name__, conversion[0]: conversion[1].to_dict()}
         write_json(sidecar, meta)
     else:
         sidecar.unlink(missing_ok=True)
@@ -56,9 +60,12 @@ def load_moefied(directory: str | Path) -> nn.Module:
         raise FileNotFoundError(f"{directory} holds no config.json; pass a folder written by save_moefied")
     config = transformers.AutoConfig.from_pretrained(directory, local_files_only=True)
     sidecar = directory / SPARSEMOE_FILE
-    if not sidecar.is_file():  # a dense model
-        model = transformers.AutoModelForSequenceClassification.from_pretrained(directory, local_files_only=True)
-        return model.eval()
+    if not sidecar.is_file():  # a dense model, of the class save_moefied named
+        architectures = getattr(config, "architectures", None) or []
+        dense_cls = getattr(transformers, architectures[0], None) if architectures else None
+        if dense_cls is None:
+            dense_cls = transformers.AutoModelForSequenceClassification
+        return dense_cls.from_pretrained(directory, local_files_only=True).eval()
     meta = json.loads(sidecar.read_text())
     if meta.get("format") != _FORMAT:
         raise ValueError(f"{sidecar} has format {meta.get('format')}; this sparsemoe reads format {_FORMAT}")
@@ -66,8 +73,13 @@ def load_moefied(directory: str | Path) -> nn.Module:
     if cls is None:
         raise ValueError(f"transformers has no class {meta['architecture']!r} (saved in {sidecar})")
     model = cls(config)
-    options = dict(meta["moefy"])
-    gate_options = options.pop("gate_options")
-    moefy(model, **options, **gate_options)
+    if "upcycle" in meta:
+        options = dict(meta["upcycle"])
+        gate_options = options.pop("gate_options")
+        upcycle(model, **options, **gate_options)
+    else:
+        options = dict(meta["moefy"])
+        gate_options = options.pop("gate_options")
+        moefy(model, **options, **gate_options)
     load_model(model, str(directory / WEIGHTS_FILE), strict=True)
     return model.eval()
