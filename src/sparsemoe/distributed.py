@@ -43,7 +43,6 @@ own RNG states and buffers.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterator
 from typing import Any
 
@@ -142,7 +141,8 @@ class _ShardedBank:
     def _local_view(self) -> StackedExperts:
         """This bank with its local shards as plain tensors (differentiable ``to_local()``), for one call."""
         world = self.ep_mesh.size()
-        view = copy.copy(self)
+        view = object.__new__(type(self))  # a shallow copy that runs no __new__/__init__ (fully_shard's has one)
+        view.__dict__.update(self.__dict__)
         view._parameters = {
             name: None if p is None else _ScaleGrad.apply(p.to_local(), 1.0 / world)  # type: ignore[union-attr]
             for name, p in self._parameters.items()
