@@ -186,8 +186,8 @@ def _sharded_class(cls: type[StackedExperts]) -> type:
     return _SHARDED_CLASSES[cls]
 
 
-def _resolve_mesh(mesh: object, group: object, device_type: str) -> DeviceMesh:
-    """A 1-D mesh from ``mesh`` or ``group``; default: a new group over every rank."""
+def _check_mesh(mesh: object, group: object) -> int:
+    """The number of ranks the experts will be sharded over; errors for bad ``mesh``/``group`` first."""
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError(
             "expert_parallel needs torch.distributed initialised: call "
@@ -204,11 +204,10 @@ def _resolve_mesh(mesh: object, group: object, device_type: str) -> DeviceMesh:
                 f"mesh has {mesh.ndim} dimensions {names}; experts are sharded over one: pass that dimension, "
                 f"e.g. mesh[{(names or ('ep',))[-1]!r}]"
             )
-        return mesh
+        return mesh.size()
     if group is not None and not isinstance(group, ProcessGroup):
         raise TypeError(f"group must be a torch.distributed.ProcessGroup, got {type(group).__name__}")
-    # a group of its own by default, so the exchanges never interleave with DDP's collectives
-    return DeviceMesh.from_group(group if group is not None else dist.new_group(), device_type)
+    return dist.get_world_size(group)
 
 
 def expert_parallel(
@@ -235,9 +234,7 @@ def expert_parallel(
     layers = list(moe_layers(module))  # raises TypeError for a non-module
     if not layers:
         raise TypeError(f"expert_parallel found no sparsemoe.MoE or MultiTaskMoE in the {type(module).__name__}")
-    device_type = next(iter(layers[0][1].experts.parameters())).device.type
-    mesh = _resolve_mesh(mesh, group, device_type)
-    world, rank = mesh.size(), mesh.get_local_rank()
+    world = _check_mesh(mesh, group)
     for name, layer in layers:  # every check before any change
         bank, where = layer.experts, name or type(module).__name__
         if isinstance(bank, _ShardedBank):
@@ -253,6 +250,10 @@ def expert_parallel(
                 f"must hold the same number of experts; use a number of ranks that divides {bank.num_experts} or "
                 "change num_experts"
             )
+    if mesh is None:  # a group of its own by default, so the exchanges never interleave with DDP's collectives
+        device_type = next(iter(layers[0][1].experts.parameters())).device.type
+        mesh = DeviceMesh.from_group(group if group is not None else dist.new_group(), device_type)
+    rank = mesh.get_local_rank()
     ignored: list[str] = list(getattr(module, "_ddp_params_and_buffers_to_ignore", []))
     for name, layer in layers:
         bank = layer.experts
