@@ -30,6 +30,7 @@ import sparsemoe
 from sparsemoe import MoE, MultiTaskMoE
 from sparsemoe.checkpoint import load_checkpoint, save_checkpoint
 from sparsemoe.distributed import average_replicated_gradients, expert_parallel, expert_parameters
+from sparsemoe.training import RandomBatches, ShardedBatches, TrainConfig, Trainer, TrainResult
 
 WORLD = 2
 NUM_EXPERTS = 4
@@ -338,6 +339,55 @@ def _check_dcp(rank: int, out: str) -> str:
     return "ok"
 
 
+def _check_trainer(rank: int, out: str) -> str:
+    """sparsemoe.training.Trainer under 2 processes (expert parallelism + DDP): it shards the data by
+    itself (each row once), logs the mean loss and metric over the ranks, saves collectively and
+    resumes; losses, metrics and weights equal one process's Trainer on the same data."""
+    gen = torch.Generator().manual_seed(21)
+    x, t = torch.randn(24, D, generator=gen, dtype=torch.float64), torch.randn(24, 1, generator=gen)
+    x_val, t_val = torch.randn(12, D, generator=gen, dtype=torch.float64), torch.randn(12, 1, generator=gen)
+    t, t_val = t.double(), t_val.double()
+    seen: list[list[int]] = []
+
+    def run(model: torch.nn.Module, steps: int, rows: slice, resume: Path | None = None) -> TrainResult:
+        """Rank r's rows ``rows`` of the validation set; one process (``rows`` all of it): no sharding."""
+
+        def loss(batch: torch.Tensor) -> torch.Tensor:
+            seen.append(batch.tolist())
+            return (model(x[batch]) - t[batch]).pow(2).mean()
+
+        def evaluate() -> dict[str, float]:
+            return {"val_mse": float((model(x_val[rows]) - t_val[rows]).pow(2).mean())}
+
+        alone = rows == slice(0, 12)
+        data = RandomBatches(24, 8, seed=3)
+        # the 2-rank runs save at step 2 (not at the end: the second run resumes from there)
+        saving = {} if alone else {"checkpoint_path": str(Path(out, "trainer.safetensors")), "checkpoint_every": 2}
+        config = TrainConfig(steps=steps, lr=0.05, eval_every=2, checkpoint_at_end=False, **saving)  # type: ignore[arg-type]
+        trainer = Trainer(model, loss, ShardedBatches(data, 0, 1) if alone else data, config, evaluate=evaluate)
+        return trainer.run(resume=resume)
+
+    first = run(DistributedDataParallel(expert_parallel(_model(13))), 2, slice(6 * rank, 6 * rank + 6))
+    rows_by_rank: list[list[list[int]] | None] = [None] * WORLD
+    dist.all_gather_object(rows_by_rank, seen)
+    model = expert_parallel(_model(14))
+    second = run(DistributedDataParallel(model), 4, slice(6 * rank, 6 * rank + 6), Path(out, "trainer.safetensors"))
+    seen.clear()
+    single = _model(13)
+    ref = run(single, 4, slice(0, 12))
+    for step, ref_rows in enumerate(seen[:2]):  # the 2 ranks together saw each row of the batch once
+        ranks = [r[step] for r in rows_by_rank]  # type: ignore[index]
+        assert sorted(ranks[0] + ranks[1]) == sorted(ref_rows) and not set(ranks[0]) & set(ranks[1]), ranks
+    losses = torch.tensor(first.step_losses + second.step_losses)
+    _close(losses, torch.tensor(ref.step_losses), "Trainer step losses (mean over ranks) vs one process")
+    metrics = [h["val_mse"] for h in second.history]
+    assert len(metrics) == 2, second.history
+    _close(torch.tensor(metrics), torch.tensor([h["val_mse"] for h in ref.history]), "val_mse (mean over ranks)")
+    for name, p in model.named_parameters():
+        _close(_full(p).detach(), single.get_parameter(name).detach(), f"{name} after a resumed 2-rank Trainer")
+    return "ok"
+
+
 def _ep_random_model(seed: int) -> torch.nn.Module:
     """Linear, dropout (global RNG), an expert-parallel random-gate MoE (its own stream), linear."""
     torch.manual_seed(seed)
@@ -403,6 +453,7 @@ def _worker(rank: int, port: int, out: str) -> None:
     results["ddp"] = _run(lambda: _check_ddp(rank))
     results["fsdp2"] = _run(lambda: _check_fsdp2(rank))
     results["dcp"] = _run(lambda: _check_dcp(rank, out))
+    results["trainer"] = _run(lambda: _check_trainer(rank, out))
     Path(out, f"rank{rank}.json").write_text(json.dumps(results))
     dist.destroy_process_group()
 
@@ -423,7 +474,7 @@ def results(spawned: Path) -> list[dict[str, str]]:
     "case",
     [c[0] for c in CASES]
     + ["training", "indivisible", "checkpoint 2<->1", "ddp through hardening", "checkpoint resume per rank"]
-    + ["ddp", "fsdp2", "dcp"],
+    + ["ddp", "fsdp2", "dcp", "trainer"],
 )
 def test_expert_parallel_matches_unsharded(results: list[dict[str, str]], case: str) -> None:
     for rank, found in enumerate(results):
