@@ -44,7 +44,7 @@ own RNG states and buffers.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -144,7 +144,7 @@ class _ShardedBank:
         view = object.__new__(type(self))  # a shallow copy that runs no __new__/__init__ (fully_shard's has one)
         view.__dict__.update(self.__dict__)
         view._parameters = {
-            name: None if p is None else _ScaleGrad.apply(p.to_local(), 1.0 / world)  # type: ignore[union-attr]
+            name: None if p is None else _ScaleGrad.apply(cast(DTensor, p).to_local(), 1.0 / world)
             for name, p in self._parameters.items()
         }
         view.num_experts = self.expert_range[1] - self.expert_range[0]
@@ -269,7 +269,7 @@ def expert_parallel(
         bank.ep_mesh = mesh
         bank.ep_group = mesh.get_group()
         bank.expert_range = (rank * per, (rank + 1) * per)
-    module._ddp_params_and_buffers_to_ignore = ignored  # what DistributedDataParallel(module) reads
+    module._ddp_params_and_buffers_to_ignore = ignored  # type: ignore[assignment]  # DDP(module) reads it
     return module
 
 
