@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import socket
 import traceback
 from collections.abc import Callable
@@ -388,6 +389,30 @@ def _check_trainer(rank: int, out: str) -> str:
     return "ok"
 
 
+def _check_trainer_nan_on_one_rank(rank: int) -> str:
+    """A non-finite loss on rank 1 only: both ranks still run that step's backward (the exchanges are
+    collective, so no hang), agree that it is non-finite and skip it (nan_policy='skip'), and stay in step."""
+    model = expert_parallel(_model(15))
+    ddp = DistributedDataParallel(model)
+    x = torch.randn(16, D, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    calls = [0]
+
+    def loss(batch: torch.Tensor) -> torch.Tensor:
+        calls[0] += 1
+        value = ddp(x[batch]).pow(2).mean()
+        return value * float("nan") if rank == 1 and calls[0] == 2 else value
+
+    config = TrainConfig(steps=3, lr=0.05, nan_policy="skip")
+    result = Trainer(ddp, loss, RandomBatches(16, 8, seed=1), config).run()
+    assert result.skipped_steps == [2], result.skipped_steps
+    assert math.isnan(result.step_losses[1]) and math.isfinite(result.step_losses[2]), result.step_losses
+    head = model[0].weight.detach().clone()
+    heads = [torch.empty_like(head) for _ in range(WORLD)]
+    dist.all_gather(heads, head)
+    assert torch.equal(heads[0], heads[1]), "the replicated weights parted: the ranks disagreed on a step"
+    return "ok"
+
+
 def _ep_random_model(seed: int) -> torch.nn.Module:
     """Linear, dropout (global RNG), an expert-parallel random-gate MoE (its own stream), linear."""
     torch.manual_seed(seed)
@@ -454,6 +479,7 @@ def _worker(rank: int, port: int, out: str) -> None:
     results["fsdp2"] = _run(lambda: _check_fsdp2(rank))
     results["dcp"] = _run(lambda: _check_dcp(rank, out))
     results["trainer"] = _run(lambda: _check_trainer(rank, out))
+    results["trainer nan on one rank"] = _run(lambda: _check_trainer_nan_on_one_rank(rank))
     Path(out, f"rank{rank}.json").write_text(json.dumps(results))
     dist.destroy_process_group()
 
@@ -474,7 +500,7 @@ def results(spawned: Path) -> list[dict[str, str]]:
     "case",
     [c[0] for c in CASES]
     + ["training", "indivisible", "checkpoint 2<->1", "ddp through hardening", "checkpoint resume per rank"]
-    + ["ddp", "fsdp2", "dcp", "trainer"],
+    + ["ddp", "fsdp2", "dcp", "trainer", "trainer nan on one rank"],
 )
 def test_expert_parallel_matches_unsharded(results: list[dict[str, str]], case: str) -> None:
     for rank, found in enumerate(results):
