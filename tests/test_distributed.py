@@ -391,7 +391,8 @@ def _check_trainer(rank: int, out: str) -> str:
 
 def _check_trainer_nan_on_one_rank(rank: int) -> str:
     """A non-finite loss on rank 1 only: both ranks still run that step's backward (the exchanges are
-    collective, so no hang), agree that it is non-finite and skip it (nan_policy='skip'), and stay in step."""
+    collective: breaking off on rank 1 alone hangs rank 0 until the timeout), skip it (nan_policy='skip')
+    and stay in step. (Here the NaN reaches rank 0's gradients through DDP anyway.)"""
     model = expert_parallel(_model(15))
     ddp = DistributedDataParallel(model)
     x = torch.randn(16, D, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
