@@ -30,7 +30,14 @@ from torch.nn.parallel import DistributedDataParallel
 import sparsemoe
 from sparsemoe import MoE, MultiTaskMoE
 from sparsemoe.checkpoint import load_checkpoint, save_checkpoint
-from sparsemoe.distributed import average_replicated_gradients, expert_parallel, expert_parameters
+from sparsemoe.distributed import (
+    average_replicated_gradients,
+    dcp_state,
+    dcp_to_safetensors,
+    expert_parallel,
+    expert_parameters,
+    safetensors_to_dcp,
+)
 from sparsemoe.training import RandomBatches, ShardedBatches, TrainConfig, Trainer, TrainResult
 
 WORLD = 2
@@ -335,8 +342,8 @@ def _check_dcp(rank: int, out: str) -> str:
     set_state_dict(again, again_opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
     with torch.no_grad():
         _close(again(x[rank]), y, "2-rank model reloaded from a DCP checkpoint")
-    for p, q in zip(opt.state.values(), again_opt.state.values(), strict=True):
-        _close(_full(p["exp_avg_sq"]), _full(q["exp_avg_sq"]), "Adam state reloaded")
+    for p, q in zip(model.parameters(), again.parameters(), strict=True):
+        _close(_full(opt.state[p]["exp_avg_sq"]), _full(again_opt.state[q]["exp_avg_sq"]), "Adam state reloaded")
     return "ok"
 
 
@@ -525,6 +532,44 @@ def test_dcp_checkpoint_loads_into_one_process(spawned: Path, results: list[dict
         for rank in range(WORLD):
             _close(model(io["x"][rank]), io["y"][rank], f"one process vs rank {rank} of the 2-rank run")
     assert int(opt.state[model[1].experts.w1]["step"]) == 3, "the optimizer state comes from the checkpoint"
+    # the same checkpoint as one safetensors file, loaded by sparsemoe.checkpoint
+    converted = dcp_to_safetensors(spawned / "dcp", spawned / "from-dcp.safetensors", _model(12))
+    fresh = _model(13)
+    load_checkpoint(converted, fresh)
+    with torch.no_grad():
+        _close(fresh(io["x"].reshape(-1, D)), io["y"].reshape(-1, 1), "safetensors converted from the 2-rank DCP")
+
+
+def test_dcp_safetensors_converters_round_trip(tmp_path: Path) -> None:
+    """One process: DCP -> safetensors -> DCP keeps the weights and the Adam state exactly."""
+    model = _model(20)
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    x = torch.randn(8, D, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    for _ in range(2):
+        opt.zero_grad()
+        model(x).pow(2).mean().backward()
+        opt.step()
+    dcp.save(dcp_state(model, opt), checkpoint_id=str(tmp_path / "a"), no_dist=True)
+
+    def fresh(seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        other = _model(seed)
+        return other, torch.optim.Adam(other.parameters(), lr=0.01)  # the saved lr comes back too
+
+    dcp_to_safetensors(tmp_path / "a", tmp_path / "b.safetensors", *fresh(21))
+    third, third_opt = fresh(22)
+    load_checkpoint(tmp_path / "b.safetensors", third, third_opt)
+    safetensors_to_dcp(tmp_path / "b.safetensors", tmp_path / "c", *fresh(23))
+    last, last_opt = fresh(24)
+    state = dcp_state(last, last_opt)
+    dcp.load(state, checkpoint_id=str(tmp_path / "c"), no_dist=True)
+    set_state_dict(last, last_opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    with torch.no_grad():
+        for other, other_opt, what in ((third, third_opt, "DCP -> safetensors"), (last, last_opt, "-> DCP again")):
+            _close(other(x), model(x), what)
+            for p, q in zip(model.parameters(), other.parameters(), strict=True):
+                _close(other_opt.state[q]["exp_avg_sq"], opt.state[p]["exp_avg_sq"], f"Adam state, {what}")
+                assert int(other_opt.state[q]["step"]) == 2, what
+            assert other_opt.param_groups[0]["lr"] == 0.05, what
 
 
 def test_needs_initialised_process_group() -> None:

@@ -38,25 +38,39 @@ are routed inside the concatenated batch. What depends on the batch acts per ran
 local pairs; batch-level auxiliary losses are computed on the local batch; the random gate's
 stream (its ``rng_state`` buffer) advances with the rank's own rows. Checkpoints
 (:mod:`sparsemoe.checkpoint`) gather DTensor parameters into full tensors and save each rank's
-own RNG states and buffers.
+own RNG states and buffers; ``torch.distributed.checkpoint`` saves the shards as they are
+(:func:`dcp_state`), and :func:`dcp_to_safetensors`/:func:`safetensors_to_dcp` convert between the two.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, cast
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
+from .checkpoint import load_checkpoint, save_checkpoint
 from .experts import ExpertBank, StackedExperts
 from .layers import moe_layers
 
 ProcessGroup = dist.ProcessGroup
-__all__ = ["all_to_all", "average_replicated_gradients", "expert_banks", "expert_parallel", "expert_parameters"]
+__all__ = [
+    "all_to_all",
+    "average_replicated_gradients",
+    "dcp_state",
+    "dcp_to_safetensors",
+    "expert_banks",
+    "expert_parallel",
+    "expert_parameters",
+    "safetensors_to_dcp",
+]
 
 
 def _all_to_all(
@@ -188,7 +202,7 @@ def _sharded_class(cls: type[StackedExperts]) -> type:
 
 def _check_mesh(mesh: object, group: object) -> int:
     """The number of ranks the experts will be sharded over; errors for bad ``mesh``/``group`` first."""
-    if not dist.is_available() or not dist.is_initialized():
+    if not _initialised():
         raise RuntimeError(
             "expert_parallel needs torch.distributed initialised: call "
             "torch.distributed.init_process_group('gloo' or 'nccl') first (torchrun sets the environment)"
@@ -305,3 +319,54 @@ def average_replicated_gradients(model: nn.Module, group: ProcessGroup | None = 
         flat.div_(world)
         for p, g in zip(params, flat.split([p.numel() for p in params]), strict=True):
             p.grad = g.view_as(p).clone()
+
+
+# ----------------------------------------------------------------------------- torch.distributed.checkpoint
+def dcp_state(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
+    """``{"model": ..., "optim": ...}``: what ``dcp.save``/``dcp.load`` take for ``model`` (and ``optimizer``).
+
+    Parameter-name keyed (``torch.distributed.checkpoint.state_dict.get_state_dict``), so a checkpoint
+    saved by ranks holding DTensor shards loads into an unsharded model in one process and back; after
+    ``dcp.load(state, ...)`` apply it with ``set_state_dict(model, optimizer, model_state_dict=
+    state["model"], optim_state_dict=state["optim"])`` (or ``model.load_state_dict`` without optimizer).
+    """
+    if optimizer is None:
+        return {"model": model.state_dict()}
+    model_state, optim_state = get_state_dict(model, optimizer)
+    return {"model": model_state, "optim": optim_state}
+
+
+def _initialised() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _load_dcp(checkpoint_id: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+    state = dcp_state(model, optimizer)
+    dcp.load(state, checkpoint_id=str(checkpoint_id), no_dist=not _initialised())
+    if optimizer is None:
+        model.load_state_dict(state["model"])
+    else:
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+def dcp_to_safetensors(
+    checkpoint_id: str | Path, path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None
+) -> Path:
+    """A ``torch.distributed.checkpoint`` of ``model`` (and ``optimizer``; saved from :func:`dcp_state` by
+    any number of ranks) as one safetensors checkpoint (:func:`sparsemoe.checkpoint.save_checkpoint`).
+
+    Run it in one process with an unsharded ``model`` and ``optimizer`` of the saved run's kind; they
+    are loaded on the way (the file's step is 0 and its RNG states this process's).
+    """
+    _load_dcp(checkpoint_id, model, optimizer)
+    return save_checkpoint(path, model, optimizer)
+
+
+def safetensors_to_dcp(
+    path: str | Path, checkpoint_id: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None
+) -> None:
+    """A safetensors checkpoint of ``model`` (and ``optimizer``) as a ``torch.distributed.checkpoint``
+    (the :func:`dcp_state` layout), which any number of ranks can load. ``model`` and ``optimizer``
+    are loaded on the way; in a multi-process run every rank calls it (sharded models included)."""
+    load_checkpoint(path, model, optimizer, restore_rng=False)
+    dcp.save(dcp_state(model, optimizer), checkpoint_id=str(checkpoint_id), no_dist=not _initialised())
