@@ -189,6 +189,19 @@ def _check_indivisible(rank: int) -> str:
     raise AssertionError("no error for 3 experts on 2 ranks")
 
 
+def _check_mismatched_models(rank: int) -> str:
+    """Models built with different seeds on the ranks: a ValueError on every rank at setup, no hang,
+    and the model untouched."""
+    model = _model(30 + rank)
+    try:
+        expert_parallel(model)
+    except ValueError as e:
+        assert "the model differs between ranks 0 and 1" in str(e) and "0.weight" in str(e), str(e)
+        assert not any(isinstance(p, DTensor) for p in model.parameters()), "the model was changed"
+        return "ok"
+    raise AssertionError("no error for models that differ between ranks")
+
+
 def _check_checkpoint(rank: int, out: str) -> str:
     """A 2-rank checkpoint loads onto 1 process and back, with the same outputs and optimizer state."""
     gen = torch.Generator().manual_seed(11)
@@ -480,6 +493,7 @@ def _worker(rank: int, port: int, out: str) -> None:
     results = {name: _run(lambda g=gate, o=options: _check_gate(rank, g, o)) for name, gate, options in CASES}
     results["training"] = _run(lambda: _check_training(rank))
     results["indivisible"] = _run(lambda: _check_indivisible(rank))
+    results["mismatched models"] = _run(lambda: _check_mismatched_models(rank))
     results["checkpoint 2<->1"] = _run(lambda: _check_checkpoint(rank, out))
     results["ddp through hardening"] = _run(lambda: _check_ddp_through_hardening(rank))
     results["checkpoint resume per rank"] = _run(lambda: _check_resume_every_rank(rank, out))
@@ -508,7 +522,7 @@ def results(spawned: Path) -> list[dict[str, str]]:
     "case",
     [c[0] for c in CASES]
     + ["training", "indivisible", "checkpoint 2<->1", "ddp through hardening", "checkpoint resume per rank"]
-    + ["ddp", "fsdp2", "dcp", "trainer", "trainer nan on one rank"],
+    + ["ddp", "fsdp2", "dcp", "trainer", "trainer nan on one rank", "mismatched models"],
 )
 def test_expert_parallel_matches_unsharded(results: list[dict[str, str]], case: str) -> None:
     for rank, found in enumerate(results):

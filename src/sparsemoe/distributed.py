@@ -224,6 +224,30 @@ def _check_mesh(mesh: object, group: object) -> int:
     return dist.get_world_size(group)
 
 
+def _check_same_model(module: nn.Module, group: ProcessGroup | None) -> None:
+    """ValueError on every rank unless ``module``'s parameters are identical on all ranks of ``group``.
+
+    A model built differently on some rank (another seed, size or gate) would otherwise hang in the
+    first exchange or train silently wrong; one small ``all_gather_object`` of per-parameter
+    fingerprints (name, shape, sum, sum of squares, in float64) catches it at setup.
+    """
+    with torch.no_grad():
+        mine = [
+            (name, tuple(p.shape), float(p.double().sum()), float(p.double().pow(2).sum()))
+            for name, p in module.named_parameters()
+        ]
+    everyone: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, mine, group=group)
+    for rank, theirs in enumerate(everyone):
+        if theirs != everyone[0]:
+            differing = next((a[0] for a, b in zip(theirs, everyone[0], strict=False) if a != b), "the parameter list")
+            raise ValueError(
+                f"the model differs between ranks 0 and {rank} of the group (first at {differing}): build it "
+                "identically on every rank (same code, then torch.manual_seed with the same seed) before "
+                "expert_parallel"
+            )
+
+
 def expert_parallel(
     module: nn.Module, mesh: DeviceMesh | None = None, *, group: ProcessGroup | None = None
 ) -> nn.Module:
@@ -243,7 +267,8 @@ def expert_parallel(
     Raises:
         RuntimeError: ``torch.distributed`` is not initialised.
         TypeError: ``module`` is not a module, holds no MoE layer, or a layer's experts are not stacked.
-        ValueError: a layer's ``num_experts`` is not divisible by the mesh size, or is already sharded.
+        ValueError: a layer's ``num_experts`` is not divisible by the mesh size, or is already sharded,
+            or the model differs between ranks (checked at setup: a collective).
     """
     layers = list(moe_layers(module))  # raises TypeError for a non-module
     if not layers:
@@ -264,6 +289,7 @@ def expert_parallel(
                 f"must hold the same number of experts; use a number of ranks that divides {bank.num_experts} or "
                 "change num_experts"
             )
+    _check_same_model(module, mesh.get_group() if mesh is not None else group)
     if mesh is None:  # a group of its own by default, so the exchanges never interleave with DDP's collectives
         device_type = next(iter(layers[0][1].experts.parameters())).device.type
         mesh = DeviceMesh.from_group(group if group is not None else dist.new_group(), device_type)
