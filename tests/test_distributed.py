@@ -409,6 +409,32 @@ def _check_trainer(rank: int, out: str) -> str:
     return "ok"
 
 
+def _check_trainer_ddp_resume(rank: int, out: str) -> str:
+    """A data-parallel Trainer (DDP, dropout drawing from each rank's own global RNG) saves every rank's
+    RNG states: resumed at step 2 it equals the uninterrupted run on both ranks, bit for bit."""
+    gen = torch.Generator().manual_seed(40)
+    x, t = torch.randn(32, D, generator=gen, dtype=torch.float64), torch.randn(32, 1, generator=gen).double()
+    path = str(Path(out, "ddp-trainer.safetensors"))
+
+    def run(steps: int, resume: str | None = None) -> list[float]:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(D, 16), torch.nn.Dropout(0.3), torch.nn.Linear(16, 1)).double()
+        ddp = DistributedDataParallel(model)
+        torch.manual_seed(60 + rank)  # each rank's own dropout stream
+
+        def loss(batch: torch.Tensor) -> torch.Tensor:
+            return (ddp(x[batch]) - t[batch]).pow(2).mean()
+
+        config = TrainConfig(steps=steps, lr=0.05, checkpoint_path=path, checkpoint_every=2, checkpoint_at_end=False)
+        return Trainer(ddp, loss, RandomBatches(32, 8, seed=2), config).run(resume=resume).step_losses
+
+    whole = run(4)
+    run(2)
+    resumed = run(4, resume=path)
+    assert resumed == whole[2:], f"rank {rank}: resumed {resumed}, uninterrupted {whole[2:]}"
+    return "ok"
+
+
 def _check_trainer_nan_on_one_rank(rank: int) -> str:
     """A non-finite loss on rank 1 only: both ranks still run that step's backward (the exchanges are
     collective: breaking off on rank 1 alone hangs rank 0 until the timeout), skip it (nan_policy='skip')
@@ -502,6 +528,7 @@ def _worker(rank: int, port: int, out: str) -> None:
     results["dcp"] = _run(lambda: _check_dcp(rank, out))
     results["trainer"] = _run(lambda: _check_trainer(rank, out))
     results["trainer nan on one rank"] = _run(lambda: _check_trainer_nan_on_one_rank(rank))
+    results["trainer ddp resume"] = _run(lambda: _check_trainer_ddp_resume(rank, out))
     Path(out, f"rank{rank}.json").write_text(json.dumps(results))
     dist.destroy_process_group()
 
@@ -522,7 +549,8 @@ def results(spawned: Path) -> list[dict[str, str]]:
     "case",
     [c[0] for c in CASES]
     + ["training", "indivisible", "checkpoint 2<->1", "ddp through hardening", "checkpoint resume per rank"]
-    + ["ddp", "fsdp2", "dcp", "trainer", "trainer nan on one rank", "mismatched models"],
+    + ["ddp", "fsdp2", "dcp", "trainer", "trainer nan on one rank", "mismatched models"]
+    + ["trainer ddp resume"],
 )
 def test_expert_parallel_matches_unsharded(results: list[dict[str, str]], case: str) -> None:
     for rank, found in enumerate(results):

@@ -295,7 +295,7 @@ def _gather_rank_states(
 def _own_rank(model: nn.Module, meta: Mapping[str, Any]) -> int:
     """The rank whose saved states this process restores: its own at the saved world size, else 0."""
     saved_world = meta.get("world_size", 1)
-    if saved_world == 1 or not _sharded_keys(model) or dist.get_world_size() != saved_world:
+    if saved_world == 1 or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() != saved_world:
         return 0
     return dist.get_rank()
 
@@ -317,6 +317,7 @@ def save_checkpoint(
     config: Mapping[str, Any] | None = None,
     state: Mapping[str, Any] | None = None,
     tensors: Mapping[str, torch.Tensor] | None = None,
+    collective: bool | None = None,
 ) -> Path:
     """Write a complete, durable checkpoint to ``path`` (see the module docstring); returns the path.
 
@@ -327,11 +328,14 @@ def save_checkpoint(
         config: JSON-serialisable configuration (a dict), returned as is.
         state: JSON-serialisable caller state (a dict: a loop's position), returned as is.
         tensors: caller tensors (a dict of name -> tensor), returned as is.
+        collective: every rank of the default process group calls this together: the DTensor
+            parameters are gathered, each rank's RNG states (and buffers that differ from rank 0's)
+            are saved, rank 0 writes the file and the others wait for it. Default: when ``model``
+            holds DTensor parameters (expert-parallel layers), which need it; pass ``True`` in a
+            data-parallel run so that a resume restores every rank's own RNG states.
 
     Every argument is checked before anything is gathered or written: a bad one raises a
-    ``TypeError``/``ValueError`` naming it. With expert-parallel layers in ``model`` every rank must
-    call this (it gathers the shards and each rank's RNG states); rank 0 writes the file and the
-    others wait for it.
+    ``TypeError``/``ValueError`` naming it.
     """
     path = _check_path(path, writing=True)
     _check_modules(model, optimizer, scheduler)
@@ -345,6 +349,10 @@ def save_checkpoint(
         "world_size": 1,
     }
     extra = _check_tensors(tensors)
+    if collective is not None and not isinstance(collective, bool):
+        raise TypeError(f"collective must be a bool or None, got {_describe(collective)}")
+    if collective and not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("collective=True needs torch.distributed initialised (init_process_group); pass False")
     if scheduler is not None:
         meta["scheduler"] = {
             "class": type(scheduler).__name__,
@@ -361,14 +369,15 @@ def save_checkpoint(
     out.update(rng_tensors)
     if optimizer is not None:
         meta["optimizer"] = _optimizer_to_file(model, optimizer, out)
-    if sharded:
+    distributed = bool(sharded) if collective is None else collective
+    if distributed:
         meta["world_size"] = dist.get_world_size()
         meta["other_ranks"] = _gather_rank_states(model, sharded, rng_tensors, meta["rng"], out)
-    if not sharded or dist.get_rank() == 0:
+    if not distributed or dist.get_rank() == 0:
         meta["sha256"] = _checksum(out)
         meta["meta_sha256"] = _meta_checksum(meta)
         atomic_write_bytes(path, save_tensors(out, metadata={_META_KEY: json.dumps(meta)}))
-    if sharded:
+    if distributed:
         dist.barrier()
     return path
 

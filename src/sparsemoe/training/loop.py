@@ -465,21 +465,17 @@ class Trainer:
         }
         best = {f"best.{k}": v for k, v in (self._best_state or {}).items()}
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        # distributed parameters: every rank saves (a collective; rank 0 writes); else rank 0 alone
-        collective = any(isinstance(p, DTensor) for p in self.model.parameters())
-        if self.rank == 0 or collective:
-            save_checkpoint(
-                path,
-                self.model,
-                self.optimizer,
-                scheduler=self.scheduler,
-                step=self.step,
-                config=self._run_config(),
-                state=state,
-                tensors=best,
-            )
-        if self.world > 1 and not collective:
-            dist.barrier()
+        save_checkpoint(  # several processes: every rank saves its RNG states, rank 0 writes the file
+            path,
+            self.model,
+            self.optimizer,
+            scheduler=self.scheduler,
+            step=self.step,
+            config=self._run_config(),
+            state=state,
+            tensors=best,
+            collective=self.world > 1,
+        )
         self._last_saved = self.step
 
     def _restore(self, resume: str | Path) -> None:
