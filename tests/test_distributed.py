@@ -384,7 +384,7 @@ def _check_trainer(rank: int, out: str) -> str:
         data = RandomBatches(24, 8, seed=3)
         # the 2-rank runs save at step 2 (not at the end: the second run resumes from there)
         saving = {} if alone else {"checkpoint_path": str(Path(out, "trainer.safetensors")), "checkpoint_every": 2}
-        config = TrainConfig(steps=steps, lr=0.05, eval_every=2, checkpoint_at_end=False, **saving)  # type: ignore[arg-type]
+        config = TrainConfig(steps=steps, lr=0.05, eval_every=2, metric="val_mse", checkpoint_at_end=False, **saving)  # type: ignore[arg-type]
         trainer = Trainer(model, loss, ShardedBatches(data, 0, 1) if alone else data, config, evaluate=evaluate)
         return trainer.run(resume=resume)
 

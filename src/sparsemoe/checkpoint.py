@@ -87,8 +87,8 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def _local(t: torch.Tensor, param: DTensor) -> torch.Tensor:
-    """This rank's part of the full tensor ``t``, laid out as ``param`` (no communication)."""
+def shard_like(t: torch.Tensor, param: DTensor) -> torch.Tensor:
+    """This rank's part of the full tensor ``t``, laid out as the DTensor ``param`` (no communication)."""
     return distribute_tensor(t, param.device_mesh, param.placements, src_data_rank=None)
 
 
@@ -364,7 +364,7 @@ def save_checkpoint(
     for key, value in model.state_dict().items():
         out[f"model.{key}"] = _cpu(_full(value))
     for key, value in extra.items():
-        out[f"extra.{key}"] = _cpu(value)
+        out[f"extra.{key}"] = _cpu(_full(value))  # a DTensor (a sharded model's best weights) in full
     rng_tensors, meta["rng"] = _rng_state(model)
     out.update(rng_tensors)
     if optimizer is not None:
@@ -527,7 +527,7 @@ def _model_state_from_file(
     for key, value in sorted(saved.items()):  # sorted: the first bad key reported is deterministic
         if value.shape != current[key].shape:  # a DTensor's shape is the full one
             raise ValueError(f"{path}: {key} has shape {tuple(value.shape)}, the model has {tuple(current[key].shape)}")
-        out[key] = _local(value, sharded[key]) if key in sharded else value
+        out[key] = shard_like(value, sharded[key]) if key in sharded else value
     return out
 
 
@@ -582,7 +582,7 @@ def _optimizer_state_from_file(
         if name not in index:
             raise ValueError(f"{path}: optimizer state for {name!r}, which the optimizer does not hold")
         if name in sharded and value.shape == params[name].shape:
-            value = _local(value, sharded[name])
+            value = shard_like(value, sharded[name])
         state.setdefault(index[name], {})[entry] = value
     for name, scalars in saved["scalars"].items():
         if name not in index:

@@ -46,7 +46,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from .._validation import check_int
-from ..checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+from ..checkpoint import load_checkpoint, read_checkpoint, save_checkpoint, shard_like
 from .callbacks import Callback
 from .config import SchedulerFactory, TrainConfig
 from .data import Batches, RandomBatches, ShardedBatches
@@ -497,7 +497,12 @@ class Trainer:
         self.best_value, self.best_step, self.best_epoch, self.best_index = loop["best"]
         self._seconds_before, self._cpu_before = loop["seconds"], loop["cpu_seconds"]
         self.stopped_early, self.finished = loop["stopped_early"], loop["finished"]
-        best = {k[len("best.") :]: v for k, v in saved["tensors"].items() if k.startswith("best.")}
+        current = self.model.state_dict()
+        best: dict[str, torch.Tensor] = {}
+        for key, value in saved["tensors"].items():
+            if key.startswith("best."):
+                like = current.get(key[len("best.") :])  # saved in full: a DTensor entry gets back this rank's part
+                best[key[len("best.") :]] = shard_like(value, like) if isinstance(like, DTensor) else value
         self._best_state = best or None
         self._last_saved = self.step
 
