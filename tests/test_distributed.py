@@ -38,7 +38,7 @@ from sparsemoe.distributed import (
     expert_parameters,
     safetensors_to_dcp,
 )
-from sparsemoe.training import RandomBatches, ShardedBatches, TrainConfig, Trainer, TrainResult
+from sparsemoe.training import MetricsLog, RandomBatches, ShardedBatches, TrainConfig, Trainer, TrainResult
 
 WORLD = 2
 NUM_EXPERTS = 4
@@ -385,7 +385,10 @@ def _check_trainer(rank: int, out: str) -> str:
         # the 2-rank runs save at step 2 (not at the end: the second run resumes from there)
         saving = {} if alone else {"checkpoint_path": str(Path(out, "trainer.safetensors")), "checkpoint_every": 2}
         config = TrainConfig(steps=steps, lr=0.05, eval_every=2, metric="val_mse", checkpoint_at_end=False, **saving)  # type: ignore[arg-type]
-        trainer = Trainer(model, loss, ShardedBatches(data, 0, 1) if alone else data, config, evaluate=evaluate)
+        log = [] if alone else [MetricsLog(Path(out, f"trainer-rank{rank}.jsonl"))]
+        trainer = Trainer(
+            model, loss, ShardedBatches(data, 0, 1) if alone else data, config, evaluate=evaluate, callbacks=log
+        )
         return trainer.run(resume=resume)
 
     first = run(DistributedDataParallel(expert_parallel(_model(13))), 2, slice(6 * rank, 6 * rank + 6))
@@ -406,6 +409,9 @@ def _check_trainer(rank: int, out: str) -> str:
     _close(torch.tensor(metrics), torch.tensor([h["val_mse"] for h in ref.history]), "val_mse (mean over ranks)")
     for name, p in model.named_parameters():
         _close(_full(p).detach(), single.get_parameter(name).detach(), f"{name} after a resumed 2-rank Trainer")
+    logged = [json.loads(line)["val_mse"] for line in Path(out, "trainer-rank0.jsonl").read_text().splitlines()]
+    assert logged == metrics, (logged, metrics)  # rank 0 logs the means over the ranks
+    assert not Path(out, "trainer-rank1.jsonl").exists(), "logs are written by rank 0 alone"
     return "ok"
 
 

@@ -28,7 +28,13 @@ class Callback:
     """No-op hooks, called in this order: ``on_train_start``; per step ``after_optimizer_step`` (not
     for steps skipped by the NaN policy), ``on_step_end``; ``on_evaluate`` after each evaluation
     (``record`` is the new history entry; the best weights are already updated); ``on_epoch_end``;
-    ``on_train_end`` with the result (best weights restored)."""
+    ``on_train_end`` with the result (best weights restored).
+
+    Several processes: a callback runs on every rank (what changes the model, such as bias updates,
+    must), unless its class sets ``every_rank = False`` (logs and progress bars: rank 0 alone, which
+    sees the losses and metrics averaged over the ranks)."""
+
+    every_rank: bool = True
 
     def on_train_start(self, trainer: Trainer) -> None:
         """Before the first step of this call (after a resume has restored the state)."""
@@ -64,6 +70,8 @@ class ProgressBar(Callback):
     """A rich progress bar over the steps. ``progress``: an existing ``rich.progress.Progress`` (the
     caller starts and stops it); ``None``: one of its own, shown while training."""
 
+    every_rank = False
+
     def __init__(self, description: str = "training", progress: Progress | None = None) -> None:
         self.description, self.progress, self.own = description, progress, progress is None
         self.task: TaskID | None = None
@@ -91,6 +99,8 @@ class MetricsLog(Callback):
     columns are those of the first record). With ``every=N`` (JSONL only) also a line
     ``{"step", "epoch", "train_loss", "lr"}`` every ``N`` steps. A fresh run starts the file anew; a
     resumed one drops the lines written after its checkpoint's step, so the log matches the run."""
+
+    every_rank = False
 
     def __init__(self, path: str | Path, every: int | None = None) -> None:
         self.path = Path(path)
@@ -150,6 +160,8 @@ class MetricsLog(Callback):
 class TensorBoardLog(Callback):
     """Scalars for TensorBoard in ``log_dir``: the training loss and LR every step, every metric of
     each evaluation. Needs ``tensorboard`` (``pip install tensorboard``)."""
+
+    every_rank = False
 
     def __init__(self, log_dir: str | Path) -> None:
         try:

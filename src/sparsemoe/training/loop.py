@@ -213,7 +213,8 @@ class Trainer:
         if self.world > 1 and not isinstance(data, ShardedBatches):
             data = data.shard(self.rank, self.world)  # each rank its own rows
         self.model, self.loss_fn, self.data, self.config = model, loss, data, config
-        self.evaluate_fn, self.callbacks = evaluate, list(callbacks)
+        self.evaluate_fn = evaluate
+        self.callbacks = [c for c in callbacks if self.rank == 0 or c.every_rank]  # logs on rank 0 alone
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("model has no parameter that requires grad: nothing to train")
