@@ -1,15 +1,17 @@
-"""Expert parallelism + DDP: the whole recipe, checked against one process.
+"""Expert parallelism + DDP or FSDP2: the whole recipe, checked against one process.
 
 Run (CPU, gloo; NCCL is used when CUDA is available)::
 
-    torchrun --nproc-per-node 2 examples/expert_parallel.py
+    torchrun --nproc-per-node 2 examples/expert_parallel.py                 # + DistributedDataParallel
+    torchrun --nproc-per-node 2 examples/expert_parallel.py --wrap fsdp2    # + fully_shard
     torchrun --nproc-per-node 2 examples/expert_parallel.py --config train.json  # a TrainConfig file
 
-What each rank holds: the embedding, the gate and the head in full (replicated, averaged by DDP),
-and ``num_experts / world_size`` experts of the MoE layer (sharded, never averaged). Each rank
-trains on its own slice of every batch; the per-rank losses are averaged, which is what one process
-training on the whole batch computes. At the end, the checkpoint written by all ranks together is
-loaded into an unsharded model on rank 0, which reproduces the sharded model's outputs.
+What each rank holds: the embedding, the gate and the head in full (replicated: DDP averages their
+gradients; FSDP2 shards them), and ``num_experts / world_size`` experts of the MoE layer (DTensors
+sharded on dim 0, never averaged). Each rank trains on its own slice of every batch; the per-rank
+losses are averaged, which is what one process training on the whole batch computes. At the end,
+a ``torch.distributed.checkpoint`` written by all ranks together is loaded into an unsharded model
+on rank 0 alone (no process group), which reproduces the sharded model's outputs.
 """
 
 from __future__ import annotations
@@ -21,12 +23,14 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 from sparsemoe import MoE
-from sparsemoe.checkpoint import load_checkpoint, save_checkpoint
-from sparsemoe.distributed import ddp_ignored_parameters, expert_parallel, scale_expert_gradients
+from sparsemoe.distributed import expert_parallel, expert_parameters
 from sparsemoe.training import TrainConfig
 
 
@@ -39,6 +43,7 @@ def build(d: int, num_experts: int) -> nn.Sequential:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, help="TrainConfig file (.json/.toml): lr, seed, batch_size, ...")
+    parser.add_argument("--wrap", choices=("ddp", "fsdp2"), default="ddp")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--out", type=Path, default=Path("results/expert-parallel-example"))
@@ -50,6 +55,8 @@ def main() -> None:
     dist.init_process_group(backend)  # torchrun provides rank, world size and address
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if backend == "nccl" else "cpu")
+    if backend == "nccl":
+        torch.cuda.set_device(device)
     if config.batch_size % world:
         raise ValueError(f"batch_size={config.batch_size} must be divisible by the {world} ranks")
 
@@ -57,26 +64,26 @@ def main() -> None:
     d = 16
     model = build(d, args.experts).to(device)
     reference = copy.deepcopy(model)  # one process, whole batches: for the check below
-    # 1. shard the experts; a separate group keeps the expert exchanges apart from DDP's all-reduces
-    moe = model[1]
-    assert isinstance(moe, MoE)
-    model[1] = expert_parallel(moe, group=dist.new_group())
-    # 2. DDP for everything else: the expert shards must not be averaged
-    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ddp_ignored_parameters(model))
-    ddp = DistributedDataParallel(model)
-    opt = torch.optim.Adam(ddp.parameters(), lr=config.lr)
+    mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("ep",))
+    # 1. shard the experts in place: experts.w1/w2 become DTensors sharded on dim 0 over the mesh
+    expert_parallel(model, mesh)
+    # 2. data parallelism for everything else (the expert gradients are complete already)
+    if args.wrap == "ddp":
+        wrapped: nn.Module = DistributedDataParallel(model)  # expert_parallel told DDP to skip the shards
+    else:
+        wrapped = fully_shard(model, mesh=mesh, ignored_params=set(expert_parameters(model)))
+    opt = torch.optim.Adam(wrapped.parameters(), lr=config.lr)
     ref_opt = torch.optim.Adam(reference.parameters(), lr=config.lr)
 
     data = torch.Generator().manual_seed(config.seed + 1)  # the same batches on every rank
     per_rank = config.batch_size // world
     for step in range(1, args.steps + 1):
         x = torch.randn(config.batch_size, d, generator=data).to(device)
-        y = x[:, :1].sin().to(device)
+        y = x[:, :1].sin()
         mine = slice(rank * per_rank, (rank + 1) * per_rank)
-        loss = (ddp(x[mine]) - y[mine]).pow(2).mean()
+        loss = (wrapped(x[mine]) - y[mine]).pow(2).mean()
         opt.zero_grad()
-        loss.backward()  # DDP averages the replicated gradients
-        scale_expert_gradients(model)  # the expert gradients hold the sum over ranks: average them too
+        loss.backward()
         opt.step()
         mean_loss = loss.detach().clone()
         dist.all_reduce(mean_loss)
@@ -89,14 +96,18 @@ def main() -> None:
         if rank == 0 and (step % 5 == 0 or step == 1):
             print(f"step {step:3d}  loss on {world} ranks {mean_loss.item():.6f}  one process {ref_loss.item():.6f}")
 
-    # 3. checkpoint: every rank calls it; the experts are gathered and rank 0 writes one file
-    path = save_checkpoint(args.out / "model.safetensors", model, opt, step=args.steps, config=config.to_dict())
+    # 3. checkpoint: every rank writes its shards (torch.distributed.checkpoint)
+    path = args.out / f"dcp-{args.wrap}"
+    dcp.save({"model": model.state_dict()}, checkpoint_id=str(path))
     x = torch.randn(8, d, generator=data).to(device)
     with torch.no_grad():
-        y_sharded = model(x)  # each rank runs the same 8 rows here
-    if rank == 0:
+        y_sharded = wrapped(x)  # each rank runs the same 8 rows here
+    dist.barrier()
+    if rank == 0:  # 2 ranks -> 1 process: an unsharded model loads it without any collective
         single = build(d, args.experts).to(device)
-        load_checkpoint(path, single)  # 2 ranks -> 1 process
+        state = {"model": single.state_dict()}
+        dcp.load(state, checkpoint_id=str(path), no_dist=True)
+        single.load_state_dict(state["model"])
         with torch.no_grad():
             diff = (single(x) - y_sharded).abs().max().item()
         print(f"checkpoint {path}: unsharded reload differs from the sharded model by {diff:.2e}")

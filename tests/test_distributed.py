@@ -1,4 +1,5 @@
-"""Expert parallelism on 2 gloo processes equals the unsharded layer, forward and backward.
+"""Expert parallelism on 2 gloo processes equals the unsharded layer, forward and backward; with DDP,
+FSDP2 and ``torch.distributed.checkpoint`` it equals one process training on the concatenated batch.
 
 One ``torch.multiprocessing.spawn`` of 2 ranks runs every check (starting processes dominates the
 cost); each rank writes what it found to a JSON file and the tests below read those.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import socket
 import traceback
 from collections.abc import Callable
@@ -17,13 +19,26 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor, Shard
 from torch.nn.parallel import DistributedDataParallel
 
 import sparsemoe
 from sparsemoe import MoE, MultiTaskMoE
 from sparsemoe.checkpoint import load_checkpoint, save_checkpoint
-from sparsemoe.distributed import average_replicated_gradients, expert_parallel
+from sparsemoe.distributed import (
+    average_replicated_gradients,
+    dcp_state,
+    dcp_to_safetensors,
+    expert_parallel,
+    expert_parameters,
+    safetensors_to_dcp,
+)
+from sparsemoe.training import MetricsLog, RandomBatches, ShardedBatches, TrainConfig, Trainer, TrainResult
 
 WORLD = 2
 NUM_EXPERTS = 4
@@ -54,6 +69,10 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
 def _close(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
     torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=lambda m: f"{what}: {m}")
 
@@ -67,6 +86,10 @@ def _check_gate(rank: int, gate: str, options: dict) -> str:
         moe = MoE(D, 8, NUM_EXPERTS, gate=gate, **options).double()
     ref = copy.deepcopy(moe)
     layer = expert_parallel(moe)
+    assert layer is moe, "expert_parallel works in place"
+    assert set(layer.state_dict()) == set(ref.state_dict()), "same state_dict keys as the unsharded layer"
+    for p in layer.experts.parameters():
+        assert isinstance(p, DTensor) and p.placements == (Shard(0),), p
     gen = torch.Generator().manual_seed(100 + rank)
     x = torch.randn(TOKENS[rank], D, generator=gen, dtype=torch.float64)
     ids = torch.randint(0, 50, (TOKENS[rank],), generator=gen)
@@ -85,9 +108,10 @@ def _check_gate(rank: int, gate: str, options: dict) -> str:
     ref_expert_grads = {n: p.grad.clone() for n, p in ref.experts.named_parameters()}
     for g in ref_expert_grads.values():
         dist.all_reduce(g)
+        g.div_(WORLD)  # the mean over ranks: data parallelism's gradient
     last = layer.last_routing
     remote = torch.cat([r.expert for r in last]) if isinstance(last, list) else last.expert  # type: ignore[union-attr]
-    lo, hi = layer.expert_range
+    lo, hi = layer.experts.expert_range
     sent_away = int(((remote < lo) | (remote >= hi)).sum())
     (y, gx, loss), (y_ref, gx_ref, loss_ref) = results
     _close(y, y_ref, "output")
@@ -97,7 +121,8 @@ def _check_gate(rank: int, gate: str, options: dict) -> str:
     assert list(sparsemoe.routing_stats(torch.nn.Sequential(layer))) == ["0"]
     for (name, p), (_, p_ref) in zip(layer.named_parameters(), ref.named_parameters(), strict=True):
         if name.startswith("experts."):
-            _close(p.grad, ref_expert_grads[name[len("experts.") :]][lo:hi], f"{name} gradient (sum over ranks)")
+            grad = p.grad.to_local()
+            _close(grad, ref_expert_grads[name[len("experts.") :]][lo:hi], f"{name} gradient (mean over ranks)")
         elif p_ref.grad is None:
             assert p.grad is None, name
         else:
@@ -128,7 +153,7 @@ def _model(seed: int) -> torch.nn.Module:
 def _check_training(rank: int) -> str:
     """4 Adam steps: 2 ranks (DDP-style averaging) vs one process on the concatenated batch."""
     single, sharded = _model(1), _model(1)
-    sharded[1] = expert_parallel(sharded[1])
+    expert_parallel(sharded[1])  # one layer
     opt_single = torch.optim.Adam(single.parameters(), lr=0.05)
     opt_sharded = torch.optim.Adam(sharded.parameters(), lr=0.05)
     gen = torch.Generator().manual_seed(5)
@@ -159,17 +184,29 @@ def _check_indivisible(rank: int) -> str:
     try:
         expert_parallel(MoE(D, 8, 3, gate="topk"))
     except ValueError as e:
-        assert "num_experts=3 is not divisible by the world size 2" in str(e), str(e)
+        assert "num_experts=3 of MoE is not divisible by the world size 2" in str(e), str(e)
         return "ok"
     raise AssertionError("no error for 3 experts on 2 ranks")
+
+
+def _check_mismatched_models(rank: int) -> str:
+    """Models built with different seeds on the ranks: a ValueError on every rank at setup, no hang,
+    and the model untouched."""
+    model = _model(30 + rank)
+    try:
+        expert_parallel(model)
+    except ValueError as e:
+        assert "the model differs between ranks 0 and 1" in str(e) and "0.weight" in str(e), str(e)
+        assert not any(isinstance(p, DTensor) for p in model.parameters()), "the model was changed"
+        return "ok"
+    raise AssertionError("no error for models that differ between ranks")
 
 
 def _check_checkpoint(rank: int, out: str) -> str:
     """A 2-rank checkpoint loads onto 1 process and back, with the same outputs and optimizer state."""
     gen = torch.Generator().manual_seed(11)
     x = torch.randn(2, 6, D, generator=gen, dtype=torch.float64)  # x[r]: rank r's tokens
-    sharded = _model(2)
-    sharded[1] = expert_parallel(sharded[1])
+    sharded = expert_parallel(_model(2))
     opt = torch.optim.Adam(sharded.parameters(), lr=0.05)
     for _ in range(3):  # crosses the hardening step too
         opt.zero_grad()
@@ -188,17 +225,17 @@ def _check_checkpoint(rank: int, out: str) -> str:
     load_checkpoint(path, single, single_opt)
     with torch.no_grad():
         _close(single(x.reshape(-1, D)), torch.cat(parts), "unsharded model loaded from a 2-rank checkpoint")
-    lo, hi = sharded[1].expert_range
+    lo, hi = sharded[1].experts.expert_range
     for name in ("w1", "w2"):
         p_single, p_sharded = getattr(single[1].experts, name), getattr(sharded[1].experts, name)
-        _close(single_opt.state[p_single]["exp_avg_sq"][lo:hi], opt.state[p_sharded]["exp_avg_sq"], f"Adam {name}")
+        mine = opt.state[p_sharded]["exp_avg_sq"].to_local()
+        _close(single_opt.state[p_single]["exp_avg_sq"][lo:hi], mine, f"Adam {name}")
     # 1 -> 2: rank 0 saves the unsharded model alone; both ranks load it into a fresh sharded one
     path1 = Path(out, "single.safetensors")
     if rank == 0:
         save_checkpoint(path1, single, single_opt, step=3)
     dist.barrier()
-    again = _model(4)
-    again[1] = expert_parallel(again[1])
+    again = expert_parallel(_model(4))
     load_checkpoint(path1, again, torch.optim.Adam(again.parameters(), lr=0.05))
     with torch.no_grad():
         _close(again(x[rank]), y_sharded, "2-rank model loaded from an unsharded checkpoint")
@@ -239,6 +276,193 @@ def _check_ddp_through_hardening(rank: int) -> str:
     grad = search.log_alpha.grad
     assert grad is not None and not grad.any(), "after hardening log_alpha gets an exact zero gradient"
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-10, atol=0)
+    return "ok"
+
+
+def _train_against_one_process(rank: int, model: torch.nn.Module, wrapped: torch.nn.Module, seed: int) -> None:
+    """4 Adam steps of ``wrapped`` (rank r: rows [6r, 6r+6), loss averaged over ranks by the wrapper)
+    against one process on all 12 rows: equal losses and parameters (experts gathered) after every step."""
+    single = _model(seed)
+    opt_single = torch.optim.Adam(single.parameters(), lr=0.05)
+    opt = torch.optim.Adam(wrapped.parameters(), lr=0.05)
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(4):  # local_search_steps=2: crosses the hardening step
+        x = torch.randn(2 * 6, D, generator=gen, dtype=torch.float64)
+        t = torch.randn(2 * 6, 1, generator=gen, dtype=torch.float64)
+        ref_loss = (single(x) - t).pow(2).mean()
+        opt_single.zero_grad()
+        ref_loss.backward()
+        opt_single.step()
+        mine = slice(6 * rank, 6 * rank + 6)
+        loss = (wrapped(x[mine]) - t[mine]).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()  # no call after backward: the wrapper averages, the experts are scaled already
+        opt.step()
+        total = loss.detach().clone()
+        dist.all_reduce(total)
+        _close(total / WORLD, ref_loss.detach(), "mean loss over ranks vs one process")
+    for name, p in model.named_parameters():
+        _close(_full(p).detach(), single.get_parameter(name).detach(), f"{name} after 4 Adam steps")
+    assert bool(model[1].search.hardened), "the run should cross the local-search hardening step"
+
+
+def _check_ddp(rank: int) -> str:
+    """build, expert_parallel(model, mesh["ep"]) (a named dimension of a 2-D mesh), DDP(model): nothing else."""
+    mesh = init_device_mesh("cpu", (1, WORLD), mesh_dim_names=("dp", "ep"))
+    model = expert_parallel(_model(7), mesh["ep"])
+    _train_against_one_process(rank, model, DistributedDataParallel(model), 7)
+    return "ok"
+
+
+def _check_fsdp2(rank: int) -> str:
+    """build, expert_parallel(model, mesh), fully_shard(model, mesh, ignored_params=the expert shards)."""
+    mesh = init_device_mesh("cpu", (WORLD,))
+    model = expert_parallel(_model(8), mesh)
+    fully_shard(model, mesh=mesh, ignored_params=set(expert_parameters(model)))
+    _train_against_one_process(rank, model, model, 8)
+    return "ok"
+
+
+def _check_dcp(rank: int, out: str) -> str:
+    """torch.distributed.checkpoint of model + Adam from 2 ranks; reloaded on 2 ranks it gives the same outputs.
+
+    The 2 -> 1 reload (one process, no process group) is in test_dcp_checkpoint_loads_into_one_process.
+    """
+    model = expert_parallel(_model(9))
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    gen = torch.Generator().manual_seed(12)
+    x = torch.randn(WORLD, 6, D, generator=gen, dtype=torch.float64)
+    for _ in range(3):
+        opt.zero_grad()
+        model(x[rank]).pow(2).mean().backward()
+        average_replicated_gradients(model)
+        opt.step()
+    model_sd, optim_sd = get_state_dict(model, opt)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(Path(out, "dcp")))
+    with torch.no_grad():
+        y = model(x[rank])
+        parts = [torch.empty_like(y) for _ in range(WORLD)]
+        dist.all_gather(parts, y)
+    if rank == 0:
+        torch.save({"x": x, "y": torch.stack(parts)}, Path(out, "dcp-io.pt"))
+    again = expert_parallel(_model(10))
+    again_opt = torch.optim.Adam(again.parameters(), lr=0.05)
+    again(x[rank]).sum().backward()  # Adam state exists only after a step: take one to load into
+    again_opt.step()
+    model_sd, optim_sd = get_state_dict(again, again_opt)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=str(Path(out, "dcp")))
+    set_state_dict(again, again_opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    with torch.no_grad():
+        _close(again(x[rank]), y, "2-rank model reloaded from a DCP checkpoint")
+    for p, q in zip(model.parameters(), again.parameters(), strict=True):
+        _close(_full(opt.state[p]["exp_avg_sq"]), _full(again_opt.state[q]["exp_avg_sq"]), "Adam state reloaded")
+    return "ok"
+
+
+def _check_trainer(rank: int, out: str) -> str:
+    """sparsemoe.training.Trainer under 2 processes (expert parallelism + DDP): it shards the data by
+    itself (each row once), logs the mean loss and metric over the ranks, saves collectively and
+    resumes; losses, metrics and weights equal one process's Trainer on the same data."""
+    gen = torch.Generator().manual_seed(21)
+    x, t = torch.randn(24, D, generator=gen, dtype=torch.float64), torch.randn(24, 1, generator=gen)
+    x_val, t_val = torch.randn(12, D, generator=gen, dtype=torch.float64), torch.randn(12, 1, generator=gen)
+    t, t_val = t.double(), t_val.double()
+    seen: list[list[int]] = []
+
+    def run(model: torch.nn.Module, steps: int, rows: slice, resume: Path | None = None) -> TrainResult:
+        """Rank r's rows ``rows`` of the validation set; one process (``rows`` all of it): no sharding."""
+
+        def loss(batch: torch.Tensor) -> torch.Tensor:
+            seen.append(batch.tolist())
+            return (model(x[batch]) - t[batch]).pow(2).mean()
+
+        def evaluate() -> dict[str, float]:
+            return {"val_mse": float((model(x_val[rows]) - t_val[rows]).pow(2).mean())}
+
+        alone = rows == slice(0, 12)
+        data = RandomBatches(24, 8, seed=3)
+        # the 2-rank runs save at step 2 (not at the end: the second run resumes from there)
+        saving = {} if alone else {"checkpoint_path": str(Path(out, "trainer.safetensors")), "checkpoint_every": 2}
+        config = TrainConfig(steps=steps, lr=0.05, eval_every=2, metric="val_mse", checkpoint_at_end=False, **saving)  # type: ignore[arg-type]
+        log = [] if alone else [MetricsLog(Path(out, f"trainer-rank{rank}.jsonl"))]
+        trainer = Trainer(
+            model, loss, ShardedBatches(data, 0, 1) if alone else data, config, evaluate=evaluate, callbacks=log
+        )
+        return trainer.run(resume=resume)
+
+    first = run(DistributedDataParallel(expert_parallel(_model(13))), 2, slice(6 * rank, 6 * rank + 6))
+    rows_by_rank: list[list[list[int]] | None] = [None] * WORLD
+    dist.all_gather_object(rows_by_rank, seen)
+    model = expert_parallel(_model(14))
+    second = run(DistributedDataParallel(model), 4, slice(6 * rank, 6 * rank + 6), Path(out, "trainer.safetensors"))
+    seen.clear()
+    single = _model(13)
+    ref = run(single, 4, slice(0, 12))
+    for step, ref_rows in enumerate(seen[:2]):  # the 2 ranks together saw each row of the batch once
+        ranks = [r[step] for r in rows_by_rank]  # type: ignore[index]
+        assert sorted(ranks[0] + ranks[1]) == sorted(ref_rows) and not set(ranks[0]) & set(ranks[1]), ranks
+    losses = torch.tensor(first.step_losses + second.step_losses)
+    _close(losses, torch.tensor(ref.step_losses), "Trainer step losses (mean over ranks) vs one process")
+    metrics = [h["val_mse"] for h in second.history]
+    assert len(metrics) == 2, second.history
+    _close(torch.tensor(metrics), torch.tensor([h["val_mse"] for h in ref.history]), "val_mse (mean over ranks)")
+    for name, p in model.named_parameters():
+        _close(_full(p).detach(), single.get_parameter(name).detach(), f"{name} after a resumed 2-rank Trainer")
+    logged = [json.loads(line)["val_mse"] for line in Path(out, "trainer-rank0.jsonl").read_text().splitlines()]
+    assert logged == metrics, (logged, metrics)  # rank 0 logs the means over the ranks
+    assert not Path(out, "trainer-rank1.jsonl").exists(), "logs are written by rank 0 alone"
+    return "ok"
+
+
+def _check_trainer_ddp_resume(rank: int, out: str) -> str:
+    """A data-parallel Trainer (DDP, dropout drawing from each rank's own global RNG) saves every rank's
+    RNG states: resumed at step 2 it equals the uninterrupted run on both ranks, bit for bit."""
+    gen = torch.Generator().manual_seed(40)
+    x, t = torch.randn(32, D, generator=gen, dtype=torch.float64), torch.randn(32, 1, generator=gen).double()
+    path = str(Path(out, "ddp-trainer.safetensors"))
+
+    def run(steps: int, resume: str | None = None) -> list[float]:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(D, 16), torch.nn.Dropout(0.3), torch.nn.Linear(16, 1)).double()
+        ddp = DistributedDataParallel(model)
+        torch.manual_seed(60 + rank)  # each rank's own dropout stream
+
+        def loss(batch: torch.Tensor) -> torch.Tensor:
+            return (ddp(x[batch]) - t[batch]).pow(2).mean()
+
+        config = TrainConfig(steps=steps, lr=0.05, checkpoint_path=path, checkpoint_every=2, checkpoint_at_end=False)
+        return Trainer(ddp, loss, RandomBatches(32, 8, seed=2), config).run(resume=resume).step_losses
+
+    whole = run(4)
+    run(2)
+    resumed = run(4, resume=path)
+    assert resumed == whole[2:], f"rank {rank}: resumed {resumed}, uninterrupted {whole[2:]}"
+    return "ok"
+
+
+def _check_trainer_nan_on_one_rank(rank: int) -> str:
+    """A non-finite loss on rank 1 only: both ranks still run that step's backward (the exchanges are
+    collective: breaking off on rank 1 alone hangs rank 0 until the timeout), skip it (nan_policy='skip')
+    and stay in step. (Here the NaN reaches rank 0's gradients through DDP anyway.)"""
+    model = expert_parallel(_model(15))
+    ddp = DistributedDataParallel(model)
+    x = torch.randn(16, D, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    calls = [0]
+
+    def loss(batch: torch.Tensor) -> torch.Tensor:
+        calls[0] += 1
+        value = ddp(x[batch]).pow(2).mean()
+        return value * float("nan") if rank == 1 and calls[0] == 2 else value
+
+    config = TrainConfig(steps=3, lr=0.05, nan_policy="skip")
+    result = Trainer(ddp, loss, RandomBatches(16, 8, seed=1), config).run()
+    assert result.skipped_steps == [2], result.skipped_steps
+    assert math.isnan(result.step_losses[1]) and math.isfinite(result.step_losses[2]), result.step_losses
+    head = model[0].weight.detach().clone()
+    heads = [torch.empty_like(head) for _ in range(WORLD)]
+    dist.all_gather(heads, head)
+    assert torch.equal(heads[0], heads[1]), "the replicated weights parted: the ranks disagreed on a step"
     return "ok"
 
 
@@ -301,28 +525,99 @@ def _worker(rank: int, port: int, out: str) -> None:
     results = {name: _run(lambda g=gate, o=options: _check_gate(rank, g, o)) for name, gate, options in CASES}
     results["training"] = _run(lambda: _check_training(rank))
     results["indivisible"] = _run(lambda: _check_indivisible(rank))
+    results["mismatched models"] = _run(lambda: _check_mismatched_models(rank))
     results["checkpoint 2<->1"] = _run(lambda: _check_checkpoint(rank, out))
     results["ddp through hardening"] = _run(lambda: _check_ddp_through_hardening(rank))
     results["checkpoint resume per rank"] = _run(lambda: _check_resume_every_rank(rank, out))
+    results["ddp"] = _run(lambda: _check_ddp(rank))
+    results["fsdp2"] = _run(lambda: _check_fsdp2(rank))
+    results["dcp"] = _run(lambda: _check_dcp(rank, out))
+    results["trainer"] = _run(lambda: _check_trainer(rank, out))
+    results["trainer nan on one rank"] = _run(lambda: _check_trainer_nan_on_one_rank(rank))
+    results["trainer ddp resume"] = _run(lambda: _check_trainer_ddp_resume(rank, out))
     Path(out, f"rank{rank}.json").write_text(json.dumps(results))
     dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, str]]:
+def spawned(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("expert_parallel")
     mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    return out
+
+
+@pytest.fixture(scope="module")
+def results(spawned: Path) -> list[dict[str, str]]:
+    return [json.loads((spawned / f"rank{r}.json").read_text()) for r in range(WORLD)]
 
 
 @pytest.mark.parametrize(
     "case",
     [c[0] for c in CASES]
-    + ["training", "indivisible", "checkpoint 2<->1", "ddp through hardening", "checkpoint resume per rank"],
+    + ["training", "indivisible", "checkpoint 2<->1", "ddp through hardening", "checkpoint resume per rank"]
+    + ["ddp", "fsdp2", "dcp", "trainer", "trainer nan on one rank", "mismatched models"]
+    + ["trainer ddp resume"],
 )
 def test_expert_parallel_matches_unsharded(results: list[dict[str, str]], case: str) -> None:
     for rank, found in enumerate(results):
         assert found[case] == "ok", f"rank {rank}:\n{found[case]}"
+
+
+def test_dcp_checkpoint_loads_into_one_process(spawned: Path, results: list[dict[str, str]]) -> None:
+    """The DCP checkpoint written by 2 expert-parallel ranks loads into an unsharded model (and its Adam)
+    in this process, with no process group: the same outputs as the 2 ranks on their rows."""
+    assert results[0]["dcp"] == "ok", results[0]["dcp"]
+    io = torch.load(spawned / "dcp-io.pt")
+    model = _model(11)
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    model(io["x"][0]).sum().backward()
+    opt.step()
+    model_sd, optim_sd = get_state_dict(model, opt)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=str(spawned / "dcp"))
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    with torch.no_grad():
+        for rank in range(WORLD):
+            _close(model(io["x"][rank]), io["y"][rank], f"one process vs rank {rank} of the 2-rank run")
+    assert int(opt.state[model[1].experts.w1]["step"]) == 3, "the optimizer state comes from the checkpoint"
+    # the same checkpoint as one safetensors file, loaded by sparsemoe.checkpoint
+    converted = dcp_to_safetensors(spawned / "dcp", spawned / "from-dcp.safetensors", _model(12))
+    fresh = _model(13)
+    load_checkpoint(converted, fresh)
+    with torch.no_grad():
+        _close(fresh(io["x"].reshape(-1, D)), io["y"].reshape(-1, 1), "safetensors converted from the 2-rank DCP")
+
+
+def test_dcp_safetensors_converters_round_trip(tmp_path: Path) -> None:
+    """One process: DCP -> safetensors -> DCP keeps the weights and the Adam state exactly."""
+    model = _model(20)
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    x = torch.randn(8, D, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    for _ in range(2):
+        opt.zero_grad()
+        model(x).pow(2).mean().backward()
+        opt.step()
+    dcp.save(dcp_state(model, opt), checkpoint_id=str(tmp_path / "a"), no_dist=True)
+
+    def fresh(seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        other = _model(seed)
+        return other, torch.optim.Adam(other.parameters(), lr=0.01)  # the saved lr comes back too
+
+    dcp_to_safetensors(tmp_path / "a", tmp_path / "b.safetensors", *fresh(21))
+    third, third_opt = fresh(22)
+    load_checkpoint(tmp_path / "b.safetensors", third, third_opt)
+    safetensors_to_dcp(tmp_path / "b.safetensors", tmp_path / "c", *fresh(23))
+    last, last_opt = fresh(24)
+    state = dcp_state(last, last_opt)
+    dcp.load(state, checkpoint_id=str(tmp_path / "c"), no_dist=True)
+    set_state_dict(last, last_opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    with torch.no_grad():
+        for other, other_opt, what in ((third, third_opt, "DCP -> safetensors"), (last, last_opt, "-> DCP again")):
+            _close(other(x), model(x), what)
+            for p, q in zip(model.parameters(), other.parameters(), strict=True):
+                _close(other_opt.state[q]["exp_avg_sq"], opt.state[p]["exp_avg_sq"], f"Adam state, {what}")
+                assert int(other_opt.state[q]["step"]) == 2, what
+            assert other_opt.param_groups[0]["lr"] == 0.05, what
 
 
 def test_needs_initialised_process_group() -> None:
@@ -330,8 +625,10 @@ def test_needs_initialised_process_group() -> None:
         expert_parallel(MoE(D, 8, NUM_EXPERTS))
 
 
-def test_torchrun_example_matches_one_process(tmp_path) -> None:
-    """examples/expert_parallel.py: expert parallelism + DDP on 2 ranks equals one process."""
+@pytest.mark.parametrize("wrap", ["ddp", "fsdp2"])
+def test_torchrun_example_matches_one_process(tmp_path: Path, wrap: str) -> None:
+    """examples/expert_parallel.py: expert parallelism + DDP or FSDP2 on 2 ranks equals one process;
+    its DCP checkpoint reloads into one unsharded model with the same outputs."""
     import os
     import subprocess
     import sys
@@ -340,7 +637,7 @@ def test_torchrun_example_matches_one_process(tmp_path) -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root / "src"), os.environ.get("PYTHONPATH", "")])}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1"]
     command += ["--master-port", str(_free_port()), str(root / "examples" / "expert_parallel.py")]
-    command += ["--steps", "5", "--out", str(tmp_path)]
+    command += ["--steps", "5", "--out", str(tmp_path), "--wrap", wrap]
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
     steps = [line.split() for line in done.stdout.splitlines() if line.startswith("step")]

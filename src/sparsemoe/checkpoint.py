@@ -29,15 +29,15 @@ hyper-parameter keys, scheduler class) BEFORE changing the model, optimiser, sch
 a bad file raises a ``ValueError`` naming it and leaves everything untouched. Files of format 2
 (before the metadata checksum) still load; their metadata is not covered.
 
-Expert parallelism (:mod:`sparsemoe.distributed`): every rank calls :func:`save_checkpoint`; the
-expert shards (and their optimiser tensors) are gathered into full ``[n, ...]`` tensors and rank 0
-writes one file, which an unsharded model loads as its own. :func:`load_checkpoint` slices each
-rank's experts out of it, so a checkpoint moves between any numbers of ranks (2 -> 1, 1 -> 2). What
-differs between ranks is saved for each rank: its RNG states (``rank<r>.rng.*``) and those of its
-buffers that differ from rank 0's (``rank<r>.model.*``; the random gate's ``rng_state`` advances
-with the rank's own batch). Loading at the same number of ranks restores each rank's own, so the
-resumed run is exact on every rank; at another number of ranks every rank gets rank 0's (the saved
-``model.*`` and ``rng.*``).
+Distributed parameters (DTensors: the expert shards of :mod:`sparsemoe.distributed`): every rank
+calls :func:`save_checkpoint`; they (and their optimiser tensors) are gathered into full tensors
+and rank 0 writes one file, which an unsharded model loads as its own. :func:`load_checkpoint`
+takes each rank's slice out of it (the parameter's own placements), so a checkpoint moves between
+any numbers of ranks (2 -> 1, 1 -> 2). What differs between ranks is saved for each rank: its RNG
+states (``rank<r>.rng.*``) and those of its buffers that differ from rank 0's (``rank<r>.model.*``;
+the random gate's ``rng_state`` advances with the rank's own batch). Loading at the same number of
+ranks restores each rank's own, so the resumed run is exact on every rank; at another number of
+ranks every rank gets rank 0's (the saved ``model.*`` and ``rng.*``).
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ import random
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import numpy as np
 import torch
@@ -58,6 +58,7 @@ import torch.distributed as dist
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from ._atomic import atomic_write_bytes
 
@@ -67,20 +68,6 @@ _READABLE_FORMATS = (2, 3)  # 2: before the metadata checksum and the per-rank s
 
 
 # ----------------------------------------------------------------------------- small helpers
-@runtime_checkable
-class _ExpertShard(Protocol):
-    """A module holding experts ``expert_range`` of a layer sharded over ``world_size`` ranks.
-
-    :class:`sparsemoe.distributed.ExpertParallel` is one; checking these attributes instead of its
-    class keeps this module free of the distributed layers.
-    """
-
-    experts: nn.Module
-    expert_range: tuple[int, int]
-    world_size: int
-    group: Any
-
-
 def _generators(model: nn.Module) -> dict[str, torch.Generator]:
     """Every ``torch.Generator`` a submodule keeps as ``.generator`` (a user's module; no built-in gate has one)."""
     return {
@@ -90,26 +77,19 @@ def _generators(model: nn.Module) -> dict[str, torch.Generator]:
     }
 
 
-def _sharded_keys(model: nn.Module) -> dict[str, _ExpertShard]:
-    """``state_dict`` keys of expert-parallel shards -> their layer."""
-    out = {}
-    for prefix, layer in model.named_modules():
-        if isinstance(layer, _ExpertShard):
-            for name, _ in layer.experts.named_parameters():
-                out[f"{prefix}.experts.{name}" if prefix else f"experts.{name}"] = layer
-    return out
+def _sharded_keys(model: nn.Module) -> dict[str, DTensor]:
+    """``state_dict`` keys of distributed (DTensor) parameters -> the parameter."""
+    return {name: p for name, p in model.named_parameters() if isinstance(p, DTensor)}
 
 
-def _gather(t: torch.Tensor, layer: _ExpertShard) -> torch.Tensor:
-    """The full ``[n, ...]`` tensor from every rank's ``[n/W, ...]`` slice (collective)."""
-    parts = [torch.empty_like(t) for _ in range(layer.world_size)]
-    dist.all_gather(parts, t.detach().contiguous(), group=layer.group)
-    return torch.cat(parts)
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's full tensor (collective over its mesh); any other tensor as it is."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def _local(t: torch.Tensor, layer: _ExpertShard) -> torch.Tensor:
-    lo, hi = layer.expert_range
-    return t[lo:hi]
+def shard_like(t: torch.Tensor, param: DTensor) -> torch.Tensor:
+    """This rank's part of the full tensor ``t``, laid out as the DTensor ``param`` (no communication)."""
+    return distribute_tensor(t, param.device_mesh, param.placements, src_data_rank=None)
 
 
 def _cpu(t: torch.Tensor) -> torch.Tensor:
@@ -278,7 +258,7 @@ def _restore_rng(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any], m
 
 
 # ----------------------------------------------------------------------------- per-rank states
-def _replicated_buffers(model: nn.Module, sharded: Mapping[str, _ExpertShard]) -> dict[str, torch.Tensor]:
+def _replicated_buffers(model: nn.Module, sharded: Mapping[str, DTensor]) -> dict[str, torch.Tensor]:
     """The ``state_dict`` entries every rank holds in full that are not parameters (buffers)."""
     params = {name for name, _ in model.named_parameters()}
     return {k: _cpu(v) for k, v in model.state_dict().items() if k not in sharded and k not in params}
@@ -286,7 +266,7 @@ def _replicated_buffers(model: nn.Module, sharded: Mapping[str, _ExpertShard]) -
 
 def _gather_rank_states(
     model: nn.Module,
-    sharded: Mapping[str, _ExpertShard],
+    sharded: Mapping[str, DTensor],
     rng_tensors: Mapping[str, torch.Tensor],
     rng_meta: Mapping[str, Any],
     out: dict[str, torch.Tensor],
@@ -315,7 +295,7 @@ def _gather_rank_states(
 def _own_rank(model: nn.Module, meta: Mapping[str, Any]) -> int:
     """The rank whose saved states this process restores: its own at the saved world size, else 0."""
     saved_world = meta.get("world_size", 1)
-    if saved_world == 1 or not _sharded_keys(model) or dist.get_world_size() != saved_world:
+    if saved_world == 1 or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() != saved_world:
         return 0
     return dist.get_rank()
 
@@ -337,6 +317,7 @@ def save_checkpoint(
     config: Mapping[str, Any] | None = None,
     state: Mapping[str, Any] | None = None,
     tensors: Mapping[str, torch.Tensor] | None = None,
+    collective: bool | None = None,
 ) -> Path:
     """Write a complete, durable checkpoint to ``path`` (see the module docstring); returns the path.
 
@@ -347,11 +328,14 @@ def save_checkpoint(
         config: JSON-serialisable configuration (a dict), returned as is.
         state: JSON-serialisable caller state (a dict: a loop's position), returned as is.
         tensors: caller tensors (a dict of name -> tensor), returned as is.
+        collective: every rank of the default process group calls this together: the DTensor
+            parameters are gathered, each rank's RNG states (and buffers that differ from rank 0's)
+            are saved, rank 0 writes the file and the others wait for it. Default: when ``model``
+            holds DTensor parameters (expert-parallel layers), which need it; pass ``True`` in a
+            data-parallel run so that a resume restores every rank's own RNG states.
 
     Every argument is checked before anything is gathered or written: a bad one raises a
-    ``TypeError``/``ValueError`` naming it. With expert-parallel layers in ``model`` every rank must
-    call this (it gathers the shards and each rank's RNG states); rank 0 writes the file and the
-    others wait for it.
+    ``TypeError``/``ValueError`` naming it.
     """
     path = _check_path(path, writing=True)
     _check_modules(model, optimizer, scheduler)
@@ -365,6 +349,10 @@ def save_checkpoint(
         "world_size": 1,
     }
     extra = _check_tensors(tensors)
+    if collective is not None and not isinstance(collective, bool):
+        raise TypeError(f"collective must be a bool or None, got {_describe(collective)}")
+    if collective and not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("collective=True needs torch.distributed initialised (init_process_group); pass False")
     if scheduler is not None:
         meta["scheduler"] = {
             "class": type(scheduler).__name__,
@@ -374,21 +362,22 @@ def save_checkpoint(
     sharded = _sharded_keys(model)
     out: dict[str, torch.Tensor] = {}
     for key, value in model.state_dict().items():
-        out[f"model.{key}"] = _cpu(_gather(value, sharded[key]) if key in sharded else value)
+        out[f"model.{key}"] = _cpu(_full(value))
     for key, value in extra.items():
-        out[f"extra.{key}"] = _cpu(value)
+        out[f"extra.{key}"] = _cpu(_full(value))  # a DTensor (a sharded model's best weights) in full
     rng_tensors, meta["rng"] = _rng_state(model)
     out.update(rng_tensors)
     if optimizer is not None:
-        meta["optimizer"] = _optimizer_to_file(model, optimizer, sharded, out)
-    if sharded:
+        meta["optimizer"] = _optimizer_to_file(model, optimizer, out)
+    distributed = bool(sharded) if collective is None else collective
+    if distributed:
         meta["world_size"] = dist.get_world_size()
         meta["other_ranks"] = _gather_rank_states(model, sharded, rng_tensors, meta["rng"], out)
-    if not sharded or dist.get_rank() == 0:
+    if not distributed or dist.get_rank() == 0:
         meta["sha256"] = _checksum(out)
         meta["meta_sha256"] = _meta_checksum(meta)
         atomic_write_bytes(path, save_tensors(out, metadata={_META_KEY: json.dumps(meta)}))
-    if sharded:
+    if distributed:
         dist.barrier()
     return path
 
@@ -396,20 +385,16 @@ def save_checkpoint(
 def _optimizer_to_file(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    sharded: Mapping[str, _ExpertShard],
     out: dict[str, torch.Tensor],
 ) -> dict[str, Any]:
     names = _param_names(model, optimizer)
-    params = dict(model.named_parameters())
     sd = optimizer.state_dict()
     scalars: dict[str, dict[str, Any]] = {}
     for index, param_state in sorted(sd["state"].items()):
         name = names[index]
         for key, value in param_state.items():
             if isinstance(value, torch.Tensor):
-                if name in sharded and value.shape == params[name].shape:
-                    value = _gather(value, sharded[name])
-                out[f"optim.{name}.{key}"] = _cpu(value)
+                out[f"optim.{name}.{key}"] = _cpu(_full(value))
             else:
                 scalars.setdefault(name, {})[key] = _json_ready(value, f"optimizer state {name}.{key}")
     groups = []
@@ -540,15 +525,9 @@ def _model_state_from_file(
         )
     out = {}
     for key, value in sorted(saved.items()):  # sorted: the first bad key reported is deterministic
-        if key in sharded:
-            layer = sharded[key]
-            full = (current[key].shape[0] * layer.world_size, *current[key].shape[1:])
-            if tuple(value.shape) != full:
-                raise ValueError(f"{path}: {key} has shape {tuple(value.shape)}, the model needs {full} (all experts)")
-            value = _local(value, layer)
-        elif value.shape != current[key].shape:
+        if value.shape != current[key].shape:  # a DTensor's shape is the full one
             raise ValueError(f"{path}: {key} has shape {tuple(value.shape)}, the model has {tuple(current[key].shape)}")
-        out[key] = value
+        out[key] = shard_like(value, sharded[key]) if key in sharded else value
     return out
 
 
@@ -602,8 +581,8 @@ def _optimizer_state_from_file(
         name, _, entry = key[len("optim.") :].rpartition(".")
         if name not in index:
             raise ValueError(f"{path}: optimizer state for {name!r}, which the optimizer does not hold")
-        if name in sharded and value.dim() and value.shape[0] == params[name].shape[0] * sharded[name].world_size:
-            value = _local(value, sharded[name])
+        if name in sharded and value.shape == params[name].shape:
+            value = shard_like(value, sharded[name])
         state.setdefault(index[name], {})[entry] = value
     for name, scalars in saved["scalars"].items():
         if name not in index:

@@ -1,70 +1,76 @@
-"""Expert parallelism on ``torch.distributed``: each rank holds a contiguous slice of the experts.
+"""Expert parallelism on ``torch.distributed``: each rank holds a slice of every expert bank as DTensors.
 
 Launch one process per rank (``torchrun --nproc-per-node N``; gloo on CPU, NCCL on GPU), build the
-same model on every rank (same seed), then replace each :class:`~sparsemoe.MoE` (or
-:class:`~sparsemoe.MultiTaskMoE`) layer with ``expert_parallel(layer)``. What each rank holds:
+same model on every rank (same seed), then call ``expert_parallel(model)`` (or ``(model, mesh)``)
+BEFORE building the optimizer. It works in place, as ``fully_shard`` does: every
+:class:`~sparsemoe.MoE` and :class:`~sparsemoe.MultiTaskMoE` inside keeps its place and its
+parameter names; each expert parameter (``experts.w1``, ...) becomes a DTensor of the full
+``[n, ...]`` shape sharded on dim 0 over the 1-D mesh (``Shard(0)``): rank ``r`` stores experts
+``[r · n/W, (r+1) · n/W)``. ``state_dict()``, optimizers and ``torch.distributed.checkpoint`` see
+ordinary distributed parameters. Gates, the local-search permutation and every other parameter
+stay replicated.
 
-* the gate(s), the local-search permutation and every non-MoE parameter: a full replica;
-* experts ``[r · n/W, (r+1) · n/W)`` of each MoE layer only (``W`` ranks, ``n`` experts).
+How the layer runs sharded without knowing about it: the expert bank's class is swapped for a
+subclass (as ``fully_shard`` swaps a module's class) whose bulk methods exchange rows between ranks.
+The layer's own forward runs unchanged on rank ``r``'s tokens ``x_r``:
 
-The layer's own forward runs unchanged on rank ``r``'s tokens ``x_r``, with its expert bank replaced
-by :class:`RemoteExperts`:
-
-1. the gate (and local search, capacity limit) routes ``x_r`` locally, exactly as the unsharded
-   layer does;
+1. the gate (and local search, capacity limit) routes ``x_r`` locally, exactly as unsharded;
 2. the dispatch sorts the pairs by expert (hence by owning rank) and hands the rows to the bank,
    which exchanges the per-expert row counts (``all_to_all_single`` of ``[W, n/W]`` counts), then
    the rows (``all_to_all_single`` with those uneven splits);
-3. each rank runs its local experts on the rows received from every rank (one grouped matmul);
+3. each rank runs its local experts (``param.to_local()``) on the rows received (one grouped matmul);
 4. the results go back (the reverse exchange) and the layer combines them with the routing weights
    locally, so the gate's gradient never leaves the rank.
 
-The result equals the unsharded layer's output for ``x_r``. Backward runs the exchanges in reverse
-(an ``all_to_all`` is its own adjoint with the splits swapped): the input and gate gradients equal
-the unsharded layer's on ``x_r``, and each expert gradient is the SUM over ranks of the unsharded
-gradients for that expert.
+The output equals the unsharded layer's on ``x_r``. Gradients follow data parallelism over the
+mesh (the loss of the step is the mean of the ranks' losses): each expert gradient is the MEAN over
+ranks of the unsharded gradients for that expert (the exchange sums them; the local weights scale
+by ``1/W`` in backward), while the replicated parameters hold this rank's gradient, to be averaged
+by ``DistributedDataParallel`` (which ``expert_parallel(model)`` tells to leave the expert shards
+alone) or by :func:`average_replicated_gradients`. Then every update equals single-process training
+on the concatenated batch. Every rank must run every forward and backward (the exchanges are
+collective).
 
-Composing with DDP (``examples/expert_parallel.py`` is the whole recipe): give the expert layers
-their own process group (``expert_parallel(layer, group=dist.new_group())``) so that their exchanges
-never interleave with DDP's all-reduces, then wrap the model in ``DistributedDataParallel`` with the
-expert parameters left out (``DDP._set_params_and_buffers_to_ignore_for_model(model,
-ddp_ignored_parameters(model))``), or average the replicated gradients yourself
-(:func:`average_replicated_gradients`). DDP averages the replicated gradients over ranks (sum / W);
-the expert gradients already hold the sum over ranks, so divide them by ``W`` too
-(:func:`scale_expert_gradients`) and the whole update equals single-process training on the
-concatenated batch with the loss averaged over ranks. Every rank must run every forward and
-backward (the exchanges are collective).
-
-"Its own tokens": each rank routes the batch it holds, so the output always equals the unsharded
-layer applied to ``x_r`` alone (with the same gate state). For gates that decide each input on its
-own (topk, switch and hash without a capacity, softmax, dselect_k, comet) that is also how those rows
+"Its own tokens": each rank routes the batch it holds. For gates that decide each input on its own
+(topk, switch and hash without a capacity, softmax, dselect_k, comet) that is also how those rows
 are routed inside the concatenated batch. What depends on the batch acts per rank, as with DDP:
-``expert_choice`` picks each expert's top inputs among the rank's batch, with a capacity from the
-local batch size; capacity limits count the local pairs; batch-level auxiliary losses (load balance,
-z-loss) are computed on the local batch; the random gate's stream (its ``rng_state`` buffer) starts
-replicated and advances with the rank's own rows, so ranks with different batch sizes part ways.
-Checkpoints (:mod:`sparsemoe.checkpoint`) save and restore each rank's own stream and RNG states.
-
-Local search under DDP: once the permutation hardens, ``log α`` gets an exact zero gradient (not
-``None``), so DDP with default settings keeps working (:mod:`sparsemoe.search`).
+``expert_choice`` picks each expert's top inputs among the rank's batch; capacity limits count the
+local pairs; batch-level auxiliary losses are computed on the local batch; the random gate's
+stream (its ``rng_state`` buffer) advances with the rank's own rows. Checkpoints
+(:mod:`sparsemoe.checkpoint`) gather DTensor parameters into full tensors and save each rank's
+own RNG states and buffers; ``torch.distributed.checkpoint`` saves the shards as they are
+(:func:`dcp_state`), and :func:`dcp_to_safetensors`/:func:`safetensors_to_dcp` convert between the two.
 """
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterator
-from typing import Any
+from pathlib import Path
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Shard
 
-from ._validation import check_input
+from .checkpoint import load_checkpoint, save_checkpoint
 from .experts import ExpertBank, StackedExperts
-from .layers import MoE, MultiTaskMoE, register_layer_type
-from .routing import Routing
+from .layers import moe_layers
 
 ProcessGroup = dist.ProcessGroup
+__all__ = [
+    "all_to_all",
+    "average_replicated_gradients",
+    "dcp_state",
+    "dcp_to_safetensors",
+    "expert_banks",
+    "expert_parallel",
+    "expert_parameters",
+    "safetensors_to_dcp",
+]
 
 
 def _all_to_all(
@@ -108,184 +114,220 @@ def all_to_all(
     return _AllToAll.apply(x, send_splits, recv_splits, group)
 
 
-def _slice_experts(bank: nn.Module, start: int, stop: int) -> StackedExperts:
-    """A :class:`StackedExperts` holding experts ``[start, stop)`` of ``bank`` (copies, not views)."""
-    if not isinstance(bank, StackedExperts):
-        raise TypeError(
-            f"expert_parallel supports StackedExperts (expert='mlp', 'swiglu' or 'linear'), got {type(bank).__name__}"
-        )
-    shard = copy.copy(bank)  # a shallow copy: give it its own containers, and sliced parameters
-    shard._buffers, shard._modules = dict(bank._buffers), dict(bank._modules)
-    shard._parameters = {
-        name: None if p is None else nn.Parameter(p.detach()[start:stop].clone(), requires_grad=p.requires_grad)
-        for name, p in bank._parameters.items()
-    }
-    shard.num_experts = stop - start
-    return shard
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward, gradient times ``scale`` backward: turns the exchange's sum over ranks into a mean."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad * ctx.scale, None
 
 
-class RemoteExperts(ExpertBank):
-    """All ``n`` experts as seen from one rank: rows of other ranks' experts are computed remotely.
+class _ShardedBank:
+    """Mixed in before a :class:`StackedExperts` class by :func:`expert_parallel` (never built directly).
 
-    ``forward_sorted(xs, counts)`` (rows sorted by expert, ``counts: [n]``) sends each row to the rank
-    owning its expert, runs this rank's shard on the rows it receives from every rank, and returns
-    the results in the order of ``xs``. It is collective: every rank of ``group`` must call it the
-    same number of times (and backward through it). Any layer that drives its experts through the
-    :class:`ExpertBank` interface (``MoE``'s dispatch, ``MultiTaskMoE``) runs unchanged on it.
+    The bank still presents all ``n`` experts to the layer; ``forward_sorted(xs, counts)`` (rows
+    sorted by expert, ``counts: [n]``) sends each row to the rank owning its expert, runs this
+    rank's shard on the rows it receives from every rank, and returns the results in the order of
+    ``xs``. The other bulk methods go through it; single experts may be remote, so
+    ``forward_expert`` refuses.
     """
 
-    def __init__(self, shard: StackedExperts, num_experts: int, group: ProcessGroup | None) -> None:
-        super().__init__()
-        self.shard = shard
-        self.num_experts = num_experts
-        self.d_out = shard.d_out
-        self.group = group
-        self.world_size = dist.get_world_size(group)
+    ep_mesh: DeviceMesh
+    ep_group: ProcessGroup
+    expert_range: tuple[int, int]
+    num_experts: int
+    _parameters: dict[str, nn.Parameter | None]
 
     def forward_expert(self, expert: int, x: torch.Tensor) -> torch.Tensor:
-        raise RuntimeError(f"RemoteExperts computes rows in bulk only (forward_sorted); expert {expert} may be remote")
+        raise RuntimeError(f"an expert-parallel bank computes rows in bulk only; expert {expert} may be remote")
+
+    def forward_combined(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return ExpertBank.forward_combined(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    def forward_all(self, x: torch.Tensor) -> torch.Tensor:
+        return ExpertBank.forward_all(self, x)  # type: ignore[arg-type]
+
+    def _local_view(self) -> StackedExperts:
+        """This bank with its local shards as plain tensors (differentiable ``to_local()``), for one call."""
+        world = self.ep_mesh.size()
+        view = object.__new__(type(self))  # a shallow copy that runs no __new__/__init__ (fully_shard's has one)
+        view.__dict__.update(self.__dict__)
+        view._parameters = {
+            name: None if p is None else _ScaleGrad.apply(cast(DTensor, p).to_local(), 1.0 / world)
+            for name, p in self._parameters.items()
+        }
+        view.num_experts = self.expert_range[1] - self.expert_range[0]
+        return view  # type: ignore[return-value]
 
     def forward_sorted(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        world, per = self.world_size, self.shard.num_experts
+        world, group = self.ep_mesh.size(), self.ep_group
+        per = self.expert_range[1] - self.expert_range[0]
         # 1. split sizes: rows per (destination rank, its local expert), and what we will receive.
-        recv_counts = _all_to_all(counts.view(world, per), [1] * world, [1] * world, self.group)  # [W, per]
+        recv_counts = _all_to_all(counts.view(world, per), [1] * world, [1] * world, group)  # [W, per]
         send_splits = counts.view(world, per).sum(1).tolist()
         recv_splits = recv_counts.sum(1).tolist()
         # 2. rows to the ranks owning their experts (they are sorted by expert, hence by rank).
-        received = all_to_all(xs, send_splits, recv_splits, self.group)
+        received = all_to_all(xs, send_splits, recv_splits, group)
         # 3. received rows are grouped by source rank, then local expert: regroup by local expert.
         local_expert = torch.arange(per, device=xs.device).repeat(world)
         local_expert = local_expert.repeat_interleave(recv_counts.reshape(-1).to(xs.device))
         regroup = torch.argsort(local_expert, stable=True)
-        ys = self.shard.forward_sorted(received.index_select(0, regroup), recv_counts.sum(0))
+        base: type[StackedExperts] = type(self)._ep_base  # type: ignore[attr-defined]
+        ys = base.forward_sorted(self._local_view(), received.index_select(0, regroup), recv_counts.sum(0))
         back = torch.empty_like(regroup)
         back[regroup] = torch.arange(regroup.numel(), device=regroup.device)
         # 4. results back to the ranks the rows came from, in their order.
-        return all_to_all(ys.index_select(0, back), recv_splits, send_splits, self.group)
-
-
-@register_layer_type
-class ExpertParallel(nn.Module):
-    """A :class:`~sparsemoe.MoE` or :class:`~sparsemoe.MultiTaskMoE` with experts sharded over ``group``.
-
-    Built by :func:`expert_parallel`. Same ``forward``, ``last_routing``, ``aux_loss()`` and
-    ``routing_stats()`` as the layer it wraps, and the same ``state_dict`` keys, except that the
-    ``experts.*`` tensors hold only this rank's ``[n/W, ...]`` slice (experts ``expert_range``).
-    Checkpoints gather them (:mod:`sparsemoe.checkpoint`).
-    """
-
-    _layer: MoE | MultiTaskMoE
-    experts: StackedExperts
-
-    def __init__(self, layer: MoE | MultiTaskMoE, group: ProcessGroup | None = None) -> None:
-        super().__init__()
-        if not isinstance(layer, (MoE, MultiTaskMoE)):
-            raise TypeError(f"expert_parallel takes a sparsemoe.MoE or MultiTaskMoE, got {type(layer).__name__}")
-        if not dist.is_available() or not dist.is_initialized():
-            raise RuntimeError(
-                "expert_parallel needs torch.distributed initialised: call "
-                "torch.distributed.init_process_group('gloo' or 'nccl') first (torchrun sets the environment)"
-            )
-        world, rank = dist.get_world_size(group), dist.get_rank(group)
-        n = layer.num_experts
-        if n % world != 0:
-            raise ValueError(
-                f"num_experts={n} is not divisible by the world size {world}: each rank must hold the same "
-                f"number of experts; use a number of ranks that divides {n} or change num_experts"
-            )
-        self.group = group
-        self.world_size, self.rank = world, rank
-        self.num_experts = n
-        self.experts_per_rank = n // world
-        start = rank * self.experts_per_rank
-        self.expert_range = (start, start + self.experts_per_rank)
-        # gate(s), search: replicated, shared with the layer copy; the layer's order is kept, so that
-        # parameters (and optimiser param groups) come in the same order as in the unsharded model
-        for name, child in layer.named_children():
-            self.add_module(name, _slice_experts(child, *self.expert_range) if name == "experts" else child)
-        # The layer's own forward runs on a shallow copy whose expert bank computes remotely. The copy
-        # is kept out of the module tree (no extra state_dict keys); its children are ours.
-        inner = copy.copy(layer)
-        inner._modules = dict(layer._modules)
-        inner._modules["experts"] = RemoteExperts(self.experts, n, group)
-        object.__setattr__(self, "_layer", inner)
-
-    @property
-    def last_routing(self) -> Routing | list[Routing] | None:
-        return self._layer.last_routing
-
-    def train(self, mode: bool = True) -> ExpertParallel:
-        super().train(mode)
-        self._layer.train(mode)
-        return self
-
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        """As the wrapped layer's forward, on this rank's tokens; collective (see the module doc)."""
-        if isinstance(self._layer, MultiTaskMoE) and len(args) < 1 and kwargs.get("gate_input") is None:
-            check_input(x, self._layer.d_in, check_finite=self._layer.check_finite)
-        return self._layer(x, *args, **kwargs)
-
-    def aux_loss(self) -> torch.Tensor:
-        """Weighted sum of the last forward's auxiliary losses on this rank's tokens."""
-        return self._layer.aux_loss()
-
-    def routing_stats(self) -> Any:
-        """Routing statistics of this rank's tokens in the last forward."""
-        return self._layer.routing_stats()
+        return all_to_all(ys.index_select(0, back), recv_splits, send_splits, group)
 
     def extra_repr(self) -> str:
         lo, hi = self.expert_range
-        return f"num_experts={self.num_experts}, rank={self.rank}/{self.world_size}, experts=[{lo}, {hi})"
+        base: type[StackedExperts] = type(self)._ep_base  # type: ignore[attr-defined]
+        return f"{base.extra_repr(self)}, sharded: experts [{lo}, {hi}) of rank {self.ep_mesh.get_local_rank()}"  # type: ignore[arg-type]
 
 
-def expert_parallel(layer: MoE | MultiTaskMoE, group: ProcessGroup | None = None) -> ExpertParallel:
-    """Shard ``layer``'s experts over the ranks of ``group`` (default: the world); see the module doc.
+_SHARDED_CLASSES: dict[type, type] = {}
 
-    ``layer`` (a :class:`~sparsemoe.MoE` or :class:`~sparsemoe.MultiTaskMoE` with stacked experts)
-    must be identical on every rank (build it after seeding identically). Its gate(s) and search are
-    shared with the returned module, not copied; its expert bank is left as it was (the shard is a
-    copy), so drop ``layer`` to free the full expert weights.
+
+def _sharded_class(cls: type[StackedExperts]) -> type:
+    """The expert-parallel subclass of ``cls`` (one per class, as ``fully_shard`` does)."""
+    if cls not in _SHARDED_CLASSES:
+        _SHARDED_CLASSES[cls] = type(f"ExpertParallel{cls.__name__}", (_ShardedBank, cls), {"_ep_base": cls})
+    return _SHARDED_CLASSES[cls]
+
+
+def _check_mesh(mesh: object, group: object) -> int:
+    """The number of ranks the experts will be sharded over; errors for bad ``mesh``/``group`` first."""
+    if not _initialised():
+        raise RuntimeError(
+            "expert_parallel needs torch.distributed initialised: call "
+            "torch.distributed.init_process_group('gloo' or 'nccl') first (torchrun sets the environment)"
+        )
+    if mesh is not None and group is not None:
+        raise ValueError("pass mesh= or group=, not both (a mesh holds its own group)")
+    if mesh is not None:
+        if not isinstance(mesh, DeviceMesh):
+            raise TypeError(f"mesh must be a torch.distributed.DeviceMesh, got {type(mesh).__name__}")
+        if mesh.ndim != 1:
+            names = mesh.mesh_dim_names
+            raise ValueError(
+                f"mesh has {mesh.ndim} dimensions {names}; experts are sharded over one: pass that dimension, "
+                f"e.g. mesh[{(names or ('ep',))[-1]!r}]"
+            )
+        return mesh.size()
+    if group is not None and not isinstance(group, ProcessGroup):
+        raise TypeError(f"group must be a torch.distributed.ProcessGroup, got {type(group).__name__}")
+    return dist.get_world_size(group)
+
+
+def _check_same_model(module: nn.Module, group: ProcessGroup | None) -> None:
+    """ValueError on every rank unless ``module``'s parameters are identical on all ranks of ``group``.
+
+    A model built differently on some rank (another seed, size or gate) would otherwise hang in the
+    first exchange or train silently wrong; one small ``all_gather_object`` of per-parameter
+    fingerprints (name, shape, sum, sum of squares, in float64) catches it at setup.
+    """
+    with torch.no_grad():
+        mine = [
+            (name, tuple(p.shape), float(p.double().sum()), float(p.double().pow(2).sum()))
+            for name, p in module.named_parameters()
+        ]
+    everyone: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, mine, group=group)
+    for rank, theirs in enumerate(everyone):
+        if theirs != everyone[0]:
+            differing = next((a[0] for a, b in zip(theirs, everyone[0], strict=False) if a != b), "the parameter list")
+            raise ValueError(
+                f"the model differs between ranks 0 and {rank} of the group (first at {differing}): build it "
+                "identically on every rank (same code, then torch.manual_seed with the same seed) before "
+                "expert_parallel"
+            )
+
+
+def expert_parallel(
+    module: nn.Module, mesh: DeviceMesh | None = None, *, group: ProcessGroup | None = None
+) -> nn.Module:
+    """Shard the experts of every MoE layer in ``module`` over ``mesh`` IN PLACE; returns ``module``.
+
+    Args:
+        module: a model holding :class:`~sparsemoe.MoE`/:class:`~sparsemoe.MultiTaskMoE` layers with
+            stacked experts, or one such layer; identical on every rank (build it after seeding).
+        mesh: a 1-D ``DeviceMesh`` (or one named dimension of a larger one, ``mesh["ep"]``).
+        group: a process group instead of a mesh (kept for compatibility). Neither: a new group
+            over every rank (a collective call).
+
+    Call it before building the optimizer (the expert parameters are replaced by DTensors) and
+    before ``DistributedDataParallel(module)``: it sets ``module``'s DDP ignore list to the expert
+    parameters, so DDP averages only the replicated ones. See the module doc for the gradients.
 
     Raises:
-        ValueError: ``num_experts`` is not divisible by the number of ranks.
         RuntimeError: ``torch.distributed`` is not initialised.
+        TypeError: ``module`` is not a module, holds no MoE layer, or a layer's experts are not stacked.
+        ValueError: a layer's ``num_experts`` is not divisible by the mesh size, or is already sharded,
+            or the model differs between ranks (checked at setup: a collective).
     """
-    return ExpertParallel(layer, group)
+    layers = list(moe_layers(module))  # raises TypeError for a non-module
+    if not layers:
+        raise TypeError(f"expert_parallel found no sparsemoe.MoE or MultiTaskMoE in the {type(module).__name__}")
+    world = _check_mesh(mesh, group)
+    for name, layer in layers:  # every check before any change
+        bank, where = layer.experts, name or type(module).__name__
+        if isinstance(bank, _ShardedBank):
+            raise ValueError(f"the experts of {where} are already expert-parallel; call expert_parallel once")
+        if not isinstance(bank, StackedExperts):
+            raise TypeError(
+                f"expert_parallel supports StackedExperts (expert='mlp', 'swiglu' or 'linear'); {where} has "
+                f"{type(bank).__name__}"
+            )
+        if bank.num_experts % world != 0:
+            raise ValueError(
+                f"num_experts={bank.num_experts} of {where} is not divisible by the world size {world}: each rank "
+                f"must hold the same number of experts; use a number of ranks that divides {bank.num_experts} or "
+                "change num_experts"
+            )
+    _check_same_model(module, mesh.get_group() if mesh is not None else group)
+    if mesh is None:  # a group of its own by default, so the exchanges never interleave with DDP's collectives
+        device_type = next(iter(layers[0][1].experts.parameters())).device.type
+        mesh = DeviceMesh.from_group(group if group is not None else dist.new_group(), device_type)
+    rank = mesh.get_local_rank()
+    ignored: list[str] = list(getattr(module, "_ddp_params_and_buffers_to_ignore", []))
+    for name, layer in layers:
+        bank = layer.experts
+        per = bank.num_experts // world
+        for pname, p in list(bank._parameters.items()):
+            if p is None:
+                continue
+            local = p.detach()[rank * per : (rank + 1) * per].clone()
+            shard = DTensor.from_local(local, mesh, [Shard(0)], run_check=False, shape=p.shape, stride=p.stride())
+            bank._parameters[pname] = nn.Parameter(shard, requires_grad=p.requires_grad)
+            ignored.append(f"{name}.experts.{pname}" if name else f"experts.{pname}")
+        bank.__class__ = _sharded_class(type(bank))
+        bank.ep_mesh = mesh
+        bank.ep_group = mesh.get_group()
+        bank.expert_range = (rank * per, (rank + 1) * per)
+    module._ddp_params_and_buffers_to_ignore = ignored  # type: ignore[assignment]  # DDP(module) reads it
+    return module
 
 
-def expert_parallel_layers(model: nn.Module) -> Iterator[tuple[str, ExpertParallel]]:
-    """``(name, layer)`` of every expert-parallel layer in ``model``."""
+def expert_banks(model: nn.Module) -> Iterator[tuple[str, StackedExperts]]:
+    """``(name, bank)`` of every expert-parallel expert bank in ``model``."""
     for name, module in model.named_modules():
-        if isinstance(module, ExpertParallel):
-            yield name, module
+        if isinstance(module, _ShardedBank):
+            yield name, module  # type: ignore[misc]
 
 
 def expert_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The sharded expert parameters of ``model`` (one slice per rank; not to be averaged by DDP)."""
-    return [p for _, layer in expert_parallel_layers(model) for p in layer.experts.parameters()]
-
-
-def ddp_ignored_parameters(model: nn.Module) -> list[str]:
-    """Fully qualified names of the sharded parameters, for DDP's ignore list."""
-    names = []
-    for prefix, layer in expert_parallel_layers(model):
-        names += [
-            f"{prefix}.experts.{name}" if prefix else f"experts.{name}" for name, _ in layer.experts.named_parameters()
-        ]
-    return names
-
-
-def scale_expert_gradients(model: nn.Module, group: ProcessGroup | None = None) -> None:
-    """Divide the expert gradients by the world size, to match DDP's averaging of the replicated ones."""
-    world = dist.get_world_size(group)
-    for p in expert_parameters(model):
-        if p.grad is not None:
-            p.grad.div_(world)
+    """The sharded expert parameters of ``model`` (DTensors; not to be averaged over ranks)."""
+    return [p for _, bank in expert_banks(model) for p in bank.parameters()]
 
 
 def average_replicated_gradients(model: nn.Module, group: ProcessGroup | None = None) -> None:
-    """DDP without DDP: average the gradients of every non-expert parameter over the ranks (one
-    flattened all-reduce), then :func:`scale_expert_gradients`. Call after ``backward`` on every rank.
+    """DDP without DDP: average the gradients of every replicated parameter over the ranks (one
+    flattened all-reduce). Call after ``backward`` on every rank; the expert gradients need nothing.
 
     A parameter without a gradient on some ranks gets zeros there; one without a gradient on every
     rank keeps ``grad=None`` (so optimisers skip it, as in a single process).
@@ -303,4 +345,54 @@ def average_replicated_gradients(model: nn.Module, group: ProcessGroup | None = 
         flat.div_(world)
         for p, g in zip(params, flat.split([p.numel() for p in params]), strict=True):
             p.grad = g.view_as(p).clone()
-    scale_expert_gradients(model, group)
+
+
+# ----------------------------------------------------------------------------- torch.distributed.checkpoint
+def dcp_state(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
+    """``{"model": ..., "optim": ...}``: what ``dcp.save``/``dcp.load`` take for ``model`` (and ``optimizer``).
+
+    Parameter-name keyed (``torch.distributed.checkpoint.state_dict.get_state_dict``), so a checkpoint
+    saved by ranks holding DTensor shards loads into an unsharded model in one process and back; after
+    ``dcp.load(state, ...)`` apply it with ``set_state_dict(model, optimizer, model_state_dict=
+    state["model"], optim_state_dict=state["optim"])`` (or ``model.load_state_dict`` without optimizer).
+    """
+    if optimizer is None:
+        return {"model": model.state_dict()}
+    model_state, optim_state = get_state_dict(model, optimizer)
+    return {"model": model_state, "optim": optim_state}
+
+
+def _initialised() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _load_dcp(checkpoint_id: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+    state = dcp_state(model, optimizer)
+    dcp.load(state, checkpoint_id=str(checkpoint_id), no_dist=not _initialised())
+    if optimizer is None:
+        model.load_state_dict(state["model"])
+    else:
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+def dcp_to_safetensors(
+    checkpoint_id: str | Path, path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None
+) -> Path:
+    """A ``torch.distributed.checkpoint`` of ``model`` (and ``optimizer``; saved from :func:`dcp_state` by
+    any number of ranks) as one safetensors checkpoint (:func:`sparsemoe.checkpoint.save_checkpoint`).
+
+    Run it in one process with an unsharded ``model`` and ``optimizer`` of the saved run's kind; they
+    are loaded on the way (the file's step is 0 and its RNG states this process's).
+    """
+    _load_dcp(checkpoint_id, model, optimizer)
+    return save_checkpoint(path, model, optimizer)
+
+
+def safetensors_to_dcp(
+    path: str | Path, checkpoint_id: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None
+) -> None:
+    """A safetensors checkpoint of ``model`` (and ``optimizer``) as a ``torch.distributed.checkpoint``
+    (the :func:`dcp_state` layout), which any number of ranks can load. ``model`` and ``optimizer``
+    are loaded on the way; in a multi-process run every rank calls it (sharded models included)."""
+    load_checkpoint(path, model, optimizer, restore_rng=False)
+    dcp.save(dcp_state(model, optimizer), checkpoint_id=str(checkpoint_id), no_dist=not _initialised())

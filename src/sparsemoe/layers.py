@@ -508,26 +508,14 @@ def _make_experts(
     )
 
 
-#: module types that count as MoE layers for :func:`aux_loss` and :func:`routing_stats` besides
-#: :class:`MoELayer` (wrappers such as the expert-parallel layer register themselves here)
-_LAYER_TYPES: list[type[nn.Module]] = []
-
-
-def register_layer_type(cls: type[nn.Module]) -> type[nn.Module]:
-    """Count ``cls`` (which must offer ``aux_loss()``, ``routing_stats()`` and ``last_routing``) as an MoE layer."""
-    _LAYER_TYPES.append(cls)
-    return cls
-
-
 def moe_layers(model: nn.Module) -> Iterator[tuple[str, Any]]:
     """``(name, layer)`` of every MoE layer in ``model`` (the model itself included)."""
     if not isinstance(model, nn.Module):
         raise TypeError(
             f"model must be a torch.nn.Module (the model holding the MoE layers), got {type(model).__name__}"
         )
-    types: tuple[type[nn.Module], ...] = (MoELayer, *_LAYER_TYPES)
     for name, module in model.named_modules():
-        if isinstance(module, types):
+        if isinstance(module, MoELayer):
             yield name, module
 
 

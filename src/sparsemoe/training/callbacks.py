@@ -36,6 +36,8 @@ class ProgressBar(Callback):
     """A rich progress bar over the steps. ``progress``: an existing ``rich.progress.Progress`` (the
     caller starts and stops it); ``None``: one of its own, shown while training."""
 
+    every_rank = False
+
     def __init__(self, description: str = "training", progress: Progress | None = None) -> None:
         self.description, self.progress, self.own = description, progress, progress is None
         self.task: TaskID | None = None
@@ -63,6 +65,8 @@ class MetricsLog(Callback):
     columns are those of the first record). With ``every=N`` (JSONL only) also a line
     ``{"step", "epoch", "train_loss", "lr"}`` every ``N`` steps. A fresh run starts the file anew; a
     resumed one drops the lines written after its checkpoint's step, so the log matches the run."""
+
+    every_rank = False
 
     def __init__(self, path: str | Path, every: int | None = None) -> None:
         self.path = Path(path)
@@ -122,6 +126,8 @@ class MetricsLog(Callback):
 class TensorBoardLog(Callback):
     """Scalars for TensorBoard in ``log_dir``: the training loss and LR every step, every metric of
     each evaluation. Needs ``tensorboard`` (``pip install tensorboard``)."""
+
+    every_rank = False
 
     def __init__(self, log_dir: str | Path) -> None:
         try:

@@ -14,6 +14,14 @@ evaluation callable and a :class:`~sparsemoe.training.TrainConfig`. One step:
 4. evaluation when due (every ``eval_every`` steps, or at each epoch's end), best-by-metric
    selection, early stopping; a checkpoint when due.
 
+Several processes (``torchrun``; the default process group initialised before the trainer is
+built): each rank trains on its own slice of every batch (``data.shard(rank, world)``, applied by
+the trainer unless ``data`` is a :class:`~sparsemoe.training.ShardedBatches` already), so the ranks
+together see each row once; the model does the gradient averaging (``DistributedDataParallel``,
+``fully_shard``, :func:`sparsemoe.distributed.expert_parallel`). Every step's loss and terms and
+every evaluation's metrics are averaged over the ranks (one all-reduce each), and the ranks agree on
+a non-finite step, so ``nan_policy``, the history and best-by-metric selection act the same on all.
+
 Resuming is bit-identical: a checkpoint holds, besides the model, optimiser, scheduler and RNG states
 (:mod:`sparsemoe.checkpoint`), the loop's position (epoch and batches done in it; batch orders are
 pure functions of the epoch), the running loss sums, the history and the best weights so far.
@@ -33,13 +41,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from .._validation import check_int
-from ..checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+from ..checkpoint import load_checkpoint, read_checkpoint, save_checkpoint, shard_like
 from ..gates import update_balance
 from .config import SchedulerFactory, TrainConfig
-from .data import Batches, RandomBatches
+from .data import Batches, RandomBatches, ShardedBatches
 
 #: ``loss(batch)``: a scalar tensor, or a mapping with the scalar ``"loss"`` and other terms to log
 LossFn = Callable[[Any], "torch.Tensor | Mapping[str, torch.Tensor | float]"]
@@ -80,12 +90,33 @@ class TrainResult:
 def _gradients_finite(params: list[nn.Parameter]) -> bool:
     """Whether every gradient is finite: one sum per gradient (a NaN or inf anywhere makes the total
     non-finite), and the elementwise test only when the total is not finite (it may be an overflow)."""
-    grads = [p.grad.detach() for p in params if p.grad is not None]
+    grads = [_local(p.grad.detach()) for p in params if p.grad is not None]
     if not grads:
         return True
     if math.isfinite(torch.stack([g.sum().float() for g in grads]).sum().item()):
         return True
     return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a DTensor (the ranks agree on finiteness afterwards); any other tensor as is."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _process_group() -> tuple[int, int]:
+    """``(rank, world size)`` of the default process group; ``(0, 1)`` without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _mean_over_ranks(values: list[float], world: int) -> list[float]:
+    """The mean of each value over the ranks (one all-reduce; NaN on any rank gives NaN)."""
+    if world == 1:
+        return values
+    packed = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(packed)
+    return (packed / world).tolist()
 
 
 @functools.cache
@@ -128,7 +159,13 @@ class Callback:
     No-op hooks, called in this order: ``on_train_start``; per step ``after_optimizer_step`` (not
     for steps skipped by the NaN policy), ``on_step_end``; ``on_evaluate`` after each evaluation
     (``record`` is the new history entry; the best weights are already updated); ``on_epoch_end``;
-    ``on_train_end`` with the result (best weights restored)."""
+    ``on_train_end`` with the result (best weights restored).
+
+    Several processes: a callback runs on every rank (what changes the model, such as bias updates,
+    must), unless its class sets ``every_rank = False`` (logs and progress bars: rank 0 alone, which
+    sees the losses and metrics averaged over the ranks)."""
+
+    every_rank: bool = True
 
     def on_train_start(self, trainer: Trainer) -> None:
         """Before the first step of this call (after a resume has restored the state)."""
@@ -167,9 +204,10 @@ class Trainer:
             (default: ``config.scheduler()``, the warm-up, or constant).
         callbacks: :class:`~sparsemoe.training.Callback` objects, called in order.
 
-    Several processes: give each rank ``data.shard(rank, world)`` (and wrap the model in DDP); each
-    rank then checks its own loss and gradients, so the caller must make the ranks agree on a
-    non-finite step (e.g. all-reduce in the loss) for ``nan_policy`` to act the same on all of them.
+    Several processes (see the module doc): build the trainer on every rank with the same
+    arguments, the model already wrapped (DDP) or sharded; the data is sharded by rank here, the
+    logged losses and metrics are means over the ranks. ``evaluate`` runs on every rank (collective
+    models need that): give each rank the same evaluation data, or its own equal-sized shard.
 
     Attributes: ``model``, ``config``, ``optimizer``, ``scheduler``, ``step`` (optimiser steps done),
     ``epoch`` and ``position`` (batches done in it), ``history``, ``best_value``/``best_step``,
@@ -205,8 +243,12 @@ class Trainer:
         bad = [c for c in callbacks if not isinstance(c, Callback)]
         if bad:
             raise TypeError(f"callbacks must be sparsemoe.training.Callback objects, got {type(bad[0]).__name__}")
+        self.rank, self.world = _process_group()
+        if self.world > 1 and not isinstance(data, ShardedBatches):
+            data = data.shard(self.rank, self.world)  # each rank its own rows
         self.model, self.loss_fn, self.data, self.config = model, loss, data, config
-        self.evaluate_fn, self.callbacks = evaluate, list(callbacks)
+        self.evaluate_fn = evaluate
+        self.callbacks = [c for c in callbacks if self.rank == 0 or c.every_rank]  # logs on rank 0 alone
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("model has no parameter that requires grad: nothing to train")
@@ -314,16 +356,23 @@ class Trainer:
                 terms[name] = terms.get(name, 0.0) + float(term.detach() if isinstance(term, torch.Tensor) else term)
             if not math.isfinite(item):
                 finite, value = False, item
-                break
+                if self.world == 1:
+                    break  # several ranks: every rank runs every forward and backward (collectives)
             (loss if count == 1 else loss / count).backward()
         if count > 1 and finite:
             value, terms = value / count, {k: v / count for k, v in terms.items()}
+        loss_finite = finite
         if finite:
             if cfg.clip_norm is not None:
                 finite = bool(torch.isfinite(nn.utils.clip_grad_norm_(self.params, cfg.clip_norm)))
             else:
                 finite = _gradients_finite(self.params)
             what = "gradient"
+        if self.world > 1:  # the mean loss and terms, and a step is finite only if it is on every rank
+            names = sorted(terms)
+            mean = _mean_over_ranks([value, *(terms[k] for k in names), float(loss_finite), float(finite)], self.world)
+            value, terms = mean[0], dict(zip(names, mean[1:-2], strict=True))
+            finite, what = mean[-1] == 1.0, "loss" if mean[-2] < 1.0 else "gradient"
         self.step += 1
         self.position = end
         self.last_loss, self.last_terms = value, terms
@@ -369,7 +418,9 @@ class Trainer:
         n = max(self._window_steps, 1)
         record: dict[str, Any] = {"epoch": self.epoch, "step": self.step}
         record.update({f"train_{k}": v / n for k, v in self._window.items()} or {"train_loss": 0.0})
-        record.update({str(k): float(v) for k, v in metrics.items()})
+        names = sorted(str(k) for k in metrics)
+        values = _mean_over_ranks([float(metrics[k]) for k in names], self.world)  # the mean over ranks
+        record.update(dict(zip(names, values, strict=True)))
         self._window, self._window_steps = {}, 0
         self.history.append(record)
         index = len(self.history) - 1
@@ -450,7 +501,7 @@ class Trainer:
         }
         best = {f"best.{k}": v for k, v in (self._best_state or {}).items()}
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        save_checkpoint(
+        save_checkpoint(  # several processes: every rank saves its RNG states, rank 0 writes the file
             path,
             self.model,
             self.optimizer,
@@ -459,6 +510,7 @@ class Trainer:
             config=self._run_config(),
             state=state,
             tensors=best,
+            collective=self.world > 1,
         )
         self._last_saved = self.step
 
@@ -467,7 +519,7 @@ class Trainer:
         if "data" not in written or "train" not in written:
             raise ValueError(f"cannot resume from {resume}: it was not written by sparsemoe.training.Trainer")
         mine = self.data.describe()
-        for key in sorted(set(written["data"]) | set(mine)):
+        for key in sorted((set(written["data"]) | set(mine)) - {"rank"}):  # one file for every rank
             if written["data"].get(key) != mine.get(key):
                 raise ValueError(
                     f"cannot resume from {resume}: it was written with {key}={written['data'].get(key)!r}, "
@@ -481,7 +533,12 @@ class Trainer:
         self.best_value, self.best_step, self.best_epoch, self.best_index = loop["best"]
         self._seconds_before, self._cpu_before = loop["seconds"], loop["cpu_seconds"]
         self.stopped_early, self.finished = loop["stopped_early"], loop["finished"]
-        best = {k[len("best.") :]: v for k, v in saved["tensors"].items() if k.startswith("best.")}
+        current = self.model.state_dict()
+        best: dict[str, torch.Tensor] = {}
+        for key, value in saved["tensors"].items():
+            if key.startswith("best."):
+                like = current.get(key[len("best.") :])  # saved in full: a DTensor entry gets back this rank's part
+                best[key[len("best.") :]] = shard_like(value, like) if isinstance(like, DTensor) else value
         self._best_state = best or None
         self._last_saved = self.step
 
