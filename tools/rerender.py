@@ -63,8 +63,7 @@ def _thor(results: dict[str, Any], folder: Path) -> list[Path]:
     """The table counts the test sentences, which results.json does not record: it needs the data."""
     import matplotlib
 
-    from sparsemoe.data import multi30k
-    from sparsemoe.experiments.store import data_dir
+    from sparsemoe.data import data_dir, multi30k
 
     matplotlib.use("Agg")
     config = thor_multi30k.Config(**{**results["config"], "out": Path(results["config"]["out"])})
