@@ -12,10 +12,11 @@ Data (:func:`_splits`): a seed-0 shuffle of the 1,797 digits gives 1,400 trainin
 (steps to k, validation accuracy) reads the validation part only; the table's test accuracy and
 final experts per input on the test part are reported, never chosen on.
 
-The gates' defaults (γ = 1, entropy weight 0.1) follow :func:`choose_default`'s rule: the widest
-smooth-step band (largest γ) whose every run reaches k within :data:`REACH_WITHIN` of its steps, with a
-validation accuracy within :data:`ACCURACY_MARGIN` of the best candidate's; ties go to the smaller
-entropy weight. A wider band keeps the router learning for longer; a gate that is at k after a handful
+The gates' defaults (γ = 1, entropy weight 0.1) follow the rule of
+:func:`.reporting.gate_saturation.choose_default`: the widest smooth-step band (largest γ) whose every
+run reaches k within :data:`~.reporting.gate_saturation.REACH_WITHIN` of its steps, with a validation
+accuracy within :data:`~.reporting.gate_saturation.ACCURACY_MARGIN` of the best candidate's; ties go
+to the smaller entropy weight. A wider band keeps the router learning for longer; a gate that is at k after a handful
 of steps (γ = 0.1 here) has fixed its routing close to initialisation. The choice reads validation
 accuracy only (a run's ``val_accuracy``), never the test accuracy the table reports.
 """
