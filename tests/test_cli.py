@@ -21,6 +21,7 @@ from sparsemoe import cli, gates
 from sparsemoe.cli import main
 from sparsemoe.experiments import EXPERIMENTS, demo
 from sparsemoe.experiments.config import ConfigError, validate
+from sparsemoe.experiments.reporting import demo as demo_report
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 RST = re.compile(r"``|:[a-z]+:`")
@@ -358,7 +359,8 @@ def test_help_loads_nothing_beyond_the_package_itself(loaded_modules: dict[str, 
         assert not [m for m in extra if m.split(".")[0] in (*HEAVY, "scipy")], stage
         if stage == "demo --help":  # its options come from its Config; training code is not heavy
             allowed |= {"sparsemoe.experiments.demo", "sparsemoe.experiments.progress"}
-            allowed |= {"sparsemoe.experiments.report", "sparsemoe.experiments.store"}
+            allowed |= {"sparsemoe.experiments.reporting", "sparsemoe.experiments.reporting.common"}
+            allowed |= {"sparsemoe.experiments.reporting.demo", "sparsemoe.experiments.store"}
         experiments = {m for m in extra if m.startswith("sparsemoe.experiments.")}
         assert experiments <= allowed, experiments - allowed
 
@@ -474,7 +476,7 @@ def test_demo_figure_is_honest(quick: bool) -> None:
     seeds = 1 if quick else 3
     summary, records = _fake_summary(seeds)
     settings = {**demo.DEFAULTS, "seeds": seeds, "quick": quick, "gate_kwargs": demo.GATE_KWARGS}
-    fig = demo.figure(summary, records, settings)
+    fig = demo_report.figure(summary, records, settings)
     title = fig.get_suptitle()
     assert ("quick" in title) == quick
     quality, sparsity = fig.axes
@@ -508,7 +510,8 @@ def test_demo_figure_zooms_on_the_leaders_when_a_gate_trails_far_behind() -> Non
         for s in range(3)
     ]
     summary = demo.summarise(records, ["topk", "comet", "hash"])
-    fig = demo.figure(summary, records, {**demo.DEFAULTS, "seeds": 3, "quick": False, "gate_kwargs": demo.GATE_KWARGS})
+    settings = {**demo.DEFAULTS, "seeds": 3, "quick": False, "gate_kwargs": demo.GATE_KWARGS}
+    fig = demo_report.figure(summary, records, settings)
     everything, zoom, _ = fig.axes
     assert [t.get_text() for t in zoom.get_xticklabels()] == ["topk", "comet"]
     assert zoom.get_ylim()[0] > 0.99 > everything.get_ylim()[0]  # hash is left out of the zoom only

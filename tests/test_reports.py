@@ -8,7 +8,9 @@ from typing import Any
 import pytest
 import torch
 
-from sparsemoe.experiments import gate_saturation, tuning
+from sparsemoe.experiments import gate_saturation
+from sparsemoe.experiments.reporting import gate_saturation as gate_saturation_report
+from sparsemoe.experiments.reporting import tuning as tuning_report
 
 
 def _saturation_results(val: dict[float, float] | None) -> dict[str, Any]:
@@ -45,24 +47,24 @@ def _saturation_results(val: dict[float, float] | None) -> dict[str, Any]:
 def test_default_rule_takes_the_widest_band_that_reaches_k_early_on_validation_accuracy() -> None:
     results = _saturation_results({0.1: 0.97, 1.0: 0.97, 10.0: 0.975})
     # gamma 10 never reaches k; 1 and 0.1 both do within 5% of the steps: the wider band wins, then the smaller weight
-    assert gate_saturation.choose_default(results, "comet") == {"gamma": 1.0, "entropy_weight": 0.1}
+    assert gate_saturation_report.choose_default(results, "comet") == {"gamma": 1.0, "entropy_weight": 0.1}
     # ... unless it loses more than the margin of validation accuracy against the best candidate
-    worse = _saturation_results({0.1: 0.97, 1.0: 0.97 - 2 * gate_saturation.ACCURACY_MARGIN, 10.0: 0.97})
-    assert gate_saturation.choose_default(worse, "comet") == {"gamma": 0.1, "entropy_weight": 0.1}
+    worse = _saturation_results({0.1: 0.97, 1.0: 0.97 - 2 * gate_saturation_report.ACCURACY_MARGIN, 10.0: 0.97})
+    assert gate_saturation_report.choose_default(worse, "comet") == {"gamma": 0.1, "entropy_weight": 0.1}
 
 
 def test_default_rule_reads_validation_accuracy_never_test_accuracy() -> None:
-    results = _saturation_results({0.1: 0.97, 1.0: 0.97 - 2 * gate_saturation.ACCURACY_MARGIN, 10.0: 0.97})
-    pick = gate_saturation.choose_default(results, "comet")
+    results = _saturation_results({0.1: 0.97, 1.0: 0.97 - 2 * gate_saturation_report.ACCURACY_MARGIN, 10.0: 0.97})
+    pick = gate_saturation_report.choose_default(results, "comet")
     assert pick == {"gamma": 0.1, "entropy_weight": 0.1}
     # test accuracy that would favour gamma 1 (and sink gamma 0.1) changes nothing
     for run in results["runs"]:
         run["test_accuracy"] = 0.99 if run["gamma"] == 1.0 else 0.1
-    assert gate_saturation.choose_default(results, "comet") == pick
+    assert gate_saturation_report.choose_default(results, "comet") == pick
     # the reading reports the pick's test accuracy and says it is not the library's default
-    text = gate_saturation._choice_text(results)
+    text = gate_saturation_report._choice_text(results)
     assert "comet: γ = 0.1, entropy weight 0.1, NOT the library's default (γ = 1, entropy weight 0.1" in text
-    agreeing = gate_saturation._choice_text(_saturation_results({0.1: 0.97, 1.0: 0.97, 10.0: 0.97}))
+    agreeing = gate_saturation_report._choice_text(_saturation_results({0.1: 0.97, 1.0: 0.97, 10.0: 0.97}))
     assert "comet: γ = 1, entropy weight 0.1, the library's default; its validation accuracy 0.970, test" in agreeing
 
 
@@ -81,8 +83,8 @@ def test_validation_and_test_digits_are_disjoint_stratified_and_fixed() -> None:
 def test_default_rule_refuses_runs_without_validation_accuracy() -> None:
     results = _saturation_results(None)
     with pytest.raises(ValueError, match="record no val_accuracy"):
-        gate_saturation.choose_default(results, "comet")
-    assert "no choice from these runs" in gate_saturation._choice_text(results)
+        gate_saturation_report.choose_default(results, "comet")
+    assert "no choice from these runs" in gate_saturation_report._choice_text(results)
 
 
 def test_sparsity_plot_gives_each_gate_a_panel_and_each_seed_a_marker(
@@ -101,7 +103,7 @@ def test_sparsity_plot_gives_each_gate_a_panel_and_each_seed_a_marker(
         "summary": {"comet": {"saturated": None}, "dselect_k": {"saturated": None}, "topk": {}},
         "saturated_runs": {},
     }
-    tuning.plot_saturation(results, tmp_path / "sat.png")
+    tuning_report.plot_saturation(results, tmp_path / "sat.png")
     (fig,) = drawn
     assert [ax.get_title() for ax in fig.axes] == ["comet", "dselect_k"]  # top-k is not learned-sparse
     for ax in fig.axes:
@@ -116,13 +118,14 @@ def test_thor_curves_name_each_system_once_and_tell_the_seeds_apart(
     from matplotlib.figure import Figure
 
     from sparsemoe.experiments import thor_multi30k
+    from sparsemoe.experiments.reporting import thor
 
     drawn: list[Figure] = []
     save = Figure.savefig
     monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **kw: (drawn.append(fig), save(fig, *a, **kw))[1])
     history = [{"step": s, "train_ce": 3.0, "val_ce": 2.0, "val_bleu_greedy": 30.0} for s in (200, 400)]
     runs = [{"model": m, "seed": s, "history": history} for m in ("dense", "thor") for s in (0, 1)]
-    thor_multi30k._plot(thor_multi30k.Config(quick=True), runs, tmp_path / "curves.png")
+    thor.plot(thor_multi30k.Config(quick=True), runs, tmp_path / "curves.png")
     (fig,) = drawn
     for ax in fig.axes:
         labels = [t.get_text() for t in ax.get_legend().get_texts()]
@@ -135,6 +138,7 @@ def test_thor_table_says_which_runs_were_trained_elsewhere_and_merged() -> None:
     from dataclasses import asdict
 
     from sparsemoe.experiments import thor_multi30k
+    from sparsemoe.experiments.reporting import thor
 
     study = thor_multi30k.Config(out=Path("results/thor"))
     here = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(study).items()}
@@ -143,7 +147,7 @@ def test_thor_table_says_which_runs_were_trained_elsewhere_and_merged() -> None:
         {"model": "dense", "seed": 0, "config": {**here, "out": "/tmp/elsewhere", "models": ["dense"], "seeds": 1}},
         {"model": "thor", "seed": 0, "config": {**here, "out": "/tmp/other", "alpha": 1.0}},
     ]
-    assert thor_multi30k._merged_runs(study, runs) == [
+    assert thor.merged_runs(study, runs) == [
         "dense seed 0 was trained with `--out /tmp/elsewhere` and its record merged into this study "
         "(every other setting is this study's).",
         "thor seed 0 was trained with `--out /tmp/other` and its record merged into this study "

@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from sparsemoe.experiments.tuning import SATURATED, Problem, run_tuning
+from sparsemoe.experiments.reporting.tuning import SATURATED
+from sparsemoe.experiments.tuning import Problem, run_tuning
 
 K, SEEDS = 2, 2
 
@@ -72,7 +73,7 @@ def test_gate_where_no_trial_reaches_k_says_so(tmp_path: Path) -> None:
 
 
 def test_gamma_table_counts_trials_at_k_per_gamma() -> None:
-    from sparsemoe.experiments.tuning import _gamma_table
+    from sparsemoe.experiments.reporting.tuning import _gamma_table
 
     def trial(gamma: float, experts: float, loss: float = 1.0) -> dict[str, Any]:
         # validation probe at the best epoch (index 1) = experts; the test inputs' count differs and is not read

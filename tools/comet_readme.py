@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from sparsemoe.experiments import comet_movielens, comet_multimnist
-from sparsemoe.experiments.report import markdown_table
+from sparsemoe.experiments.reporting import markdown_table
 
 EXPERIMENTS = ("comet-movielens", "comet-multimnist", "comet-tuning")
 

@@ -20,32 +20,34 @@ from typing import Any
 from sparsemoe.experiments import (
     comet_movielens,
     comet_multimnist,
-    demo,
     gate_saturation,
     moebert_sst2,
     thor_multi30k,
-    tuning,
 )
+from sparsemoe.experiments.reporting import demo as demo_report
+from sparsemoe.experiments.reporting import gate_saturation as gate_saturation_report
+from sparsemoe.experiments.reporting import moebert, thor
+from sparsemoe.experiments.reporting import tuning as tuning_report
 
 
 def _demo(results: dict[str, Any], folder: Path) -> list[Path]:
     path = folder / "demo.png"
-    demo.plot(results["summary"], results["runs"], results["config"], path)
+    demo_report.plot(results["summary"], results["runs"], results["config"], path)
     return [path]
 
 
 def _gate_saturation(results: dict[str, Any], folder: Path) -> list[Path]:
-    (folder / "table.md").write_text(gate_saturation.render(results))
-    gate_saturation.plot(results, folder / f"{gate_saturation.NAME}.png")
+    (folder / "table.md").write_text(gate_saturation_report.render(results))
+    gate_saturation_report.plot(results, folder / f"{gate_saturation.NAME}.png")
     return [folder / "table.md", folder / f"{gate_saturation.NAME}.png"]
 
 
 def _tuning(metrics: list[tuple[str, str, bool]]) -> Callable[[dict[str, Any], Path], list[Path]]:
     def rerender(results: dict[str, Any], folder: Path) -> list[Path]:
         name = results["experiment"]
-        (folder / "table.md").write_text(tuning.render_tables(results, metrics))
-        tuning.plot_results(results, metrics, folder / f"{name}.png")
-        tuning.plot_saturation(results, folder / f"{name}-experts-per-input.png")
+        (folder / "table.md").write_text(tuning_report.render_tables(results, metrics))
+        tuning_report.plot_results(results, metrics, folder / f"{name}.png")
+        tuning_report.plot_saturation(results, folder / f"{name}-experts-per-input.png")
         return [folder / "table.md", folder / f"{name}.png", folder / f"{name}-experts-per-input.png"]
 
     return rerender
@@ -53,9 +55,9 @@ def _tuning(metrics: list[tuple[str, str, bool]]) -> Callable[[dict[str, Any], P
 
 def _moebert(results: dict[str, Any], folder: Path) -> list[Path]:
     config = moebert_sst2.Config(**{**results["config"], "out": folder})
-    details = moebert_sst2._details(results["summary"], results["runs"])
-    moebert_sst2._table(config, results["summary"], details)
-    moebert_sst2._plot(config, results["summary"], results["throughput"]["threads"])
+    details = moebert.details(results["summary"], results["runs"])
+    moebert.table(config, results["summary"], details)
+    moebert.plot(config, results["summary"], results["throughput"]["threads"])
     return [folder / "table.md", folder / "accuracy_throughput.png"]
 
 
@@ -63,16 +65,15 @@ def _thor(results: dict[str, Any], folder: Path) -> list[Path]:
     """The table counts the test sentences, which results.json does not record: it needs the data."""
     import matplotlib
 
-    from sparsemoe.data import multi30k
-    from sparsemoe.experiments.store import data_dir
+    from sparsemoe.data import data_dir, multi30k
 
     matplotlib.use("Agg")
     config = thor_multi30k.Config(**{**results["config"], "out": Path(results["config"]["out"])})
     num_test = len(multi30k.read_split(data_dir("multi30k"), "test")[0])
-    by_model, summary = thor_multi30k._summaries(config, results["runs"])
-    table = thor_multi30k._table(config, by_model, summary, results["sacrebleu_signature"], num_test, results["runs"])
+    by_model, summary = thor.summaries(config, results["runs"])
+    table = thor.table(config, by_model, summary, results["sacrebleu_signature"], num_test, results["runs"])
     (folder / "table.md").write_text(table)
-    thor_multi30k._plot(config, results["runs"], folder / "curves.png")
+    thor.plot(config, results["runs"], folder / "curves.png")
     return [folder / "table.md", folder / "curves.png"]
 
 

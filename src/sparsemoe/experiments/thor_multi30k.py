@@ -42,7 +42,7 @@ from ..thor import consistency_terms, symmetric_kl, thor_inference, thor_layers,
 from ..training import Batches, Callback, ProgressBar, TrainConfig, Trainer
 from .config import ConfigError
 from .progress import console, progress
-from .report import markdown_table, mean_std, pyplot, save_figure
+from .reporting import thor as report
 from .store import RunStore, write_json
 
 NAME = "thor-multi30k"
@@ -367,142 +367,6 @@ def _evaluate(model: Seq2SeqTransformer, kind: str, corpus: Corpus, c: Config, s
     return {"bleu": bleu, "agreement": agreement, "eval_seconds": time.perf_counter() - start}
 
 
-# ------------------------------------------------------------------------------------------- reporting
-def _summaries(c: Config, runs: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
-    by_model: dict[str, Any] = {}
-    summary_json: dict[str, Any] = {}
-    for kind in c.models:
-        rs = [r for r in runs if r["model"] == kind]
-        if not rs:
-            continue
-        default = c.thor_mode if kind == "thor" else "deterministic"
-        modes = {
-            mode: {split: mean_std([r["bleu"][mode][split] for r in rs]) for split in ("val", "test")}
-            for mode in rs[0]["bleu"]
-        }
-        agreement = {key: mean_std([r["agreement"][key] for r in rs]) for key in rs[0]["agreement"]}
-        hours = [r["train_seconds"] / 3600 for r in rs]
-        by_model[kind] = {"bleu": modes, "agreement": agreement, "train_hours_per_run": mean_std(hours)}
-        summary_json[kind] = {
-            "test_bleu": modes[default]["test"]["mean"],
-            "test_bleu_std": modes[default]["test"]["std"],
-            "seeds": sorted(r["seed"] for r in rs),
-            "params": rs[0]["params"]["total"],
-            "active_params_per_token": rs[0]["params"]["active_per_token"],
-            "train_hours": sum(hours),
-            "train_cpu_hours": sum(r["train_cpu_seconds"] for r in rs) / 3600,
-            "inference_mode": default,
-        }
-    return by_model, summary_json
-
-
-def _merged_runs(c: Config, runs: list[dict[str, Any]]) -> list[str]:
-    """One sentence per run trained in another output folder and copied into this study's store,
-    naming any setting that differs from the study's (the folder, the seed count and the model list
-    only select runs: the run store ignores them too)."""
-    study = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(c).items()}
-    notes = []
-    for r in runs:
-        trained = r.get("config", {})
-        if not trained or str(trained.get("out")) == str(study["out"]):
-            continue
-        other = sorted(k for k in study if k not in ("out", "seeds", "models") and trained.get(k) != study[k])
-        same = f"settings differ in {', '.join(other)}" if other else "every other setting is this study's"
-        notes.append(
-            f"{r['model']} seed {r['seed']} was trained with `--out {trained['out']}` and its record merged into "
-            f"this study ({same})."
-        )
-    return notes
-
-
-def _table(
-    c: Config,
-    by_model: dict[str, Any],
-    summary: dict[str, Any],
-    signature: str,
-    num_test: int,
-    runs: list[dict[str, Any]] | None = None,
-) -> str:
-    title = f"# THOR vs Switch vs dense on Multi30k En-De{' (quick smoke run, not a result)' if c.quick else ''}"
-    lines = [
-        title,
-        "",
-        f"Test = test2016 ({num_test:,} sentences), beam {c.beam}, GNMT length penalty {c.length_penalty}; "
-        f"sacrebleu `{signature}`; mean ± std over seeds. `train h`: single-thread training hours, each run's "
-        f"training time on one thread added over the model's runs (runs in parallel processes overlap in wall "
-        f"clock); THOR does two forward/backward passes per update. " + " ".join(_merged_runs(c, runs or [])),
-        "",
-    ]
-    rows = [
-        [
-            kind,
-            f"{mode}{' (default)' if kind == 'thor' and mode == summary[kind]['inference_mode'] else ''}",
-            f"{b['val']['mean']:.2f} ± {b['val']['std']:.2f}",
-            f"{b['test']['mean']:.2f} ± {b['test']['std']:.2f}",
-            b["test"]["n"],
-            f"{summary[kind]['params']:,}",
-            f"{summary[kind]['active_params_per_token']:,}",
-            f"{summary[kind]['train_hours']:.2f}",
-        ]
-        for kind, s in by_model.items()
-        for mode, b in s["bleu"].items()
-    ]
-    headers = ["model", "inference", "val BLEU", "test BLEU", "seeds", "params", "active params/token", "train h"]
-    lines.append(markdown_table(headers, rows).rstrip("\n"))
-    agreement = [
-        [kind, key, f"{v['mean']:.4f} ± {v['std']:.4f}"]
-        for kind, s in by_model.items()
-        for key, v in s["agreement"].items()
-    ]
-    lines += ["", "**Agreement of two stochastic passes**", ""]
-    lines.append(markdown_table(["model", "measure", "mean ± std"], agreement).rstrip("\n"))
-    lines += [
-        "",
-        "kl_*: mean symmetric KL (nats) per val target token between two teacher-forced passes "
-        "(dropout: dropout on; experts: a random expert per token). test_bleu_draw_*: greedy test BLEU "
-        "under two draws (THOR: expert draws, no dropout; others: dropout on). bleu_between_draws: BLEU "
-        "of draw 2 against draw 1 as reference (100 = identical).",
-    ]
-    return "\n".join(lines) + "\n"
-
-
-def _plot(c: Config, runs: list[dict[str, Any]], path: Path) -> None:
-    """Curves per run: colour = system, marker = seed, solid = train / dashed = val. The legends
-    name each system once and give the seed and split keys separately."""
-    plt = pyplot()
-    from matplotlib.lines import Line2D
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    colours = {"dense": "tab:blue", "switch": "tab:orange", "thor": "tab:green"}
-    markers = ["o", "s", "^", "D", "v"]
-    for r in runs:
-        h = r["history"]
-        steps = [p["step"] for p in h]
-        style = {"color": colours[r["model"]], "marker": markers[r["seed"] % len(markers)], "ms": 3.5, "lw": 1}
-        ax1.plot(steps, [p["train_ce"] for p in h], **style)
-        ax1.plot(steps, [p["val_ce"] for p in h], ls="--", fillstyle="none", **style)
-        ax2.plot(steps, [p["val_bleu_greedy"] for p in h], **style)
-    systems = [Line2D([], [], color=colours[m], lw=2, label=m) for m in colours if any(r["model"] == m for r in runs)]
-    seeds = sorted({r["seed"] for r in runs})
-    seed_keys = [
-        Line2D([], [], color="0.3", marker=markers[s % len(markers)], ls="none", label=f"seed {s}") for s in seeds
-    ]
-    split_keys = [Line2D([], [], color="0.3", label="train"), Line2D([], [], color="0.3", ls="--", label="val")]
-    ax1.set(
-        xlabel="update",
-        ylabel="cross-entropy per token (nats)",
-        title="Loss (train: label-smoothed, pass 1; val: plain)",
-    )
-    ax2.set(xlabel="update", ylabel="val BLEU (greedy)", title="Validation BLEU", ylim=(0, None))
-    ax1.legend(handles=systems + seed_keys + split_keys, fontsize=7, loc="upper right")  # the corners the
-    ax2.legend(handles=systems + seed_keys, fontsize=7, loc="lower right")  # curves leave empty
-    for ax in (ax1, ax2):
-        ax.grid(alpha=0.3)
-    fig.suptitle(f"THOR / Switch / dense on Multi30k En-De{' — quick smoke run' if c.quick else ''}")
-    fig.tight_layout()
-    save_figure(fig, path, dpi=120)
-
-
 def run(config: Config) -> dict[str, Any]:
     """Train every (model, seed) not yet saved, then rebuild results.json, table.md, summary.json, curves.png."""
     c = _effective(config)
@@ -523,7 +387,7 @@ def run(config: Config) -> dict[str, Any]:
             ckpt.unlink(missing_ok=True)
     runs = [r for r in store if r["model"] in c.models and r["seed"] < c.seeds]
     signature = m30k.corpus_bleu(["a"], ["a"])[1]
-    by_model, summary = _summaries(c, runs)
+    by_model, summary = report.summaries(c, runs)
     results = {
         "name": NAME,
         "quick": c.quick,
@@ -538,6 +402,6 @@ def run(config: Config) -> dict[str, Any]:
     }
     write_json(c.out / "results.json", results)
     write_json(c.out / "summary.json", summary)
-    atomic_write_text(c.out / "table.md", _table(c, by_model, summary, signature, len(corpus.test), runs))
-    _plot(c, runs, c.out / "curves.png")
+    atomic_write_text(c.out / "table.md", report.table(c, by_model, summary, signature, len(corpus.test), runs))
+    report.plot(c, runs, c.out / "curves.png")
     return results

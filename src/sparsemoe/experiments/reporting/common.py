@@ -1,9 +1,9 @@
 """What every experiment's report is made of: one ``mean_std``, number formats, Markdown tables, figures.
 
-Each study lays out its own tables and plots (they read its results' structure) from these pieces, so
-summary statistics and formats cannot drift apart between studies. matplotlib is imported only when a
-figure is drawn (through :func:`pyplot`), on the Agg backend: the experiments write PNG files and need
-no display.
+The study modules beside this one lay out their tables and plots (they read their study's results)
+from these pieces, so summary statistics and formats cannot drift apart between studies. matplotlib
+is imported only when a figure is drawn (through :func:`pyplot`), on the Agg backend: the experiments
+write PNG files and need no display.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .. import _atomic
+from ... import _atomic
 
 if TYPE_CHECKING:
     from types import ModuleType
