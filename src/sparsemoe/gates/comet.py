@@ -63,7 +63,8 @@ class CometGate(Gate):
 
     Defaults (``gamma=1.0``, ``entropy_weight=0.1``), from the seeded ``gate-saturation`` study
     (results/gate-saturation: 16 experts, k=2, one MoE layer on scikit-learn digits, Adam lr 1e-3,
-    2 seeds), whose rule (``gate_saturation.choose_default``) picks them on validation data: with
+    2 seeds), whose rule (``sparsemoe.experiments.reporting.gate_saturation.choose_default``) picks
+    them on validation data: with
     ``γ = 1`` COMET computes k experts per validation input after 50 steps (``γ = 0.1``: 5-10 steps;
     ``γ = 10``: still above k after 1,000 steps), at a validation accuracy within 0.01 of the best
     candidate's; the entropy weight (0.1 or 1) barely moved either. ``γ = 1`` keeps the widest soft
