@@ -29,6 +29,7 @@ import torch
 
 import sparsemoe
 from sparsemoe import kernels
+from sparsemoe.atomic import atomic_write_text
 
 from . import report, timing
 from .bench_gates import VS_TOPK_LIMIT, saturate
@@ -250,7 +251,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     out = args.out or (HERE / "quick" if args.quick or device.type != "cuda" else HERE)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "RESULTS-gpu.md").write_text(text)
+    atomic_write_text(out / "RESULTS-gpu.md", text)
     print(f"wrote {out / 'RESULTS-gpu.md'} in {(time.perf_counter() - start) / 60:.1f} min")
 
 

@@ -6,6 +6,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sparsemoe.atomic import save_figure
+
 from .timing import Stat
 
 
@@ -70,6 +72,6 @@ def errorbar(ax, xs: Sequence[float], stats: Sequence[Stat], label: str, **kw: o
 
 def save(fig, out_dir: Path, name: str) -> str:
     fig.tight_layout()
-    fig.savefig(out_dir / name, dpi=110)
+    save_figure(fig, out_dir / name, dpi=110)
     pyplot().close(fig)
     return name

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from sparsemoe.atomic import atomic_write_text
+
 from . import bench_gates, bench_profile, bench_search, layer, mmoe_small, timing
 from .report import Section, table
 
@@ -179,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
     for s in sections:
         text += f"\n## {s.title}\n\n{s.body}"
     text += "\n" + METHOD
-    (out / "RESULTS.md").write_text(text)
+    atomic_write_text(out / "RESULTS.md", text)
     print(f"wrote {out / 'RESULTS.md'} in {(time.perf_counter() - start) / 60:.1f} min")
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from sparsemoe._atomic import atomic_path, atomic_write_text, save_figure
+from sparsemoe.atomic import atomic_path, atomic_write_text, save_figure
 from sparsemoe.experiments.store import RunStore, write_json
 
 
@@ -143,14 +143,14 @@ def test_the_package_writes_files_only_through_the_one_writer() -> None:
     src = Path(__file__).resolve().parents[1] / "src" / "sparsemoe"
     found = []
     for path in sorted(src.rglob("*.py")):
-        if path.name == "_atomic.py" or path.parent.name == "data":  # data/: downloads, not results (yet)
+        if path.name == "atomic.py" or path.parent.name == "data":  # data/: downloads, not results (yet)
             continue
         for number, line in enumerate(path.read_text().splitlines(), 1):
             code = line.split("#")[0]
             # a library that writes by path is fine inside `with atomic_path(...) as tmp:` (writes to tmp)
             if _DIRECT_WRITES.search(code) and "(tmp" not in code and "str(tmp)" not in code:
                 found.append(f"{path.relative_to(src)}:{number}: {line.strip()}")
-    assert not found, "write these through sparsemoe._atomic:\n" + "\n".join(found)
+    assert not found, "write these through sparsemoe.atomic:\n" + "\n".join(found)
 
 
 def test_reuse_note_counts_the_saved_runs_a_rerun_will_skip(tmp_path: Path) -> None:

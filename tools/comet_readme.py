@@ -20,6 +20,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from sparsemoe.atomic import atomic_write_text
 from sparsemoe.experiments import comet_movielens, comet_multimnist
 from sparsemoe.experiments.reporting import markdown_table
 
@@ -264,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     reading = args.reading.read_text() if args.reading.exists() else "(no reading written yet)"
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(render(args.results, reading))
+    atomic_write_text(args.out, render(args.results, reading))
     print(f"wrote {args.out}")
     return 0
 

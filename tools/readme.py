@@ -16,6 +16,8 @@ import re
 import sys
 from pathlib import Path
 
+from sparsemoe.atomic import atomic_write_text
+
 _LINK = re.compile(r"\]\((?!https?://|#|/)([^)\s]+)\)")
 _SECTION = re.compile(r"(<!-- BEGIN (?P<path>\S+) -->\n)(?P<body>.*?)(<!-- END (?P=path) -->)", re.DOTALL)
 
@@ -39,7 +41,7 @@ def refresh(readme: Path) -> list[str]:
         filled.append(match["path"])
         return f"{match.group(1)}{body}\n{match.group(4)}"
 
-    readme.write_text(_SECTION.sub(fill, readme.read_text()))
+    atomic_write_text(readme, _SECTION.sub(fill, readme.read_text()))
     return filled
 
 

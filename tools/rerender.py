@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from sparsemoe.atomic import atomic_write_text
 from sparsemoe.experiments import (
     comet_movielens,
     comet_multimnist,
@@ -37,7 +38,7 @@ def _demo(results: dict[str, Any], folder: Path) -> list[Path]:
 
 
 def _gate_saturation(results: dict[str, Any], folder: Path) -> list[Path]:
-    (folder / "table.md").write_text(gate_saturation_report.render(results))
+    atomic_write_text(folder / "table.md", gate_saturation_report.render(results))
     gate_saturation_report.plot(results, folder / f"{gate_saturation.NAME}.png")
     return [folder / "table.md", folder / f"{gate_saturation.NAME}.png"]
 
@@ -45,7 +46,7 @@ def _gate_saturation(results: dict[str, Any], folder: Path) -> list[Path]:
 def _tuning(metrics: list[tuple[str, str, bool]]) -> Callable[[dict[str, Any], Path], list[Path]]:
     def rerender(results: dict[str, Any], folder: Path) -> list[Path]:
         name = results["experiment"]
-        (folder / "table.md").write_text(tuning_report.render_tables(results, metrics))
+        atomic_write_text(folder / "table.md", tuning_report.render_tables(results, metrics))
         tuning_report.plot_results(results, metrics, folder / f"{name}.png")
         tuning_report.plot_saturation(results, folder / f"{name}-experts-per-input.png")
         return [folder / "table.md", folder / f"{name}.png", folder / f"{name}-experts-per-input.png"]
@@ -72,7 +73,7 @@ def _thor(results: dict[str, Any], folder: Path) -> list[Path]:
     num_test = len(multi30k.read_split(data_dir("multi30k"), "test")[0])
     by_model, summary = thor.summaries(config, results["runs"])
     table = thor.table(config, by_model, summary, results["sacrebleu_signature"], num_test, results["runs"])
-    (folder / "table.md").write_text(table)
+    atomic_write_text(folder / "table.md", table)
     thor.plot(config, results["runs"], folder / "curves.png")
     return [folder / "table.md", folder / "curves.png"]
 

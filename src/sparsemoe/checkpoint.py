@@ -18,7 +18,7 @@ Why the JSON lives inside the safetensors header rather than in a side file: one
 atomically as a unit, so weights and metadata can never come from two different saves, and a
 checkpoint is copied or deleted as one thing.
 
-Durability: the bytes are written by the project's one writer (:mod:`sparsemoe._atomic`): a
+Durability: the bytes are written by the project's one writer (:mod:`sparsemoe.atomic`): a
 temporary file in the same folder (normal permissions), ``fsync``, ``os.replace`` over the target,
 ``fsync`` of the folder. A crash at any point leaves either the previous checkpoint or the new one,
 never a mix. Temporary files of writers that died are removed by the next save.
@@ -60,7 +60,7 @@ from safetensors.torch import save as save_tensors
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from ._atomic import atomic_write_bytes
+from .atomic import atomic_write_bytes
 
 _META_KEY = "sparsemoe"
 _FORMAT = 3

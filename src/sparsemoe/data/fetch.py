@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .._atomic import atomic_path
+from ..atomic import atomic_path
 from ._paths import data_root
 
 SOURCES = {

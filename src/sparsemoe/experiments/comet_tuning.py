@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from .._atomic import atomic_write_text
+from ..atomic import atomic_write_text
 from ..data import data_dir, movielens
 from . import comet_movielens
 from .config import ConfigError
@@ -252,5 +252,3 @@ def run(config: Config) -> dict[str, Any]:
     print(text)
     console.print(f"wrote {out / 'results.json'}, {out / 'table.md'}, {out / (NAME + '.png')}")
     return results
-
-

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import gates as gate_registry
-from .._atomic import atomic_write_text
+from ..atomic import atomic_write_text
 from ..layers import MultiTaskMoE
 from ..models import MMoE
 from ..training import fit

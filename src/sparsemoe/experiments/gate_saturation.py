@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._atomic import atomic_write_text
+from ..atomic import atomic_write_text
 from ..layers import MoE
 from ..training import Callback, RandomBatches, TrainConfig, Trainer, train
 from .config import ConfigError
@@ -238,5 +238,3 @@ def run(config: Config) -> dict[str, Any]:
     print(text)
     console.print(f"wrote {out / 'results.json'}, {out / 'table.md'}, {out / (NAME + '.png')}")
     return results
-
-

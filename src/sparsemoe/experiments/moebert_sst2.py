@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from .. import gates
-from .._atomic import atomic_path
+from ..atomic import atomic_path
 from ..data import sst2
 from ..hf.convert import moefy
 from ..hf.importance import ffn_importance
@@ -432,5 +432,3 @@ def _report(config: Config, store: RunStore, timing: dict[str, Any]) -> dict[str
     report.table(config, summary, details)
     report.plot(config, summary, timing["threads"])
     return results
-
-

@@ -1,7 +1,7 @@
 """Where experiment results live, and how a long study survives being stopped.
 
 Each finished run is written as ``<out>/runs/<key>.json`` the moment it ends (atomically and
-durably, by the project's one writer, :mod:`sparsemoe._atomic`), and a rerun skips every key already
+durably, by the project's one writer, :mod:`sparsemoe.atomic`), and a rerun skips every key already
 there. So a study killed halfway continues where it stopped, and the final tables are always
 rebuilt from the saved runs alone.
 
@@ -19,7 +19,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from .._atomic import write_json
+from ..atomic import write_json
 
 __all__ = ["RunStore", "write_json"]
 

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._atomic import atomic_write_text
+from ..atomic import atomic_write_text
 from ..data import multi30k as m30k
 from ..data.multi30k import Corpus
 from ..models.decoding import translate

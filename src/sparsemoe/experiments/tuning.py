@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from .. import gates
-from .._atomic import atomic_write_text
+from ..atomic import atomic_write_text
 from ..training import fit
 from .config import ConfigError
 from .progress import console, progress
@@ -438,5 +438,3 @@ def _mean_curve(curves: list[list[float]]) -> list[float]:
     """Mean over runs per epoch, over the runs still training at that epoch (early stopping ends runs)."""
     length = max((len(c) for c in curves), default=0)
     return [float(np.mean([c[e] for c in curves if len(c) > e])) for e in range(length)]
-
-

@@ -17,7 +17,7 @@ from typing import Any
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from .._atomic import atomic_path, write_json
+from ..atomic import atomic_path, write_json
 from .convert import MoefyConfig, moefy
 from .upcycle import UpcycleConfig, upcycle
 

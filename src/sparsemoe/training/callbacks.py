@@ -14,7 +14,7 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .._atomic import atomic_write_text
+from ..atomic import atomic_write_text
 from .loop import Callback, Trainer, TrainResult
 
 if TYPE_CHECKING:

@@ -30,13 +30,11 @@ def _need(m: int | None, n: int) -> str:
     return f"> {n} (not reached)" if m is None else str(m)
 
 
-
 def _ratio_cell(reach: dict[str, Any]) -> str:
     if "ratio" not in reach:
         return ""
     lo, hi = reach["ratio_5_95"]
     return f"{reach['ratio']:.2f} [{lo:.2f}, {hi:.2f}]"
-
 
 
 def render(results: dict[str, Any], checkpoints: list[int]) -> str:
@@ -76,7 +74,6 @@ def render(results: dict[str, Any], checkpoints: list[int]) -> str:
         markdown_table(["score", "pair", "target", "plain gate needs", "+ gate needs", "ratio [5-95%]"], reach_rows)
     )
     return "".join(parts)
-
 
 
 def plot(results: dict[str, Any], path: Path) -> None:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ... import _atomic
+from ... import atomic
 
 if TYPE_CHECKING:
     from types import ModuleType
@@ -67,5 +67,5 @@ def pyplot() -> ModuleType:
 
 def save_figure(fig: Figure, path: str | Path, dpi: int) -> None:
     """Write ``fig`` to ``path`` atomically and close it (pyplot keeps every open figure alive otherwise)."""
-    _atomic.save_figure(fig, path, dpi=dpi)
+    atomic.save_figure(fig, path, dpi=dpi)
     pyplot().close(fig)

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ... import gates as gate_registry
-from ..._atomic import save_figure
+from ...atomic import save_figure
 from .common import fmt, markdown_table
 
 if TYPE_CHECKING:  # matplotlib is imported only when a figure is drawn
@@ -31,7 +31,6 @@ def table(summary: dict[str, dict[str, Any]]) -> str:
         for gate, s in summary.items()
     ]
     return markdown_table(headers, rows)
-
 
 
 def figure(summary: dict[str, dict[str, Any]], records: list[dict[str, Any]], config: dict[str, Any]) -> Figure:
@@ -103,7 +102,6 @@ def figure(summary: dict[str, dict[str, Any]], records: list[dict[str, Any]], co
     return fig
 
 
-
 def _leaders(summary: dict[str, dict[str, Any]]) -> list[str]:
     """The gates whose mean ROC-AUC is within 10 median seed-stds (at least 0.005) of the best one:
     the cluster a zoomed panel shows, leaving out gates far behind it."""
@@ -113,13 +111,11 @@ def _leaders(summary: dict[str, dict[str, Any]]) -> list[str]:
     return [g for g, m in means.items() if m >= best - width]
 
 
-
 def _gate_k(gate: str, config: dict[str, Any]) -> int:
     """The ``k`` of ``gate`` as the demo built it (the softmax gate: all experts)."""
     spec = gate_registry.parse(gate)
     options = config["gate_kwargs"].get(spec.name, {})
     return int(gate_registry.build(spec.name, 8, config["num_experts"], **options).k)
-
 
 
 def plot(summary: dict[str, dict[str, Any]], records: list[dict[str, Any]], config: dict[str, Any], path: Path) -> None:

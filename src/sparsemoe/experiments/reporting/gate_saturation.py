@@ -49,12 +49,10 @@ def choose_default(results: dict[str, Any], gate: str) -> dict[str, Any] | None:
     return {"gamma": gamma, "entropy_weight": weight}
 
 
-
 def library_default(gate: str) -> dict[str, float]:
     """The gate's own ``{"gamma", "entropy_weight"}`` defaults, read from its constructor."""
     parameters = inspect.signature(gate_class(gate).__init__).parameters
     return {name: float(parameters[name].default) for name in ("gamma", "entropy_weight")}
-
 
 
 def _choice_text(results: dict[str, Any]) -> str:
@@ -100,7 +98,6 @@ def _choice_text(results: dict[str, Any]) -> str:
     )
 
 
-
 def render(results: dict[str, Any]) -> str:
     cfg = results["config"]
     rows = []
@@ -142,7 +139,6 @@ def render(results: dict[str, Any]) -> str:
         )
         + _choice_text(results)
     )
-
 
 
 def plot(results: dict[str, Any], path: Path) -> None:

@@ -9,7 +9,7 @@ import math
 import statistics
 from typing import Any
 
-from ..._atomic import atomic_write_text
+from ...atomic import atomic_write_text
 from .common import fmt_value, markdown_table, pyplot, save_figure
 
 NAME = "moebert-sst2"
@@ -35,7 +35,6 @@ def details(summary: dict[str, dict[str, Any]], records: list[dict[str, Any]]) -
             "train_minutes": sum(r["train_seconds"] for r in runs) / 60,
         }
     return out
-
 
 
 def table(config: Any, summary: dict[str, dict[str, Any]], details: dict[str, dict[str, Any]]) -> None:
@@ -81,7 +80,6 @@ def table(config: Any, summary: dict[str, dict[str, Any]], details: dict[str, di
         f"added up; runs in parallel processes overlap in wall clock).\n"
     )
     atomic_write_text(config.out / "table.md", title + markdown_table(headers, rows) + note)
-
 
 
 def plot(config: Any, summary: dict[str, dict[str, Any]], threads: int) -> None:

@@ -40,7 +40,6 @@ def summaries(c: Any, runs: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[
     return by_model, summary_json
 
 
-
 def merged_runs(c: Any, runs: list[dict[str, Any]]) -> list[str]:
     """One sentence per run trained in another output folder and copied into this study's store,
     naming any setting that differs from the study's (the folder, the seed count and the model list
@@ -58,7 +57,6 @@ def merged_runs(c: Any, runs: list[dict[str, Any]]) -> list[str]:
             f"this study ({same})."
         )
     return notes
-
 
 
 def table(
@@ -110,7 +108,6 @@ def table(
         "of draw 2 against draw 1 as reference (100 = identical).",
     ]
     return "\n".join(lines) + "\n"
-
 
 
 def plot(c: Any, runs: list[dict[str, Any]], path: Path) -> None:

@@ -30,13 +30,11 @@ def learns_sparsity(gate: str) -> bool:
         return False
 
 
-
 def val_active_experts(record: Record) -> float:
     """Experts computed per input on the validation probe at the best epoch (the weights early stopping
     restored). Model choices read this, not ``record["active_experts"]``, which the last forward of the
     test evaluation left."""
     return float(record["active_experts_per_epoch"][record["best_epoch"]])
-
 
 
 def plot_saturation(results: dict[str, Any], path: Path) -> None:
@@ -96,10 +94,8 @@ def plot_saturation(results: dict[str, Any], path: Path) -> None:
     save_figure(fig, path, dpi=110)
 
 
-
 def _sem(stat: dict[str, float], digits: int = 4) -> str:
     return f"{stat['mean']:.{digits}f} ± {stat['sem']:.{digits}f}" if stat["n"] > 1 else f"{stat['mean']:.{digits}f}"
-
 
 
 def _counts(trials: dict[str, int]) -> str:
@@ -108,7 +104,6 @@ def _counts(trials: dict[str, int]) -> str:
     for gate, n in trials.items():
         groups.setdefault(n, []).append(gate)
     return ", ".join(f"{n} ({', '.join(g)})" for n, g in groups.items())
-
 
 
 def render_tables(results: dict[str, Any], metrics: list[tuple[str, str, bool]]) -> str:
@@ -139,7 +134,6 @@ def render_tables(results: dict[str, Any], metrics: list[tuple[str, str, bool]])
         + _saturated_table(results, metrics)
         + _gamma_table(results)
     )
-
 
 
 def _saturated_table(results: dict[str, Any], metrics: list[tuple[str, str, bool]]) -> str:
@@ -177,7 +171,6 @@ def _saturated_table(results: dict[str, Any], metrics: list[tuple[str, str, bool
             rows,
         )
     )
-
 
 
 def _gamma_table(results: dict[str, Any]) -> str:
@@ -222,7 +215,6 @@ def _gamma_table(results: dict[str, Any]) -> str:
             rows,
         )
     )
-
 
 
 def plot_results(results: dict[str, Any], metrics: list[tuple[str, str, bool]], path: Path) -> None:
