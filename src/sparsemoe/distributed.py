@@ -44,6 +44,8 @@ own RNG states and buffers; ``torch.distributed.checkpoint`` saves the shards as
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
@@ -62,13 +64,16 @@ from .layers import moe_layers
 
 ProcessGroup = dist.ProcessGroup
 __all__ = [
+    "all_ranks",
     "all_to_all",
     "average_replicated_gradients",
+    "data_parallel",
     "dcp_state",
     "dcp_to_safetensors",
     "expert_banks",
     "expert_parallel",
     "expert_parameters",
+    "join_torchrun",
     "safetensors_to_dcp",
 ]
 
@@ -345,6 +350,56 @@ def average_replicated_gradients(model: nn.Module, group: ProcessGroup | None = 
         flat.div_(world)
         for p, g in zip(params, flat.split([p.numel() for p in params]), strict=True):
             p.grad = g.view_as(p).clone()
+
+
+# ----------------------------------------------------------------------------- running a study under torchrun
+def join_torchrun() -> tuple[int, int]:
+    """Join the default process group that ``torchrun`` describes; returns ``(rank, world size)``.
+
+    Already initialised: that group. Else without ``WORLD_SIZE > 1`` in the environment (a plain
+    run) it does nothing and returns ``(0, 1)``.
+    The backend is NCCL when CUDA is available, else gloo (each rank then uses ``cuda:LOCAL_RANK``).
+    Ranks other than 0 print nothing afterwards (their ``stdout`` goes to ``os.devnull``): rank 0
+    reports, and the results it writes are the run's.
+    """
+    if not _initialised():
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            return 0, 1
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if cuda else "gloo")
+    rank = dist.get_rank()
+    if rank != 0:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115  # reason: for the rest of the process
+    return rank, dist.get_world_size()
+
+
+def data_parallel(model: nn.Module, *, experts: bool = False) -> nn.Module:
+    """``model`` ready for the :class:`~sparsemoe.training.Trainer` in this process group.
+
+    One process: ``model`` itself. Several: ``DistributedDataParallel(model)`` (train through the
+    returned module so the gradients are averaged; evaluate with either), after
+    :func:`expert_parallel` when ``experts`` (every expert bank sharded over all ranks).
+    """
+    if not _initialised() or dist.get_world_size() == 1:
+        return model
+    if experts:
+        expert_parallel(model)
+    return nn.parallel.DistributedDataParallel(model)
+
+
+def all_ranks(flag: bool) -> bool:
+    """True when ``flag`` is true on every rank (one all-reduce; ``flag`` itself in one process).
+
+    Studies use it to agree on what to do collectively, e.g. to reuse a saved run only when every
+    rank sees it, so that no rank trains (a collective) alone.
+    """
+    if not _initialised() or dist.get_world_size() == 1:
+        return flag
+    value = torch.tensor([int(flag)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item())
 
 
 # ----------------------------------------------------------------------------- torch.distributed.checkpoint

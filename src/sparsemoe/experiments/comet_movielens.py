@@ -15,6 +15,8 @@ cost this machine can pay for ~650 trials.
 from __future__ import annotations
 
 import functools
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,9 @@ import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
 from ..data import MovieLens, data_dir, load_movielens, movielens
+from ..distributed import all_ranks, data_parallel, join_torchrun
 from ..models import RecsysMMoE
+from .progress import console
 from .tuning import (
     PAPER_GATES,
     Problem,
@@ -82,6 +86,10 @@ class Config:
     seeds: int = field(default=5, metadata={"help": "seeds for each gate's best configuration"})
     epochs: int = field(default=60, metadata={"help": "most epochs per model (paper: 100); early stopping"})
     patience: int = field(default=10, metadata={"help": "epochs without a better val loss before stopping (paper: 25)"})
+    expert_parallel: bool = field(
+        default=False,
+        metadata={"help": "under torchrun: shard each model's experts over the ranks (data-parallel otherwise)"},
+    )
 
     def __post_init__(self) -> None:
         check_study_config(self, PAPER_GATES)
@@ -123,6 +131,8 @@ def train(settings: dict[str, Any], gate: str, params: dict[str, Any], seed: int
         local_search_steps=params.get("perm_epochs", 1) * steps_per_epoch,
         **gate_options(gate, params, settings["k"]),
     )
+    # under torchrun: DDP (the trainer gives each rank its shard of every batch); one process: model
+    net = data_parallel(model, experts=settings.get("expert_parallel", False))
     w_watch, w_rating = settings["task_weights"]
     probe = data["val"].subset(torch.arange(min(settings["probe_rows"], len(data["val"]))))
     active_per_epoch: list[float] = []
@@ -132,7 +142,7 @@ def train(settings: dict[str, Any], gate: str, params: dict[str, Any], seed: int
         if rows is None:
             logit, rating = _predict(model, part)
         else:
-            out = model(torch.stack([part.user, part.item], 1))
+            out = net(torch.stack([part.user, part.item], 1))
             logit, rating = out[0].squeeze(1), out[1].squeeze(1)
         bce = F.binary_cross_entropy_with_logits(logit, part.watched)
         seen = part.watched > 0
@@ -145,7 +155,7 @@ def train(settings: dict[str, Any], gate: str, params: dict[str, Any], seed: int
         active_per_epoch.append(active_experts(model.moe.last_routing))
 
     result = fit_trial(
-        model,
+        net,
         lambda rows: loss_on(train_split, rows) + model.aux_loss(),
         len(train_split),
         lambda: loss_on(data["val"]).item(),
@@ -170,7 +180,10 @@ def train(settings: dict[str, Any], gate: str, params: dict[str, Any], seed: int
 def settings_of(config: Config) -> dict[str, Any]:
     """The fixed settings of ``config``'s trials (quick mode shrinks the data and the epochs)."""
     epochs = min(config.epochs, QUICK_CAPS["epochs"]) if config.quick else config.epochs
-    return study_settings(config.quick, SETTINGS, QUICK, epochs=epochs, patience=config.patience)
+    settings = study_settings(config.quick, SETTINGS, QUICK, epochs=epochs, patience=config.patience)
+    if config.expert_parallel:  # only then, so that data-parallel runs share the one-process runs' keys
+        settings["expert_parallel"] = True
+    return settings
 
 
 def trial_counts(config: Config, gates: list[str]) -> dict[str, int]:
@@ -187,11 +200,23 @@ def run(config: Config) -> dict[str, Any]:
     data_dir(movielens.NAME)  # the data check, before anything (an Optuna database) is written
     seeds = min(config.seeds, QUICK_CAPS["seeds"]) if config.quick else config.seeds
     out = config.out / "quick" if config.quick else config.out
-    return run_tuning(
-        problem(settings_of(config)),
-        config.gates,
-        trial_counts(config, config.gates),
-        seeds,
-        out,
-        command_line(NAME, config),
-    )
+    rank, _ = join_torchrun()
+    if rank > 0:  # several processes: every rank runs every trial (same seeded samplers); rank 0 writes out
+        console.quiet = True
+        private = Path(tempfile.mkdtemp(prefix=f"{NAME}-rank{rank}-"))
+        if out.exists():
+            shutil.copytree(out, private, dirs_exist_ok=True)  # the saved trials, as rank 0 sees them
+        out = private
+    all_ranks(True)  # rank 0 writes nothing before every rank has its copy
+    try:
+        return run_tuning(
+            problem(settings_of(config)),
+            config.gates,
+            trial_counts(config, config.gates),
+            seeds,
+            out,
+            command_line(NAME, config),
+        )
+    finally:
+        if rank > 0:
+            shutil.rmtree(out, ignore_errors=True)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from .. import gates as gate_registry
 from ..atomic import atomic_write_text
+from ..distributed import all_ranks, data_parallel, join_torchrun
 from ..layers import MultiTaskMoE
 from ..models import MMoE
 from ..training import fit
@@ -71,6 +72,10 @@ class Config:
         },
     )
     fresh: bool = field(default=False, metadata={"help": "train every run again instead of reusing saved runs"})
+    expert_parallel: bool = field(
+        default=False,
+        metadata={"help": "under torchrun: shard each MMoE's experts over the ranks (data-parallel otherwise)"},
+    )
 
     def __post_init__(self) -> None:
         validate(self)
@@ -138,16 +143,18 @@ def train_one(gate: str, seed: int, config: dict[str, Any]) -> dict[str, Any]:
         **config["gate_kwargs"].get(gate_registry.parse(gate).name, {}),
     )
     model = MMoE(moe, config["tower_hidden"], [1] * len(TASKS))
+    # under torchrun: DDP (the trainer gives each rank its shard of every batch); one process: model
+    net = data_parallel(model, experts=config.get("expert_parallel", False))
 
-    def task_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        logits = torch.cat(model(x), dim=1)
+    def task_loss(x: torch.Tensor, y: torch.Tensor, through: torch.nn.Module = model) -> torch.Tensor:
+        logits = torch.cat(through(x), dim=1)
         return F.binary_cross_entropy_with_logits(logits, y)
 
     def batch_loss(rows: torch.Tensor) -> torch.Tensor:
-        return task_loss(data["train_x"][rows], data["train_y"][rows]) + model.aux_loss()
+        return task_loss(data["train_x"][rows], data["train_y"][rows], net) + model.aux_loss()
 
     result = fit(
-        model,
+        net,
         batch_loss,
         len(data["train_x"]),
         lambda: task_loss(data["val_x"], data["val_y"]).item(),
@@ -194,6 +201,9 @@ def run(config: Config) -> dict[str, Any]:
 
     Returns the results dict written to results.json (config, per-gate summary, every run).
     """
+    rank, world = join_torchrun()
+    writer = rank == 0  # several processes (torchrun): rank 0 writes the runs and results, every rank trains
+    console.quiet = not writer  # and rank 0 alone logs
     gate_names = list(config.gates)
     seeds, epochs = config.seed_count, config.epoch_count
     settings: dict[str, Any] = {
@@ -203,11 +213,15 @@ def run(config: Config) -> dict[str, Any]:
         "gates": gate_names,
         "quick": config.quick,
         "gate_kwargs": GATE_KWARGS,
+        "processes": world,
+        "expert_parallel": config.expert_parallel and world > 1,
     }
     out = config.out / "quick" if config.quick else config.out
-    if config.fresh:
+    if config.fresh and writer:
         RunStore(out).clear()
-    store = RunStore(out, asdict(config), selection=("quick", "out", "seeds", "gates", "fresh", "epochs"))
+    all_ranks(True)  # several processes: the others read the store after rank 0 cleared it
+    selection = ("quick", "out", "seeds", "gates", "fresh", "epochs", "expert_parallel")
+    store = RunStore(out, asdict(config) if writer else None, selection=selection)
     keys = [RunStore.key(gate=gate, seed=seed, epochs=epochs) for gate in gate_names for seed in range(seeds)]
     if note := store.reuse_note(keys, "--fresh to retrain"):
         console.print(note, soft_wrap=True)
@@ -218,10 +232,13 @@ def run(config: Config) -> dict[str, Any]:
             for seed in range(seeds):
                 key = RunStore.key(gate=gate, seed=seed, epochs=epochs)
                 record = store.get(key)
+                if not all_ranks(record is not None):  # train together unless every rank has the run
+                    record = None
                 if record is None:
                     bar.update(task, description=f"demo: {gate} (seed {seed})")
                     record = train_one(gate, seed, settings)
-                    store.put(key, record)
+                    if writer:
+                        store.put(key, record)
                     bar.console.log(
                         f"{gate} seed {seed}: mean ROC-AUC {record['mean_auc']:.4f}, "
                         f"{record['active_experts']:.2f} experts/input, {record['seconds']:.1f}s"
@@ -230,10 +247,13 @@ def run(config: Config) -> dict[str, Any]:
                 bar.advance(task)
     summary = summarise(records, gate_names)
     out = store.out_dir
+    if not writer:
+        return {"experiment": NAME, "config": settings, "summary": summary, "runs": records}
     results = {
         "experiment": NAME,
         "written": time.strftime("%Y-%m-%d %H:%M:%S"),
         "torch_threads": torch.get_num_threads(),
+        "processes": world,
         "config": settings,
         "summary": summary,
         "runs": records,
