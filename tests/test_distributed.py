@@ -510,6 +510,25 @@ def _check_resume_every_rank(rank: int, out: str) -> str:
     return "ok"
 
 
+DEMO_GATES = ["softmax", "hash"]  # gates that route each row on its own: 2 ranks = one process
+
+
+def _demo_config(out: Path, expert_parallel: bool = False) -> object:
+    from sparsemoe.experiments import demo
+
+    return demo.Config(quick=True, gates=DEMO_GATES, epochs=1, out=out, expert_parallel=expert_parallel)
+
+
+def _check_demo(rank: int, out: str) -> str:
+    """``sparsemoe demo`` under 2 processes, data-parallel then expert-parallel: rank 0 writes the results."""
+    from sparsemoe.experiments import demo
+
+    for name, ep in (("demo-dp", False), ("demo-ep", True)):
+        found = demo.run(_demo_config(Path(out, name), ep))  # type: ignore[arg-type]
+        assert found["config"]["processes"] == WORLD and found["config"]["expert_parallel"] == ep, found["config"]
+    return "ok"
+
+
 def _run(fn: Callable[[], str]) -> str:
     try:
         return fn()
@@ -535,6 +554,7 @@ def _worker(rank: int, port: int, out: str) -> None:
     results["trainer"] = _run(lambda: _check_trainer(rank, out))
     results["trainer nan on one rank"] = _run(lambda: _check_trainer_nan_on_one_rank(rank))
     results["trainer ddp resume"] = _run(lambda: _check_trainer_ddp_resume(rank, out))
+    results["demo"] = _run(lambda: _check_demo(rank, out))
     Path(out, f"rank{rank}.json").write_text(json.dumps(results))
     dist.destroy_process_group()
 
@@ -556,7 +576,7 @@ def results(spawned: Path) -> list[dict[str, str]]:
     [c[0] for c in CASES]
     + ["training", "indivisible", "checkpoint 2<->1", "ddp through hardening", "checkpoint resume per rank"]
     + ["ddp", "fsdp2", "dcp", "trainer", "trainer nan on one rank", "mismatched models"]
-    + ["trainer ddp resume"],
+    + ["trainer ddp resume", "demo"],
 )
 def test_expert_parallel_matches_unsharded(results: list[dict[str, str]], case: str) -> None:
     for rank, found in enumerate(results):
@@ -586,6 +606,24 @@ def test_dcp_checkpoint_loads_into_one_process(spawned: Path, results: list[dict
     load_checkpoint(converted, fresh)
     with torch.no_grad():
         _close(fresh(io["x"].reshape(-1, D)), io["y"].reshape(-1, 1), "safetensors converted from the 2-rank DCP")
+
+
+def test_demo_on_two_processes_matches_one(spawned: Path, results: list[dict[str, str]], tmp_path: Path) -> None:
+    """``sparsemoe demo`` on 2 ranks (DDP, and expert-parallel) scores as one process does: each rank
+    trained on half of every batch, the gradients averaged; only the one results.json per run exists."""
+    from sparsemoe.experiments import demo
+
+    assert results[0]["demo"] == "ok", results[0]["demo"]
+    torch.set_num_threads(1)
+    one = demo.run(_demo_config(tmp_path))  # type: ignore[arg-type]
+    assert one["config"]["processes"] == 1
+    for name in ("demo-dp", "demo-ep"):
+        two = json.loads((spawned / name / "quick" / "results.json").read_text())
+        assert two["processes"] == WORLD
+        assert len(list((spawned / name / "quick" / "runs").glob("*.json"))) == len(DEMO_GATES)
+        for gate in DEMO_GATES:
+            got, want = two["summary"][gate]["mean_auc"]["mean"], one["summary"][gate]["mean_auc"]["mean"]
+            assert abs(got - want) < 1e-3, f"{name} {gate}: 2 processes {got}, one process {want}"
 
 
 def test_dcp_safetensors_converters_round_trip(tmp_path: Path) -> None:
