@@ -28,6 +28,7 @@ SYNC_FREE_GATES = [
     ("hash", {"k": 2, "num_ids": 50}),
     ("topk", {"k": 2, "noisy": False, "bias_update_rate": 1e-3}),  # loads counted on the device
     ("sigmoid", {"k": 2, "num_groups": 4, "topk_groups": 2, "shared_experts": 1, "shared_gate": True}),
+    ("softmax", {}),  # dense: every (input, expert) pair, no nonzero (docs/host-syncs.md lists the gates that sync)
 ]
 
 
