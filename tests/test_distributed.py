@@ -441,6 +441,33 @@ def _check_trainer_ddp_resume(rank: int, out: str) -> str:
     return "ok"
 
 
+def _world_change_data() -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(41)
+    return torch.randn(24, D, generator=gen, dtype=torch.float64), torch.randn(24, 1, generator=gen).double()
+
+
+def _world_change_run(model: torch.nn.Module, steps: int, out: str, save: bool, resume: str | None = None) -> list[float]:
+    """A Trainer on the 24 rows in batches of 8 (sharded over the ranks when there are several)."""
+    x, t = _world_change_data()
+
+    def loss(batch: torch.Tensor) -> torch.Tensor:
+        return (model(x[batch]) - t[batch]).pow(2).mean()
+
+    saving = {"checkpoint_path": str(Path(out, "world-change.safetensors")), "checkpoint_every": 2} if save else {}
+    config = TrainConfig(steps=steps, lr=0.05, checkpoint_at_end=False, **saving)  # type: ignore[arg-type]
+    return Trainer(model, loss, RandomBatches(24, 8, seed=5), config).run(resume=resume).step_losses
+
+
+def _check_trainer_world_change(rank: int, out: str) -> str:
+    """2 ranks (expert-parallel + DDP) save at step 2 and run on to step 4 uninterrupted; the test
+    resumes the checkpoint in one process (test_resume_at_another_world_size)."""
+    _world_change_run(DistributedDataParallel(expert_parallel(_model(16))), 2, out, save=True)
+    whole = _world_change_run(DistributedDataParallel(expert_parallel(_model(16))), 4, out, save=False)
+    if rank == 0:
+        Path(out, "world-change.json").write_text(json.dumps(whole))
+    return "ok"
+
+
 def _check_trainer_nan_on_one_rank(rank: int) -> str:
     """A non-finite loss on rank 1 only: both ranks still run that step's backward (the exchanges are
     collective: breaking off on rank 1 alone hangs rank 0 until the timeout), skip it (nan_policy='skip')
@@ -555,6 +582,7 @@ def _worker(rank: int, port: int, out: str) -> None:
     results["trainer nan on one rank"] = _run(lambda: _check_trainer_nan_on_one_rank(rank))
     results["trainer ddp resume"] = _run(lambda: _check_trainer_ddp_resume(rank, out))
     results["demo"] = _run(lambda: _check_demo(rank, out))
+    results["trainer world change"] = _run(lambda: _check_trainer_world_change(rank, out))
     Path(out, f"rank{rank}.json").write_text(json.dumps(results))
     dist.destroy_process_group()
 
@@ -576,7 +604,7 @@ def results(spawned: Path) -> list[dict[str, str]]:
     [c[0] for c in CASES]
     + ["training", "indivisible", "checkpoint 2<->1", "ddp through hardening", "checkpoint resume per rank"]
     + ["ddp", "fsdp2", "dcp", "trainer", "trainer nan on one rank", "mismatched models"]
-    + ["trainer ddp resume", "demo"],
+    + ["trainer ddp resume", "demo", "trainer world change"],
 )
 def test_expert_parallel_matches_unsharded(results: list[dict[str, str]], case: str) -> None:
     for rank, found in enumerate(results):
@@ -606,6 +634,17 @@ def test_dcp_checkpoint_loads_into_one_process(spawned: Path, results: list[dict
     load_checkpoint(converted, fresh)
     with torch.no_grad():
         _close(fresh(io["x"].reshape(-1, D)), io["y"].reshape(-1, 1), "safetensors converted from the 2-rank DCP")
+
+
+def test_resume_at_another_world_size(spawned: Path, results: list[dict[str, str]]) -> None:
+    """A Trainer checkpoint of 2 expert-parallel ranks resumes in one process: the global batches go on
+    in the same order (the one process takes whole batches), the experts load unsharded, and the
+    losses equal the uninterrupted 2-rank run's (same weights and Adam state, same rows)."""
+    assert results[0]["trainer world change"] == "ok", results[0]["trainer world change"]
+    whole = json.loads((spawned / "world-change.json").read_text())
+    resumed = _world_change_run(_model(17), 4, str(spawned), save=False, resume=str(spawned / "world-change.safetensors"))
+    assert len(resumed) == 2
+    _close(torch.tensor(resumed), torch.tensor(whole[2:]), "steps 3-4 resumed in 1 process vs 2 ranks")
 
 
 def test_demo_on_two_processes_matches_one(spawned: Path, results: list[dict[str, str]], tmp_path: Path) -> None:

@@ -247,6 +247,9 @@ class Trainer:
         if self.world > 1 and not isinstance(data, ShardedBatches):
             data = data.shard(self.rank, self.world)  # each rank its own rows
         self.model, self.loss_fn, self.data, self.config = model, loss, data, config
+        # the weights as saved and selected: a DDP wrapper's module, so that a checkpoint's keys do not
+        # depend on the wrapper (it resumes in one process, at another world size, or into DDP again)
+        self._stored = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
         self.evaluate_fn = evaluate
         self.callbacks = [c for c in callbacks if self.rank == 0 or c.every_rank]  # logs on rank 0 alone
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -310,6 +313,31 @@ class Trainer:
         for c in self.callbacks:
             c.on_train_start(self)
         self.model.train()
+        try:
+            self._loop()
+        except RuntimeError as err:
+            if self.world == 1:
+                raise
+            kept = (
+                f"the last checkpoint is {cfg.checkpoint_path} (step {self._last_saved}); resume every rank from it"
+                if cfg.checkpoint_path is not None and self._last_saved >= 0
+                else "no checkpoint was written"
+            )
+            raise RuntimeError(
+                f"rank {self.rank} of {self.world} stopped after {self.step} steps: {str(err).splitlines()[0]} "
+                f"(when another rank exits or hangs, the collectives fail at once or after the process group's "
+                f"timeout); {kept}"
+            ) from err
+        if self.evaluate_fn is not None and self._evaluated_at != self.step:
+            self._evaluate()  # the final weights are always evaluated once
+        self.finished = True
+        if cfg.checkpoint_path is not None and cfg.checkpoint_at_end:
+            self._save()  # the finished state: resuming from it trains nothing
+        return self._finish()
+
+    def _loop(self) -> None:
+        """The epochs and steps of :meth:`run`, until the budget is spent or training stops early."""
+        cfg = self.config
         while not self.finished and not self._budget_spent():
             batches = self.data.epoch(self.epoch)
             if len(batches) == 0:
@@ -330,12 +358,6 @@ class Trainer:
                     c.on_epoch_end(self)
                 if not self.finished:
                     self.epoch, self.position = self.epoch + 1, 0
-        if self.evaluate_fn is not None and self._evaluated_at != self.step:
-            self._evaluate()  # the final weights are always evaluated once
-        self.finished = True
-        if cfg.checkpoint_path is not None and cfg.checkpoint_at_end:
-            self._save()  # the finished state: resuming from it trains nothing
-        return self._finish()
 
     def _budget_spent(self) -> bool:
         cfg = self.config
@@ -441,7 +463,7 @@ class Trainer:
                     self.epoch,
                     index,
                 )
-                self._best_state = copy.deepcopy(self.model.state_dict())
+                self._best_state = copy.deepcopy(self._stored.state_dict())
             if cfg.patience is not None and self.best_index != index and index - self.best_index >= cfg.patience:
                 self.stopped_early = self.finished = True
         for c in self.callbacks:
@@ -459,7 +481,7 @@ class Trainer:
                     f"no evaluation gave a finite {cfg.metric} (evaluated at steps {steps}): the model diverged or "
                     "the evaluation is broken; the initial weights are not a trained model"
                 )
-            self.model.load_state_dict(self._best_state)
+            self._stored.load_state_dict(self._best_state)
         self.model.eval()
         result = TrainResult(
             best_value=self.best_value,
@@ -503,7 +525,7 @@ class Trainer:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         save_checkpoint(  # several processes: every rank saves its RNG states, rank 0 writes the file
             path,
-            self.model,
+            self._stored,
             self.optimizer,
             scheduler=self.scheduler,
             step=self.step,
@@ -519,13 +541,15 @@ class Trainer:
         if "data" not in written or "train" not in written:
             raise ValueError(f"cannot resume from {resume}: it was not written by sparsemoe.training.Trainer")
         mine = self.data.describe()
-        for key in sorted((set(written["data"]) | set(mine)) - {"rank"}):  # one file for every rank
+        # one file for every rank and any number of ranks: the global batches go on in the same order,
+        # split over this run's ranks (docs/failure-modes.md: resuming at another world size)
+        for key in sorted((set(written["data"]) | set(mine)) - {"rank", "world"}):
             if written["data"].get(key) != mine.get(key):
                 raise ValueError(
                     f"cannot resume from {resume}: it was written with {key}={written['data'].get(key)!r}, "
                     f"this run has {key}={mine.get(key)!r} (the data order would differ)"
                 )
-        saved = load_checkpoint(resume, self.model, self.optimizer, scheduler=self.scheduler)
+        saved = load_checkpoint(resume, self._stored, self.optimizer, scheduler=self.scheduler)
         loop = saved["state"]
         self.step, self.epoch, self.position = saved["step"], loop["epoch"], loop["position"]
         self._window, self._window_steps = loop["window"], loop["window_steps"]
@@ -533,7 +557,7 @@ class Trainer:
         self.best_value, self.best_step, self.best_epoch, self.best_index = loop["best"]
         self._seconds_before, self._cpu_before = loop["seconds"], loop["cpu_seconds"]
         self.stopped_early, self.finished = loop["stopped_early"], loop["finished"]
-        current = self.model.state_dict()
+        current = self._stored.state_dict()
         best: dict[str, torch.Tensor] = {}
         for key, value in saved["tensors"].items():
             if key.startswith("best."):
