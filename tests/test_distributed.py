@@ -446,7 +446,9 @@ def _world_change_data() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(24, D, generator=gen, dtype=torch.float64), torch.randn(24, 1, generator=gen).double()
 
 
-def _world_change_run(model: torch.nn.Module, steps: int, out: str, save: bool, resume: str | None = None) -> list[float]:
+def _world_change_run(
+    model: torch.nn.Module, steps: int, out: str, save: bool, resume: str | None = None
+) -> list[float]:
     """A Trainer on the 24 rows in batches of 8 (sharded over the ranks when there are several)."""
     x, t = _world_change_data()
 
@@ -642,7 +644,9 @@ def test_resume_at_another_world_size(spawned: Path, results: list[dict[str, str
     losses equal the uninterrupted 2-rank run's (same weights and Adam state, same rows)."""
     assert results[0]["trainer world change"] == "ok", results[0]["trainer world change"]
     whole = json.loads((spawned / "world-change.json").read_text())
-    resumed = _world_change_run(_model(17), 4, str(spawned), save=False, resume=str(spawned / "world-change.safetensors"))
+    resumed = _world_change_run(
+        _model(17), 4, str(spawned), save=False, resume=str(spawned / "world-change.safetensors")
+    )
     assert len(resumed) == 2
     _close(torch.tensor(resumed), torch.tensor(whole[2:]), "steps 3-4 resumed in 1 process vs 2 ranks")
 
