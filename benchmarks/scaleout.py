@@ -142,36 +142,38 @@ def measure(world: int, ep: bool, steps: int, rounds: int, scratch: Path) -> lis
     return found
 
 
-def render(rows: list[tuple[str, list[dict[str, float]]]], steps: int, rounds: int, load: float, seconds: float) -> str:
+def render(rows: list[tuple[str, float, list[dict[str, float]]]], steps: int, rounds: int, seconds: float) -> str:
+    """The markdown report; ``rows``: (set-up, load average per core before it, per-rank results)."""
     info = machine_info()
     shape = SHAPE
-    base = statistics.fmean(r["steps_per_s"] for r in rows[0][1])
+    base = statistics.fmean(r["steps_per_s"] for r in rows[0][2])
     lines = [
         "# Scale-out benchmark: one training step of a small MoE model on 1 and 2 processes",
         "",
         f"Produced by `python -m benchmarks.scaleout --steps {steps} --rounds {rounds}` in {seconds:.0f} s on "
-        f"{info['cpu']} ({info['cores']} cores, shared), torch {info['torch']}, one thread per process, gloo; "
-        f"load average per core before the run {load:.2f}. See the module doc of `benchmarks/scaleout.py`.",
+        f"{info['cpu']} ({info['cores']} cores, shared), torch {info['torch']}, one thread per process, gloo. "
+        "See the module doc of `benchmarks/scaleout.py`.",
         "",
         f"Model: Linear({shape['d']}, {shape['d']}) -> MoE({shape['d']}, {shape['hidden']}, {shape['experts']} "
         f"experts, top-2, MLP) -> Linear({shape['d']}, 1), float32; global batch {shape['batch']} rows "
         "(split evenly over the processes); Adam.",
         "",
         "| set-up | steps/s (rank 0) | steps/s (slowest rank) | speed-up vs 1 process | "
-        "communication share (rank 0) | communication share (max over ranks) |",
-        "|---|---|---|---|---|---|",
+        "communication share (rank 0) | communication share (max over ranks) | load average per core before |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for name, found in rows:
+    for name, load, found in rows:
         slowest = min(r["steps_per_s"] for r in found)
         lines.append(
             f"| {name} | {found[0]['steps_per_s']:.1f} | {slowest:.1f} | {slowest / base:.2f}x | "
-            f"{100 * found[0]['comm_share']:.0f}% | {100 * max(r['comm_share'] for r in found):.0f}% |"
+            f"{100 * found[0]['comm_share']:.0f}% | {100 * max(r['comm_share'] for r in found):.0f}% | {load:.2f} |"
         )
     lines += [
         "",
         "Communication share: seconds inside `all_to_all_single`/`all_reduce` (waiting for the other rank "
-        "included) over the step time. With 2 cores shared with other users, the two processes also compete "
-        "for cores, so the 2-process figures are a floor of what two dedicated cores give.",
+        "included) over the step time. The set-ups run one after another on a machine shared with other users: "
+        "a load average per core above 1 means processes waited for a core, which slows the 2-process set-ups "
+        "most (their ranks wait for each other) and makes the speed-ups uncertain between runs.",
         "",
     ]
     return "\n".join(lines)
@@ -186,10 +188,10 @@ def main(argv: list[str] | None = None) -> Path:
     if args.steps < 1 or args.rounds < 1:
         parser.error("--steps and --rounds must be at least 1")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    load, start = load_per_core(), time.perf_counter()
+    start = time.perf_counter()
     scratch = args.out.resolve().parent
-    rows = [(name, measure(world, ep, args.steps, args.rounds, scratch)) for name, world, ep in SETUPS]
-    text = render(rows, args.steps, args.rounds, load, time.perf_counter() - start)
+    rows = [(name, load_per_core(), measure(world, ep, args.steps, args.rounds, scratch)) for name, world, ep in SETUPS]
+    text = render(rows, args.steps, args.rounds, time.perf_counter() - start)
     atomic_write_text(args.out, text)
     print(text)
     return args.out
