@@ -44,6 +44,7 @@ own RNG states and buffers; ``torch.distributed.checkpoint`` saves the shards as
 
 from __future__ import annotations
 
+import io
 import os
 import sys
 from collections.abc import Iterator
@@ -353,13 +354,20 @@ def average_replicated_gradients(model: nn.Module, group: ProcessGroup | None = 
 
 
 # ----------------------------------------------------------------------------- running a study under torchrun
+class _Discard(io.TextIOBase):
+    """A text stream that drops what is written (the ``stdout`` of ranks other than 0)."""
+
+    def write(self, text: str) -> int:
+        return len(text)
+
+
 def join_torchrun() -> tuple[int, int]:
     """Join the default process group that ``torchrun`` describes; returns ``(rank, world size)``.
 
     Already initialised: that group. Else without ``WORLD_SIZE > 1`` in the environment (a plain
     run) it does nothing and returns ``(0, 1)``.
     The backend is NCCL when CUDA is available, else gloo (each rank then uses ``cuda:LOCAL_RANK``).
-    Ranks other than 0 print nothing afterwards (their ``stdout`` goes to ``os.devnull``): rank 0
+    Ranks other than 0 print nothing afterwards (their ``stdout`` is discarded): rank 0
     reports, and the results it writes are the run's.
     """
     if not _initialised():
@@ -371,7 +379,7 @@ def join_torchrun() -> tuple[int, int]:
         dist.init_process_group("nccl" if cuda else "gloo")
     rank = dist.get_rank()
     if rank != 0:
-        sys.stdout = open(os.devnull, "w")  # noqa: SIM115  # reason: for the rest of the process
+        sys.stdout = _Discard()  # for the rest of the process
     return rank, dist.get_world_size()
 
 
