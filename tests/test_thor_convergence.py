@@ -74,7 +74,8 @@ def test_quick_run_end_to_end_writes_the_promised_files_and_resumes(
 
 
 def _tiny(**changes: Any) -> tc.Config:
-    return tc.effective(replace(tc.Config(quick=True, out=Path("unused")), **changes))
+    """The quick run's settings with ``changes`` applied after quick mode has set its own."""
+    return replace(tc.effective(tc.Config(quick=True, out=Path("unused"))), **changes)
 
 
 def test_dense_rdrop_loss_is_two_ces_plus_alpha_symmetric_kl_of_two_dropout_passes() -> None:
@@ -191,3 +192,18 @@ def test_bad_settings_name_the_option() -> None:
         tc.Config(seeds=[0, 0])
     with pytest.raises(ConfigError, match="thor_mode"):
         tc.Config(thor_mode="fixed")
+
+
+@needs_data("multi30k")
+def test_an_interrupted_run_resumes_exactly_from_its_checkpoint(tmp_path: Path) -> None:
+    c = _tiny(out=tmp_path, metric="val_ce", max_updates=12, eval_every=4, checkpoint_every=5)
+    corpus = tm._corpus(tc.base_config(c, "thor"))
+    ckpt = tmp_path / "ckpt.safetensors"
+    straight = tc.train_run(c, corpus, "thor", 0, ckpt)  # leaves the checkpoint of update 10 behind
+    assert ckpt.exists()
+    resumed = tc.train_run(c, corpus, "thor", 0, ckpt)  # starts again from update 10
+    assert [p["step"] for p in resumed["history"]] == [4, 8, 12]
+    for a, b in zip(straight["history"], resumed["history"], strict=True):
+        assert (a["train_loss"], a["val_ce"]) == pytest.approx((b["train_loss"], b["val_ce"]), rel=1e-6)
+    assert (resumed["best_update"], resumed["test_bleu"]) == (straight["best_update"], straight["test_bleu"])
+    assert resumed["divergence"]["weight_distance"] == pytest.approx(straight["divergence"]["weight_distance"])

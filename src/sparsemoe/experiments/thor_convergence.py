@@ -41,8 +41,9 @@ the mean ± std intervals do not overlap, else "inconclusive".
 ``checkpoint_every`` updates to its own file and resumes exactly from it. Processes may share one
 ``--out`` as long as they train different runs, e.g. one per ``--systems thor --seeds 0``: run files
 and checkpoints are per run, the tokenizer cache is written under a private name and renamed, the
-settings check (``runs/.config``) only ever rewrites identical content, and each process rebuilds the
-tables from every finished run at its end (the last one to finish writes the complete tables; a
+settings check (``runs/.config``) is recorded by the first process and refuses a process with other
+settings; give no two processes the same (system, seed): they would share its checkpoint. Each
+process rebuilds the tables from every finished run at its end (the last one to finish writes the complete tables; a
 final call with every system, which trains nothing, does it too). ``--seeds 0`` means seed 0 only;
 ``--seeds 0 1`` two seeds.
 
@@ -91,12 +92,6 @@ RECIPES: dict[str, tuple[float, float, int, str]] = {
     "official": (0.3, 1e-4, 800, "inverse-sqrt"),
     "thor-multi30k": (0.1, 0.0, 300, "cosine"),
 }
-#: the budget plan, from the measured one-thread cost of 100 updates per system (see the module
-#: docstring); filled in from ``--time-updates`` output, in seconds per update
-PLAN = (
-    "Budget plan: 4 systems x 2 seeds = 8 runs (thor_4experts optional), each capped at 4,000 updates; "
-    "see the module docstring's cost table for seconds per update."
-)
 
 
 @dataclass
@@ -403,19 +398,17 @@ def train_run(c: Config, corpus: Corpus, system: str, seed: int, ckpt: Path) -> 
     }
 
 
-def time_updates(c: Config, systems: list[str], updates: int = 100) -> dict[str, float]:
-    """Seconds per training update of each system (no evaluation), for the budget plan."""
-    corpus = tm._corpus(base_config(c, systems[0]))
+def time_updates(c: Config, system: str, updates: int = 100) -> dict[str, float]:
+    """Wall and CPU seconds per training update of ``system`` (no evaluation), for the budget plan;
+    CPU seconds are the one-thread cost even on a busy machine."""
+    corpus = tm._corpus(base_config(c, system))
     timed = replace(c, max_updates=updates, eval_every=updates + 1, checkpoint_every=updates + 1)
-    seconds = {}
-    for system in systems:
-        ckpt = c.out / "timing" / f"{system}.safetensors"
-        _, trainer = make_trainer(timed, corpus, system, 0, ckpt, [])
-        start = time.perf_counter()
-        trainer.run()
-        seconds[system] = (time.perf_counter() - start) / updates
-        ckpt.unlink(missing_ok=True)
-    return seconds
+    ckpt = c.out / "timing" / f"{system}.safetensors"
+    _, trainer = make_trainer(timed, corpus, system, 0, ckpt, [])
+    wall, cpu = time.perf_counter(), time.process_time()
+    trainer.run()
+    ckpt.unlink(missing_ok=True)
+    return {"wall": (time.perf_counter() - wall) / updates, "cpu": (time.process_time() - cpu) / updates}
 
 
 # ------------------------------------------------------------------------------------------- study
@@ -450,7 +443,6 @@ def run(config: Config) -> dict[str, Any]:
         "quick": c.quick,
         "config": _settings(c),
         "sacrebleu_signature": signature,
-        "plan": PLAN,
         "summary": by_system,
         "verdicts": verdicts,
         "runs": runs,
