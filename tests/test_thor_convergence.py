@@ -170,6 +170,7 @@ def test_summary_schema_and_system_order() -> None:
             "test_bleu": bleu,
             "best_update": best,
             "train_seconds": 1800.0,
+            "train_cpu_seconds": 1700.0,
             "capped": best == 4000,
             "inference_mode": "deterministic",
             "agreement": {"kl_dropout": 0.1},

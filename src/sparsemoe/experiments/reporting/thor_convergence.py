@@ -32,6 +32,7 @@ def summaries(runs: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any
             "seeds": sorted(r["seed"] for r in rs),
             "best_update": by_system[system]["best_update"]["mean"],
             "train_hours": sum(hours),
+            "train_cpu_hours": sum(r["train_cpu_seconds"] for r in rs) / 3600,
             "params": rs[0]["params"]["total"],
             "active_params_per_token": rs[0]["params"]["active_per_token"],
             "best_updates": [r["best_update"] for r in rs],
