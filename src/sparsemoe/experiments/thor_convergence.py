@@ -53,14 +53,14 @@ final call with every system, which trains nothing, does it too). ``--seeds 0`` 
 **Cost and plan.** :func:`time_updates` on the full-size models, official recipe, one thread
 (``OMP_NUM_THREADS=1``), CPU seconds per update on the shared 2-core machine (load about 8, so
 somewhat pessimistic): dense 1.58 (100 updates), switch 1.68 (40), dense_rdrop 3.06 (30), thor 3.00
-(40), thor_4experts THOR4 (20). (The issue's figures for the old recipe, evaluation included: 1.16-1.61
+(40), thor_4experts 3.58 (20). (The issue's figures for the old recipe, evaluation included: 1.16-1.61
 for dense/Switch, 2.5-2.6 for THOR.) Evaluation: about 15 s per validation point (9 per run) and
 about 3 min at the end of a run (test beam 5, agreement, divergence; estimated from the old study's
 ``eval_seconds``), about 5 min per run. Default study: 4 systems x 2 seeds = 8 runs; at the cap
 every run costs 3,600 x (1.58 + 1.68 + 3.06 + 3.00) = 9.3 CPU-hours per seed, 18.6 for two, plus
 0.7 for evaluation: 19.3 CPU-hours if every run hits the cap, under the 20-hour budget; early
 stopping only lowers it. A third seed (another 9.7 hours) does not fit; ``thor_4experts`` (about
-3 hours per seed at the cap) only if early stopping leaves that much. On two cores run two
+3.6 hours per seed at the cap) only if early stopping leaves that much. On two cores run two
 processes on the same ``--out``, balanced at about 9.5 hours each:
 ``--systems thor dense`` and ``--systems dense_rdrop switch``; then ``--systems thor_4experts --seeds 0``
 if time remains; a final call with every system trains nothing and writes the combined tables.
