@@ -436,7 +436,7 @@ def run(config: Config) -> dict[str, Any]:
     """Train every (system, seed) not yet saved, then rebuild results.json, summary.json, table.md, curves.png."""
     c = effective(config)
     corpus = tm._corpus(base_config(c, c.systems[0]))
-    store = RunStore(c.out, _settings(c), selection=("quick", "out", "seeds", "systems", "thor_mode"))
+    store = RunStore(c.out, _settings(c), selection=("quick", "out", "seeds", "systems"))
     keys = [store.key(system=s, seed=seed) for s in c.systems for seed in c.seeds]
     if note := store.reuse_note(keys, "pass a new --out (or delete that folder) to retrain"):
         console.print(note, soft_wrap=True)
