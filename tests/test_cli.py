@@ -73,7 +73,8 @@ SEEDED = ("comet-movielens", "comet-multimnist", "gate-saturation", "moebert-sst
 def test_every_command_names_the_flag_not_the_config_field(
     command: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert {*SEEDED, "comet-tuning"} == set(EXPERIMENTS)  # comet-tuning reads the comet-movielens studies
+    # comet-tuning reads the comet-movielens studies; thor-convergence's --seeds lists seed ids
+    assert {*SEEDED, "comet-tuning", "thor-convergence"} == set(EXPERIMENTS)
     assert main([*command, "--seeds", "0", "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("sparsemoe: error: argument --seeds: must be") and err.count("\n") == 1, err
@@ -98,6 +99,7 @@ def test_an_out_inside_a_file_is_a_one_line_error(
         ("comet-multimnist", "mnist-5k"),
         ("comet-tuning", "movielens-100k"),
         ("thor-multi30k", "multi30k"),
+        ("thor-convergence", "multi30k"),
     ],
 )
 def test_nothing_is_written_before_the_data_check_passes(
