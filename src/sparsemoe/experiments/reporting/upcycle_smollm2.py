@@ -71,8 +71,8 @@ def render(results: dict[str, Any]) -> str:
                 f"{s['val_ppl_before']:.3f}",
                 after,
                 s["seeds"],
-                f"{s["params"] / 1e6:.3f}M",
-                f"{s["active_params_per_token"] / 1e6:.3f}M",
+                f"{s['params'] / 1e6:.3f}M",
+                f"{s['active_params_per_token'] / 1e6:.3f}M",
                 f"{s['tokens_per_second']:.0f}",
             ]
         )
