@@ -204,7 +204,7 @@ def load_model(name: str) -> tuple[nn.Module, Any]:
     if name == "tiny":
         return tiny_model()
     model, tokenizer = load_causal_lm(smollm2_path() if name == "smollm2" else name)
-    return model.float(), tokenizer
+    return model, tokenizer  # a GGUF model is dequantised to float32 already (and refuses .float())
 
 
 def count_params(model: nn.Module) -> tuple[int, int]:
