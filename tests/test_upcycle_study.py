@@ -11,11 +11,11 @@ import torch
 
 pytest.importorskip("transformers")
 
-from conftest import needs_data  # noqa: E402
+from sparsemoe.experiments import upcycle_smollm2 as study
+from sparsemoe.experiments.config import ConfigError
+from sparsemoe.experiments.upcycle_smollm2 import Config, run
 
-from sparsemoe.experiments import upcycle_smollm2 as study  # noqa: E402
-from sparsemoe.experiments.config import ConfigError  # noqa: E402
-from sparsemoe.experiments.upcycle_smollm2 import Config, run  # noqa: E402
+from conftest import needs_data
 
 SUMMARY_KEYS = {
     "val_ppl",
@@ -118,5 +118,7 @@ def test_smollm2_loads_upcycles_and_trains_a_step(tmp_path: Path) -> None:
     config = Config(layers=[0, 15])
     model = study.build_system(dense, "topk_copy", config, seed=0)
     assert study.perplexity(model, rows, batch_size=2) == pytest.approx(before, rel=1e-4)
-    record = study.train_one(dense, {"train": rows, "val": rows}, "sigmoid_copy", 0, Config(steps=1, batch_size=2, seq_len=32, layers=[0]))
+    record = study.train_one(
+        dense, {"train": rows, "val": rows}, "sigmoid_copy", 0, Config(steps=1, batch_size=2, seq_len=32, layers=[0])
+    )
     assert record["val_ppl_before"] == pytest.approx(before, rel=1e-4) and record["tokens_per_second"] > 0

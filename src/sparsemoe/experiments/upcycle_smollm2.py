@@ -55,7 +55,7 @@ from ..data import multi30k as m30k
 from ..data import sst2
 from ..data._paths import data_dir
 from ..layers import aux_loss, moe_layers
-from ..training import RandomBatches, TrainConfig, Trainer
+from ..training import Callback, RandomBatches, TrainConfig, Trainer
 from .config import ConfigError, validate
 from .progress import console, progress
 from .reporting import upcycle_smollm2 as report
@@ -242,11 +242,40 @@ def build_system(dense: nn.Module, system: str, config: Config, seed: int) -> nn
     if system == "dense":
         return model
     gate, init = SYSTEM_SPECS[system]
-    blocks = model.config.num_hidden_layers
+    hf_config: Any = getattr(model, "config", None)
+    blocks = int(hf_config.num_hidden_layers)
     layers = config.layers if config.layers is not None else list(range(0, blocks, 2))
     return upcycle(
-        model, config.num_experts, config.k, gate=gate, layers=layers, init=init, drop_ratio=config.drop_ratio, seed=seed
+        model,
+        config.num_experts,
+        config.k,
+        gate=gate,
+        layers=layers,
+        init=init,
+        drop_ratio=config.drop_ratio,
+        seed=seed,
     )
+
+
+class StepClock(Callback):
+    """CPU seconds of every training step (``seconds``), each also logged: the study's cost estimate."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.seconds: list[float] = []
+        self._last = 0.0
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        self._last = time.process_time()
+
+    def on_step_end(self, trainer: Trainer) -> None:
+        now = time.process_time()
+        self.seconds.append(now - self._last)
+        self._last = now
+        console.print(
+            f"{self.label}: step {trainer.step}, {self.seconds[-1]:.2f} CPU s, loss {trainer.last_loss:.4f}",
+            soft_wrap=True,
+        )
 
 
 def train_one(
@@ -272,9 +301,11 @@ def train_one(
         warmup_steps=config.warmup_steps,
         clip_norm=1.0,
     )
-    trainer = Trainer(model, loss, RandomBatches(len(train_rows), config.batch_size, seed), train_config)
-    trainer.run()
-    seconds = trainer.seconds
+    clock = StepClock(system)
+    trainer = Trainer(
+        model, loss, RandomBatches(len(train_rows), config.batch_size, seed), train_config, callbacks=[clock]
+    )
+    result = trainer.run()
     tokens = config.steps * config.batch_size * config.seq_len
     after = perplexity(model, data["val"], config.batch_size)
     return {
@@ -285,9 +316,11 @@ def train_one(
         "params": params,
         "active_params_per_token": active,
         "train_tokens": tokens,
-        "train_seconds": seconds,
-        "tokens_per_second": tokens / seconds,
-        "losses": [float(x) for x in trainer.step_losses],
+        "train_seconds": result.seconds,
+        "train_cpu_seconds": result.cpu_seconds,
+        "tokens_per_second": tokens / result.cpu_seconds,
+        "step_cpu_seconds": clock.seconds,
+        "losses": [float(x) for x in result.step_losses],
     }
 
 
@@ -323,8 +356,11 @@ def run(config: Config) -> dict[str, Any]:
         "experiment": NAME,
         "command": f"sparsemoe reproduce {NAME}" + (" --quick" if config.quick else ""),
         "written": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-        "config": {**{k: v for k, v in asdict(c).items() if k != "out"}, "train_tokens": c.steps * c.batch_size * c.seq_len,
-                   "threads": torch.get_num_threads()},
+        "config": {
+            **{k: v for k, v in asdict(c).items() if k != "out"},
+            "train_tokens": c.steps * c.batch_size * c.seq_len,
+            "threads": torch.get_num_threads(),
+        },
         "summary": summary,
         "runs": runs,
     }

@@ -104,7 +104,9 @@ def plot(results: dict[str, Any], path: Path) -> None:
             left.plot(range(1, len(r["losses"]) + 1), r["losses"], color=f"C{i}", lw=1, alpha=0.7,
                       label=system if j == 0 else None)  # fmt: skip
         s = results["summary"][system]
-        right.bar(i - 0.2, s["val_ppl_before"], width=0.4, color=f"C{i}", alpha=0.35, label="before" if i == 0 else None)
+        right.bar(
+            i - 0.2, s["val_ppl_before"], width=0.4, color=f"C{i}", alpha=0.35, label="before" if i == 0 else None
+        )
         right.bar(i + 0.2, s["val_ppl"], width=0.4, yerr=s["val_ppl_std"], color=f"C{i}",
                   label="after" if i == 0 else None)  # fmt: skip
     left.set_xlabel("training step")
