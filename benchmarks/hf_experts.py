@@ -61,10 +61,13 @@ QUICK = HFExpertsConfig(tokens=512, d_model=64, d_hidden=128, repeats=3, min_tim
 
 
 def hf_experts(cfg: HFExpertsConfig) -> Section:
-    """Forward and forward+backward time of each experts implementation, and its ratio to ``eager``.
+    """The benchmark's section of RESULTS.md (see :func:`measure`)."""
+    return measure(cfg)[0]
 
-    Also checks that each implementation's output equals eager's (max abs difference in the text).
-    """
+
+def measure(cfg: HFExpertsConfig) -> tuple[Section, dict[str, float]]:
+    """Forward and forward+backward time of each experts implementation, and its ratio to ``eager``;
+    and each implementation's max abs output difference from eager's (also in the table)."""
     modules = experts_modules(cfg.d_model, cfg.d_hidden, cfg.experts)
     generator = torch.Generator().manual_seed(1)
     hidden = torch.randn(cfg.tokens, cfg.d_model, generator=generator)
@@ -117,7 +120,7 @@ def hf_experts(cfg: HFExpertsConfig) -> Section:
             rows,
         )
     )
-    return Section("Hugging Face experts backend", body)
+    return Section("Hugging Face experts backend", body), diffs
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -132,7 +135,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     cfg = HFExpertsConfig(args.tokens, args.d_model, args.d_hidden, args.experts, args.k, args.repeats)
-    print(hf_experts(cfg).body + f"\n({args.threads} thread(s), CPU)")
+    section, diffs = measure(cfg)
+    for name, diff in diffs.items():
+        print(f"max |{name} - eager| = {diff:.2e}")
+    print("\n" + section.body + f"\n({args.threads} thread(s), CPU)")
 
 
 if __name__ == "__main__":

@@ -55,7 +55,7 @@ def reading(results: dict[str, Any]) -> str:
             f"- {system}: {s['val_ppl_before']:.3f} before, {s['val_ppl']:.3f} ± {s['val_ppl_std']:.3f} after: "
             f"{verdict}; {s['params'] / base['params']:.2f}x the parameters, "
             f"{s['active_params_per_token'] / base['active_params_per_token']:.2f}x the active parameters per token, "
-            f"{s['tokens_per_second'] / base['tokens_per_second']:.2f}x dense's training tokens/s."
+            f"{s['tokens_per_second'] / base['tokens_per_second']:.2f}x dense's training tokens per CPU second."
         )
     return "\n".join(lines) + "\n"
 
@@ -84,9 +84,18 @@ def render(results: dict[str, Any]) -> str:
         f"{cfg['seq_len']} tokens), Adam lr {cfg['lr']:g} with {cfg['warmup_steps']} warm-up steps, "
         f"{cfg['threads']} thread(s); upcycled: {layers}, {cfg['num_experts']} experts, k = {cfg['k']} "
         f"(Drop-Upcycling ratio {cfg['drop_ratio']:g}). Validation perplexity on {cfg['val_tokens']:,} held-out "
-        "tokens (mean ± std over seeds).\n\n"
+        "tokens (mean ± std over seeds). Speed is training tokens per CPU second of the process (with one thread, "
+        "the speed on a core of its own, whatever else the machine runs).\n\n"
         + markdown_table(
-            ["system", "val ppl before", "val ppl after", "seeds", "params", "active params / token", "train tokens/s"],
+            [
+                "system",
+                "val ppl before",
+                "val ppl after",
+                "seeds",
+                "params",
+                "active params / token",
+                "train tokens / CPU s",
+            ],
             rows,
         )
         + "\nReading:\n\n"
