@@ -32,9 +32,23 @@ rows of 128 tokens, 8 rows per step (1,024 tokens), for 200 steps (204,800 token
 a system's weights are trained (embeddings included), so the comparison is continued training of
 the whole model in each case.
 
-Cost, measured with ``--steps 20 --seeds 1 --val-tokens 4096`` on the real model with
-``OMP_NUM_THREADS=1`` (a 2-core machine shared with other jobs, so the numbers are upper-ish):
-see ``COST`` below and the lead's notes; the full plan is 4 systems x 2 seeds = 8 runs.
+Cost, measured on the real model with ``sparsemoe reproduce upcycle-smollm2 --steps 5 --seeds 1
+--val-tokens 1024 --warmup-steps 1`` (one thread, ``OMP_NUM_THREADS=1``; CPU seconds per step of
+1,024 tokens from the per-step clock, which a machine busy with other jobs does not inflate; 5 steps
+per system rather than 20 because the shared machine gave this process about a third of a core):
+dense 10.9-12.3 s (88 tokens per CPU second), ``topk_copy`` 15.0-15.8 s (66), ``topk_drop``
+14.6-15.3 s (68), ``sigmoid_copy`` 14.4-16.2 s (68); peak resident memory 7.6 GB (the dense model
+kept for copying, one system and its Adam state). At the default 200 steps that is about 38 min of
+training per dense run and about 52 min per upcycled run, plus two validation passes over 16,384
+tokens (about 2-3 min) and, once per process, the GGUF load and corpus tokenisation (about 1
+CPU-minute): within the hour per run. The full study, 4 systems x 2 seeds = 8 runs, is about 2 x 0.7
++ 6 x 0.95 = 7 CPU-hours; on a 2-core machine run two processes on the same ``--out`` (e.g.
+``--systems dense topk_copy`` and ``--systems topk_drop sigmoid_copy``, about 3.5 h each), then once
+more with all systems, which trains nothing and writes the combined table. In those 5 steps the
+dense model's validation perplexity went 51.3 -> 31.0, ``topk_copy``'s 51.3 (equal: copy init) ->
+31.3 and ``sigmoid_copy``'s 51.3 -> 31.0 (one seed, 1,024 validation tokens), while Drop-Upcycling
+(ratio 0.5 in 15 of 30 blocks) started at 6,576 and was at 316: at this budget it has far to
+recover.
 """
 
 from __future__ import annotations

@@ -47,7 +47,9 @@ def reading(results: dict[str, Any]) -> str:
             continue
         change = (s["val_ppl"] - base["val_ppl"]) / base["val_ppl"]
         spread = s["val_ppl_std"] + base["val_ppl_std"]
-        if abs(s["val_ppl"] - base["val_ppl"]) <= spread:
+        if min(s["seeds"], base["seeds"]) < 2:
+            verdict = f"{change:+.1%} against dense (one seed: no spread to judge the difference by)"
+        elif abs(s["val_ppl"] - base["val_ppl"]) <= spread:
             verdict = "within the seeds' spread of dense (no measurable difference)"
         else:
             verdict = f"{'lower' if change < 0 else 'higher'} than dense by {abs(change):.1%}"
