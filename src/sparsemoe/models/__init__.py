@@ -2,6 +2,7 @@
 
 from .cnn import CNNExpert, CNNExperts, VisionMMoE
 from .mmoe import MMoE, Tower
+from .ple import PLE
 from .recsys import RecsysMMoE, UserItemEmbedding
 from .transformer import (
     DecoderOnlyLM,
@@ -12,6 +13,7 @@ from .transformer import (
 )
 
 __all__ = [
+    "PLE",
     "CNNExpert",
     "CNNExperts",
     "DecoderOnlyLM",
