@@ -44,7 +44,7 @@ from ..layers import MoE, moe_layers
 from ..models.transformer import DecoderOnlyLM, TransformerConfig
 from ..routing import max_violation
 from ..training import ProgressBar, RandomBatches, RoutingMonitor, TrainConfig, Trainer
-from .config import ConfigError
+from .config import ConfigError, validate
 from .progress import console, progress
 from .reporting import router_lm as report
 from .store import RunStore, write_json
@@ -107,13 +107,15 @@ class Config:
     lr: float = field(default=1e-3, metadata={"help": "peak learning rate (Adam)", "above": 0.0})
     warmup: int = field(default=200, metadata={"help": "linear warm-up steps, then constant", "min": 0})
     dropout: float = field(default=0.1, metadata={"help": "dropout", "min": 0.0, "max": 0.9})
-    balance_weight: float = field(default=1e-2, metadata={"help": "load-balance loss weight (topk_aux, switch)"})
+    balance_weight: float = field(
+        default=1e-2, metadata={"help": "load-balance loss weight (topk_aux, switch)", "min": 0.0}
+    )
     bias_update_rate: float = field(default=1e-3, metadata={"help": "loss-free bias update rate u", "above": 0.0})
     eval_every: int = field(default=250, metadata={"help": "steps between validation points", "min": 1})
     checkpoint_every: int = field(default=500, metadata={"help": "steps between mid-run checkpoints", "min": 1})
 
     def __post_init__(self) -> None:
-        self.out = Path(self.out)
+        validate(self)
         unknown = sorted(set(self.systems) - set(SYSTEMS))
         if unknown or not self.systems:
             raise ConfigError("systems", f"unknown {unknown}; choose from {', '.join(SYSTEMS)}")
@@ -171,7 +173,7 @@ def _ce(model: DecoderOnlyLM, blocks: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def validate(model: DecoderOnlyLM, val: torch.Tensor, batch_size: int) -> dict[str, Any]:
+def validation_metrics(model: DecoderOnlyLM, val: torch.Tensor, batch_size: int) -> dict[str, Any]:
     """Validation CE/perplexity and balance over every held-out block (eval mode).
 
     ``maxvio_global``: MaxVio of each MoE layer's loads summed over the pass, averaged over layers;
@@ -224,7 +226,7 @@ def train_run(c: Config, data: LMCorpus, system: str, seed: int, ckpt: Path) -> 
 
     def evaluate() -> dict[str, float]:
         start = time.perf_counter()
-        metrics = validate(model, data.val, c.batch_size)
+        metrics = validation_metrics(model, data.val, c.batch_size)
         return {"val_ce": metrics["val_ce"], "val_ppl": metrics["val_ppl"], "eval_seconds": time.perf_counter() - start}
 
     config = TrainConfig(
@@ -248,7 +250,7 @@ def train_run(c: Config, data: LMCorpus, system: str, seed: int, ckpt: Path) -> 
         )
         torch.manual_seed(seed)  # a resumed run restores the RNG states from the checkpoint instead
         result = trainer.run(ckpt if ckpt.exists() else None)
-    final = validate(model, data.val, c.batch_size)
+    final = validation_metrics(model, data.val, c.batch_size)
     train_seconds = result.seconds - sum(h["eval_seconds"] for h in result.history)
     counts = model.parameter_counts()
     return {
