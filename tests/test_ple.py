@@ -76,3 +76,28 @@ def test_ple_task_losses_stay_in_their_own_experts_at_the_last_level() -> None:
     for name, grad in grads.items():
         assert grad is not None, name
         assert grad[1].abs().sum() == 0 and grad[0].abs().sum() > 0 and grad[2].abs().sum() > 0, name
+
+
+def test_routing_window_sums_loads_since_the_last_reset() -> None:
+    from sparsemoe import MoE
+
+    layer = MoE(8, 16, 4, gate="topk", k=2, noisy=False)
+    xs = [torch.randn(10, 8) for _ in range(3)]
+    loads = []
+    for x in xs:
+        layer(x)
+        loads.append(layer.routing_stats()["load"])
+    total = [sum(col) for col in zip(*loads, strict=True)]
+    window = layer.routing_stats(window=True)
+    assert window["load"] == total and sum(total) == 3 * 10 * 2
+    assert window["max_violation"] == pytest.approx(max(total) * 4 / sum(total) - 1)
+    assert window["dead_experts"] == sum(c == 0 for c in total)
+    layer.reset_routing_window()
+    with pytest.raises(RuntimeError, match="since the last reset"):
+        layer.routing_stats(window=True)
+    layer(xs[0])
+    assert layer.routing_stats(window=True)["load"] == loads[0]
+    cgc = CGC(8, 4, num_tasks=2, task_experts=1, shared_experts=1, gate="softmax")
+    cgc(xs[0])
+    cgc(xs[1])
+    assert [w["load"] for w in cgc.routing_stats(window=True)] == [[20, 0, 20], [0, 20, 20]]

@@ -20,7 +20,7 @@ from ._validation import check_dtype, check_float, check_float_dtype, check_ids,
 from .dispatch import dispatch, dispatch_tasks
 from .experts import ExpertBank, StackedExperts
 from .gates import Gate, GateSpec, route_tasks
-from .routing import Routing, total_aux_loss
+from .routing import Routing, count_per_expert, max_violation, total_aux_loss
 from .search import PermutationSearch
 
 #: a gate as layers accept it: a spec string (``"comet+"``), a parsed :class:`GateSpec`, or a built gate
@@ -109,6 +109,7 @@ class MoELayer(nn.Module):
         self.capacity_limit = capacity_limit
         self.check_finite = bool(check_finite)
         self._routings: list[Routing] | None = None
+        self._window: list[torch.Tensor] | None = None  # pairs per expert since the last reset, per gate
 
     @property
     def num_experts(self) -> int:
@@ -176,8 +177,19 @@ class MoELayer(nn.Module):
                 routings = self.search.permute(routings)
         if self.capacity_limit is not None:
             routings = [r.with_capacity(self.capacity_limit) for r in routings]
-        self._routings = routings
+        self._record(routings)
         return routings
+
+    def _record(self, routings: list[Routing]) -> None:
+        """Keep the last routings and add their loads to the window (on the device: no host sync)."""
+        self._routings = routings
+        counts = [count_per_expert(r.expert.detach(), r.num_experts) for r in routings]
+        window = self._window
+        self._window = counts if window is None else [a + b for a, b in zip(window, counts, strict=True)]
+
+    def reset_routing_window(self) -> None:
+        """Start a new window for ``routing_stats(window=True)``."""
+        self._window = None
 
     # ------------------------------------------------------------------ losses and statistics
     def aux_loss(self) -> torch.Tensor:
@@ -186,11 +198,22 @@ class MoELayer(nn.Module):
             return torch.zeros((), device=next(self.parameters()).device)
         return total_aux_loss(self._routings)
 
-    def routing_stats(self) -> object:
-        """Statistics of the last forward's routing (per task for multi-task layers)."""
+    def routing_stats(self, window: bool = False) -> object:
+        """Statistics of the last forward's routing (per task for multi-task layers); see :meth:`_stats`."""
         raise NotImplementedError
 
-    def _stats(self) -> list[dict[str, float | list[int]]]:
+    def _stats(self, window: bool = False) -> list[dict[str, float | list[int]]]:
+        """Per gate: the last forward's statistics, or with ``window=True`` those of every forward since
+        the layer was built or :meth:`reset_routing_window` was called: ``load`` (pairs per expert summed
+        over the window), ``max_violation`` (MaxVio of those loads), ``dead_experts`` (experts with no pair)."""
+        if window:
+            if self._window is None:
+                raise RuntimeError("routing_stats(window=True) needs a forward pass since the last reset")
+            loads = [[int(c) for c in counts.tolist()] for counts in self._window]
+            return [
+                {"load": load, "max_violation": max_violation(load), "dead_experts": sum(c == 0 for c in load)}
+                for load in loads
+            ]
         if self._routings is None:
             raise RuntimeError("routing_stats() needs a forward pass first")
         return [r.stats().as_dict() for r in self._routings]
@@ -320,9 +343,10 @@ class MoE(MoELayer):
             y = y + self.shared_output(rows)
         return y.view(*leading, *y.shape[1:])
 
-    def routing_stats(self) -> dict[str, float | list[int]]:
-        """Load per expert, mean active experts per input and dropped fraction of the last forward."""
-        return self._stats()[0]
+    def routing_stats(self, window: bool = False) -> dict[str, float | list[int]]:
+        """Load per expert, mean active experts per input and dropped fraction of the last forward
+        (``window=True``: load, MaxVio and dead experts since the last :meth:`reset_routing_window`)."""
+        return self._stats(window)[0]
 
 
 class MultiTaskMoE(MoELayer):
@@ -428,9 +452,9 @@ class MultiTaskMoE(MoELayer):
         outputs = [out.view(*leading, *out.shape[1:]) for out in outputs]
         return outputs
 
-    def routing_stats(self) -> list[dict[str, float | list[int]]]:
-        """Per task: load per expert, mean active experts per input, dropped fraction."""
-        return self._stats()
+    def routing_stats(self, window: bool = False) -> list[dict[str, float | list[int]]]:
+        """Per task: load per expert, mean active experts per input, dropped fraction (``window``: as in MoE)."""
+        return self._stats(window)
 
 
 class CGC(MoELayer):
@@ -543,7 +567,7 @@ class CGC(MoELayer):
                     Routing(local.token, choice[local.expert], local.weight, self.num_experts, local.num_inputs,
                             aux_losses=local.aux_losses)
                 )  # fmt: skip
-        self._routings = routings
+        self._record(routings)
         outputs = []
         for i, routing in enumerate(routings):
             reach = range(groups) if i == self.num_tasks else (i, self.num_tasks)
@@ -563,9 +587,9 @@ class CGC(MoELayer):
             outputs.append(out.view(*leading, *out.shape[1:]))
         return outputs
 
-    def routing_stats(self) -> list[dict[str, float | list[int]]]:
+    def routing_stats(self, window: bool = False) -> list[dict[str, float | list[int]]]:
         """Per gate (tasks, then the shared gate): load per expert of the whole bank, the rest as in MoE."""
-        return self._stats()
+        return self._stats(window)
 
 
 def _shared_width(
