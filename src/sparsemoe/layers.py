@@ -109,7 +109,9 @@ class MoELayer(nn.Module):
         self.capacity_limit = capacity_limit
         self.check_finite = bool(check_finite)
         self._routings: list[Routing] | None = None
-        self._window: list[torch.Tensor] | None = None  # pairs per expert since the last reset, per gate
+        # pairs per expert since the last reset, per gate ([]: none yet); always the same list object,
+        # updated in place, so compiled forwards see no changed attribute
+        self._window: list[torch.Tensor] = []
 
     @property
     def num_experts(self) -> int:
@@ -181,15 +183,20 @@ class MoELayer(nn.Module):
         return routings
 
     def _record(self, routings: list[Routing]) -> None:
-        """Keep the last routings and add their loads to the window (on the device: no host sync)."""
+        """Keep the last routings and add their loads to the window (on the device: no host sync).
+
+        Forwards under ``torch.compile`` are not counted in the window (the changing window would
+        make the compiled graph recompile); their last routing is kept as always."""
         self._routings = routings
+        if torch.compiler.is_compiling():
+            return
         counts = [count_per_expert(r.expert.detach(), r.num_experts) for r in routings]
         window = self._window
-        self._window = counts if window is None else [a + b for a, b in zip(window, counts, strict=True)]
+        window[:] = counts if not window else [a + b for a, b in zip(window, counts, strict=True)]
 
     def reset_routing_window(self) -> None:
         """Start a new window for ``routing_stats(window=True)``."""
-        self._window = None
+        self._window.clear()
 
     # ------------------------------------------------------------------ losses and statistics
     def aux_loss(self) -> torch.Tensor:
@@ -207,7 +214,7 @@ class MoELayer(nn.Module):
         the layer was built or :meth:`reset_routing_window` was called: ``load`` (pairs per expert summed
         over the window), ``max_violation`` (MaxVio of those loads), ``dead_experts`` (experts with no pair)."""
         if window:
-            if self._window is None:
+            if not self._window:
                 raise RuntimeError("routing_stats(window=True) needs a forward pass since the last reset")
             loads = [[int(c) for c in counts.tolist()] for counts in self._window]
             return [
