@@ -185,10 +185,12 @@ class MoELayer(nn.Module):
     def _record(self, routings: list[Routing]) -> None:
         """Keep the last routings and add their loads to the window (on the device: no host sync).
 
-        Forwards under ``torch.compile`` are not counted in the window (the changing window would
-        make the compiled graph recompile); their last routing is kept as always."""
+        Forwards under ``torch.compile`` (the changing window would make the compiled graph recompile)
+        or ``torch.func`` transforms (per-sample routings) are not counted in the window; their last
+        routing is kept as always."""
         self._routings = routings
-        if torch.compiler.is_compiling():
+        wrapped = torch._C._functorch.is_functorch_wrapped_tensor  # vmap/grad (torch.func) tensors
+        if torch.compiler.is_compiling() or any(wrapped(r.expert) for r in routings):
             return
         counts = [count_per_expert(r.expert.detach(), r.num_experts) for r in routings]
         window = self._window
