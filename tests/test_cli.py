@@ -66,7 +66,15 @@ def test_bad_demo_values_exit_2_naming_the_option(
     assert not (tmp_path / "results.json").exists()
 
 
-SEEDED = ("comet-movielens", "comet-multimnist", "gate-saturation", "moebert-sst2", "thor-multi30k", "upcycle-smollm2")
+SEEDED = (
+    "comet-movielens",
+    "comet-multimnist",
+    "gate-saturation",
+    "moebert-sst2",
+    "router-lm",
+    "thor-multi30k",
+    "upcycle-smollm2",
+)
 
 
 @pytest.mark.parametrize("command", [["demo"], *(["reproduce", name] for name in SEEDED)])
@@ -100,6 +108,7 @@ def test_an_out_inside_a_file_is_a_one_line_error(
         ("comet-tuning", "movielens-100k"),
         ("thor-multi30k", "multi30k"),
         ("thor-convergence", "multi30k"),
+        ("router-lm", "multi30k"),
     ],
 )
 def test_nothing_is_written_before_the_data_check_passes(

@@ -15,13 +15,14 @@ from .dispatch import reference_dispatch
 from .experts import ExpertBank, ModuleExperts, StackedExperts
 from .gates import GateSpec, update_balance
 from .hf import moefy
-from .layers import MoE, MoELayer, MultiTaskMoE, aux_loss, routing_stats
+from .layers import CGC, MoE, MoELayer, MultiTaskMoE, aux_loss, routing_stats
 from .routing import Routing, RoutingStats
 from .search import PermutationSearch
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CGC",
     "ExpertBank",
     "GateSpec",
     "MoE",

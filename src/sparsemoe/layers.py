@@ -20,7 +20,7 @@ from ._validation import check_dtype, check_float, check_float_dtype, check_ids,
 from .dispatch import dispatch, dispatch_tasks
 from .experts import ExpertBank, StackedExperts
 from .gates import Gate, GateSpec, route_tasks
-from .routing import Routing, total_aux_loss
+from .routing import Routing, count_per_expert, max_violation, total_aux_loss
 from .search import PermutationSearch
 
 #: a gate as layers accept it: a spec string (``"comet+"``), a parsed :class:`GateSpec`, or a built gate
@@ -109,6 +109,9 @@ class MoELayer(nn.Module):
         self.capacity_limit = capacity_limit
         self.check_finite = bool(check_finite)
         self._routings: list[Routing] | None = None
+        # pairs per expert since the last reset, per gate ([]: none yet); always the same list object,
+        # updated in place, so compiled forwards see no changed attribute
+        self._window: list[torch.Tensor] = []
 
     @property
     def num_experts(self) -> int:
@@ -176,8 +179,26 @@ class MoELayer(nn.Module):
                 routings = self.search.permute(routings)
         if self.capacity_limit is not None:
             routings = [r.with_capacity(self.capacity_limit) for r in routings]
-        self._routings = routings
+        self._record(routings)
         return routings
+
+    def _record(self, routings: list[Routing]) -> None:
+        """Keep the last routings and add their loads to the window (on the device: no host sync).
+
+        Forwards under ``torch.compile`` (the changing window would make the compiled graph recompile)
+        or ``torch.func`` transforms (per-sample routings) are not counted in the window; their last
+        routing is kept as always."""
+        self._routings = routings
+        wrapped = torch._C._functorch.is_functorch_wrapped_tensor  # vmap/grad (torch.func) tensors
+        if torch.compiler.is_compiling() or any(wrapped(r.expert) for r in routings):
+            return
+        counts = [count_per_expert(r.expert.detach(), r.num_experts) for r in routings]
+        window = self._window
+        window[:] = counts if not window else [a + b for a, b in zip(window, counts, strict=True)]
+
+    def reset_routing_window(self) -> None:
+        """Start a new window for ``routing_stats(window=True)``."""
+        self._window.clear()
 
     # ------------------------------------------------------------------ losses and statistics
     def aux_loss(self) -> torch.Tensor:
@@ -186,11 +207,22 @@ class MoELayer(nn.Module):
             return torch.zeros((), device=next(self.parameters()).device)
         return total_aux_loss(self._routings)
 
-    def routing_stats(self) -> object:
-        """Statistics of the last forward's routing (per task for multi-task layers)."""
+    def routing_stats(self, window: bool = False) -> object:
+        """Statistics of the last forward's routing (per task for multi-task layers); see :meth:`_stats`."""
         raise NotImplementedError
 
-    def _stats(self) -> list[dict[str, float | list[int]]]:
+    def _stats(self, window: bool = False) -> list[dict[str, float | list[int]]]:
+        """Per gate: the last forward's statistics, or with ``window=True`` those of every forward since
+        the layer was built or :meth:`reset_routing_window` was called: ``load`` (pairs per expert summed
+        over the window), ``max_violation`` (MaxVio of those loads), ``dead_experts`` (experts with no pair)."""
+        if window:
+            if not self._window:
+                raise RuntimeError("routing_stats(window=True) needs a forward pass since the last reset")
+            loads = [[int(c) for c in counts.tolist()] for counts in self._window]
+            return [
+                {"load": load, "max_violation": max_violation(load), "dead_experts": sum(c == 0 for c in load)}
+                for load in loads
+            ]
         if self._routings is None:
             raise RuntimeError("routing_stats() needs a forward pass first")
         return [r.stats().as_dict() for r in self._routings]
@@ -320,9 +352,10 @@ class MoE(MoELayer):
             y = y + self.shared_output(rows)
         return y.view(*leading, *y.shape[1:])
 
-    def routing_stats(self) -> dict[str, float | list[int]]:
-        """Load per expert, mean active experts per input and dropped fraction of the last forward."""
-        return self._stats()[0]
+    def routing_stats(self, window: bool = False) -> dict[str, float | list[int]]:
+        """Load per expert, mean active experts per input and dropped fraction of the last forward
+        (``window=True``: load, MaxVio and dead experts since the last :meth:`reset_routing_window`)."""
+        return self._stats(window)[0]
 
 
 class MultiTaskMoE(MoELayer):
@@ -428,9 +461,144 @@ class MultiTaskMoE(MoELayer):
         outputs = [out.view(*leading, *out.shape[1:]) for out in outputs]
         return outputs
 
-    def routing_stats(self) -> list[dict[str, float | list[int]]]:
-        """Per task: load per expert, mean active experts per input, dropped fraction."""
-        return self._stats()
+    def routing_stats(self, window: bool = False) -> list[dict[str, float | list[int]]]:
+        """Per task: load per expert, mean active experts per input, dropped fraction (``window``: as in MoE)."""
+        return self._stats(window)
+
+
+class CGC(MoELayer):
+    """Customized Gate Control (Tang et al., RecSys 2020): task-specific experts plus shared experts.
+
+    ``num_tasks`` groups of ``task_experts`` experts and ``shared_experts`` shared ones, held in one
+    bank (task ``t`` owns experts ``t·task_experts ...``, the shared ones come last). Task ``t``'s
+    gate (any gate) chooses among its own and the shared experts only. With ``shared_gate=True``
+    (the lower levels of PLE) one more gate chooses among all experts; its mix is an extra output,
+    the shared input of the next level. Balancing gates balance over the choices they see.
+
+    Args:
+        d_in: input width of experts and gates.
+        d_expert_out: output width of each expert.
+        num_tasks, task_experts, shared_experts: the expert groups (``task_experts`` or
+            ``shared_experts`` may be 0, not both).
+        gate: a gate spec (one gate per task, plus the shared gate); ``k``, ``**gate_options`` go to each.
+        expert, d_hidden, activation, bias, check_finite, device, dtype, router_dtype: as in :class:`MultiTaskMoE`.
+
+    Shape:
+        ``forward(x, ids)``: ``x`` is one tensor ``[..., d_in]`` read by every group (the first level)
+        or a list of ``num_tasks + 1`` tensors (task ``t``'s experts and gate read ``x[t]``, the shared
+        experts and the shared gate ``x[-1]``). Returns ``num_tasks`` tensors ``[..., d_expert_out]``,
+        plus the shared gate's mix last with ``shared_gate=True``. Routings (``last_routing``,
+        :meth:`routing_stats`) name experts by their index in the whole bank.
+    """
+
+    def __init__(
+        self,
+        d_in: int,
+        d_expert_out: int,
+        num_tasks: int,
+        task_experts: int,
+        shared_experts: int,
+        gate: str | GateSpec = "softmax",
+        k: int | None = None,
+        *,
+        shared_gate: bool = False,
+        expert: str = "linear",
+        d_hidden: int | None = None,
+        activation: str = "relu",
+        bias: bool = True,
+        check_finite: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        router_dtype: torch.dtype | None = None,
+        **gate_options: Any,
+    ) -> None:
+        super().__init__()
+        self.d_in = self.d_gate = check_int("d_in", d_in, low=1)
+        self.num_tasks = check_int("num_tasks", num_tasks, low=1)
+        self.task_experts = check_int("task_experts", task_experts, low=0)
+        self.shared_experts = check_int("shared_experts", shared_experts, low=0)
+        if not isinstance(shared_gate, bool):
+            raise TypeError(f"shared_gate must be True or False, got {type(shared_gate).__name__}")
+        if not isinstance(gate, (str, GateSpec)):
+            raise TypeError(f"CGC takes a gate spec (such as 'softmax' or 'topk'), got {type(gate).__name__}")
+        own = self.task_experts + self.shared_experts
+        if own == 0:
+            raise ValueError("CGC needs experts: task_experts + shared_experts must be at least 1")
+        total = self.num_tasks * self.task_experts + self.shared_experts
+        shared = list(range(total - self.shared_experts, total))
+        choices = [list(range(t * self.task_experts, (t + 1) * self.task_experts)) + shared for t in range(num_tasks)]
+        if shared_gate:
+            choices.append(list(range(total)))
+        self.router_dtype = resolve_router_dtype(dtype, router_dtype)
+        options = _with_k(gate_options, k)
+        factory = {"check_finite": check_finite, "device": device, "dtype": self.router_dtype}
+        built = [_build_gate(gate, d_in, len(c), options, factory, False)[0] for c in choices]
+        self.gates = nn.ModuleList(built)
+        for i, c in enumerate(choices):  # gate i's choice j -> expert index in the bank
+            self.register_buffer(f"choice_{i}", torch.tensor(c, dtype=torch.long, device=device), persistent=False)
+        self.experts = _make_experts(
+            expert, total, d_in, d_hidden, check_int("d_expert_out", d_expert_out, low=1), activation, bias, device,
+            dtype,
+        )  # fmt: skip
+        self._init_routing(total, False, 1, None, check_finite, device)
+
+    def task_gates(self) -> Sequence[Gate]:
+        return list(self.gates)  # type: ignore[arg-type]
+
+    @property
+    def last_routing(self) -> list[Routing] | None:
+        """Each gate's routing in the last forward, over the whole bank (``None`` before any)."""
+        return self._routings
+
+    def _group(self, g: int) -> tuple[int, int]:
+        """Bank indices ``[lo, hi)`` of group ``g`` (task ``g``, or the shared experts for ``g = num_tasks``)."""
+        if g < self.num_tasks:
+            return g * self.task_experts, (g + 1) * self.task_experts
+        return self.num_experts - self.shared_experts, self.num_experts
+
+    def forward(self, x: torch.Tensor | Sequence[torch.Tensor], ids: torch.Tensor | None = None) -> list[torch.Tensor]:
+        groups = self.num_tasks + 1
+        inputs = [x] * groups if isinstance(x, torch.Tensor) else list(x)
+        if len(inputs) != groups:
+            raise ValueError(f"x must be one tensor or a list of num_tasks + 1 = {groups} tensors, got {len(inputs)}")
+        flat = [self._flatten(t, None, ids) for t in inputs]  # (leading, rows, gate rows, ids) per group
+        leading = flat[0][0]
+        if any(f[0] != leading for f in flat):
+            raise ValueError(f"the inputs' leading shapes differ: {[tuple(f[0]) for f in flat]}")
+        routings = []
+        with self._router_precision(flat[0][1].device):
+            for i, gate in enumerate(self.task_gates()):
+                rows = flat[min(i, self.num_tasks)][2]
+                rows = rows if self.router_dtype is None else rows.to(self.router_dtype)
+                local = gate.route(rows, flat[0][3])
+                choice: torch.Tensor = getattr(self, f"choice_{i}")
+                routings.append(
+                    Routing(local.token, choice[local.expert], local.weight, self.num_experts, local.num_inputs,
+                            aux_losses=local.aux_losses)
+                )  # fmt: skip
+        self._record(routings)
+        outputs = []
+        for i, routing in enumerate(routings):
+            reach = range(groups) if i == self.num_tasks else (i, self.num_tasks)
+            out: torch.Tensor | None = None
+            for g in reach:  # each group's experts on that group's input
+                lo, hi = self._group(g)
+                if lo == hi:
+                    continue
+                keep = (routing.expert >= lo) & (routing.expert < hi)
+                part = Routing(
+                    routing.token[keep], routing.expert[keep], routing.weight[keep], self.num_experts,
+                    routing.num_inputs,
+                )  # fmt: skip
+                y = dispatch(flat[g][1], part, self.experts)
+                out = y if out is None else out + y
+            assert out is not None  # every gate reaches at least one expert
+            outputs.append(out.view(*leading, *out.shape[1:]))
+        return outputs
+
+    def routing_stats(self, window: bool = False) -> list[dict[str, float | list[int]]]:
+        """Per gate (tasks, then the shared gate): load per expert of the whole bank, the rest as in MoE."""
+        return self._stats(window)
 
 
 def _shared_width(

@@ -61,12 +61,20 @@ def train_tokenizer(
     The cache file name carries the vocabulary size and a hash of the training text, so changing
     either retrains. ``max_sentences`` (quick runs) trains on the first sentences only.
     """
-    import sentencepiece as spm
-
     en, de = read_split(folder, "train")
     if max_sentences is not None:
         en, de = en[:max_sentences], de[:max_sentences]
-    text = "\n".join(en + de) + "\n"
+    return sentencepiece_tokenizer(en + de, cache_dir, vocab_size)
+
+
+def sentencepiece_tokenizer(sentences: list[str], cache_dir: Path, vocab_size: int) -> SubwordTokenizer:
+    """A unigram SentencePiece model (pad=0, unk=1, bos=2, eos=3) on ``sentences``, trained once and cached.
+
+    The cache file name carries the vocabulary size and a hash of the text, so changing either retrains.
+    """
+    import sentencepiece as spm
+
+    text = "\n".join(sentences) + "\n"
     digest = hashlib.sha1(text.encode("utf-8")).hexdigest()[:10]
     prefix = cache_dir / f"spm-unigram-{vocab_size}-{digest}"
     model_file = prefix.with_suffix(".model")

@@ -2,12 +2,21 @@
 
 from .cnn import CNNExpert, CNNExperts, VisionMMoE
 from .mmoe import MMoE, Tower
+from .ple import PLE
 from .recsys import RecsysMMoE, UserItemEmbedding
-from .transformer import Seq2SeqTransformer, TransformerConfig, TransformerDecoderBlock, TransformerEncoderBlock
+from .transformer import (
+    DecoderOnlyLM,
+    Seq2SeqTransformer,
+    TransformerConfig,
+    TransformerDecoderBlock,
+    TransformerEncoderBlock,
+)
 
 __all__ = [
+    "PLE",
     "CNNExpert",
     "CNNExperts",
+    "DecoderOnlyLM",
     "MMoE",
     "RecsysMMoE",
     "Seq2SeqTransformer",

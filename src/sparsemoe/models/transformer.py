@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -121,6 +121,9 @@ def apply_ffn(
 class TransformerEncoderBlock(nn.Module):
     """Pre-norm encoder block: ``x + drop(attn(LN x))``, then ``x + drop(ffn(LN x))``.
 
+    With ``causal=True`` position ``t`` attends to positions ``<= t`` only: the block of a
+    decoder-only language model (:class:`DecoderOnlyLM`).
+
     Args:
         ffn: any module mapping ``[N, d]`` (with optional ``ids [N]``) to ``[N, d]``: a
             :class:`FeedForward` or a :class:`sparsemoe.MoE` with any gate.
@@ -144,11 +147,16 @@ class TransformerEncoderBlock(nn.Module):
         *,
         token_ids: torch.Tensor | None = None,
         sentence_ids: torch.Tensor | None = None,
+        causal: bool = False,
     ) -> torch.Tensor:
         h = self.attn_norm(x)
         k, v = self.attn.keys_values(h)
-        mask = None if pad_mask is None else ~pad_mask[:, None, None, :]
-        x = x + self.drop(self.attn.attend(h, k, v, mask, causal=False))
+        mask = None if pad_mask is None else ~pad_mask[:, None, None, :]  # [B, 1, 1, T]
+        if causal and mask is not None:  # SDPA takes a mask or is_causal, not both: fold them
+            t = x.shape[1]
+            mask = mask & torch.ones(t, t, dtype=torch.bool, device=x.device).tril()  # [B, 1, T, T]
+            causal = False
+        x = x + self.drop(self.attn.attend(h, k, v, mask, causal=causal))
         keep = None if pad_mask is None else ~pad_mask
         return x + self.drop(apply_ffn(self.ffn, self.ffn_norm(x), keep, token_ids, sentence_ids))
 
@@ -246,6 +254,9 @@ class TransformerConfig:
     eval_capacity_limit: float | None = None  # MoE layers, evaluation mode (None: capacity_limit)
     gate_seed: int = 0  # gates with a seed option: layer i is seeded gate_seed * 1000 + i
     max_positions: int = 256
+    expert_hidden: int | None = None  # hidden width of each routed expert (None: d_hidden)
+    shared_experts: int = 0  # MoE layers: experts every token uses (MoE's shared_experts=)
+    shared_hidden: int | None = None  # their width (None: the routed experts' width)
 
     def __post_init__(self) -> None:
         check_int("vocab_size", self.vocab_size, low=2)
@@ -253,6 +264,10 @@ class TransformerConfig:
         check_int("num_heads", self.num_heads, low=1)
         check_int("num_experts", self.num_experts, low=1)
         check_int("moe_every", self.moe_every, low=1)
+        check_int("shared_experts", self.shared_experts, low=0)
+        for name in ("expert_hidden", "shared_hidden"):
+            if getattr(self, name) is not None:
+                check_int(name, getattr(self, name), low=1)
         if self.gate is not None:
             GateSpec.parse(self.gate)  # unknown names fail here, listing the available gates
         for name in ("capacity_limit", "eval_capacity_limit"):
@@ -266,49 +281,31 @@ class TransformerConfig:
         return asdict(self)
 
 
-class Seq2SeqTransformer(nn.Module):
-    """Encoder-decoder Transformer with tied embeddings and pluggable FFNs.
+def _check_gate_choice(gate: object) -> None:
+    if isinstance(gate, Gate):
+        raise TypeError(
+            "gate= takes a spec or a factory (layer index -> Gate), not a built gate: one gate "
+            "instance cannot serve several layers; pass e.g. gate=lambda i: SwitchGate(d_model, num_experts)"
+        )
 
-    Args:
-        config: sizes, and the MoE FFNs' gate spec and options.
-        gate: the MoE FFNs' gate instead of ``config.gate``: a spec, a parsed
-            :class:`~sparsemoe.gates.GateSpec`, or a factory called with the layer index (encoder
-            layers first) that returns a built :class:`~sparsemoe.gates.Gate`.
 
-    Shape: ``src [B, S]``, ``tgt_in [B, T]`` (token ids; ``pad_id`` pads) -> logits ``[B, T, V]``.
-    ``sentence_ids [B]`` (optional) name each sentence for per-sentence expert draws.
-    """
+_Model = TypeVar("_Model", bound="_PluggableFFNModel")
 
-    def __init__(self, config: TransformerConfig, gate: GateChoice | None = None) -> None:
-        super().__init__()
-        if isinstance(gate, Gate):
-            raise TypeError(
-                "gate= takes a spec or a factory (layer index -> Gate), not a built gate: one gate "
-                "instance cannot serve several layers; pass e.g. gate=lambda i: SwitchGate(d_model, num_experts)"
-            )
-        self.config = c = config
-        choice = gate if gate is not None else c.gate
+
+class _PluggableFFNModel(nn.Module):
+    """What the Transformers here share: tied token embedding + sinusoidal positions, FFN choice
+    (dense or MoE per layer), the MoE layers' train/eval capacity, auxiliary losses, parameter counts."""
+
+    config: TransformerConfig
+
+    def _init_embedding(self, c: TransformerConfig) -> None:
+        self.config = c
         self.embed = nn.Embedding(c.vocab_size, c.d_model, padding_idx=c.pad_id)
         nn.init.normal_(self.embed.weight, std=c.d_model**-0.5)
         with torch.no_grad():
             self.embed.weight[c.pad_id].zero_()
         self.register_buffer("positions", sinusoidal_positions(c.max_positions, c.d_model), persistent=False)
         self.drop = nn.Dropout(c.dropout)
-        layer_index = iter(range(1_000_000))
-        self.encoder = nn.ModuleList(
-            TransformerEncoderBlock(
-                c.d_model, c.num_heads, self._ffn(i, next(layer_index), choice), c.dropout, c.attention_dropout
-            )
-            for i in range(c.encoder_layers)
-        )
-        self.decoder = nn.ModuleList(
-            TransformerDecoderBlock(
-                c.d_model, c.num_heads, self._ffn(i, next(layer_index), choice), c.dropout, c.attention_dropout
-            )
-            for i in range(c.decoder_layers)
-        )
-        self.encoder_norm = nn.LayerNorm(c.d_model)
-        self.decoder_norm = nn.LayerNorm(c.d_model)
 
     def _ffn(self, depth: int, index: int, gate: GateChoice | None) -> nn.Module:
         c = self.config
@@ -326,16 +323,18 @@ class Seq2SeqTransformer(nn.Module):
                 raise TypeError(f"the gate factory must return a sparsemoe.gates.Gate, got {type(built).__name__}")
         return MoE(
             c.d_model,
-            c.d_hidden,
+            c.d_hidden if c.expert_hidden is None else c.expert_hidden,
             c.num_experts,
             gate=built,
             activation="relu",
             bias=True,
             capacity_limit=c.capacity_limit,
+            shared_experts=c.shared_experts,
+            shared_hidden=c.shared_hidden,
             **options,
         )
 
-    def train(self, mode: bool = True) -> Seq2SeqTransformer:
+    def train(self: _Model, mode: bool = True) -> _Model:
         """Also set the MoE layers' ``capacity_limit`` to the config's training or evaluation value."""
         super().train(mode)
         c = self.config
@@ -352,6 +351,57 @@ class Seq2SeqTransformer(nn.Module):
         positions: torch.Tensor = self.positions  # type: ignore[assignment]
         x = self.embed(ids) * math.sqrt(self.config.d_model) + positions[start : start + t]
         return self.drop(x)
+
+    def aux_loss(self) -> torch.Tensor:
+        """Sum of the MoE layers' auxiliary losses from the last forward (Switch load balancing)."""
+        losses = [m.aux_loss() for m in self.modules() if isinstance(m, MoE)]
+        return torch.stack(losses).sum() if losses else torch.zeros(())
+
+    def parameter_counts(self) -> dict[str, int]:
+        """``total`` parameters and ``active_per_token``: those one token uses (``k`` experts per MoE)."""
+        total = sum(p.numel() for p in self.parameters())
+        inactive = 0
+        for m in self.modules():
+            if isinstance(m, MoE):
+                expert_params = sum(p.numel() for p in m.experts.parameters())
+                inactive += expert_params - expert_params * m.gate.k // m.num_experts
+        return {"total": total, "active_per_token": total - inactive}
+
+
+class Seq2SeqTransformer(_PluggableFFNModel):
+    """Encoder-decoder Transformer with tied embeddings and pluggable FFNs.
+
+    Args:
+        config: sizes, and the MoE FFNs' gate spec and options.
+        gate: the MoE FFNs' gate instead of ``config.gate``: a spec, a parsed
+            :class:`~sparsemoe.gates.GateSpec`, or a factory called with the layer index (encoder
+            layers first) that returns a built :class:`~sparsemoe.gates.Gate`.
+
+    Shape: ``src [B, S]``, ``tgt_in [B, T]`` (token ids; ``pad_id`` pads) -> logits ``[B, T, V]``.
+    ``sentence_ids [B]`` (optional) name each sentence for per-sentence expert draws.
+    """
+
+    def __init__(self, config: TransformerConfig, gate: GateChoice | None = None) -> None:
+        super().__init__()
+        _check_gate_choice(gate)
+        self._init_embedding(config)
+        c = config
+        choice = gate if gate is not None else c.gate
+        layer_index = iter(range(1_000_000))
+        self.encoder = nn.ModuleList(
+            TransformerEncoderBlock(
+                c.d_model, c.num_heads, self._ffn(i, next(layer_index), choice), c.dropout, c.attention_dropout
+            )
+            for i in range(c.encoder_layers)
+        )
+        self.decoder = nn.ModuleList(
+            TransformerDecoderBlock(
+                c.d_model, c.num_heads, self._ffn(i, next(layer_index), choice), c.dropout, c.attention_dropout
+            )
+            for i in range(c.decoder_layers)
+        )
+        self.encoder_norm = nn.LayerNorm(c.d_model)
+        self.decoder_norm = nn.LayerNorm(c.d_model)
 
     def encode(self, src: torch.Tensor, sentence_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(memory [B, S, d], src_pad_mask [B, S])``."""
@@ -391,21 +441,37 @@ class Seq2SeqTransformer(nn.Module):
         memory, pad = self.encode(src, sentence_ids)
         return self.decode(tgt_in, memory, pad, sentence_ids)
 
-    def aux_loss(self) -> torch.Tensor:
-        """Sum of the MoE layers' auxiliary losses from the last forward (Switch load balancing)."""
-        losses = [m.aux_loss() for m in self.modules() if isinstance(m, MoE)]
-        return torch.stack(losses).sum() if losses else torch.zeros(())
-
     def new_cache(self) -> list[LayerCache]:
         """An empty incremental-decoding cache, one dict per decoder layer."""
         return [{} for _ in self.decoder]
 
-    def parameter_counts(self) -> dict[str, int]:
-        """``total`` parameters and ``active_per_token``: those one token uses (``k`` experts per MoE)."""
-        total = sum(p.numel() for p in self.parameters())
-        inactive = 0
-        for m in self.modules():
-            if isinstance(m, MoE):
-                expert_params = sum(p.numel() for p in m.experts.parameters())
-                inactive += expert_params - expert_params * m.gate.k // m.num_experts
-        return {"total": total, "active_per_token": total - inactive}
+
+class DecoderOnlyLM(_PluggableFFNModel):
+    """Decoder-only (GPT-style) language model: causal :class:`TransformerEncoderBlock` layers.
+
+    ``config.decoder_layers`` blocks (``encoder_layers`` is not used) with tied input/output
+    embeddings; the FFN of every ``moe_every``-th layer (0, 2, ...) is an MoE with the config's gate
+    (or ``gate``: a spec or a factory ``layer index -> Gate``), the others dense. The hash gate
+    reads the token ids. Sequences are packed text without padding (``pad_id`` is still never
+    predicted, its embedding is zero).
+
+    Shape: ``ids [B, T]`` -> next-token logits ``[B, T, V]``.
+    """
+
+    def __init__(self, config: TransformerConfig, gate: GateChoice | None = None) -> None:
+        super().__init__()
+        _check_gate_choice(gate)
+        self._init_embedding(config)
+        c = config
+        choice = gate if gate is not None else c.gate
+        self.blocks = nn.ModuleList(
+            TransformerEncoderBlock(c.d_model, c.num_heads, self._ffn(i, i, choice), c.dropout, c.attention_dropout)
+            for i in range(c.decoder_layers)
+        )
+        self.norm = nn.LayerNorm(c.d_model)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self._embed(ids)
+        for block in self.blocks:
+            x = block(x, token_ids=ids, causal=True)
+        return self.norm(x) @ self.embed.weight.t()

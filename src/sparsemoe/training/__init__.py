@@ -5,7 +5,7 @@ of :class:`TrainConfig` or a :class:`Callback`. :func:`fit` is the common case (
 rows, the best validation epoch restored).
 """
 
-from .callbacks import MetricsLog, ProgressBar, TensorBoardLog
+from .callbacks import MetricsLog, ProgressBar, RoutingMonitor, TensorBoardLog
 from .config import TrainConfig
 from .data import Batches, RandomBatches, ShardedBatches, minibatches
 from .loop import Callback, Trainer, TrainResult, adam, fit, train
@@ -16,6 +16,7 @@ __all__ = [
     "MetricsLog",
     "ProgressBar",
     "RandomBatches",
+    "RoutingMonitor",
     "ShardedBatches",
     "TensorBoardLog",
     "TrainConfig",

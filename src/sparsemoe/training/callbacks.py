@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..atomic import atomic_write_text
+from ..layers import routing_stats
+from ..routing import max_violation
 from .loop import Callback, Trainer, TrainResult
 
 if TYPE_CHECKING:
@@ -148,3 +150,40 @@ class TensorBoardLog(Callback):
 
     def on_train_end(self, trainer: Trainer, result: TrainResult) -> None:
         self.writer.close()
+
+
+class RoutingMonitor(Callback):
+    """Expert load of every MoE layer, accumulated over the training steps between evaluations.
+
+    After each step it adds the per-expert load of each layer's last training forward (one host sync
+    per layer); each evaluation record then gets ``routing_max_violation`` (MaxVio of the loads
+    summed over the window, ``max_i load_i / mean load - 1``, averaged over the layers),
+    ``routing_dead_experts`` (experts, over all layers, that got no input in the window) and
+    ``routing_load`` (``{layer name: [load per expert]}``, the window's sums), so the history (and
+    a checkpoint) holds the load over training. Multi-task layers count each task's gate as
+    ``<name>/task<i>``. The window restarts at each evaluation.
+    """
+
+    def __init__(self) -> None:
+        self.window: dict[str, list[int]] = {}
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        self.window = {}
+
+    def on_step_end(self, trainer: Trainer) -> None:
+        for name, stats in routing_stats(trainer.model).items():
+            per_task = stats if isinstance(stats, list) else [stats]
+            for i, task in enumerate(per_task):
+                key = name if len(per_task) == 1 else f"{name}/task{i}"
+                load = [int(c) for c in task["load"]]
+                total = self.window.get(key)
+                self.window[key] = load if total is None else [a + b for a, b in zip(total, load, strict=True)]
+
+    def on_evaluate(self, trainer: Trainer, record: dict[str, Any]) -> None:
+        if not self.window:
+            return
+        violations = [max_violation(load) for load in self.window.values()]
+        record["routing_max_violation"] = sum(violations) / len(violations)
+        record["routing_dead_experts"] = sum(c == 0 for load in self.window.values() for c in load)
+        record["routing_load"] = self.window
+        self.window = {}
