@@ -179,8 +179,13 @@ def resolve_backend(x: torch.Tensor, dtype: torch.dtype | None = None) -> Backen
     """The backend that computes the experts for ``x`` computed in ``dtype`` (default its own).
 
     The chosen one if it loads here and accepts the call, else ``"torch"``. Choosing a backend that
-    cannot load at all (``triton`` missing) warns once.
+    cannot load at all (``triton`` missing) warns once. While a graph is recorded (``torch.compile``,
+    ``jit.trace``) it is ``"torch"`` without reading the choice: no other backend accepts such a call,
+    and reading the choice for the first time would change Python state inside the traced function
+    (a guard that fails on the next call, and a recompile).
     """
+    if recording_graph():
+        return TORCH
     name = get_backend()
     if name == DEFAULT_BACKEND:
         return TORCH
