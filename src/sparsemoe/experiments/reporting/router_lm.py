@@ -1,16 +1,16 @@
-"""router-lm's summary, verdict, table and plots (read from the saved runs alone)."""
+"""router-lm's summary, verdict, table and plots (read from the saved runs alone).
+
+``c``: the study's ``Config`` (not imported: the study imports this module).
+"""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .common import fmt, fmt_value, markdown_table, mean_std, pyplot, save_figure
-
-if TYPE_CHECKING:
-    from ..router_lm import Config
 
 #: the keys of each system's entry in summary.json
 SUMMARY_KEYS = (
@@ -95,7 +95,7 @@ def verdict(summary_: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def table(c: Config, summary_: dict[str, dict[str, Any]], verdicts: dict[str, Any], corpus: dict[str, Any]) -> str:
+def table(c: Any, summary_: dict[str, dict[str, Any]], verdicts: dict[str, Any], corpus: dict[str, Any]) -> str:
     """table.md: one row per system, then the verdicts and the setting."""
     headers = [
         "system", "val ppl", "seeds", "MaxVio global", "MaxVio batch", "dead experts", "experts/token (measured)",
