@@ -164,3 +164,20 @@ def test_reuse_note_counts_the_saved_runs_a_rerun_will_skip(tmp_path: Path) -> N
     store.put(keys[2], {"seed": 2})
     store.put(RunStore.key(gate="hash", seed=0), {"seed": 0})  # saved, but not asked for
     assert store.reuse_note(keys, "x").startswith("reusing 2 saved runs ")
+
+
+def test_run_missing_trains_only_unsaved_keys_and_removes_their_checkpoints(tmp_path: Path) -> None:
+    store = RunStore(tmp_path)
+    store.put("done", {"seed": 0})
+    calls: list[Path] = []
+
+    def job(checkpoint: Path) -> dict:
+        calls.append(checkpoint)
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        checkpoint.write_bytes(b"partial run")  # what an interrupted sitting would resume from
+        return {"seed": 1}
+
+    store.run_missing({"done": job, "new": job}, extra={"config": {"lr": 0.1}})
+    assert calls == [tmp_path / "checkpoints" / "new.safetensors"]  # the saved run is not retrained
+    assert store.get("new") == {"seed": 1, "config": {"lr": 0.1}} and store.get("done") == {"seed": 0}
+    assert not calls[0].exists()

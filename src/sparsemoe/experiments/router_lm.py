@@ -37,6 +37,7 @@ nothing, writes the combined tables).
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -281,17 +282,14 @@ def run(config: Config) -> dict[str, Any]:
     c = _effective(config)
     data = corpus(c)
     store = RunStore(c.out, asdict(c), selection=("quick", "out", "seeds", "systems"))
-    keys = [store.key(system=s, seed=seed) for s in c.systems for seed in range(c.seeds)]
-    if note := store.reuse_note(keys, "pass a new --out (or delete that folder) to retrain"):
+    jobs = {
+        store.key(system=s, seed=seed): functools.partial(train_run, c, data, s, seed)
+        for s in c.systems
+        for seed in range(c.seeds)
+    }
+    if note := store.reuse_note(jobs, "pass a new --out (or delete that folder) to retrain"):
         console.print(note, soft_wrap=True)
-    for system in c.systems:
-        for seed in range(c.seeds):
-            key = store.key(system=system, seed=seed)
-            if store.get(key) is not None:
-                continue
-            ckpt = c.out / "checkpoints" / f"{key}.safetensors"
-            store.put(key, train_run(c, data, system, seed, ckpt))
-            ckpt.unlink(missing_ok=True)
+    store.run_missing(jobs)
     runs = [r for r in store if r["system"] in c.systems and r["seed"] < c.seeds]
     runs.sort(key=lambda r: (SYSTEMS.index(r["system"]), r["seed"]))
     summary = report.summary(runs)

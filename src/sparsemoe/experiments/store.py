@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +87,22 @@ class RunStore:
 
     def put(self, key: str, record: dict[str, Any]) -> None:
         write_json(self.path(key), record)
+
+    def run_missing(
+        self, jobs: Mapping[str, Callable[[Path], dict[str, Any]]], extra: Mapping[str, Any] | None = None
+    ) -> None:
+        """Run, in order, the job of every key that has no saved record, and save what it returns.
+
+        ``jobs[key](checkpoint)`` trains one run; ``checkpoint`` (``checkpoints/<key>.safetensors``
+        beside the runs) is its own file to write and resume from, so an interrupted sitting continues
+        that run. The file is removed once the record (with ``extra``'s entries added) is saved.
+        """
+        for key, job in jobs.items():
+            if self.get(key) is not None:
+                continue
+            checkpoint = self.out_dir / "checkpoints" / f"{key}.safetensors"
+            self.put(key, {**job(checkpoint), **(extra or {})})
+            checkpoint.unlink(missing_ok=True)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         for path in self._run_files():

@@ -70,6 +70,7 @@ another ``--out`` (the same models, so about the same cost).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import time
@@ -437,19 +438,14 @@ def run(config: Config) -> dict[str, Any]:
     c = effective(config)
     corpus = tm._corpus(base_config(c, c.systems[0]))
     store = RunStore(c.out, _settings(c), selection=("quick", "out", "seeds", "systems"))
-    keys = [store.key(system=s, seed=seed) for s in c.systems for seed in c.seeds]
-    if note := store.reuse_note(keys, "pass a new --out (or delete that folder) to retrain"):
+    jobs = {
+        store.key(system=s, seed=seed): functools.partial(train_run, c, corpus, s, seed)
+        for s in c.systems
+        for seed in c.seeds
+    }
+    if note := store.reuse_note(jobs, "pass a new --out (or delete that folder) to retrain"):
         console.print(note, soft_wrap=True)
-    for system in c.systems:
-        for seed in c.seeds:
-            key = store.key(system=system, seed=seed)
-            if store.get(key) is not None:
-                continue
-            ckpt = c.out / "checkpoints" / f"{key}.safetensors"
-            record = train_run(c, corpus, system, seed, ckpt)
-            record["config"] = _settings(c)
-            store.put(key, record)
-            ckpt.unlink(missing_ok=True)
+    store.run_missing(jobs, extra={"config": _settings(c)})
     runs = sorted((r for r in store if r["system"] in SYSTEMS), key=lambda r: (SYSTEMS.index(r["system"]), r["seed"]))
     signature = m30k.corpus_bleu(["a"], ["a"])[1]
     by_system, summary = report.summaries(runs)

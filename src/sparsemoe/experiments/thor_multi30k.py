@@ -23,6 +23,7 @@ all models, which trains nothing and writes the combined tables.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable
@@ -372,19 +373,14 @@ def run(config: Config) -> dict[str, Any]:
     c = _effective(config)
     corpus = _corpus(c)
     store = RunStore(c.out, asdict(c), selection=("quick", "out", "seeds", "models", "thor_mode"))
-    keys = [store.key(model=kind, seed=seed) for kind in c.models for seed in range(c.seeds)]
-    if note := store.reuse_note(keys, "pass a new --out (or delete that folder) to retrain"):
+    jobs = {
+        store.key(model=kind, seed=seed): functools.partial(train_run, c, corpus, kind, seed)
+        for kind in c.models
+        for seed in range(c.seeds)
+    }
+    if note := store.reuse_note(jobs, "pass a new --out (or delete that folder) to retrain"):
         console.print(note, soft_wrap=True)
-    for kind in c.models:
-        for seed in range(c.seeds):
-            key = store.key(model=kind, seed=seed)
-            if store.get(key) is not None:
-                continue
-            ckpt = c.out / "checkpoints" / f"{key}.safetensors"
-            record = train_run(c, corpus, kind, seed, ckpt)
-            record["config"] = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(c).items()}
-            store.put(key, record)
-            ckpt.unlink(missing_ok=True)
+    store.run_missing(jobs, extra={"config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(c).items()}})
     runs = [r for r in store if r["model"] in c.models and r["seed"] < c.seeds]
     signature = m30k.corpus_bleu(["a"], ["a"])[1]
     by_model, summary = report.summaries(c, runs)
