@@ -18,7 +18,8 @@ MoE layer is dropless (no capacity limit), so balance shows as load, not as drop
 Per run: validation perplexity; MaxVio (``max_i load_i / mean load - 1``) of the loads summed over
 the whole validation pass (global) and the mean over validation batches of each batch's MaxVio
 (per batch), both averaged over the MoE layers; dead experts (no validation token, summed over
-layers); training tokens per second (evaluation time excluded); parameters and active parameters
+layers); training tokens per CPU-second (evaluation excluded; CPU time so that other processes on the machine
+do not count against a router); parameters and active parameters
 per token. The per-expert load over training is recorded by
 :class:`~sparsemoe.training.RoutingMonitor` at every evaluation.
 
@@ -234,9 +235,14 @@ def train_run(c: Config, data: LMCorpus, system: str, seed: int, ckpt: Path) -> 
         return {"loss": ce + model.aux_loss(), "ce": ce}
 
     def evaluate() -> dict[str, float]:
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         metrics = validation_metrics(model, data.val, c.batch_size)
-        return {"val_ce": metrics["val_ce"], "val_ppl": metrics["val_ppl"], "eval_seconds": time.perf_counter() - start}
+        return {
+            "val_ce": metrics["val_ce"],
+            "val_ppl": metrics["val_ppl"],
+            "eval_seconds": time.perf_counter() - start,
+            "eval_cpu_seconds": time.process_time() - cpu_start,
+        }
 
     config = TrainConfig(
         steps=c.steps,
@@ -260,14 +266,16 @@ def train_run(c: Config, data: LMCorpus, system: str, seed: int, ckpt: Path) -> 
         torch.manual_seed(seed)  # a resumed run restores the RNG states from the checkpoint instead
         result = trainer.run(ckpt if ckpt.exists() else None)
     final = validation_metrics(model, data.val, c.batch_size)
-    train_seconds = result.seconds - sum(h["eval_seconds"] for h in result.history)
+    # CPU time, not wall time: the study is meant to run on one thread beside other processes, and a
+    # busy neighbour would otherwise show up as a slow router.
+    train_cpu_seconds = result.cpu_seconds - sum(h["eval_cpu_seconds"] for h in result.history)
     counts = model.parameter_counts()
     return {
         "system": system,
         "seed": seed,
         **{k: final[k] for k in _FINAL},
         "val_load": final["load"],
-        "tokens_per_second": result.steps * c.batch_size * c.seq_len / max(train_seconds, 1e-9),
+        "tokens_per_second": result.steps * c.batch_size * c.seq_len / max(train_cpu_seconds, 1e-9),
         "params": counts["total"],
         "active_params_per_token": counts["active_per_token"],
         "train_seconds": result.seconds,

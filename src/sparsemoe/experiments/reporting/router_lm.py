@@ -99,7 +99,7 @@ def table(c: Any, summary_: dict[str, dict[str, Any]], verdicts: dict[str, Any],
     """table.md: one row per system, then the verdicts and the setting."""
     headers = [
         "system", "val ppl", "seeds", "MaxVio global", "MaxVio batch", "dead experts", "experts/token (measured)",
-        "tokens/s", "params", "active params/token (nominal k)",
+        "tokens/CPU-s", "params", "active params/token (nominal k)",
     ]  # fmt: skip
     rows = [
         [
