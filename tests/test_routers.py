@@ -423,6 +423,55 @@ def test_topk_z_loss_is_the_st_moe_formula() -> None:
     assert "z_loss" not in TopKGate(D, N, k=2).train()(x.float()).aux_losses  # off by default
 
 
+# The router logits each gate's z-loss reads, computed by hand from its modules.
+Z_LOSS_LOGITS = {
+    "softmax": lambda g, x: g.proj(x),
+    "topk": lambda g, x: g.proj(x),
+    "switch": lambda g, x: g.proj(x),
+    "sigmoid": lambda g, x: g.proj(x),
+    "expert_choice": lambda g, x: g.proj(x),
+    "dselect_k": lambda g, x: g.alpha_proj(x),
+    "comet": lambda g, x: (g.leaf(x).view(x.shape[0], N, -1) + g.reach_probabilities(x).log()).flatten(1),
+}
+
+
+def test_every_gate_with_router_logits_has_a_z_loss() -> None:
+    """The trait lists ``z_loss`` exactly for the gates above (a new gate with logits must join them)."""
+    assert {n for n in gates.available() if "z_loss" in gates.aux_loss_names(n)} == set(Z_LOSS_LOGITS)
+
+
+@pytest.mark.parametrize("name", sorted(Z_LOSS_LOGITS))
+def test_z_loss_is_the_st_moe_formula_on_each_gates_logits(name: str) -> None:
+    options = {"noisy": False} if name == "topk" else {}
+    gate = gates.build(name, D, N, **gates.k_options(name, 2), z_loss_weight=0.5, dtype=torch.float64, **options)
+    x = torch.randn(10, D, dtype=torch.float64)
+    z = gate.train()(x).aux_losses["z_loss"]
+    torch.testing.assert_close(z, 0.5 * torch.logsumexp(Z_LOSS_LOGITS[name](gate, x), -1).pow(2).mean())
+    grads = torch.autograd.grad(z, list(gate.parameters()), allow_unused=True)
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)  # the loss trains the router
+    assert "z_loss" not in gate.eval()(x).aux_losses  # training only
+    if name != "switch":  # switch keeps ST-MoE's 1e-3; every other gate is off by default
+        assert "z_loss" not in gates.build(name, D, N).train()(x.float()).aux_losses
+
+
+@pytest.mark.parametrize("name", sorted(set(gates.available()) - set(Z_LOSS_LOGITS)))
+def test_gates_without_router_logits_reject_a_z_loss(name: str) -> None:
+    with pytest.raises(ValueError, match=r"z_loss_weight=0.001: \w+ learns no router logits"):
+        gates.build(name, D, N, z_loss_weight=1e-3)
+    gate = gates.build(name, D, N, z_loss_weight=0.0)  # 0 is every gate's default
+    assert gate.z_loss_weight == 0.0
+    with pytest.raises(ValueError, match="z_loss_weight"):
+        MoE(D, 4, N, gate=name, z_loss_weight=1e-3)
+
+
+def test_batched_task_gates_share_a_call_only_with_equal_z_loss_weights() -> None:
+    layer = sparsemoe.MultiTaskMoE(D, 4, N, 2, gate="comet", k=2, z_loss_weight=1e-3).train()
+    layer.gates[1].z_loss_weight = 0.0
+    x = torch.randn(9, D)
+    routings = gates.route_tasks(layer.gates, x, None)
+    assert "z_loss" in routings[0].aux_losses and "z_loss" not in routings[1].aux_losses
+
+
 def test_batched_topk_gates_keep_their_own_biases() -> None:
     layer = sparsemoe.MultiTaskMoE(D, 4, N, 3, gate="topk", k=2, noisy=False, bias_update_rate=1e-3).eval()
     with torch.no_grad():

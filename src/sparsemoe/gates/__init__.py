@@ -18,7 +18,7 @@ from typing import Any
 
 from .._validation import check_int
 from .balance import LossFreeBalance, update_balance
-from .base import Gate, IdKind, KPolicy, Sparsity, route_tasks
+from .base import Gate, IdKind, KPolicy, Sparsity, check_z_loss_weight, route_tasks
 from .comet import CometGate
 from .dselect_k import DSelectKGate
 from .expert_choice import ExpertChoiceGate
@@ -181,11 +181,14 @@ def build(name: str, d_in: int, num_experts: int, **options: Any) -> Gate:
     """Build the gate registered as ``name``.
 
     ``k=None`` (or no ``k``) means the gate's default. A gate whose ``k`` is dense or fixed rejects a
-    different ``k``; unknown options are rejected with the list of accepted ones.
+    different ``k``; unknown options are rejected with the list of accepted ones. Every gate takes
+    ``z_loss_weight=0``; only those with router logits (``"z_loss"`` in :func:`aux_loss_names`) more.
     """
     cls = _registered(name, name)
     params = inspect.signature(cls.__init__).parameters
     accepted = [p for p in params if p not in ("self", "d_in", "num_experts")]
+    if "z_loss_weight" in options and "z_loss_weight" not in accepted:
+        check_z_loss_weight(cls, options.pop("z_loss_weight"))  # 0 is dropped, > 0 raises naming it
     k = options.pop("k", None)
     if k is not None:
         k = check_int("k", k)  # before the policy: a fixed k=1 must not take k=True (True == 1)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._validation import check_dtype, check_float_dtype, check_ids, check_input, check_int
+from .._validation import check_dtype, check_float, check_float_dtype, check_ids, check_input, check_int
 from ..routing import Routing
 
 KPolicy = Literal["choose", "dense", "fixed"]
@@ -35,6 +35,8 @@ class Gate(nn.Module):
       from the first step; ``k`` on average for expert choice) or ``"learned"`` (every expert until
       its smooth-steps saturate, then at most ``k``: DSelect-k, COMET);
     - ``aux_losses``: the keys its routings' ``aux_losses`` may hold (in training), each with what it is;
+      a gate with learned router logits lists ``"z_loss"`` (see :func:`z_loss_trait`) and so takes
+      ``z_loss_weight=``; the others reject a non-zero one;
     - ``uses_ids``: which ids it may read (see :meth:`id_kind`);
     - ``summary`` and ``k_note``: its row of the README's gate table (``summary`` defaults to the
       docstring's first line; ``k_note`` says what ``k`` counts, or the value of a fixed ``k``).
@@ -45,6 +47,9 @@ class Gate(nn.Module):
         k: experts per input, where the gate has such a knob (``1 <= k <= n``).
         check_finite: reject inputs with NaN/inf (one reduction; switch off for speed).
         dtype: the subclass's factory ``dtype`` (checked here: a floating-point dtype or ``None``).
+        z_loss_weight: weight ``β`` of the router z-loss ``β · mean logsumexp(router logits)²`` (Zoph
+            et al. 2022, ST-MoE uses 1e-3), added by :meth:`_z_loss` in training; 0 is off. Only
+            gates whose ``aux_losses`` trait lists ``"z_loss"`` (they have router logits) accept > 0.
 
     Shape:
         ``forward(x [T, d_in], ids LongTensor[T] | None) -> Routing`` of ``T`` inputs.
@@ -67,14 +72,17 @@ class Gate(nn.Module):
         *,
         check_finite: bool = True,
         dtype: torch.dtype | None = None,
+        z_loss_weight: float = 0.0,
     ) -> None:
         """``dtype`` is checked here (a floating-point dtype or ``None``) before a subclass builds with it."""
         super().__init__()
         check_float_dtype("dtype", dtype)
+        z_loss_weight = check_z_loss_weight(type(self), z_loss_weight)
         self.d_in = check_int("d_in", d_in, low=1)
         self.num_experts = check_int("num_experts", num_experts, low=1)
         self.k = check_int("k", k, low=1, high=num_experts)
         self.check_finite = check_finite
+        self.z_loss_weight = z_loss_weight
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor | None = None) -> Routing:
         """Route ``x: [T, d_in]``; ``ids: LongTensor[T]`` is read by gates that use ids."""
@@ -85,6 +93,16 @@ class Gate(nn.Module):
         if ids is not None:
             ids = check_ids(ids, x.shape[0])
         return self.route(x, ids)
+
+    def _z_loss(self, logits: torch.Tensor) -> torch.Tensor | None:
+        """``z_loss_weight · router_z_loss(logits)`` in training (``[]``, or ``[G]`` for ``logits: [T, G, n]``).
+
+        ``None`` when it is off: in eval, at weight 0, or for no rows. ``logits`` are what the gate's
+        softmax (or sigmoid) reads, in the gate's precision.
+        """
+        if not self.training or self.z_loss_weight == 0 or logits.shape[0] == 0:
+            return None
+        return self.z_loss_weight * router_z_loss(logits)
 
     def id_kind(self) -> IdKind | None:
         """Which ids :meth:`forward` reads: ``"token"`` (token or user ids, e.g. hash), ``"sequence"``
@@ -140,7 +158,7 @@ def route_tasks(gates: Sequence[Gate], x: torch.Tensor, ids: torch.Tensor | None
 def _batch_signature(gate: Gate) -> tuple[object, ...] | None:
     """What must match for gates to share a :meth:`Gate.route_batch` call (``None``: routes alone)."""
     key = gate.batch_key()
-    return None if key is None else (type(gate), gate.num_experts, gate.k, gate.training, key)
+    return None if key is None else (type(gate), gate.num_experts, gate.k, gate.training, gate.z_loss_weight, key)
 
 
 def _defines(method: str, cls: type) -> type:
@@ -150,6 +168,39 @@ def _defines(method: str, cls: type) -> type:
     would be bypassed by a batched call, so batching needs both from the same class.
     """
     return next(klass for klass in cls.__mro__ if method in vars(klass))
+
+
+def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
+    """``mean over rows of logsumexp(logits)²`` along the last dimension (Zoph et al. 2022, ST-MoE).
+
+    Keeps router logits small, so the softmax stays out of the range where bf16/fp32 rounding flips
+    choices. ``logits: [T, ..., n]`` gives ``[...]`` (one loss per gate of a batched call); entries of
+    ``-inf`` (an unreachable COMET leaf) are allowed.
+    """
+    return torch.logsumexp(logits, dim=-1).pow(2).mean(0)
+
+
+def z_loss_trait(logits: str) -> dict[str, str]:
+    """The ``aux_losses`` entry of a gate whose router logits are ``logits`` (a formula for the table)."""
+    return {"z_loss": f"β · mean logsumexp({logits})², with `z_loss_weight=` > 0 (Zoph et al. 2022)"}
+
+
+def check_z_loss_weight(cls: type[Gate], weight: object) -> float:
+    """``weight`` as a float >= 0; a non-zero one only for a gate class with router logits."""
+    weight = check_float("z_loss_weight", weight, low=0.0)
+    if weight > 0 and "z_loss" not in cls.aux_losses:
+        raise ValueError(
+            f"z_loss_weight={weight}: {cls.__name__} learns no router logits, so it has no router z-loss; "
+            "leave z_loss_weight at 0 (the gates with one list 'z_loss' in their aux_losses)"
+        )
+    return weight
+
+
+def with_z_loss(aux: list[dict[str, torch.Tensor]], z_loss: torch.Tensor | None) -> list[dict[str, torch.Tensor]]:
+    """Each gate's losses ``aux`` plus its ``"z_loss"`` from ``z_loss: [G]`` (unchanged when ``None``)."""
+    if z_loss is None:
+        return aux
+    return [{**losses, "z_loss": z} for losses, z in zip(aux, z_loss.unbind(0), strict=True)]
 
 
 def linear_batch(x: torch.Tensor, layers: Sequence[nn.Linear]) -> torch.Tensor:

@@ -11,7 +11,7 @@ import torch
 
 from .._validation import check_float
 from ..routing import Routing
-from .base import Gate, entropy, linear_batch, uniform_linear
+from .base import Gate, entropy, linear_batch, uniform_linear, with_z_loss, z_loss_trait
 from .smooth_step import smooth_step
 
 
@@ -76,6 +76,8 @@ class CometGate(Gate):
         k: number of trees (experts per input once saturated).
         gamma: width of the smooth-step's soft band.
         entropy_weight: ``λ`` of the entropy regulariser.
+        z_loss_weight: router z-loss on ``a + log P``, the logits of the gate's softmax over the
+            ``k·n`` (tree, leaf) pairs (unreachable leaves, ``log 0 = -inf``, add nothing); 0 is off.
 
     Note:
         Until its splits saturate, every leaf is reachable, so a layer computes up to all ``n``
@@ -83,7 +85,9 @@ class CometGate(Gate):
     """
 
     sparsity = "learned"
-    aux_losses = MappingProxyType({"entropy": "λ · entropy of each tree's leaf reach probabilities"})
+    aux_losses = MappingProxyType(
+        {"entropy": "λ · entropy of each tree's leaf reach probabilities", **z_loss_trait("a + log P")}
+    )
     summary = "COMET tree ensemble (Ibrahim et al. 2023), any n"
     k_note = "trees"
 
@@ -99,11 +103,12 @@ class CometGate(Gate):
         *,
         gamma: float = 1.0,
         entropy_weight: float = 0.1,
+        z_loss_weight: float = 0.0,
         check_finite: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__(d_in, num_experts, k, check_finite=check_finite, dtype=dtype)
+        super().__init__(d_in, num_experts, k, check_finite=check_finite, dtype=dtype, z_loss_weight=z_loss_weight)
         self.gamma = check_float("gamma", gamma, low=0.0, strict=True)
         self.entropy_weight = check_float("entropy_weight", entropy_weight, low=0.0)
         self.split = uniform_linear(
@@ -152,12 +157,14 @@ class CometGate(Gate):
         reachable = reach > 0
         # log P with log 0 = -inf, written so that the backward pass never sees 1/0.
         log_reach = torch.where(reachable, torch.log(torch.where(reachable, reach, 1.0)), -torch.inf)
-        joint = torch.softmax((leaf_logits + log_reach).flatten(2), dim=-1)  # [T, G, n*k]
+        logits = (leaf_logits + log_reach).flatten(2)  # [T, G, n*k]
+        joint = torch.softmax(logits, dim=-1)
         weights = joint.view_as(reach).sum(-1)  # [T, G, n]
         aux: list[dict[str, torch.Tensor]] = [{} for _ in trees]
         if first.training and first.entropy_weight > 0 and rows > 0:
             penalty = first.entropy_weight * entropy(reach, dim=2).sum(-1).mean(0)  # [G]
             aux = [{"entropy": p} for p in penalty.unbind(0)]
+        aux = with_z_loss(aux, first._z_loss(logits))
         return [Routing.from_dense(weights[:, g], aux_losses=aux[g]) for g in range(num_gates)]
 
     def extra_repr(self) -> str:

@@ -13,7 +13,7 @@ from torch import nn
 
 from .._validation import check_float
 from ..routing import Routing
-from .base import Gate, entropy, linear_batch, stack_batch, uniform_, uniform_linear
+from .base import Gate, entropy, linear_batch, stack_batch, uniform_, uniform_linear, with_z_loss, z_loss_trait
 from .smooth_step import smooth_step
 
 
@@ -55,6 +55,8 @@ class DSelectKGate(Gate):
         entropy_weight: ``λ`` of the entropy regulariser.
         per_example: ``z`` and ``α`` depend on the input (``z = W x``); if False they are
             parameters shared by all inputs (task-only routing).
+        z_loss_weight: router z-loss on the selector logits ``α`` (the gate's one softmax; the
+            smooth-step inputs ``z`` are left alone, a penalty on them would fight saturation); 0 is off.
 
     Note:
         Until its smooth-steps saturate, the gate gives every expert a non-zero weight, so a layer
@@ -62,7 +64,9 @@ class DSelectKGate(Gate):
     """
 
     sparsity = "learned"
-    aux_losses = MappingProxyType({"entropy": "λ · entropy of each selector over the binary codes"})
+    aux_losses = MappingProxyType(
+        {"entropy": "λ · entropy of each selector over the binary codes", **z_loss_trait("α")}
+    )
     summary = "DSelect-k (Hazimeh et al. 2021), per-example or static, any n"
     k_note = "selectors"
 
@@ -77,11 +81,12 @@ class DSelectKGate(Gate):
         gamma: float = 1.0,
         entropy_weight: float = 0.1,
         per_example: bool = True,
+        z_loss_weight: float = 0.0,
         check_finite: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__(d_in, num_experts, k, check_finite=check_finite, dtype=dtype)
+        super().__init__(d_in, num_experts, k, check_finite=check_finite, dtype=dtype, z_loss_weight=z_loss_weight)
         self.gamma = check_float("gamma", gamma, low=0.0, strict=True)
         self.entropy_weight = check_float("entropy_weight", entropy_weight, low=0.0)
         self.per_example = bool(per_example)
@@ -151,6 +156,7 @@ class DSelectKGate(Gate):
         if first.training and first.entropy_weight > 0 and rows > 0:
             penalty = first.entropy_weight * entropy(codes).sum(-1).mean(0)  # [G]
             aux = [{"entropy": p} for p in penalty.unbind(0)]
+        aux = with_z_loss(aux, first._z_loss(alpha_logits))  # alpha_logits: [T, G, k]
         return [Routing.from_dense(weights[:, g], aux_losses=aux[g]) for g in range(num_gates)]
 
     def extra_repr(self) -> str:

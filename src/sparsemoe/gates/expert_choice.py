@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
+from types import MappingProxyType
 
 import torch
 from torch import nn
 
 from .._validation import check_float
 from ..routing import Routing
-from .base import Gate
+from .base import Gate, z_loss_trait
 
 
 class ExpertChoiceGate(Gate):
@@ -26,9 +27,12 @@ class ExpertChoiceGate(Gate):
         k: average experts per input.
         capacity_factor: scales the per-expert capacity; ``inf`` lets every expert take every input
             (dense).
+        z_loss_weight: router z-loss on ``W x + b`` (the logits of the per-input softmax over the
+            experts; see :class:`~sparsemoe.gates.base.Gate`); 0 is off.
     """
 
     k_note = "average"
+    aux_losses = MappingProxyType(z_loss_trait("Wx+b"))
     summary = "each expert takes its top `C = cf·T·k/n` inputs (Zhou et al. 2022)"
 
     def __init__(
@@ -38,21 +42,27 @@ class ExpertChoiceGate(Gate):
         k: int = 2,
         *,
         capacity_factor: float = 1.0,
+        z_loss_weight: float = 0.0,
         check_finite: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__(d_in, num_experts, k, check_finite=check_finite, dtype=dtype)
+        super().__init__(d_in, num_experts, k, check_finite=check_finite, dtype=dtype, z_loss_weight=z_loss_weight)
         self.capacity_factor = check_float("capacity_factor", capacity_factor, low=0.0, strict=True, allow_inf=True)
         self.proj = nn.Linear(d_in, num_experts, device=device, dtype=dtype)
 
     def route(self, x: torch.Tensor, ids: torch.Tensor | None) -> Routing:
         num_inputs = x.shape[0]
-        scores = torch.softmax(self.proj(x), dim=-1)  # [T, n]
+        logits = self.proj(x)  # [T, n]
+        scores = torch.softmax(logits, dim=-1)
         capacity = self.capacity(num_inputs)
         weight, token = scores.topk(capacity, dim=0)  # [C, n] each
         expert = torch.arange(self.num_experts, device=x.device).expand(capacity, -1)
-        return Routing(token.reshape(-1), expert.reshape(-1), weight.reshape(-1), self.num_experts, num_inputs)
+        z_loss = self._z_loss(logits)
+        aux = {} if z_loss is None else {"z_loss": z_loss}
+        return Routing(
+            token.reshape(-1), expert.reshape(-1), weight.reshape(-1), self.num_experts, num_inputs, aux_losses=aux
+        )
 
     def capacity(self, num_inputs: int) -> int:
         """``C``: how many of ``num_inputs`` inputs each expert takes (at most all of them)."""

@@ -10,7 +10,7 @@ from torch import nn
 from .._validation import check_float, check_int
 from ..routing import Routing
 from .balance import LossFreeBalance
-from .base import Gate, IdKind
+from .base import Gate, IdKind, z_loss_trait
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -43,10 +43,12 @@ class SigmoidGate(LossFreeBalance, Gate):
             ``ids`` (the gate then reads the sequence index, see :meth:`id_kind`; the Transformer
             blocks pass it); without ids the whole batch counts as one sequence. Finding the
             sequences costs one host sync per training forward.
+        z_loss_weight: router z-loss on the logits ``W x`` before the sigmoid (in float32 like the
+            scores; see :class:`~sparsemoe.gates.base.Gate`); 0 is off.
     """
 
     aux_losses = MappingProxyType(
-        {"seq_balance": "α·Σᵢ fᵢPᵢ per sequence (DeepSeek-V3), with `seq_balance_weight=` > 0"}
+        {"seq_balance": "α·Σᵢ fᵢPᵢ per sequence (DeepSeek-V3), with `seq_balance_weight=` > 0", **z_loss_trait("Wx")}
     )
     summary = (
         "DeepSeek-V3: top-k of `sigmoid(Wx) + b`, unbiased weights; loss-free balancing bias "
@@ -65,6 +67,7 @@ class SigmoidGate(LossFreeBalance, Gate):
         topk_groups: int | None = None,
         bias_update_rate: float = 1e-3,
         seq_balance_weight: float = 0.0,
+        z_loss_weight: float = 0.0,
         check_finite: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -85,7 +88,7 @@ class SigmoidGate(LossFreeBalance, Gate):
             )
         seq_balance_weight = check_float("seq_balance_weight", seq_balance_weight, low=0.0)
         check_float("bias_update_rate", bias_update_rate, low=0.0)
-        super().__init__(d_in, num_experts, k, check_finite=check_finite, dtype=dtype)
+        super().__init__(d_in, num_experts, k, check_finite=check_finite, dtype=dtype, z_loss_weight=z_loss_weight)
         self.normalize = bool(normalize)
         self.route_scale = route_scale
         self.num_groups, self.topk_groups = num_groups, topk_groups
@@ -100,9 +103,10 @@ class SigmoidGate(LossFreeBalance, Gate):
     def route(self, x: torch.Tensor, ids: torch.Tensor | None) -> Routing:
         weight = self.proj.weight
         if weight.dtype in _LOW_PRECISION or x.dtype in _LOW_PRECISION:
-            scores = torch.sigmoid(x.float() @ weight.float().t())  # [T, n], the router in float32
+            logits = x.float() @ weight.float().t()  # [T, n], the router in float32
         else:
-            scores = torch.sigmoid(self.proj(x))  # [T, n]
+            logits = self.proj(x)  # [T, n]
+        scores = torch.sigmoid(logits)
         top_idx = self.select(scores)  # [T, k]
         weights = scores.gather(-1, top_idx)  # [T, k], unbiased
         if self.normalize:
@@ -113,6 +117,8 @@ class SigmoidGate(LossFreeBalance, Gate):
         aux = {}
         if self.training and self.seq_balance_weight > 0 and x.shape[0] > 0:
             aux["seq_balance"] = self.seq_balance_weight * self._seq_balance(scores, top_idx, ids)
+        if (z_loss := self._z_loss(logits)) is not None:
+            aux["z_loss"] = z_loss
         return Routing.from_topk(top_idx, weights.to(x.dtype), self.num_experts, aux_losses=aux)
 
     def select(self, scores: torch.Tensor) -> torch.Tensor:

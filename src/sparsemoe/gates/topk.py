@@ -13,7 +13,7 @@ from torch import nn
 from .._validation import check_float
 from ..routing import Routing, count_per_expert
 from .balance import LossFreeBalance
-from .base import Gate, linear_batch
+from .base import Gate, linear_batch, with_z_loss, z_loss_trait
 
 
 def _cv_squared(v: torch.Tensor) -> torch.Tensor:
@@ -30,15 +30,6 @@ def _cv_squared(v: torch.Tensor) -> torch.Tensor:
         v = v.float()
     var, mean = torch.var_mean(v, dim=-1, correction=0)
     return var / (mean**2 + 1e-10)
-
-
-def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
-    """``mean over rows of logsumexp(logits)²`` along the last dimension (Zoph et al. 2022, ST-MoE).
-
-    Keeps router logits small, so the softmax stays out of the range where bf16/fp32 rounding flips
-    choices. ``logits: [T, ..., n]`` gives ``[...]`` (one loss per gate of a batched call).
-    """
-    return torch.logsumexp(logits, dim=-1).pow(2).mean(0)
 
 
 def _smooth_load(
@@ -83,7 +74,7 @@ class TopKGate(LossFreeBalance, Gate):
     aux_losses = MappingProxyType(
         {
             "load_balance": "CV² of importance and load, times `balance_weight`",
-            "z_loss": "β · mean logsumexp(Wx+b)², with `z_loss_weight=` > 0",
+            **z_loss_trait("Wx+b"),
         }
     )
     summary = (
@@ -107,13 +98,11 @@ class TopKGate(LossFreeBalance, Gate):
         dtype: torch.dtype | None = None,
     ) -> None:
         check_float("bias_update_rate", bias_update_rate, low=0.0)
-        z_loss_weight = check_float("z_loss_weight", z_loss_weight, low=0.0)
-        super().__init__(d_in, num_experts, k, check_finite=check_finite, dtype=dtype)
+        super().__init__(d_in, num_experts, k, check_finite=check_finite, dtype=dtype, z_loss_weight=z_loss_weight)
         self._init_balance(num_experts, bias_update_rate, device, keep_bias=False)
         self.noisy = bool(noisy)
         self.normalize = bool(normalize)
         self.balance_weight = check_float("balance_weight", balance_weight, low=0.0)
-        self.z_loss_weight = z_loss_weight
         self.proj = nn.Linear(d_in, num_experts, device=device, dtype=dtype)
         self.noise_proj = nn.Linear(d_in, num_experts, device=device, dtype=dtype) if self.noisy else None
         if self.noise_proj is not None:
@@ -122,7 +111,7 @@ class TopKGate(LossFreeBalance, Gate):
 
     def batch_key(self) -> Hashable:
         biased = self.balance_bias is not None
-        return (self.noisy, self.balance_weight, self.z_loss_weight, self.normalize, biased, self.proj.weight.dtype)
+        return (self.noisy, self.balance_weight, self.normalize, biased, self.proj.weight.dtype)
 
     def route(self, x: torch.Tensor, ids: torch.Tensor | None) -> Routing:
         return self.route_batch([self], x, ids)[0]
@@ -140,9 +129,7 @@ class TopKGate(LossFreeBalance, Gate):
             logits = clean + torch.randn_like(clean) * noise_std
         balance = first.balance_weight > 0 and first.training and rows > 0
         smooth_load = balance and noise_std is not None and k < n
-        z_loss = None
-        if first.z_loss_weight > 0 and first.training and rows > 0:
-            z_loss = first.z_loss_weight * router_z_loss(clean)  # [G]
+        z_loss = first._z_loss(clean)  # [G] or None
         select = logits
         biased = first.balance_bias is not None
         if biased:  # loss-free balancing: select by logits + b, weight by the logits
@@ -172,8 +159,7 @@ class TopKGate(LossFreeBalance, Gate):
             else:
                 penalty = _cv_squared(importance)
             aux = [{"load_balance": first.balance_weight * p} for p in penalty.unbind(0)]
-        if z_loss is not None:
-            aux = [{**losses, "z_loss": z} for losses, z in zip(aux, z_loss.unbind(0), strict=True)]
+        aux = with_z_loss(aux, z_loss)
         return [Routing.from_topk(top_idx[:, g], weights[:, g], n, aux_losses=aux[g]) for g in range(num_gates)]
 
     def extra_repr(self) -> str:
@@ -200,9 +186,7 @@ class SwitchGate(Gate):
     """
 
     k_policy = "fixed"
-    aux_losses = MappingProxyType(
-        {"load_balance": "α·n·Σᵢ fᵢPᵢ", "z_loss": "β · mean logsumexp(Wx)², Zoph et al. 2022"}
-    )
+    aux_losses = MappingProxyType({"load_balance": "α·n·Σᵢ fᵢPᵢ", **z_loss_trait("Wx")})
     summary = "top-1 of `softmax(Wx)` (Fedus et al.); its capacity is the layer's `capacity_limit=`"
     k_note = "1"
 
@@ -217,9 +201,8 @@ class SwitchGate(Gate):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__(d_in, num_experts, k=1, check_finite=check_finite, dtype=dtype)
+        super().__init__(d_in, num_experts, k=1, check_finite=check_finite, dtype=dtype, z_loss_weight=z_loss_weight)
         self.balance_weight = check_float("balance_weight", balance_weight, low=0.0)
-        self.z_loss_weight = check_float("z_loss_weight", z_loss_weight, low=0.0)
         self.proj = nn.Linear(d_in, num_experts, bias=False, device=device, dtype=dtype)
 
     def route(self, x: torch.Tensor, ids: torch.Tensor | None) -> Routing:
@@ -230,7 +213,8 @@ class SwitchGate(Gate):
         if x.shape[0] > 0:
             routed_fraction = count_per_expert(expert, self.num_experts).to(probs.dtype) / x.shape[0]
             aux["load_balance"] = self.balance_weight * self.num_experts * (routed_fraction * probs.mean(0)).sum()
-            aux["z_loss"] = self.z_loss_weight * router_z_loss(logits)
+        if (z_loss := self._z_loss(logits)) is not None:
+            aux["z_loss"] = z_loss
         return Routing.from_topk(expert[:, None], weight[:, None], self.num_experts, aux_losses=aux)
 
     def extra_repr(self) -> str:
