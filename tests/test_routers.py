@@ -394,6 +394,37 @@ def _check_expert_parallel(rank: int) -> None:
     assert torch.equal(everyone[0], everyone[1]) and bias.abs().sum() > 0
 
 
+def _global_balance_worker(rank: int, port: int, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2, timeout=timedelta(seconds=60)
+    )
+    torch.manual_seed(0)  # the same gate on both ranks
+    gate = TopKGate(D, N, k=2, noisy=False, balance_loss="switch", balance_scope="global", dtype=torch.float64)
+    x = torch.randn(6 + 3 * rank, D, dtype=torch.float64, generator=torch.Generator().manual_seed(rank))
+    loss = gate.train()(x).aux_losses["load_balance"]
+    result = {
+        "totals": gate.balance_totals.tolist(),
+        "inputs": float(gate.balance_inputs),
+        "local_choices": _choices(gate, x).tolist(),
+        "loss": float(loss),
+        "loss_from_totals": float(_switch_loss(gate, x, gate.balance_totals / gate.balance_inputs)),
+    }
+    Path(out, f"rank{rank}.json").write_text(json.dumps(result))
+    dist.destroy_process_group()
+
+
+def test_global_balance_all_reduces_f_over_ranks(tmp_path: Path) -> None:
+    mp.spawn(_global_balance_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    found = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert found[0]["totals"] == found[1]["totals"] and found[0]["inputs"] == found[1]["inputs"] == 15
+    union = [a + b for a, b in zip(found[0]["local_choices"], found[1]["local_choices"], strict=True)]
+    assert found[0]["totals"] == union  # f over both ranks' inputs
+    for r in found:  # each rank: the global f with its own P
+        assert r["loss"] == pytest.approx(r["loss_from_totals"], rel=1e-12)
+    assert found[0]["loss"] != pytest.approx(found[1]["loss"])
+
+
 def test_update_balance_all_reduces_the_counts_over_ranks(tmp_path: Path) -> None:
     mp.spawn(_balance_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
     found = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
@@ -470,6 +501,77 @@ def test_batched_task_gates_share_a_call_only_with_equal_z_loss_weights() -> Non
     x = torch.randn(9, D)
     routings = gates.route_tasks(layer.gates, x, None)
     assert "z_loss" in routings[0].aux_losses and "z_loss" not in routings[1].aux_losses
+
+
+# ------------------------------------------------------------------ global-batch balance loss
+
+GLOBAL_GATES = {
+    "switch": {},
+    "topk": {"k": 2, "noisy": False, "balance_loss": "switch"},
+}
+
+
+def _switch_loss(gate, x: torch.Tensor, fraction: torch.Tensor) -> torch.Tensor:
+    """``α · n · Σ f_i P_i`` with ``P`` the mean softmax of ``x``'s router logits, by hand."""
+    return gate.balance_weight * N * (fraction * torch.softmax(gate.proj(x), -1).mean(0)).sum()
+
+
+def _choices(gate, x: torch.Tensor) -> torch.Tensor:
+    """``[n]``: how often each expert is among the top-k logits of the rows ``x`` (no bias, no noise)."""
+    top = gate.proj(x).topk(gate.k, dim=-1).indices
+    return torch.zeros(N, dtype=x.dtype).index_add_(0, top.flatten(), torch.ones(top.numel(), dtype=x.dtype))
+
+
+@pytest.mark.parametrize("name", sorted(GLOBAL_GATES))
+def test_global_balance_on_one_micro_batch_is_the_batch_loss(name: str) -> None:
+    torch.manual_seed(0)
+    batch = gates.build(name, D, N, dtype=torch.float64, **GLOBAL_GATES[name]).train()
+    torch.manual_seed(0)
+    global_ = gates.build(name, D, N, dtype=torch.float64, balance_scope="global", **GLOBAL_GATES[name]).train()
+    x = torch.randn(11, D, dtype=torch.float64)
+    expected = batch(x).aux_losses["load_balance"]
+    torch.testing.assert_close(global_(x).aux_losses["load_balance"], expected)
+    torch.testing.assert_close(expected, _switch_loss(batch, x, _choices(batch, x) / 11))
+
+
+@pytest.mark.parametrize("name", sorted(GLOBAL_GATES))
+def test_global_balance_counts_f_over_every_micro_batch_since_the_update(name: str) -> None:
+    gate = gates.build(name, D, N, dtype=torch.float64, balance_scope="global", **GLOBAL_GATES[name]).train()
+    x = torch.randn(12, D, dtype=torch.float64)
+    parts = x.split([5, 4, 3])
+    for m, part in enumerate(parts):
+        seen = torch.cat(parts[: m + 1])  # the micro-batches of the step so far
+        loss = gate(part).aux_losses["load_balance"]
+        torch.testing.assert_close(loss, _switch_loss(gate, part, _choices(gate, seen) / len(seen)))
+    # the last micro-batch's f is the whole (concatenated) batch's; P stays the micro-batch's
+    torch.testing.assert_close(loss, _switch_loss(gate, parts[-1], _choices(gate, x) / 12))
+    assert not torch.allclose(loss, _switch_loss(gate, parts[-1], _choices(gate, parts[-1]) / 3))
+    gate.eval()(x)  # eval: the batch's own f, nothing accumulated
+    assert float(gate.balance_inputs) == 12
+    sparsemoe.update_balance(gate)  # a new global batch
+    assert float(gate.balance_inputs) == 0
+    loss = gate.train()(parts[1]).aux_losses["load_balance"]
+    torch.testing.assert_close(loss, _switch_loss(gate, parts[1], _choices(gate, parts[1]) / 4))
+
+
+def test_batched_task_gates_count_their_own_global_f() -> None:
+    options = GLOBAL_GATES["topk"]
+    layer = sparsemoe.MultiTaskMoE(D, 4, N, 3, gate="topk", balance_scope="global", **options).double().train()
+    x = torch.randn(10, D, dtype=torch.float64)
+    routings = layer.route(x)
+    for gate, routing in zip(layer.gates, routings, strict=True):
+        assert gate.balance_totals.tolist() == _choices(gate, x).tolist()
+        torch.testing.assert_close(routing.aux_losses["load_balance"], _switch_loss(gate, x, _choices(gate, x) / 10))
+
+
+def test_global_balance_needs_the_f_p_form_and_a_known_scope() -> None:
+    with pytest.raises(ValueError, match="balance_scope='global' needs balance_loss='switch'"):
+        TopKGate(D, N, balance_scope="global")
+    with pytest.raises(ValueError, match="balance_scope"):
+        gates.build("switch", D, N, balance_scope="step")
+    with pytest.raises(ValueError, match="balance_loss"):
+        TopKGate(D, N, balance_loss="gshard")
+    assert gates.build("switch", D, N).balance_totals is None  # batch scope keeps no buffers
 
 
 def test_batched_topk_gates_keep_their_own_biases() -> None:

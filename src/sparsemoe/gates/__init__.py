@@ -17,7 +17,7 @@ from types import MappingProxyType
 from typing import Any
 
 from .._validation import check_int
-from .balance import LossFreeBalance, update_balance
+from .balance import GlobalBalance, LossFreeBalance, update_balance
 from .base import Gate, IdKind, KPolicy, Sparsity, check_z_loss_weight, route_tasks
 from .comet import CometGate
 from .dselect_k import DSelectKGate
@@ -235,6 +235,7 @@ __all__ = [
     "FixedGate",
     "Gate",
     "GateSpec",
+    "GlobalBalance",
     "HashGate",
     "IdKind",
     "KPolicy",

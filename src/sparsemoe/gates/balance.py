@@ -10,18 +10,27 @@ The bias is a persistent buffer (saved in ``state_dict`` and so in checkpoints);
 non-persistent buffer that accumulates on the device without a host sync, over every training
 forward (micro-batch) since the last update. Under ``torch.distributed`` the counts of all ranks
 are summed in one all-reduce, so every rank moves its (replicated) bias identically.
+
+:class:`GlobalBalance` is the other half of what MoE language models balance with: the auxiliary
+balance loss ``α · n · Σ_i f_i P_i`` (Switch, GShard, Mixtral, Qwen-MoE) with ``f_i`` counted over the
+*global batch* instead of the micro-batch (``balance_scope="global"``, Qwen3-MoE; Qiu et al. 2025,
+"Demons in the Detail"). :func:`update_balance` ends a global batch for both.
 """
 
 from __future__ import annotations
 
-from typing import cast
+from collections.abc import Sequence
+from typing import Literal, cast
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from .._validation import check_float
+from .._validation import check_choice, check_float
 from ..routing import count_per_expert
+
+BalanceScope = Literal["batch", "global"]
+BALANCE_SCOPES = ("batch", "global")
 
 
 class LossFreeBalance(nn.Module):
@@ -74,6 +83,86 @@ class LossFreeBalance(nn.Module):
             self.balance_counts.zero_()
 
 
+class GlobalBalance(nn.Module):
+    """Mixin of gates whose balance loss ``α · n · Σ_i f_i P_i`` may count ``f`` over the global batch.
+
+    ``f_i`` is the number of (input, expert ``i``) choices per input (``Σ_i f_i = k``), without
+    gradient; ``P_i`` the mean router probability of expert ``i`` over the *local* micro-batch, which
+    carries the gradient. ``balance_scope`` says which inputs ``f`` counts:
+
+    - ``"batch"``: the inputs of this forward (one micro-batch on one rank);
+    - ``"global"`` (Qwen3-MoE): every input routed in training since the last
+      :func:`update_balance` (every micro-batch of the gradient-accumulation step so far, this one
+      included) on every rank: each training forward sums its counts over the ranks of
+      ``balance_group`` (default: the world) in one all-reduce when ``torch.distributed`` is
+      initialised, and adds them to the buffers. So at the last micro-batch of a step ``f`` is the
+      global batch's; earlier micro-batches use the running count (as Megatron-Core's global
+      auxiliary loss does). Call :func:`update_balance` after each optimizer step (the project's
+      training loop does) to start the next global batch; without it ``f`` counts every input since
+      the start. In eval the loss uses the batch's ``f`` and leaves the buffers alone.
+
+    Buffers (``"global"`` only, not saved: a global batch ends at each step): ``balance_totals``
+    (``float64[n]``, choices per expert) and ``balance_inputs`` (``float64[]``, inputs).
+    """
+
+    balance_scope: BalanceScope
+    balance_totals: torch.Tensor | None
+    balance_inputs: torch.Tensor | None
+    #: process group whose ranks share one global batch (``None``: the world)
+    balance_group: dist.ProcessGroup | None = None
+
+    def _init_balance_scope(self, num_experts: int, scope: object, device: torch.device | str | None) -> None:
+        self.balance_scope = cast(BalanceScope, check_choice("balance_scope", scope, BALANCE_SCOPES))
+        is_global = self.balance_scope == "global"
+        totals = torch.zeros(num_experts, dtype=torch.float64, device=device) if is_global else None
+        inputs = torch.zeros((), dtype=torch.float64, device=device) if is_global else None
+        self.register_buffer("balance_totals", totals, persistent=False)
+        self.register_buffer("balance_inputs", inputs, persistent=False)
+
+    def _reset_balance_scope(self) -> None:
+        """Start a new global batch (zero the accumulated counts)."""
+        if self.balance_totals is not None and self.balance_inputs is not None:
+            self.balance_totals.zero_()
+            self.balance_inputs.zero_()
+
+
+def choice_fraction(gates: Sequence[GlobalBalance], expert: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """``f: [G, n]``, choices of each expert per input, for the ``G`` gates of one batched call.
+
+    ``expert: LongTensor[T, G, k]`` holds each gate's chosen experts. The gates share their scope
+    and training mode (:meth:`Gate.batch_key`); in training with ``balance_scope="global"`` the
+    counts are all-reduced and accumulated (see :class:`GlobalBalance`). Never carries a gradient.
+    """
+    rows, num_gates = expert.shape[0], expert.shape[1]
+    with torch.no_grad():
+        offsets = num_experts * torch.arange(num_gates, device=expert.device)[:, None]  # [G, 1]
+        cells = (expert.transpose(0, 1).reshape(num_gates, -1) + offsets).flatten()
+        counts = count_per_expert(cells, num_gates * num_experts).view(num_gates, num_experts).to(torch.float64)
+        first = gates[0]
+        if first.balance_scope == "batch" or not first.training:
+            return counts / max(rows, 1)
+        local = torch.cat([counts.flatten(), counts.new_full((1,), float(rows))])  # one collective for all G
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(local, group=first.balance_group)
+        summed = local[:-1].view(num_gates, num_experts)
+        fractions = []
+        for g, gate in enumerate(gates):
+            totals, inputs = cast(torch.Tensor, gate.balance_totals), cast(torch.Tensor, gate.balance_inputs)
+            totals.add_(summed[g])
+            inputs.add_(local[-1])
+            fractions.append(totals / inputs.clamp(min=1.0))
+        return torch.stack(fractions)
+
+
+def switch_balance_loss(fraction: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """``n · Σ_i f_i P_i`` per gate: ``fraction: [G, n]`` (no gradient), ``probs: [T, G, n]`` router probabilities.
+
+    ``P`` is the mean of ``probs`` over the ``T`` local inputs; at a uniform routing the loss is ``k``.
+    """
+    n = probs.shape[-1]
+    return n * (fraction.to(probs.dtype) * probs.mean(0)).sum(-1)
+
+
 def balanced_gates(model: nn.Module) -> list[LossFreeBalance]:
     """The gates of ``model`` whose bias is updated (``bias_update_rate > 0``), in module order."""
     if not isinstance(model, nn.Module):
@@ -87,8 +176,12 @@ def update_balance(model: nn.Module, group: dist.ProcessGroup | None = None) -> 
     Call it after each optimizer step (the project's training loop does). Loads are the inputs each
     expert received in every training forward since the last call; under an initialised
     ``torch.distributed`` they are summed over the ranks of ``group`` (default: the world) in one
-    all-reduce first, so every rank holds the same bias. Counts are reset afterwards.
+    all-reduce first, so every rank holds the same bias. Counts are reset afterwards, and so are the
+    global-batch counts of gates with ``balance_scope="global"`` (:class:`GlobalBalance`).
     """
+    for module in model.modules() if isinstance(model, nn.Module) else ():
+        if isinstance(module, GlobalBalance):
+            module._reset_balance_scope()
     found = balanced_gates(model)
     if not found:
         return 0
