@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
+from pathlib import Path
 
 import pytest
+import torch
 
-from sparsemoe.experiments import comet_movielens, comet_multimnist, comet_tuning
+from sparsemoe.experiments import comet_movielens, comet_multimnist, comet_tuning, tuning
+from sparsemoe.models import RecsysMMoE
 
 from conftest import needs_data
 
@@ -33,6 +37,44 @@ def test_comet_movielens_quick(tmp_path) -> None:
         _results(tmp_path / "ml" / "quick")["cost"]["training_seconds_total"]
         == results["cost"]["training_seconds_total"]
     )
+
+
+@needs_data("movielens-100k")
+def test_comet_movielens_adds_the_ple_row_and_keeps_the_others(tmp_path) -> None:
+    base = {"quick": True, "trials": 1, "seeds": 1, "out": tmp_path / "ml"}
+    comet_movielens.run(comet_movielens.Config(gates=["softmax"], **base))
+    first = _results(tmp_path / "ml" / "quick")
+    comet_movielens.run(comet_movielens.Config(gates=["ple"], **base))
+    merged = _results(tmp_path / "ml" / "quick")
+    assert list(merged["summary"]) == merged["config"]["gates"] == ["softmax", "ple"]
+    for part in ("summary", "trials", "best_runs", "active_experts_per_epoch"):
+        assert merged[part]["softmax"] == first[part]["softmax"]  # kept as it was, not retrained
+    assert merged["commands"][0] == first["command"] and "--gates ple" in merged["commands"][1]
+    ple_seconds = sum(r["seconds"] for r in merged["trials"]["ple"] + merged["best_runs"]["ple"])
+    total = first["cost"]["training_seconds_total"] + ple_seconds
+    assert math.isclose(merged["cost"]["training_seconds_total"], total)
+    assert merged["summary"]["ple"]["active_experts"]["mean"] == 16.0  # dense softmax gates: every expert
+    assert "`, then `" in (tmp_path / "ml" / "quick" / "table.md").read_text()
+
+
+def test_ple_row_has_mmoes_parameters_and_experts() -> None:
+    """Equal budget: PLE's 2 levels of 8 experts and its 5 gates hold exactly MMoE's parameter count."""
+    s = comet_movielens.SETTINGS
+    sizes = {k: s[k] for k in ("num_experts", "embed_dim", "expert_dim", "tower_hidden", "dropout")}
+    mmoe = RecsysMMoE(30, 20, "softmax", **sizes)
+    ple = comet_movielens.ple_model(30, 20, s)
+    assert sum(p.numel() for p in ple.parameters()) == sum(p.numel() for p in mmoe.parameters())
+    ple(torch.randint(0, 20, (9, 2)))
+    assert comet_movielens.experts_per_input(ple) == s["num_experts"]
+
+
+def test_rows_read_back_from_the_committed_results_summarise_as_committed() -> None:
+    """Merging keeps a row by reading it from results.json: its summary must come out unchanged."""
+    path = Path(__file__).resolve().parents[1] / "results" / "comet-movielens" / "results.json"
+    results = json.loads(path.read_text())
+    studies, best = tuning.rows_of(results)
+    problem = comet_movielens.problem(comet_movielens.SETTINGS)
+    assert tuning.summarise_rows(studies, best, problem) == results["summary"]
 
 
 @needs_data("mnist-5k")

@@ -10,6 +10,17 @@ Training runs to convergence: up to ``epochs`` epochs with early stopping on the
 100 epochs and patience 25 on 1.6M rows; here 60 and 10 on 45k rows (44 steps per epoch), which the
 validation loss reaches its minimum well within (see ``best epoch / epochs run`` in table.md) at a
 cost this machine can pay for ~650 trials.
+
+Besides the gates, the row ``ple`` is PLE (Tang et al., RecSys 2020; :class:`sparsemoe.models.PLE`)
+with softmax gates, tuned under the same protocol as the MMoE rows (the ``softmax`` row is MMoE with
+the same gate): the same 50 trials, the same search space (the learning rate over ``lr_range``; a
+softmax gate has nothing else to tune), epochs, patience, seeds and data; the same embeddings,
+expert width, towers and dropout. Its shape (``PLE_SHAPE``: two levels of 2 experts per task and 4
+shared ones) gives it MMoE's 16 experts of the same width, and gates of the same total size (MMoE:
+2 gates over 16 experts, 2·(64·16 + 16) = 2,080 weights; PLE: per level 2 task gates over 6
+experts, plus a shared gate over 8 in the first level: 4·(64·6 + 6) + (64·8 + 8) = 2,080), so both
+models have the same parameter count. ``--gates ple`` trains that row alone and merges it into an
+existing ``results.json`` of the same settings (see :func:`~sparsemoe.experiments.tuning.run_tuning`).
 """
 
 from __future__ import annotations
@@ -19,7 +30,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +38,9 @@ from sklearn.metrics import roc_auc_score
 
 from ..data import MovieLens, data_dir, load_movielens, movielens
 from ..distributed import all_ranks, data_parallel, join_torchrun
-from ..models import RecsysMMoE
+from ..layers import CGC
+from ..models import PLE, RecsysMMoE, UserItemEmbedding
+from ..routing import Routing
 from .progress import console
 from .tuning import (
     PAPER_GATES,
@@ -67,6 +80,11 @@ SETTINGS: dict[str, Any] = {
     "probe_rows": 2048,  # validation rows on which experts per input are counted after each epoch
 }
 QUICK: dict[str, Any] = {"train_rows": 8000, "perm_epochs_grid": [1]}
+#: rows that are models rather than gates, with the gate they use: PLE with MMoE's softmax gate
+MODEL_ROWS = {"ple": "softmax"}
+#: PLE's levels and expert groups: 16 experts and 2,080 gate weights in all, as MMoE (see the module docs)
+PLE_SHAPE = {"levels": 2, "task_experts": 2, "shared_experts": 4}
+ROWS = (*PAPER_GATES, *MODEL_ROWS)
 #: the issue's minimum trial counts: the tuning-budget study's gates get 100, the rest 50
 TRIALS = {"topk": 100, "topk+": 100, "hash": 100, "hash+": 100}
 DEFAULT_TRIALS = 50
@@ -78,7 +96,10 @@ METRICS = [("auc", "T1 watch ROC-AUC ↑", True), ("mse", "T2 rating MSE ↓", F
 class Config:
     quick: bool = field(default=False, metadata={"help": "tiny smoke run (CI): 8k rows, 1 epoch, <= 2 trials/seeds"})
     out: Path = field(default=Path(f"results/{NAME}"), metadata={"help": "output folder"})
-    gates: list[str] = field(default_factory=lambda: list(PAPER_GATES), metadata={"help": "gates to tune"})
+    gates: list[str] = field(
+        default_factory=lambda: list(ROWS),
+        metadata={"help": "gates (and 'ple': PLE with softmax gates) to tune; other rows of results.json are kept"},
+    )
     trials: int = field(
         default=0,
         metadata={"help": "random-search trials per gate (0: 100 for topk/topk+/hash/hash+, 50 for the rest)"},
@@ -92,7 +113,7 @@ class Config:
     )
 
     def __post_init__(self) -> None:
-        check_study_config(self, PAPER_GATES)
+        check_study_config(self, ROWS)
 
 
 @functools.lru_cache(maxsize=2)
@@ -100,7 +121,7 @@ def _data(seed: int, negatives: int, split: tuple[float, float, float]) -> dict[
     return load_movielens(seed, negatives, split)
 
 
-def _predict(model: RecsysMMoE, split: MovieLens, batch: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
+def _predict(model: RecsysMMoE | PLE, split: MovieLens, batch: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
     ids = torch.stack([split.user, split.item], 1)
     logits, ratings = [], []
     for rows in torch.arange(len(split)).split(batch):
@@ -110,8 +131,44 @@ def _predict(model: RecsysMMoE, split: MovieLens, batch: int = 8192) -> tuple[to
     return torch.cat(logits), torch.cat(ratings)
 
 
+def ple_model(num_users: int, num_items: int, settings: dict[str, Any], **gate_options: Any) -> PLE:
+    """The ``ple`` row's model: MMoE's embeddings, Dense+ReLU experts, towers and dropout, PLE's levels."""
+    return PLE(
+        2 * settings["embed_dim"],
+        settings["expert_dim"],
+        [1, 1],
+        levels=PLE_SHAPE["levels"],
+        task_experts=PLE_SHAPE["task_experts"],
+        shared_experts=PLE_SHAPE["shared_experts"],
+        gate=MODEL_ROWS["ple"],
+        tower_hidden=settings["tower_hidden"],
+        bottom=UserItemEmbedding(num_users, num_items, settings["embed_dim"]),
+        dropout=settings["dropout"],
+        expert="linear",
+        activation="relu",
+        **gate_options,
+    )
+
+
+def experts_per_input(model: RecsysMMoE | PLE) -> float:
+    """Experts computed per input in the last forward.
+
+    MMoE: the mean over its task gates (every gate row of the study). PLE: per level, the experts
+    that any of its gates used for the input, summed over the levels (all 16 for softmax gates).
+    """
+    if not isinstance(model, PLE):
+        return active_experts(model.moe.last_routing)
+    total = 0.0
+    for level in model.levels:
+        routings: list[Routing] = cast(CGC, level).last_routing or []
+        cells = torch.cat([r.token * r.num_experts + r.expert for r in routings])  # (input, bank expert) pairs
+        total += cells.unique().numel() / max(routings[0].num_inputs, 1)
+    return total
+
+
 def train(settings: dict[str, Any], gate: str, params: dict[str, Any], seed: int) -> dict[str, Any]:
-    """Train one model; val loss = weighted BCE + masked MSE on the validation split."""
+    """Train one model (row ``gate``: a gate spec, or ``ple``); val loss = weighted BCE + masked MSE on the
+    validation split."""
     torch.manual_seed(seed)
     data = _data(settings["data_seed"], settings["negatives_per_positive"], tuple(settings["split"]))
     train_split = data["train"]
@@ -119,18 +176,23 @@ def train(settings: dict[str, Any], gate: str, params: dict[str, Any], seed: int
         train_split = train_split.subset(torch.arange(settings["train_rows"]))
     mean_rating = float(train_split.rating[train_split.watched > 0].mean())  # the rating tower predicts offsets
     steps_per_epoch = -(-len(train_split) // settings["batch_size"])
-    model = RecsysMMoE(
-        train_split.num_users,
-        train_split.num_items,
-        gate,
-        num_experts=settings["num_experts"],
-        embed_dim=settings["embed_dim"],
-        expert_dim=settings["expert_dim"],
-        tower_hidden=settings["tower_hidden"],
-        dropout=settings["dropout"],
-        local_search_steps=params.get("perm_epochs", 1) * steps_per_epoch,
-        **gate_options(gate, params, settings["k"]),
-    )
+    options = gate_options(MODEL_ROWS.get(gate, gate), params, settings["k"])
+    model: RecsysMMoE | PLE
+    if gate in MODEL_ROWS:
+        model = ple_model(train_split.num_users, train_split.num_items, settings, **options)
+    else:
+        model = RecsysMMoE(
+            train_split.num_users,
+            train_split.num_items,
+            gate,
+            num_experts=settings["num_experts"],
+            embed_dim=settings["embed_dim"],
+            expert_dim=settings["expert_dim"],
+            tower_hidden=settings["tower_hidden"],
+            dropout=settings["dropout"],
+            local_search_steps=params.get("perm_epochs", 1) * steps_per_epoch,
+            **options,
+        )
     # under torchrun: DDP (the trainer gives each rank its shard of every batch); one process: model
     net = data_parallel(model, experts=settings.get("expert_parallel", False))
     w_watch, w_rating = settings["task_weights"]
@@ -152,7 +214,7 @@ def train(settings: dict[str, Any], gate: str, params: dict[str, Any], seed: int
     def count_experts(epoch: int, val_loss: float) -> None:
         with torch.no_grad():  # fit calls this in eval mode, after the validation loss
             model(torch.stack([probe.user, probe.item], 1))
-        active_per_epoch.append(active_experts(model.moe.last_routing))
+        active_per_epoch.append(experts_per_input(model))
 
     result = fit_trial(
         net,
@@ -174,7 +236,7 @@ def train(settings: dict[str, Any], gate: str, params: dict[str, Any], seed: int
                 "auc": float(roc_auc_score(split.watched.numpy(), logit.numpy())),
                 "mse": float(F.mse_loss(rating[seen] + mean_rating, split.rating[seen])),
             }
-    return trial_record(result, metrics, model.moe.last_routing, active_per_epoch)
+    return trial_record(result, metrics, experts_per_input(model), active_per_epoch)
 
 
 def settings_of(config: Config) -> dict[str, Any]:
@@ -191,8 +253,13 @@ def trial_counts(config: Config, gates: list[str]) -> dict[str, int]:
     return {g: min(n, QUICK_CAPS["trials"]) for g, n in counts.items()} if config.quick else counts
 
 
+def sample_row(settings: dict[str, Any], trial: Any, row: str) -> dict[str, Any]:
+    """One configuration for ``row``: its gate's grid (a model row draws from its gate's)."""
+    return sample(settings, trial, MODEL_ROWS.get(row, row))
+
+
 def problem(settings: dict[str, Any]) -> Problem:
-    return Problem(NAME, functools.partial(sample, settings), functools.partial(train, settings), METRICS, settings)
+    return Problem(NAME, functools.partial(sample_row, settings), functools.partial(train, settings), METRICS, settings)
 
 
 def run(config: Config) -> dict[str, Any]:

@@ -111,7 +111,10 @@ def check_study_config(config: Any, gates_allowed: tuple[str, ...]) -> None:
 
 
 def active_experts(routing: Any) -> float:
-    """Experts computed per input in the last forward: one routing, or the mean over task gates."""
+    """Experts computed per input in the last forward: one routing, or the mean over task gates (a
+    float is a count the experiment made itself, returned as it is)."""
+    if isinstance(routing, float):
+        return routing
     routings = routing if isinstance(routing, list) else [routing]
     return float(np.mean([r.num_pairs / max(r.num_inputs, 1) for r in routings]))
 
@@ -288,25 +291,29 @@ def run_tuning(
     problem: Problem, gates: list[str], trials: dict[str, int], seeds: int, out: Path, command: str
 ) -> dict[str, Any]:
     """Tune every gate (``trials[gate]`` trials), retrain each best configuration over seeds, write
-    results.json/table.md/PNGs. ``command`` (recorded in the results) reruns it, which resumes it."""
+    results.json/table.md/PNGs. ``command`` (recorded in the results) reruns it, which resumes it.
+
+    Rows of an earlier ``results.json`` in ``out`` (same experiment, settings and seeds) that this run
+    does not tune are kept as they are, read from that file (their trials and seed runs are not
+    rerun): ``--gates ple`` adds one row to a finished study. The results then list every command
+    merged in ``commands``, and ``cost`` adds the earlier rows' training time and wall-clock span.
+    """
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    previous = _mergeable(out / "results.json", problem, seeds)
     studies, best = _tune(problem, gates, trials, seeds, out)
-    store = RunStore(out)
-    summary = {
-        gate: {
-            "top5": {"n": len(top_fraction(studies[gate])), **summarise_metrics(top_fraction(studies[gate]), problem)},
-            "best": summarise_metrics(best[gate]["runs"], problem),
-            "best_params": best[gate]["params"],
-            **_run_stats(best[gate]["runs"]),
-            "trials": len(studies[gate]),
-            "diverged": sum(not math.isfinite(r["val_loss"]) for r in studies[gate]),
-        }
-        for gate in gates
-    }
+    span = _span(studies, best, RunStore(out), problem)
+    if previous is not None:
+        kept = [g for g in previous["config"]["gates"] if g not in gates]
+        console.print(f"keeping the rows {', '.join(kept)} of {out / 'results.json'} (not retrained)")
+        old_studies, old_best = rows_of(previous)
+        studies = {**{g: old_studies[g] for g in kept}, **studies}
+        best = {**{g: old_best[g] for g in kept}, **best}
+        trials = {**{g: previous["config"]["trials_per_gate"][g] for g in kept}, **trials}
+        gates = [*kept, *gates]
+        span += previous["cost"]["wall_clock_span_seconds"]
+    summary = summarise_rows(studies, best, problem)
     saturated = {g: best[g]["saturated"] for g in gates if "saturated" in best[g]}
-    for gate, pick in saturated.items():
-        summary[gate]["saturated"] = _saturated_summary(pick, best[gate], problem)
     # Every seed run once: a saturated pick equal to the best one shares its runs.
     seed_runs = [r for g in gates for r in best[g]["runs"]] + [
         r
@@ -315,16 +322,11 @@ def run_tuning(
         for r in pick["runs"]
     ]
     compute = sum(r["seconds"] for g in gates for r in studies[g]) + sum(r["seconds"] for r in seed_runs)
-    # Wall-clock span of the whole study (all processes): first trial start to last trial or seed run end.
-    # Seed runs saved before their records carried a timestamp fall back to their file's modification time.
-    ends = [r["finished"] for g in gates for r in studies[g]]
-    ends += [
-        r.get("finished") or store.path(RunStore.key(**_run_key(r, problem.config))).stat().st_mtime for r in seed_runs
-    ]
-    span = max(ends) - min(r["started"] for g in gates for r in studies[g])
+    commands = [*(previous.get("commands", [previous["command"]]) if previous else []), command]
     results = {
         "experiment": problem.name,
         "command": command,
+        "commands": list(dict.fromkeys(commands)),
         "written": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "config": {**problem.config, "trials_per_gate": trials, "seeds": seeds, "gates": gates},
         "active_experts_per_epoch": {
@@ -349,6 +351,69 @@ def run_tuning(
     print(text)
     console.print(f"wrote {out / 'results.json'}, {out / 'table.md'} and PNG plots in {out}")
     return results
+
+
+def summarise_rows(
+    studies: dict[str, list[Record]], best: dict[str, dict[str, Any]], problem: Problem
+) -> dict[str, dict[str, Any]]:
+    """``results["summary"]``: per row, the top-5% and best-configuration metrics and run statistics."""
+    summary = {
+        gate: {
+            "top5": {"n": len(top_fraction(studies[gate])), **summarise_metrics(top_fraction(studies[gate]), problem)},
+            "best": summarise_metrics(best[gate]["runs"], problem),
+            "best_params": best[gate]["params"],
+            **_run_stats(best[gate]["runs"]),
+            "trials": len(studies[gate]),
+            "diverged": sum(not math.isfinite(r["val_loss"]) for r in studies[gate]),
+        }
+        for gate in studies
+    }
+    for gate, row in best.items():
+        if "saturated" in row:
+            summary[gate]["saturated"] = _saturated_summary(row["saturated"], row, problem)
+    return summary
+
+
+def _mergeable(path: Path, problem: Problem, seeds: int) -> dict[str, Any] | None:
+    """The earlier results in ``path`` whose rows a run may keep: same experiment, settings and seeds."""
+    if not path.is_file():
+        return None
+    previous = json.loads(path.read_text())
+    same = (previous.get("experiment"), previous.get("config_tag"), previous.get("config", {}).get("seeds")) == (
+        problem.name,
+        config_tag(problem.config),
+        seeds,
+    )
+    if not same:
+        console.print(f"{path} holds another configuration (settings or seeds differ): its rows are not kept")
+        return None
+    return previous
+
+
+def rows_of(results: dict[str, Any]) -> tuple[dict[str, list[Record]], dict[str, dict[str, Any]]]:
+    """``(studies, best)`` of every row of a written ``results.json``, as :func:`_tune` returns them."""
+    studies = {g: results["trials"][g] for g in results["summary"]}
+    best: dict[str, dict[str, Any]] = {}
+    for g, row in results["summary"].items():
+        best[g] = {"params": row["best_params"], "runs": results["best_runs"][g]}
+        if g in results["saturated_runs"]:
+            runs = results["saturated_runs"][g]
+            best[g]["saturated"] = None if runs is None else {"params": row["saturated"]["params"], "runs": runs}
+    return studies, best
+
+
+def _span(
+    studies: dict[str, list[Record]], best: dict[str, dict[str, Any]], store: RunStore, problem: Problem
+) -> float:
+    """Wall-clock span of the rows tuned here (all processes): first trial start to last trial or seed run end.
+
+    Seed runs saved before their records carried a timestamp fall back to their file's modification time.
+    """
+    runs = [r for row in best.values() for r in row["runs"]]
+    runs += [r for row in best.values() if row.get("saturated") for r in row["saturated"]["runs"]]
+    ends = [r["finished"] for rows in studies.values() for r in rows]
+    ends += [r.get("finished") or store.path(RunStore.key(**_run_key(r, problem.config))).stat().st_mtime for r in runs]
+    return max(ends) - min(r["started"] for rows in studies.values() for r in rows)
 
 
 def _tune(

@@ -106,6 +106,11 @@ def _counts(trials: dict[str, int]) -> str:
     return ", ".join(f"{n} ({', '.join(g)})" for n, g in groups.items())
 
 
+def produced_by(results: dict[str, Any]) -> str:
+    """The command(s) that wrote ``results``: each merged run's, in order (rows added by ``--gates``)."""
+    return ", then ".join(f"`{c}`" for c in results.get("commands", [results["command"]]))
+
+
 def render_tables(results: dict[str, Any], metrics: list[tuple[str, str, bool]]) -> str:
     """The Markdown of table.md: top-5% (mean ± SE) and best configuration over seeds (mean ± std)."""
     cfg, summary = results["config"], results["summary"]
@@ -123,7 +128,7 @@ def render_tables(results: dict[str, Any], metrics: list[tuple[str, str, bool]])
     n_top = {s["top5"]["n"] for s in summary.values()}
     hours = results["cost"]["training_seconds_total"] / 3600
     return (
-        f"# {results['experiment']}\n\nProduced by `{results['command']}` ({results['written']}); "
+        f"# {results['experiment']}\n\nProduced by {produced_by(results)} ({results['written']}); "
         f"random-search trials per gate: {_counts(cfg['trials_per_gate'])}; best configuration retrained over "
         f"{cfg['seeds']} seeds; total training time {hours:.2f} h (single thread).\n\n"
         f"## Test metrics over the top 5% of trials by validation loss (mean ± standard error, "
