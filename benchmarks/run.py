@@ -2,8 +2,9 @@
 
 Families: the layer against its dense-equivalent and the peer libraries (time, peak memory), where
 the time goes (profile), sweeps over T/n/k, gate cost and sparse-gate scaling, local search
-overhead, small models (an MMoE training step at the COMET paper's scale), and the Hugging Face experts
-backend (``hf``: a Mixtral experts module under eager, grouped_mm and sparsemoe). ``--quick`` runs
+overhead, small models (an MMoE training step at the COMET paper's scale), the Hugging Face experts
+backend (``hf``: a Mixtral experts module under eager, grouped_mm and sparsemoe), and shared experts
+computed as one dense MLP vs fused into the routed grouped matmul (``shared``). ``--quick`` runs
 small shapes with few rounds on one thread with the CPU clock (under a minute; it prints its own
 duration) and writes to
 ``benchmarks/quick/`` so it never overwrites the committed full results. Every measurement checks
@@ -23,7 +24,7 @@ import torch
 
 from sparsemoe.atomic import atomic_write_text
 
-from . import bench_gates, bench_profile, bench_search, hf_experts, layer, mmoe_small, timing
+from . import bench_gates, bench_profile, bench_search, hf_experts, layer, mmoe_small, shared_experts, timing
 from .report import Section, table
 
 HERE = Path(__file__).resolve().parent
@@ -44,7 +45,7 @@ def reuse_freed_memory() -> bool:
         return False
 
 
-FAMILIES = ("headline", "profile", "sweeps", "gates", "search", "small", "hf")
+FAMILIES = ("headline", "profile", "sweeps", "gates", "search", "small", "hf", "shared")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -170,6 +171,10 @@ def main(argv: list[str] | None = None) -> None:
             print("hf experts backend: skipped (needs transformers: pip install 'sparsemoe[hf]')", flush=True)
         else:
             run("hf experts backend", hf_experts.hf_experts, hf_experts.QUICK if args.quick else hf_experts.FULL)
+    if "shared" in families:
+        run(
+            "shared experts", shared_experts.shared_experts, shared_experts.QUICK if args.quick else shared_experts.FULL
+        )
     load.append(timing.load_per_core())
 
     command = (

@@ -260,7 +260,8 @@ class MoE(MoELayer):
             Qwen2-MoE), added to the routed output. ``s`` shared experts of width ``h`` are stored
             as one dense expert of width ``s·h`` (the same function as their sum, as DeepSeek-V3
             stores them) in ``shared_expert``, computed as one dense MLP (not fused into the routed
-            experts' grouped matmul). Needs ``expert`` to be ``"mlp"`` or ``"swiglu"``.
+            experts' grouped matmul: fused, they measured slower at every shape tried on CPU,
+            ``benchmarks/RESULTS-shared-experts.md``). Needs ``expert`` to be ``"mlp"`` or ``"swiglu"``.
         shared_hidden: hidden width ``h`` of each shared expert (default ``d_hidden``).
         shared_gate: scale the shared output by ``sigmoid(x · w)`` (Qwen2-MoE; ``shared_expert_gate``).
         **gate_options: passed to the gate (``gamma=``, ``entropy_weight=``, ``noisy=``, ...).
