@@ -474,7 +474,9 @@ class CGC(MoELayer):
     bank (task ``t`` owns experts ``t·task_experts ...``, the shared ones come last). Task ``t``'s
     gate (any gate) chooses among its own and the shared experts only. With ``shared_gate=True``
     (the lower levels of PLE) one more gate chooses among all experts; its mix is an extra output,
-    the shared input of the next level. Balancing gates balance over the choices they see.
+    the shared input of the next level. Balancing gates balance over the choices they see. Each
+    group's experts run once per forward, on the pairs any gate reaching them chose
+    (:func:`~sparsemoe.dispatch.dispatch_tasks`): the shared experts are not recomputed per gate.
 
     Args:
         d_in: input width of experts and gates.
@@ -578,24 +580,29 @@ class CGC(MoELayer):
                             aux_losses=local.aux_losses)
                 )  # fmt: skip
         self._record(routings)
-        outputs = []
-        for i, routing in enumerate(routings):
-            reach = range(groups) if i == self.num_tasks else (i, self.num_tasks)
-            out: torch.Tensor | None = None
-            for g in reach:  # each group's experts on that group's input
-                lo, hi = self._group(g)
-                if lo == hi:
-                    continue
+        outputs: list[torch.Tensor | None] = [None] * len(routings)
+        for g in range(groups):  # each group's experts on that group's input, once for every gate reaching them
+            lo, hi = self._group(g)
+            if lo == hi:
+                continue
+            # task gate i reaches its own group and the shared one; the shared gate (i = num_tasks) every group
+            readers = [i for i in range(len(routings)) if g in (i, self.num_tasks) or i == self.num_tasks]
+            parts = []
+            for i in readers:
+                routing = routings[i]
                 keep = (routing.expert >= lo) & (routing.expert < hi)
-                part = Routing(
-                    routing.token[keep], routing.expert[keep], routing.weight[keep], self.num_experts,
-                    routing.num_inputs,
+                parts.append(
+                    Routing(routing.token[keep], routing.expert[keep], routing.weight[keep], self.num_experts,
+                            routing.num_inputs)
                 )  # fmt: skip
-                y = dispatch(flat[g][1], part, self.experts)
-                out = y if out is None else out + y
+            for i, y in zip(readers, dispatch_tasks(flat[g][1], parts, self.experts), strict=True):
+                previous = outputs[i]
+                outputs[i] = y if previous is None else previous + y
+        finished = []
+        for out in outputs:
             assert out is not None  # every gate reaches at least one expert
-            outputs.append(out.view(*leading, *out.shape[1:]))
-        return outputs
+            finished.append(out.view(*leading, *out.shape[1:]))
+        return finished
 
     def routing_stats(self, window: bool = False) -> list[dict[str, float | list[int]]]:
         """Per gate (tasks, then the shared gate): load per expert of the whole bank, the rest as in MoE."""
