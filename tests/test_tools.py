@@ -111,6 +111,11 @@ def test_claim_verdicts_follow_the_standard_error() -> None:
     budget = [row for row in rows if "trials to reach" in row[0]]
     assert [row[-1] for row in budget] == ["confirmed", "not confirmed"]
     assert "not reached" in budget[1][4]
+    assert not [row for row in rows if row[0].startswith("PLE")]  # no PLE row in these results
+    summary["ple"], summary["softmax"] = gate(0.75, 0.002), gate(0.74, 0.002)  # 3.5 SE apart
+    ple = {row[2]: row[-1] for row in comet_readme.claim_rows({"comet-movielens": {"summary": summary}})
+           if row[0] == "PLE vs MMoE (softmax gates) ROC-AUC"}  # fmt: skip
+    assert ple == {"top-5% trials (± SE)": "confirmed", "best config, seeds": "confirmed"}
 
 
 def test_rerender_redraws_the_committed_tables_from_their_results(tmp_path: Path) -> None:

@@ -112,6 +112,10 @@ def claim_rows(results: dict[str, dict[str, Any]]) -> list[list[str]]:
                 a, b = _stat(summary, f"{base}+", part, metric), _stat(summary, base, part, metric)
                 if a is not None and b is not None:
                     rows.append(_compare(f"local search: {base}+ vs {base} ROC-AUC", name, label, "gains", a, b))
+        for part, label in PARTS[:2]:  # comet-movielens' PLE row, tuned at MMoE's budget and parameter count
+            a, b = _stat(summary, "ple", part, metric), _stat(summary, "softmax", part, metric)
+            if a is not None and b is not None:
+                rows.append(_compare("PLE vs MMoE (softmax gates) ROC-AUC", name, label, "gains (Tang et al.)", a, b))
     tuning = results.get("comet-tuning")
     if tuning is not None:
         n = tuning["trials_per_gate"]
