@@ -1,4 +1,4 @@
-"""COMET paper on MovieLens-100K: will-watch (ROC-AUC) + rating (MSE), 16 experts, k=2, nine gates tuned.
+"""COMET paper on MovieLens-100K: will-watch (ROC-AUC) + rating (MSE), 16 experts, k=2, nine gates and PLE tuned.
 
 The paper's MovieLens architecture (embeddings as the shared bottom and the gate input; Dense+ReLU
 experts; a tower per task) and its tuning protocol (random search per gate, top-5% report, best
