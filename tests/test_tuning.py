@@ -118,3 +118,20 @@ def test_same_compute_pick_reads_experts_per_input_on_validation_not_test(tmp_pa
     tried = {t["params"]["experts"] for t in results["trials"]["comet"]}
     assert tried == {2.0, 9.0}, "the fixed sampler seed should draw both configurations"
     assert results["summary"]["comet"]["saturated"]["params"] == {"experts": 2.0}
+
+
+def test_a_run_of_other_gates_keeps_the_earlier_rows_and_only_with_equal_settings(tmp_path: Path) -> None:
+    trained: list[tuple[str, dict[str, Any], int]] = []
+    first = run_tuning(_problem(trained), ["comet"], {"comet": 6}, SEEDS, tmp_path, "cmd comet")
+    trained.clear()
+    merged = run_tuning(_problem(trained), ["topk"], {"topk": 3}, SEEDS, tmp_path, "cmd topk")
+    assert {gate for gate, _, _ in trained} == {"topk"}  # comet is read back, not retrained
+    assert list(merged["summary"]) == merged["config"]["gates"] == ["comet", "topk"]
+    assert merged["summary"]["comet"] == first["summary"]["comet"]  # its saturated pick included
+    assert merged["saturated_runs"]["comet"] == first["saturated_runs"]["comet"]
+    assert merged["config"]["trials_per_gate"] == {"comet": 6, "topk": 3}
+    assert merged["commands"] == ["cmd comet", "cmd topk"]
+    assert "Produced by `cmd comet`, then `cmd topk`" in (tmp_path / "table.md").read_text()
+    # other seeds: a different study, whose rows are not mixed in
+    other = run_tuning(_problem([]), ["topk"], {"topk": 3}, SEEDS + 1, tmp_path, "cmd seeds")
+    assert list(other["summary"]) == ["topk"] and other["commands"] == ["cmd seeds"]
