@@ -343,14 +343,21 @@ def _check_fsdp2_2d(rank: int) -> str:
     return "ok"
 
 
-def _check_fsdp2_same_mesh_fails(rank: int) -> str:
-    """docs/failure-modes.md: fully_shard over the very mesh the experts are sharded on, without
-    ignored_params, fails in torch itself with the error the doc quotes (this test keeps the doc true)."""
+def _check_fsdp2_pitfalls(rank: int) -> str:
+    """docs/failure-modes.md, "FSDP2 and expert parallelism": (1) fully_shard over the very mesh the
+    experts are sharded on, without ignored_params, fails in torch itself with the errors the doc
+    quotes; (2) on a (dp=1, ep=2) mesh, fully_shard(model, mesh=mesh["dp"]) runs but averages the
+    replicated parameters over dp only (one rank), so training departs from one process."""
     for names, error in ((("ep",), "Cannot concatenate overlapping meshes"), (None, "Invariant encountered")):
         mesh = init_device_mesh("cpu", (WORLD,), mesh_dim_names=names)
         model = expert_parallel(_model(8), mesh)
         with pytest.raises((RuntimeError, TypeError), match=error):
             fully_shard(model, mesh=mesh)
+    mesh = init_device_mesh("cpu", (1, WORLD), mesh_dim_names=("dp", "ep"))
+    model = expert_parallel(_model(8), mesh["ep"])
+    fully_shard(model, mesh=mesh["dp"])
+    with pytest.raises(AssertionError, match="not close"):
+        _train_against_one_process(rank, model, model, 8)
     return "ok"
 
 
@@ -671,7 +678,7 @@ def _worker(rank: int, port: int, out: str) -> None:
     results["ddp"] = _run(lambda: _check_ddp(rank))
     results["fsdp2"] = _run(lambda: _check_fsdp2(rank))
     results["fsdp2 2-D mesh"] = _run(lambda: _check_fsdp2_2d(rank))
-    results["fsdp2 same mesh fails as documented"] = _run(lambda: _check_fsdp2_same_mesh_fails(rank))
+    results["fsdp2 pitfalls as documented"] = _run(lambda: _check_fsdp2_pitfalls(rank))
     results["dcp"] = _run(lambda: _check_dcp(rank, out))
     results["trainer"] = _run(lambda: _check_trainer(rank, out))
     results["trainer nan on one rank"] = _run(lambda: _check_trainer_nan_on_one_rank(rank))
@@ -701,7 +708,7 @@ def results(spawned: Path) -> list[dict[str, str]]:
     + ["training", "indivisible", "checkpoint 2<->1", "ddp through hardening", "checkpoint resume per rank"]
     + ["ddp", "fsdp2", "dcp", "trainer", "trainer nan on one rank", "mismatched models"]
     + ["trainer ddp resume", "demo", "trainer world change", "trainer dcp resume"]
-    + ["fsdp2 2-D mesh", "fsdp2 same mesh fails as documented"],
+    + ["fsdp2 2-D mesh", "fsdp2 pitfalls as documented"],
 )
 def test_expert_parallel_matches_unsharded(results: list[dict[str, str]], case: str) -> None:
     for rank, found in enumerate(results):
