@@ -49,7 +49,9 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, cast
 
@@ -91,6 +93,7 @@ __all__ = [
     "expert_parameters",
     "join_torchrun",
     "load_dcp_checkpoint",
+    "rank_output",
     "read_dcp_checkpoint",
     "safetensors_to_dcp",
     "save_dcp_checkpoint",
@@ -426,6 +429,31 @@ def all_ranks(flag: bool) -> bool:
     value = torch.tensor([int(flag)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
     dist.all_reduce(value, op=dist.ReduceOp.MIN)
     return bool(value.item())
+
+
+@contextmanager
+def rank_output(out: Path) -> Iterator[Path]:
+    """The folder a study writes to on this rank: ``out`` itself on rank 0 (and in one process).
+
+    On the other ranks of a ``torchrun`` job: a private copy of ``out`` as rank 0 sees it on entry
+    (saved runs, checkpoints), removed on exit. A study that trains the runs its store lacks then
+    trains the same runs in step on every rank (they start from the same saved state and each writes
+    the same records to its own folder), no rank writes into rank 0's folder, and a checkpoint that
+    rank 0 wrote in an earlier sitting is in every rank's copy, so all resume it together.
+    """
+    rank = dist.get_rank() if _initialised() else 0
+    if rank == 0:
+        all_ranks(True)  # rank 0 writes nothing before every rank has its copy
+        yield out
+        return
+    private = Path(tempfile.mkdtemp(prefix=f"{out.name}-rank{rank}-"))
+    try:
+        if out.exists():
+            shutil.copytree(out, private, dirs_exist_ok=True)
+        all_ranks(True)
+        yield private
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- torch.distributed.checkpoint
