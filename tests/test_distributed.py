@@ -40,6 +40,8 @@ from sparsemoe.distributed import (
 )
 from sparsemoe.training import MetricsLog, RandomBatches, ShardedBatches, TrainConfig, Trainer, TrainResult
 
+from conftest import needs_data
+
 WORLD = 2
 NUM_EXPERTS = 4
 D = 6
@@ -61,6 +63,7 @@ CASES: list[tuple[str, str, dict]] = [
     ("mmoe-comet+soft", "mmoe:comet", {"k": 2, "local_search": True, "local_search_steps": 5}),
 ]
 TOKENS = (7, 5)  # uneven batches per rank
+ROUTER_LM_DATA = needs_data("multi30k", "sst2")
 
 
 def _free_port() -> int:
@@ -656,6 +659,25 @@ def _check_demo(rank: int, out: str) -> str:
     return "ok"
 
 
+def _router_lm_config(out: Path, expert_parallel: bool = False) -> object:
+    """router-lm --quick, 2 systems, 1 seed, no dropout (dropout masks are per rank, so with it the 2
+    ranks agree with one process within seed noise only)."""
+    from sparsemoe.experiments import router_lm
+
+    systems = ["dense", "topk_lossfree"]
+    return router_lm.Config(quick=True, systems=systems, seeds=1, dropout=0.0, out=out, expert_parallel=expert_parallel)
+
+
+def _check_router_lm(rank: int, out: str) -> str:
+    """``reproduce router-lm --quick`` under 2 processes, data-parallel then expert-parallel."""
+    from sparsemoe.experiments import router_lm
+
+    for name, ep in (("router-lm-dp", False), ("router-lm-ep", True)):
+        found = router_lm.run(_router_lm_config(Path(out, name), ep))  # type: ignore[arg-type]
+        assert found["processes"] == WORLD and found["config"].get("expert_parallel", False) == ep, found["config"]
+    return "ok"
+
+
 def _run(fn: Callable[[], str]) -> str:
     try:
         return fn()
@@ -685,6 +707,8 @@ def _worker(rank: int, port: int, out: str) -> None:
     results["trainer ddp resume"] = _run(lambda: _check_trainer_ddp_resume(rank, out))
     results["trainer dcp resume"] = _run(lambda: _check_trainer_dcp_resume(rank, out))
     results["demo"] = _run(lambda: _check_demo(rank, out))
+    if not ROUTER_LM_DATA.args[0]:  # its data is here (else the test is skipped)
+        results["router-lm"] = _run(lambda: _check_router_lm(rank, out))
     results["trainer world change"] = _run(lambda: _check_trainer_world_change(rank, out))
     Path(out, f"rank{rank}.json").write_text(json.dumps(results))
     dist.destroy_process_group()
@@ -769,6 +793,31 @@ def test_demo_on_two_processes_matches_one(spawned: Path, results: list[dict[str
         for gate in DEMO_GATES:
             got, want = two["summary"][gate]["mean_auc"]["mean"], one["summary"][gate]["mean_auc"]["mean"]
             assert abs(got - want) < 1e-3, f"{name} {gate}: 2 processes {got}, one process {want}"
+
+
+@ROUTER_LM_DATA
+def test_router_lm_on_two_processes_matches_one(spawned: Path, results: list[dict[str, str]], tmp_path: Path) -> None:
+    """``reproduce router-lm --quick`` on 2 ranks (DDP, and expert-parallel): each rank trained on its
+    half of every batch, the loss-free biases moved by the global loads, so without dropout the
+    validation perplexity and balance equal one process's (float32 rounding apart); rank 0 alone wrote
+    the results and the runs."""
+    from sparsemoe.experiments import router_lm
+
+    assert results[0]["router-lm"] == "ok", results[0]["router-lm"]
+    torch.set_num_threads(1)
+    one = {r["system"]: r for r in router_lm.run(_router_lm_config(tmp_path))["runs"]}  # type: ignore[arg-type]
+    for name in ("router-lm-dp", "router-lm-ep"):
+        two = json.loads((spawned / name / "quick" / "results.json").read_text())
+        assert two["processes"] == WORLD and len(two["runs"]) == 2
+        assert sorted(p.name for p in (spawned / name / "quick" / "runs").glob("*.json")) == [
+            "system=dense__seed=0.json",
+            "system=topk_lossfree__seed=0.json",
+        ]
+        for run in two["runs"]:
+            want = one[run["system"]]
+            for key in ("val_ce", "maxvio_global"):
+                if want[key] is not None:
+                    assert abs(run[key] - want[key]) < 1e-4 * max(1.0, abs(want[key])), (name, run["system"], key)
 
 
 def test_dcp_safetensors_converters_round_trip(tmp_path: Path) -> None:
