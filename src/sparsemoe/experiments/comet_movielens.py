@@ -15,6 +15,8 @@ cost this machine can pay for ~650 trials.
 from __future__ import annotations
 
 import functools
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,7 @@ import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
 from ..data import MovieLens, data_dir, load_movielens, movielens
-from ..distributed import data_parallel, join_torchrun, rank_output
+from ..distributed import all_ranks, data_parallel, join_torchrun
 from ..models import RecsysMMoE
 from .progress import console
 from .tuning import (
@@ -201,12 +203,20 @@ def run(config: Config) -> dict[str, Any]:
     rank, _ = join_torchrun()
     if rank > 0:  # several processes: every rank runs every trial (same seeded samplers); rank 0 writes out
         console.quiet = True
-    with rank_output(out) as folder:
+        private = Path(tempfile.mkdtemp(prefix=f"{NAME}-rank{rank}-"))
+        if out.exists():
+            shutil.copytree(out, private, dirs_exist_ok=True)  # the saved trials, as rank 0 sees them
+        out = private
+    all_ranks(True)  # rank 0 writes nothing before every rank has its copy
+    try:
         return run_tuning(
             problem(settings_of(config)),
             config.gates,
             trial_counts(config, config.gates),
             seeds,
-            folder,
+            out,
             command_line(NAME, config),
         )
+    finally:
+        if rank > 0:
+            shutil.rmtree(out, ignore_errors=True)
