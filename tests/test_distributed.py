@@ -852,6 +852,56 @@ def test_dcp_safetensors_converters_round_trip(tmp_path: Path) -> None:
             assert other_opt.param_groups[0]["lr"] == 0.05, what
 
 
+def _dcp_trainer(tmp: Path, steps: int, resume: Path | None = None, **config: object) -> tuple[TrainResult, Trainer]:
+    """One process: a dropout model trained by a Trainer writing DCP checkpoints to ``tmp/ckpt``."""
+    gen = torch.Generator().manual_seed(44)
+    x, t = torch.randn(24, D, generator=gen, dtype=torch.float64), torch.randn(24, 1, generator=gen).double()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(D, 16), torch.nn.Dropout(0.3), torch.nn.Linear(16, 1)).double()
+
+    def loss(batch: torch.Tensor) -> torch.Tensor:
+        return (model(x[batch]) - t[batch]).pow(2).mean()
+
+    def evaluate() -> dict[str, float]:
+        return {"val": float((model(x[:6]) - t[:6]).pow(2).mean())}
+
+    settings = {"checkpoint_path": str(tmp / "ckpt"), "checkpoint_every": 2, "checkpoint_format": "dcp", **config}
+    settings.setdefault("batch_size", 8)
+    cfg = TrainConfig(steps=steps, lr=0.05, eval_every=1, metric="val", warmup_steps=3, **settings)  # type: ignore[arg-type]
+    trainer = Trainer(model, loss, RandomBatches(24, cfg.batch_size, seed=1), cfg, evaluate=evaluate)
+    torch.manual_seed(7)  # the dropout stream: a resume restores it from the checkpoint
+    return trainer.run(resume=resume), trainer
+
+
+def test_trainer_dcp_checkpoint_in_one_process(tmp_path: Path) -> None:
+    """checkpoint_format="dcp" without a process group: the folder holds one complete step and its
+    pointer; resuming from it (scheduler, dropout RNG, best weights) equals the uninterrupted run."""
+    whole, done = _dcp_trainer(tmp_path / "a", 5)
+    _dcp_trainer(tmp_path / "b", 3, checkpoint_at_end=False)
+    assert sorted(p.name for p in (tmp_path / "b" / "ckpt").iterdir()) == ["checkpoint.json", "step-00000002"]
+    resumed, again = _dcp_trainer(tmp_path / "b", 5, resume=tmp_path / "b" / "ckpt")
+    assert resumed.step_losses == whole.step_losses[2:]
+    assert resumed.history == whole.history and resumed.best_step == whole.best_step
+    assert again.scheduler is not None and again.scheduler.last_epoch == done.scheduler.last_epoch  # type: ignore[union-attr]
+    for p, q in zip(done.model.parameters(), again.model.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_trainer_dcp_checkpoint_errors(tmp_path: Path) -> None:
+    """Bad settings and folders are ValueErrors naming the problem, raised before training."""
+    with pytest.raises(ValueError, match="checkpoint_format must be one of"):
+        TrainConfig(checkpoint_format="zip")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="is a file; a DCP checkpoint is a folder"):
+        _dcp_trainer(tmp_path, 2, checkpoint_path=str(tmp_path / "file"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="not a sparsemoe DCP checkpoint folder"):
+        _dcp_trainer(tmp_path, 2, resume=tmp_path / "empty")
+    _dcp_trainer(tmp_path / "c", 2)
+    with pytest.raises(ValueError, match="written with batch_size=8, this run has batch_size=4"):
+        _dcp_trainer(tmp_path / "c", 4, resume=tmp_path / "c" / "ckpt", batch_size=4)
+
+
 def test_needs_initialised_process_group() -> None:
     with pytest.raises(RuntimeError, match="init_process_group"):
         expert_parallel(MoE(D, 8, NUM_EXPERTS))

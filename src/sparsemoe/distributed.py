@@ -50,6 +50,7 @@ import os
 import shutil
 import sys
 import tempfile
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -516,6 +517,14 @@ def _rank_world() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if _initialised() else (0, 1)
 
 
+@contextmanager
+def _one_process_dcp() -> Iterator[None]:
+    """Without a process group DCP warns that it assumes one process: here that is the intent."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        yield
+
+
 def _barrier() -> None:
     if _initialised() and dist.get_world_size() > 1:
         dist.barrier()
@@ -571,7 +580,8 @@ def save_dcp_checkpoint(
         folder.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(folder / name, ignore_errors=True)  # a partial save of a run that died at this step
     _barrier()
-    dcp.save(content, checkpoint_id=str(folder / name), no_dist=not _initialised())
+    with _one_process_dcp():
+        dcp.save(content, checkpoint_id=str(folder / name), no_dist=not _initialised())
     everyone: list[Any] = [rng_meta]
     if world > 1:
         everyone = [None] * world
@@ -671,7 +681,8 @@ def load_dcp_checkpoint(
             content[key] = torch.empty(size, dtype=dtype)
     if meta["extra"]:
         content["extra"] = {k: templates[k] for k in meta["extra"]}
-    dcp.load(content, checkpoint_id=str(checkpoint_id), no_dist=not _initialised())
+    with _one_process_dcp():
+        dcp.load(content, checkpoint_id=str(checkpoint_id), no_dist=not _initialised())
     if optimizer is None:
         model.load_state_dict(content["model"])
     else:

@@ -244,6 +244,11 @@ class Trainer:
         bad = [c for c in callbacks if not isinstance(c, Callback)]
         if bad:
             raise TypeError(f"callbacks must be sparsemoe.training.Callback objects, got {type(bad[0]).__name__}")
+        if config.checkpoint_format == "dcp" and config.checkpoint_path and Path(config.checkpoint_path).is_file():
+            raise ValueError(
+                f"checkpoint_path={config.checkpoint_path!r} is a file; a DCP checkpoint is a folder: pass a folder "
+                "path, or checkpoint_format='safetensors' for one file"
+            )
         self.rank, self.world = _process_group()
         if self.world > 1 and not isinstance(data, ShardedBatches):
             data = data.shard(self.rank, self.world)  # each rank its own rows
