@@ -34,6 +34,10 @@ seconds each; 9 systems x 2 seeds about 6 CPU-hours. Corpus: 1.44M training and 
 (vocabulary 4,000), so 3,000 steps of 2,048 tokens are about 4 epochs. On a 2-core machine run two
 processes on the same ``--out`` with disjoint ``--systems``, then once more with all systems (trains
 nothing, writes the combined tables).
+
+Under ``torchrun`` (``torchrun --nproc-per-node 2 -m sparsemoe reproduce router-lm``) every rank
+trains every run on its half of each batch (DDP; ``--expert-parallel`` also shards the experts) and
+rank 0 writes the results; a one-process run is unchanged.
 """
 
 from __future__ import annotations
