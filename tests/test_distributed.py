@@ -569,14 +569,14 @@ def _train_steps(rank: int, model: torch.nn.Module, opt: torch.optim.Optimizer, 
     return out
 
 
-def _check_trainer_dcp_resume(rank: int, out: str) -> str:
-    """A Trainer with checkpoint_format="dcp" on 2 ranks (DDP; dropout and an expert-parallel random
-    gate drawing per-rank streams; best weights selected by a metric): resumed at step 2 from the DCP
-    folder, losses, metrics and the restored best weights equal the uninterrupted run's on each rank,
-    bit for bit."""
+def _check_trainer_dcp_resume(rank: int, out: str, wrap: str) -> str:
+    """A Trainer with checkpoint_format="dcp" on 2 ranks (``wrap``: DDP, or FSDP2 sharding the
+    replicated parameters too; dropout and an expert-parallel random gate drawing per-rank streams;
+    best weights selected by a metric): resumed at step 2 from the DCP folder, losses, metrics and the
+    restored best weights equal the uninterrupted run's on each rank, bit for bit."""
     gen = torch.Generator().manual_seed(43)
     x, t = torch.randn(32, D, generator=gen, dtype=torch.float64), torch.randn(32, 1, generator=gen).double()
-    path = str(Path(out, "trainer-dcp"))
+    path = str(Path(out, f"trainer-dcp-{wrap}"))
 
     def run(steps: int, resume: str | None = None) -> tuple[TrainResult, torch.nn.Module]:
         torch.manual_seed(3)
@@ -586,11 +586,15 @@ def _check_trainer_dcp_resume(rank: int, out: str) -> str:
             MoE(D, 8, NUM_EXPERTS, gate="random", k=2),
             torch.nn.Linear(D, 1),
         ).double()
-        ddp = DistributedDataParallel(expert_parallel(model))
+        if wrap == "ddp":
+            net: torch.nn.Module = DistributedDataParallel(expert_parallel(model))
+        else:
+            mesh = init_device_mesh("cpu", (WORLD,))
+            net = fully_shard(expert_parallel(model, mesh), mesh=mesh, ignored_params=set(expert_parameters(model)))
         torch.manual_seed(70 + rank)  # each rank's own dropout stream
 
         def loss(batch: torch.Tensor) -> torch.Tensor:
-            return (ddp(x[batch]) - t[batch]).pow(2).mean()
+            return (net(x[batch]) - t[batch]).pow(2).mean()
 
         def evaluate() -> dict[str, float]:
             return {"val": float((model(x[:6]) - t[:6]).pow(2).mean())}
@@ -605,7 +609,7 @@ def _check_trainer_dcp_resume(rank: int, out: str) -> str:
             checkpoint_at_end=False,
             checkpoint_format="dcp",
         )
-        trainer = Trainer(ddp, loss, RandomBatches(32, 8, seed=2), config, evaluate=evaluate)
+        trainer = Trainer(net, loss, RandomBatches(32, 8, seed=2), config, evaluate=evaluate)
         return trainer.run(resume=resume), model
 
     whole, model = run(4)
@@ -705,7 +709,8 @@ def _worker(rank: int, port: int, out: str) -> None:
     results["trainer"] = _run(lambda: _check_trainer(rank, out))
     results["trainer nan on one rank"] = _run(lambda: _check_trainer_nan_on_one_rank(rank))
     results["trainer ddp resume"] = _run(lambda: _check_trainer_ddp_resume(rank, out))
-    results["trainer dcp resume"] = _run(lambda: _check_trainer_dcp_resume(rank, out))
+    results["trainer dcp resume"] = _run(lambda: _check_trainer_dcp_resume(rank, out, "ddp"))
+    results["trainer dcp resume fsdp2"] = _run(lambda: _check_trainer_dcp_resume(rank, out, "fsdp2"))
     results["demo"] = _run(lambda: _check_demo(rank, out))
     if not ROUTER_LM_DATA.args[0]:  # its data is here (else the test is skipped)
         results["router-lm"] = _run(lambda: _check_router_lm(rank, out))
@@ -732,7 +737,7 @@ def results(spawned: Path) -> list[dict[str, str]]:
     + ["training", "indivisible", "checkpoint 2<->1", "ddp through hardening", "checkpoint resume per rank"]
     + ["ddp", "fsdp2", "dcp", "trainer", "trainer nan on one rank", "mismatched models"]
     + ["trainer ddp resume", "demo", "trainer world change", "trainer dcp resume"]
-    + ["fsdp2 2-D mesh", "fsdp2 pitfalls as documented"],
+    + ["fsdp2 2-D mesh", "fsdp2 pitfalls as documented", "trainer dcp resume fsdp2"],
 )
 def test_expert_parallel_matches_unsharded(results: list[dict[str, str]], case: str) -> None:
     for rank, found in enumerate(results):
