@@ -902,7 +902,9 @@ def test_trainer_dcp_checkpoint_errors(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="not a sparsemoe DCP checkpoint folder"):
         _dcp_trainer(tmp_path, 2, resume=tmp_path / "empty")
-    _dcp_trainer(tmp_path / "c", 2)
+    _dcp_trainer(tmp_path / "c", 2)  # saves step 2 twice (every 2 steps, and at the end): the second elsewhere
+    assert sorted(p.name for p in (tmp_path / "c" / "ckpt").iterdir()) == ["checkpoint.json", "step-00000002-again"]
+    assert _dcp_trainer(tmp_path / "c", 2, resume=tmp_path / "c" / "ckpt")[0].step_losses == []  # finished
     with pytest.raises(ValueError, match="written with batch_size=8, this run has batch_size=4"):
         _dcp_trainer(tmp_path / "c", 4, resume=tmp_path / "c" / "ckpt", batch_size=4)
 

@@ -576,6 +576,11 @@ def save_dcp_checkpoint(
     if extra:
         content["extra"] = extra
     name = f"step-{meta['step']:08d}"
+    try:  # never write into the folder the pointer names (the same step saved twice: a finished run resumed)
+        if json.loads((folder / _DCP_POINTER).read_text()).get("folder") == name:
+            name += "-again"
+    except (OSError, ValueError, AttributeError):
+        pass
     if rank == 0:
         folder.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(folder / name, ignore_errors=True)  # a partial save of a run that died at this step
