@@ -40,6 +40,9 @@ stream (its ``rng_state`` buffer) advances with the rank's own rows. Checkpoints
 (:mod:`sparsemoe.checkpoint`) gather DTensor parameters into full tensors and save each rank's
 own RNG states and buffers; ``torch.distributed.checkpoint`` saves the shards as they are
 (:func:`dcp_state`), and :func:`dcp_to_safetensors`/:func:`safetensors_to_dcp` convert between the two.
+:func:`save_dcp_checkpoint`/:func:`load_dcp_checkpoint` are the resumable form the training loop
+writes with ``TrainConfig(checkpoint_format="dcp")``: the shards, each rank's RNG states and
+buffers, and the loop's state, loadable at any number of ranks.
 """
 
 from __future__ import annotations
