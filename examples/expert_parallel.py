@@ -71,6 +71,9 @@ def main() -> None:
     if args.wrap == "ddp":
         wrapped: nn.Module = DistributedDataParallel(model)  # expert_parallel told DDP to skip the shards
     else:
+        # ignored_params: the shards are expert-parallel over this same mesh, which FSDP2 (torch 2.13)
+        # refuses to combine with its own ("Cannot concatenate overlapping meshes"); 2-D meshes that
+        # need no argument: docs/failure-modes.md, "FSDP2 and expert parallelism"
         wrapped = fully_shard(model, mesh=mesh, ignored_params=set(expert_parameters(model)))
     opt = torch.optim.Adam(wrapped.parameters(), lr=config.lr)
     ref_opt = torch.optim.Adam(reference.parameters(), lr=config.lr)

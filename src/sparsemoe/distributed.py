@@ -40,14 +40,22 @@ stream (its ``rng_state`` buffer) advances with the rank's own rows. Checkpoints
 (:mod:`sparsemoe.checkpoint`) gather DTensor parameters into full tensors and save each rank's
 own RNG states and buffers; ``torch.distributed.checkpoint`` saves the shards as they are
 (:func:`dcp_state`), and :func:`dcp_to_safetensors`/:func:`safetensors_to_dcp` convert between the two.
+:func:`save_dcp_checkpoint`/:func:`load_dcp_checkpoint` are the resumable form the training loop
+writes with ``TrainConfig(checkpoint_format="dcp")``: the shards, each rank's RNG states and
+buffers, and the loop's state, loadable at any number of ranks.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import os
+import shutil
 import sys
+import tempfile
+import warnings
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, cast
 
@@ -59,7 +67,20 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .atomic import write_json
+from .checkpoint import (
+    _check_mapping,
+    _check_modules,
+    _check_step,
+    _check_tensors,
+    _json_ready,
+    _replicated_buffers,
+    _restore_rng,
+    _rng_state,
+    _sharded_keys,
+    load_checkpoint,
+    save_checkpoint,
+)
 from .experts import ExpertBank, StackedExperts
 from .layers import moe_layers
 
@@ -75,7 +96,11 @@ __all__ = [
     "expert_parallel",
     "expert_parameters",
     "join_torchrun",
+    "load_dcp_checkpoint",
+    "rank_output",
+    "read_dcp_checkpoint",
     "safetensors_to_dcp",
+    "save_dcp_checkpoint",
 ]
 
 
@@ -410,6 +435,31 @@ def all_ranks(flag: bool) -> bool:
     return bool(value.item())
 
 
+@contextmanager
+def rank_output(out: Path) -> Iterator[Path]:
+    """The folder a study writes to on this rank: ``out`` itself on rank 0 (and in one process).
+
+    On the other ranks of a ``torchrun`` job: a private copy of ``out`` as rank 0 sees it on entry
+    (saved runs, checkpoints), removed on exit. A study that trains the runs its store lacks then
+    trains the same runs in step on every rank (they start from the same saved state and each writes
+    the same records to its own folder), no rank writes into rank 0's folder, and a checkpoint that
+    rank 0 wrote in an earlier sitting is in every rank's copy, so all resume it together.
+    """
+    rank = dist.get_rank() if _initialised() else 0
+    if rank == 0:
+        all_ranks(True)  # rank 0 writes nothing before every rank has its copy
+        yield out
+        return
+    private = Path(tempfile.mkdtemp(prefix=f"{out.name}-rank{rank}-"))
+    try:
+        if out.exists():
+            shutil.copytree(out, private, dirs_exist_ok=True)
+        all_ranks(True)
+        yield private
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
+
+
 # ----------------------------------------------------------------------------- torch.distributed.checkpoint
 def dcp_state(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
     """``{"model": ..., "optim": ...}``: what ``dcp.save``/``dcp.load`` take for ``model`` (and ``optimizer``).
@@ -459,3 +509,198 @@ def safetensors_to_dcp(
     are loaded on the way; in a multi-process run every rank calls it (sharded models included)."""
     load_checkpoint(path, model, optimizer, restore_rng=False)
     dcp.save(dcp_state(model, optimizer), checkpoint_id=str(checkpoint_id), no_dist=not _initialised())
+
+
+# ----------------------------------------------------------------------------- resumable DCP checkpoints
+_DCP_FORMAT = 1
+_DCP_POINTER = "checkpoint.json"  # written last, atomically: names the complete step folder
+
+
+def _rank_world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if _initialised() else (0, 1)
+
+
+@contextmanager
+def _one_process_dcp() -> Iterator[None]:
+    """Without a process group DCP warns that it assumes one process: here that is the intent."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        yield
+
+
+def _barrier() -> None:
+    if _initialised() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def save_dcp_checkpoint(
+    path: str | Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    step: int = 0,
+    config: dict[str, Any] | None = None,
+    state: dict[str, Any] | None = None,
+    tensors: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """:func:`sparsemoe.checkpoint.save_checkpoint` as a ``torch.distributed.checkpoint`` folder; every rank calls it.
+
+    ``path`` is a folder: the shards go to ``path/step-<step>/`` (:func:`dcp_state`: DTensor
+    parameters and their optimiser state stay sharded, each rank writes its part), each rank's RNG
+    states and buffers as ``rank<r>.*`` entries; then rank 0 writes ``path/checkpoint.json``
+    atomically (step, ``config``, ``state``, scheduler state, the RNG scalars of every rank), naming
+    that folder, and removes the older ones. A crash at any point leaves the previous checkpoint
+    readable. Any number of ranks (or one process) loads it with :func:`load_dcp_checkpoint`.
+    """
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{folder} is a file; a DCP checkpoint is a folder: pass a folder path (or remove the file)")
+    _check_modules(model, optimizer, scheduler)
+    meta: dict[str, Any] = {
+        "format": _DCP_FORMAT,
+        "step": _check_step(step),
+        "config": _check_mapping("config", config),
+        "state": _check_mapping("state", state),
+        "optimizer": None if optimizer is None else type(optimizer).__name__,
+        "scheduler": None,
+    }
+    extra = _check_tensors(tensors)
+    if scheduler is not None:
+        meta["scheduler"] = {
+            "class": type(scheduler).__name__,
+            "state": _json_ready(scheduler.state_dict(), f"{type(scheduler).__name__}.state_dict()"),
+        }
+    # ---- checked: now write (collectives)
+    rank, world = _rank_world()
+    rng_tensors, rng_meta = _rng_state(model)
+    own = {**rng_tensors, **{f"buffers.{k}": v for k, v in _replicated_buffers(model, _sharded_keys(model)).items()}}
+    content = {**dcp_state(model, optimizer), **{f"rank{rank}.{k}": v for k, v in own.items()}}
+    if extra:
+        content["extra"] = extra
+    name = f"step-{meta['step']:08d}"
+    try:  # never write into the folder the pointer names (the same step saved twice: a finished run resumed)
+        if json.loads((folder / _DCP_POINTER).read_text()).get("folder") == name:
+            name += "-again"
+    except (OSError, ValueError, AttributeError):
+        pass
+    if rank == 0:
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(folder / name, ignore_errors=True)  # a partial save of a run that died at this step
+    _barrier()
+    with _one_process_dcp():
+        dcp.save(content, checkpoint_id=str(folder / name), no_dist=not _initialised())
+    everyone: list[Any] = [rng_meta]
+    if world > 1:
+        everyone = [None] * world
+        dist.all_gather_object(everyone, rng_meta)
+    if rank == 0:
+        meta.update(folder=name, world_size=world, rng=everyone, extra=sorted(extra))
+        write_json(folder / _DCP_POINTER, meta)
+        for old in folder.glob("step-*"):
+            if old.name != name and old.is_dir():
+                shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return folder
+
+
+def read_dcp_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The metadata of a :func:`save_dcp_checkpoint` folder (step, config, state, ...), without loading tensors.
+
+    Raises:
+        FileNotFoundError: nothing at ``path``.
+        ValueError: ``path`` is not such a folder, or its step folder is missing.
+    """
+    folder = Path(path)
+    if not folder.exists():
+        raise FileNotFoundError(f"no checkpoint at {folder}: no file or folder there")
+    pointer = folder / _DCP_POINTER
+    if not folder.is_dir() or not pointer.is_file():
+        raise ValueError(
+            f"{folder} is not a sparsemoe DCP checkpoint folder (no {_DCP_POINTER}; a DCP save that never "
+            "finished, or a single-file checkpoint: load that with sparsemoe.load_checkpoint)"
+        )
+    try:
+        meta = json.loads(pointer.read_text())
+    except ValueError as e:
+        raise ValueError(f"{pointer} is not valid JSON: {e}") from None
+    if not isinstance(meta, dict) or meta.get("format") != _DCP_FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise ValueError(f"{pointer}: DCP checkpoint format {found!r}, this version reads format {_DCP_FORMAT}")
+    if not (folder / meta["folder"]).is_dir():
+        raise ValueError(f"{folder}: {meta['folder']} named by {_DCP_POINTER} is missing")
+    return meta
+
+
+def load_dcp_checkpoint(
+    path: str | Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    tensors: dict[str, torch.Tensor] | None = None,
+    restore_rng: bool = True,
+) -> dict[str, Any]:
+    """Restore a :func:`save_dcp_checkpoint` folder into ``model`` (and ``optimizer``, ``scheduler``, RNGs).
+
+    Every rank calls it; the number of ranks (or one process) and the sharding may differ from the
+    saving run's (DCP reshards). At the saved world size each rank gets back its own RNG states and
+    buffers; at another, rank 0's (as :func:`sparsemoe.checkpoint.load_checkpoint` does).
+    ``tensors``: templates (name -> tensor of the saved shape and layout, a DTensor for a sharded
+    one) for the caller tensors saved, filled in place. Returns ``{"step", "config", "state",
+    "tensors"}``. The metadata, the classes and the saved keys are checked before anything changes.
+    """
+    meta = read_dcp_checkpoint(path)
+    _check_modules(model, optimizer, scheduler)
+    folder = Path(path)
+    if (meta["optimizer"] is None) != (optimizer is None) or (
+        optimizer is not None and meta["optimizer"] != type(optimizer).__name__
+    ):
+        raise ValueError(
+            f"{folder} holds {meta['optimizer'] or 'no'} optimizer state; the optimizer given is "
+            f"{type(optimizer).__name__ if optimizer is not None else None}: build the saved kind (or pass none)"
+        )
+    saved_scheduler = meta["scheduler"]["class"] if meta["scheduler"] else None
+    if saved_scheduler != (type(scheduler).__name__ if scheduler is not None else None):
+        raise ValueError(
+            f"{folder} holds {saved_scheduler or 'no'} LR scheduler state; pass the same kind of scheduler"
+        )
+    templates = dict(tensors or {})
+    missing = sorted(set(meta["extra"]) - set(templates))
+    if missing:
+        raise ValueError(f"{folder} holds caller tensors {missing[:5]}: pass tensors= templates for them")
+    rank, world = _rank_world()
+    own = rank if world == meta["world_size"] else 0
+    checkpoint_id = folder / meta["folder"]
+    stored = dcp.FileSystemReader(str(checkpoint_id)).read_metadata().state_dict_metadata
+    prefix = f"rank{own}."
+    model_keys = {f"model.{k}" for k in model.state_dict()}
+    saved_keys = {k for k in stored if k.startswith("model.")}
+    if model_keys != saved_keys:
+        raise ValueError(
+            f"{folder} does not fit this model: missing keys {sorted(model_keys - saved_keys)[:10]}, "
+            f"unexpected keys {sorted(saved_keys - model_keys)[:10]}"
+        )
+    # ---- checked: now load (collective when distributed)
+    content = dcp_state(model, optimizer)  # a fresh optimizer gets its state initialised, to be overwritten
+    for key, item in stored.items():  # this rank's RNG states and buffers, shaped as saved
+        if key.startswith(prefix):
+            size, dtype = item.size, item.properties.dtype  # type: ignore[union-attr]
+            content[key] = torch.empty(size, dtype=dtype)
+    if meta["extra"]:
+        content["extra"] = {k: templates[k] for k in meta["extra"]}
+    with _one_process_dcp():
+        dcp.load(content, checkpoint_id=str(checkpoint_id), no_dist=not _initialised())
+    if optimizer is None:
+        model.load_state_dict(content["model"])
+    else:
+        set_state_dict(model, optimizer, model_state_dict=content["model"], optim_state_dict=content["optim"])
+    buffers = {k[len(prefix) + len("buffers.") :]: v for k, v in content.items() if k.startswith(f"{prefix}buffers.")}
+    if buffers:  # this rank's own buffers (DCP keeps one copy of a replicated tensor)
+        model.load_state_dict(buffers, strict=False)
+    if scheduler is not None:
+        scheduler.load_state_dict(meta["scheduler"]["state"])
+    if restore_rng:
+        rng = {k[len(prefix) :]: v for k, v in content.items() if k.startswith(f"{prefix}rng.")}
+        _restore_rng(rng, meta["rng"][own], model)
+    return {"step": meta["step"], "config": meta["config"], "state": meta["state"], "tensors": content.get("extra", {})}

@@ -34,6 +34,10 @@ seconds each; 9 systems x 2 seeds about 6 CPU-hours. Corpus: 1.44M training and 
 (vocabulary 4,000), so 3,000 steps of 2,048 tokens are about 4 epochs. On a 2-core machine run two
 processes on the same ``--out`` with disjoint ``--systems``, then once more with all systems (trains
 nothing, writes the combined tables).
+
+Under ``torchrun`` (``torchrun --nproc-per-node 2 -m sparsemoe reproduce router-lm``) every rank
+trains every run on its half of each batch (DDP; ``--expert-parallel`` also shards the experts) and
+rank 0 writes the results; a one-process run is unchanged.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ import torch.nn.functional as F
 
 from ..atomic import atomic_write_text
 from ..data.lm_corpus import LMCorpus, load_lm_corpus
+from ..distributed import all_ranks, data_parallel, join_torchrun, rank_output
 from ..layers import MoE, moe_layers
 from ..models.transformer import DecoderOnlyLM, TransformerConfig
 from ..routing import max_violation
@@ -123,6 +128,10 @@ class Config:
     bias_update_rate: float = field(default=1e-3, metadata={"help": "loss-free bias update rate u", "above": 0.0})
     eval_every: int = field(default=250, metadata={"help": "steps between validation points", "min": 1})
     checkpoint_every: int = field(default=500, metadata={"help": "steps between mid-run checkpoints", "min": 1})
+    expert_parallel: bool = field(
+        default=False,
+        metadata={"help": "under torchrun: shard each MoE layer's experts over the ranks (data-parallel otherwise)"},
+    )
 
     def __post_init__(self) -> None:
         validate(self)
@@ -229,9 +238,11 @@ def train_run(c: Config, data: LMCorpus, system: str, seed: int, ckpt: Path) -> 
     """Train one (system, seed) for ``c.steps`` steps (resuming from ``ckpt``) and evaluate it."""
     model = build_model(c, system, data.tokenizer.vocab_size, seed)
     train = data.train
+    # under torchrun: DDP (the trainer gives each rank its shard of every batch); one process: model
+    net = data_parallel(model, experts=c.expert_parallel and system != "dense")
 
     def loss(idx: torch.Tensor) -> dict[str, torch.Tensor]:
-        ce = _ce(model, train[idx])
+        ce = _ce(net, train[idx])  # type: ignore[arg-type]  # DDP forwards to the model
         return {"loss": ce + model.aux_loss(), "ce": ce}
 
     def evaluate() -> dict[str, float]:
@@ -256,7 +267,7 @@ def train_run(c: Config, data: LMCorpus, system: str, seed: int, ckpt: Path) -> 
     )
     with progress() as bar:
         trainer = Trainer(
-            model,
+            net,
             loss,
             RandomBatches(train.shape[0], c.batch_size, seed),
             config,
@@ -264,7 +275,7 @@ def train_run(c: Config, data: LMCorpus, system: str, seed: int, ckpt: Path) -> 
             callbacks=[ProgressBar(f"{system} seed {seed}", bar), RoutingMonitor()],
         )
         torch.manual_seed(seed)  # a resumed run restores the RNG states from the checkpoint instead
-        result = trainer.run(ckpt if ckpt.exists() else None)
+        result = trainer.run(ckpt if all_ranks(ckpt.exists()) else None)
     final = validation_metrics(model, data.val, c.batch_size)
     # CPU time, not wall time: the study is meant to run on one thread beside other processes, and a
     # busy neighbour would otherwise show up as a slow router.
@@ -287,18 +298,28 @@ def train_run(c: Config, data: LMCorpus, system: str, seed: int, ckpt: Path) -> 
 
 def run(config: Config) -> dict[str, Any]:
     """Train every (system, seed) not yet saved, then rebuild results.json, summary.json, table.md and the plots."""
+    rank, world = join_torchrun()  # under torchrun: every rank trains every run, rank 0 writes
+    console.quiet = console.quiet or rank > 0
     c = _effective(config)
-    data = corpus(c)
-    store = RunStore(c.out, asdict(c), selection=("quick", "out", "seeds", "systems"))
-    jobs = {
-        store.key(system=s, seed=seed): functools.partial(train_run, c, data, s, seed)
-        for s in c.systems
-        for seed in range(c.seeds)
-    }
-    if note := store.reuse_note(jobs, "pass a new --out (or delete that folder) to retrain"):
-        console.print(note, soft_wrap=True)
-    store.run_missing(jobs)
-    runs = [r for r in store if r["system"] in c.systems and r["seed"] < c.seeds]
+    if rank == 0:
+        data = corpus(c)
+    all_ranks(True)  # the other ranks read the tokenizer rank 0 cached
+    if rank > 0:
+        data = corpus(c)
+    settings = asdict(c)
+    if not c.expert_parallel:  # only then, so that data-parallel runs keep the one-process settings
+        del settings["expert_parallel"]
+    with rank_output(c.out) as out:
+        store = RunStore(out, settings, selection=("quick", "out", "seeds", "systems"))
+        jobs = {
+            store.key(system=s, seed=seed): functools.partial(train_run, c, data, s, seed)
+            for s in c.systems
+            for seed in range(c.seeds)
+        }
+        if note := store.reuse_note(jobs, "pass a new --out (or delete that folder) to retrain"):
+            console.print(note, soft_wrap=True)
+        store.run_missing(jobs)
+        runs = [r for r in store if r["system"] in c.systems and r["seed"] < c.seeds]
     runs.sort(key=lambda r: (SYSTEMS.index(r["system"]), r["seed"]))
     summary = report.summary(runs)
     verdict = report.verdict(summary)
@@ -311,13 +332,17 @@ def run(config: Config) -> dict[str, Any]:
     results = {
         "name": NAME,
         "quick": c.quick,
-        "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(c).items()},
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in settings.items()},
         "corpus": corpus_info,
         "systems": {name: asdict(s) for name, s in systems(c).items() if name in c.systems},
         "summary": summary,
         "verdict": verdict,
         "runs": runs,
     }
+    if world > 1:
+        results["processes"] = world
+    if rank > 0:
+        return results  # rank 0 writes the results
     write_json(c.out / "results.json", results)
     write_json(c.out / "summary.json", {name: {k: s[k] for k in report.SUMMARY_KEYS} for name, s in summary.items()})
     atomic_write_text(c.out / "table.md", report.table(c, summary, verdict, corpus_info))

@@ -83,6 +83,7 @@ import torch
 from ..atomic import atomic_write_text
 from ..data import multi30k as m30k
 from ..data.multi30k import Corpus
+from ..distributed import all_ranks, data_parallel, join_torchrun, rank_output
 from ..layers import MoE
 from ..models.transformer import Seq2SeqTransformer
 from ..thor import consistency_terms, thor_inference, thor_layers, thor_training_loss
@@ -241,19 +242,27 @@ def lr_factor(step: int, c: Config) -> float:
 
 
 def training_loss(
-    model: Seq2SeqTransformer, system: str, c: Config, src: torch.Tensor, tin: torch.Tensor, tout: torch.Tensor
+    model: Seq2SeqTransformer,
+    system: str,
+    c: Config,
+    src: torch.Tensor,
+    tin: torch.Tensor,
+    tout: torch.Tensor,
+    net: torch.nn.Module | None = None,
 ) -> dict[str, torch.Tensor]:
     """One batch's loss: THOR's two-pass consistency loss for ``thor*`` and ``dense_rdrop`` (on a dense
     model only dropout differs between the passes), label-smoothed CE (+ Switch's aux loss) otherwise.
+    ``net``: what runs the forward passes (``model`` wrapped for data parallelism; default ``model``).
 
     Shape: ``src [B, S]``, ``tin``/``tout [B, T]``.
     """
+    forward = model if net is None else net
     if SYSTEM_SPECS[system][2]:
         terms = thor_training_loss(
-            lambda: model(src, tin), tout, c.alpha, pad_id=m30k.PAD_ID, label_smoothing=c.label_smoothing
+            lambda: forward(src, tin), tout, c.alpha, pad_id=m30k.PAD_ID, label_smoothing=c.label_smoothing
         )
         return {"loss": terms.total + model.aux_loss(), "ce": terms.ce_1, "kl": terms.kl}
-    logits = model(src, tin)
+    logits = forward(src, tin)
     terms = consistency_terms(logits, logits, tout, 0.0, pad_id=m30k.PAD_ID, label_smoothing=c.label_smoothing)
     return {"loss": terms.ce_1 + model.aux_loss(), "ce": terms.ce_1, "kl": terms.kl}
 
@@ -292,9 +301,10 @@ def make_trainer(
         checkpoint_path=str(ckpt),
         checkpoint_at_end=False,  # the finished run is saved as a record; the file is deleted
     )
+    net = data_parallel(model)  # under torchrun: DDP (the trainer gives each rank its shard); one process: model
     trainer = Trainer(
-        model,
-        lambda idx: training_loss(model, system, c, *_batch(corpus, idx)),
+        net,
+        lambda idx: training_loss(model, system, c, *_batch(corpus, idx), net=net),
         tm._Epochs(m30k.BatchOrder(corpus.train, c.batch_tokens, seed)),  # the same order for every system
         config,
         evaluate=evaluate,
@@ -385,7 +395,7 @@ def train_run(c: Config, corpus: Corpus, system: str, seed: int, ckpt: Path) -> 
             c, corpus, system, seed, ckpt, [ProgressBar(label, bar), tm._LogEvaluation(bar, label)]
         )
         torch.manual_seed(seed)  # a resumed run restores the RNG states from the checkpoint instead
-        result = trainer.run(ckpt if ckpt.exists() else None)
+        result = trainer.run(ckpt if all_ranks(ckpt.exists()) else None)
     base = base_config(c, system)
     kind = SYSTEM_SPECS[system][0]
     start = time.perf_counter()
@@ -435,18 +445,27 @@ def _settings(c: Config) -> dict[str, Any]:
 
 def run(config: Config) -> dict[str, Any]:
     """Train every (system, seed) not yet saved, then rebuild results.json, summary.json, table.md, curves.png."""
+    rank, world = join_torchrun()  # under torchrun: every rank trains every run (DDP), rank 0 writes
+    console.quiet = console.quiet or rank > 0
     c = effective(config)
-    corpus = tm._corpus(base_config(c, c.systems[0]))
-    store = RunStore(c.out, _settings(c), selection=("quick", "out", "seeds", "systems"))
-    jobs = {
-        store.key(system=s, seed=seed): functools.partial(train_run, c, corpus, s, seed)
-        for s in c.systems
-        for seed in c.seeds
-    }
-    if note := store.reuse_note(jobs, "pass a new --out (or delete that folder) to retrain"):
-        console.print(note, soft_wrap=True)
-    store.run_missing(jobs, extra={"config": _settings(c)})
-    runs = sorted((r for r in store if r["system"] in SYSTEMS), key=lambda r: (SYSTEMS.index(r["system"]), r["seed"]))
+    if rank == 0:
+        corpus = tm._corpus(base_config(c, c.systems[0]))
+    all_ranks(True)  # the other ranks read the tokenizer rank 0 cached
+    if rank > 0:
+        corpus = tm._corpus(base_config(c, c.systems[0]))
+    with rank_output(c.out) as out:
+        store = RunStore(out, _settings(c), selection=("quick", "out", "seeds", "systems"))
+        jobs = {
+            store.key(system=s, seed=seed): functools.partial(train_run, c, corpus, s, seed)
+            for s in c.systems
+            for seed in c.seeds
+        }
+        if note := store.reuse_note(jobs, "pass a new --out (or delete that folder) to retrain"):
+            console.print(note, soft_wrap=True)
+        store.run_missing(jobs, extra={"config": _settings(c)})
+        runs = sorted(
+            (r for r in store if r["system"] in SYSTEMS), key=lambda r: (SYSTEMS.index(r["system"]), r["seed"])
+        )
     signature = m30k.corpus_bleu(["a"], ["a"])[1]
     by_system, summary = report.summaries(runs)
     verdicts = report.verdicts(summary)
@@ -459,6 +478,10 @@ def run(config: Config) -> dict[str, Any]:
         "verdicts": verdicts,
         "runs": runs,
     }
+    if world > 1:
+        results["processes"] = world
+    if rank > 0:
+        return results  # rank 0 writes the results
     write_json(c.out / "results.json", results)
     write_json(c.out / "summary.json", summary)
     atomic_write_text(c.out / "table.md", report.table(c, by_system, summary, verdicts, signature, len(corpus.test)))

@@ -23,6 +23,7 @@ from .._validation import check_choice, check_int
 
 NAN_POLICIES = ("stop", "skip")
 MODES = ("min", "max")
+CHECKPOINT_FORMATS = ("safetensors", "dcp")
 #: seeds seed ``torch.Generator`` and NumPy-style generators: non-negative 63-bit integers
 SEED_MAX = 2**63 - 1
 
@@ -64,6 +65,12 @@ class TrainConfig:
     - ``checkpoint_every``/``checkpoint_path``: write a resumable checkpoint every this many steps
       to this file, and after the last one unless ``checkpoint_at_end`` is False (for callers that
       save the finished model themselves and delete the file).
+    - ``checkpoint_format``: ``"safetensors"``: ``checkpoint_path`` is one file
+      (:func:`sparsemoe.save_checkpoint`; several processes gather to rank 0, which writes it);
+      ``"dcp"``: ``checkpoint_path`` is a folder written by every rank with
+      ``torch.distributed.checkpoint`` (:func:`sparsemoe.distributed.save_dcp_checkpoint`: shards
+      stay sharded, for models too large to gather). Either resumes at any number of processes;
+      ``resume=`` takes either kind (a folder is read as DCP).
     - ``trim_memory``: on CPU under glibc, hand freed heap memory back to the system after each
       evaluation (``malloc_trim``; costs about a millisecond). With batch sizes that vary a lot,
       glibc otherwise keeps freed memory and the process's resident size creeps up (no leak).
@@ -86,6 +93,7 @@ class TrainConfig:
     checkpoint_every: int | None = None
     checkpoint_path: str | None = None
     checkpoint_at_end: bool = True
+    checkpoint_format: str = "safetensors"
     trim_memory: bool = False
 
     def __post_init__(self) -> None:
@@ -121,6 +129,7 @@ class TrainConfig:
             raise TypeError(f"checkpoint_path must be a path, got {type(self.checkpoint_path).__name__}")
         if isinstance(self.checkpoint_path, Path):
             object.__setattr__(self, "checkpoint_path", str(self.checkpoint_path))
+        check_choice("checkpoint_format", self.checkpoint_format, CHECKPOINT_FORMATS)
         for name in ("checkpoint_at_end", "trim_memory"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")

@@ -47,6 +47,7 @@ from torch.distributed.tensor import DTensor
 
 from .._validation import check_int
 from ..checkpoint import load_checkpoint, read_checkpoint, save_checkpoint, shard_like
+from ..distributed import load_dcp_checkpoint, read_dcp_checkpoint, save_dcp_checkpoint
 from ..gates import update_balance
 from .config import SchedulerFactory, TrainConfig
 from .data import Batches, RandomBatches, ShardedBatches
@@ -243,6 +244,11 @@ class Trainer:
         bad = [c for c in callbacks if not isinstance(c, Callback)]
         if bad:
             raise TypeError(f"callbacks must be sparsemoe.training.Callback objects, got {type(bad[0]).__name__}")
+        if config.checkpoint_format == "dcp" and config.checkpoint_path and Path(config.checkpoint_path).is_file():
+            raise ValueError(
+                f"checkpoint_path={config.checkpoint_path!r} is a file; a DCP checkpoint is a folder: pass a folder "
+                "path, or checkpoint_format='safetensors' for one file"
+            )
         self.rank, self.world = _process_group()
         if self.world > 1 and not isinstance(data, ShardedBatches):
             data = data.shard(self.rank, self.world)  # each rank its own rows
@@ -522,34 +528,56 @@ class Trainer:
             "finished": self.finished,
         }
         best = {f"best.{k}": v for k, v in (self._best_state or {}).items()}
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        save_checkpoint(  # several processes: every rank saves its RNG states, rank 0 writes the file
-            path,
-            self._stored,
-            self.optimizer,
-            scheduler=self.scheduler,
-            step=self.step,
-            config=self._run_config(),
-            state=state,
-            tensors=best,
-            collective=self.world > 1,
-        )
+        if self.config.checkpoint_format == "dcp":  # every rank writes its shards into the folder
+            save_dcp_checkpoint(
+                path,
+                self._stored,
+                self.optimizer,
+                scheduler=self.scheduler,
+                step=self.step,
+                config=self._run_config(),
+                state=state,
+                tensors=best,
+            )
+        else:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            save_checkpoint(  # several processes: every rank saves its RNG states, rank 0 writes the file
+                path,
+                self._stored,
+                self.optimizer,
+                scheduler=self.scheduler,
+                step=self.step,
+                config=self._run_config(),
+                state=state,
+                tensors=best,
+                collective=self.world > 1,
+            )
         self._last_saved = self.step
 
     def _restore(self, resume: str | Path) -> None:
-        written = read_checkpoint(resume)[1]["config"]  # checked before anything is loaded
+        folder = Path(resume).is_dir()  # a torch.distributed.checkpoint folder, else one safetensors file
+        meta = read_dcp_checkpoint(resume) if folder else read_checkpoint(resume)[1]
+        written = meta["config"]  # checked before anything is loaded
         if "data" not in written or "train" not in written:
             raise ValueError(f"cannot resume from {resume}: it was not written by sparsemoe.training.Trainer")
         mine = self.data.describe()
-        # one file for every rank and any number of ranks: the global batches go on in the same order,
-        # split over this run's ranks (docs/failure-modes.md: resuming at another world size)
+        # any number of ranks: the global batches go on in the same order, split over this run's
+        # ranks (docs/failure-modes.md: resuming at another world size)
         for key in sorted((set(written["data"]) | set(mine)) - {"rank", "world"}):
             if written["data"].get(key) != mine.get(key):
                 raise ValueError(
                     f"cannot resume from {resume}: it was written with {key}={written['data'].get(key)!r}, "
                     f"this run has {key}={mine.get(key)!r} (the data order would differ)"
                 )
-        saved = load_checkpoint(resume, self._stored, self.optimizer, scheduler=self.scheduler)
+        current = self._stored.state_dict()
+        if folder:  # the best weights load into copies of the model's own (sharded) tensors
+            like = {f"best.{k}": v.detach().clone() for k, v in current.items()}
+            templates = {k: like[k] for k in meta["extra"] if k in like}
+            saved = load_dcp_checkpoint(
+                resume, self._stored, self.optimizer, scheduler=self.scheduler, tensors=templates
+            )
+        else:
+            saved = load_checkpoint(resume, self._stored, self.optimizer, scheduler=self.scheduler)
         loop = saved["state"]
         self.step, self.epoch, self.position = saved["step"], loop["epoch"], loop["position"]
         self._window, self._window_steps = loop["window"], loop["window_steps"]
@@ -557,12 +585,12 @@ class Trainer:
         self.best_value, self.best_step, self.best_epoch, self.best_index = loop["best"]
         self._seconds_before, self._cpu_before = loop["seconds"], loop["cpu_seconds"]
         self.stopped_early, self.finished = loop["stopped_early"], loop["finished"]
-        current = self._stored.state_dict()
         best: dict[str, torch.Tensor] = {}
         for key, value in saved["tensors"].items():
             if key.startswith("best."):
-                like = current.get(key[len("best.") :])  # saved in full: a DTensor entry gets back this rank's part
-                best[key[len("best.") :]] = shard_like(value, like) if isinstance(like, DTensor) else value
+                own = current.get(key[len("best.") :])  # a file holds it in full: this rank's part of a DTensor
+                full = isinstance(own, DTensor) and not isinstance(value, DTensor)
+                best[key[len("best.") :]] = shard_like(value, own) if full else value  # type: ignore[arg-type]
         self._best_state = best or None
         self._last_saved = self.step
 
