@@ -443,3 +443,27 @@ def test_the_loop_updates_loss_free_balancing_biases_after_each_optimizer_step()
     steps = torch.stack([seen[0], *(b - a for a, b in itertools.pairwise(seen))])
     assert torch.isin(steps.round(decimals=6), torch.tensor([-0.1, 0.0, 0.1])).all()
     assert seen[0].abs().sum() > 0
+
+
+def test_a_skipped_step_neither_moves_the_loss_free_bias_nor_leaks_its_loads_into_the_next() -> None:
+    torch.manual_seed(0)
+    moe = MoE(6, 8, 4, gate="sigmoid", k=1, bias_update_rate=0.1)
+    x = torch.randn(16, 6)
+    biases: list[torch.Tensor] = []
+
+    class Probe(Callback):
+        def on_step_end(self, trainer: Trainer) -> None:
+            biases.append(moe.gate.balance_bias.clone())
+            assert int(moe.gate.balance_counts.sum()) == 0  # spent on an update, or thrown away with the step
+
+    def loss(rows: torch.Tensor) -> torch.Tensor:
+        value = moe(x[rows]).pow(2).mean()
+        return value * float("nan") if len(biases) == 1 else value  # step 2's loss is non-finite
+
+    config = TrainConfig(steps=3, lr=0.01, batch_size=4, nan_policy="skip")
+    result = train(moe, loss, RandomBatches(len(x), 4, 0), config, callbacks=[Probe()])
+    assert result.skipped_steps == [2]
+    assert torch.equal(biases[1], biases[0])  # the skipped step left the bias alone
+    # step 3's update saw step 3's loads only: exactly one batch of 4 inputs, one expert each
+    moved = ((biases[2] - biases[1]).abs() > 0).sum()
+    assert moved > 0

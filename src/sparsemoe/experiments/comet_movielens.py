@@ -26,8 +26,6 @@ existing ``results.json`` of the same settings (see :func:`~sparsemoe.experiment
 from __future__ import annotations
 
 import functools
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -37,7 +35,7 @@ import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
 from ..data import MovieLens, data_dir, load_movielens, movielens
-from ..distributed import all_ranks, data_parallel, join_torchrun
+from ..distributed import data_parallel, join_torchrun, rank_output
 from ..layers import CGC
 from ..models import PLE, RecsysMMoE, UserItemEmbedding
 from ..routing import Routing
@@ -267,23 +265,14 @@ def run(config: Config) -> dict[str, Any]:
     data_dir(movielens.NAME)  # the data check, before anything (an Optuna database) is written
     seeds = min(config.seeds, QUICK_CAPS["seeds"]) if config.quick else config.seeds
     out = config.out / "quick" if config.quick else config.out
-    rank, _ = join_torchrun()
-    if rank > 0:  # several processes: every rank runs every trial (same seeded samplers); rank 0 writes out
-        console.quiet = True
-        private = Path(tempfile.mkdtemp(prefix=f"{NAME}-rank{rank}-"))
-        if out.exists():
-            shutil.copytree(out, private, dirs_exist_ok=True)  # the saved trials, as rank 0 sees them
-        out = private
-    all_ranks(True)  # rank 0 writes nothing before every rank has its copy
-    try:
+    rank, _ = join_torchrun()  # several processes: every rank runs every trial (same seeded samplers)
+    console.quiet = console.quiet or rank > 0
+    with rank_output(out) as rank_out:  # rank 0 writes ``out``; the others a private copy of it
         return run_tuning(
             problem(settings_of(config)),
             config.gates,
             trial_counts(config, config.gates),
             seeds,
-            out,
+            rank_out,
             command_line(NAME, config),
         )
-    finally:
-        if rank > 0:
-            shutil.rmtree(out, ignore_errors=True)

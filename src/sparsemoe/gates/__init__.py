@@ -17,7 +17,7 @@ from types import MappingProxyType
 from typing import Any
 
 from .._validation import check_int
-from .balance import GlobalBalance, LossFreeBalance, update_balance
+from .balance import GlobalBalance, LossFreeBalance, discard_balance, update_balance
 from .base import Gate, IdKind, KPolicy, Sparsity, check_z_loss_weight, route_tasks
 from .comet import CometGate
 from .dselect_k import DSelectKGate
@@ -253,6 +253,7 @@ __all__ = [
     "aux_loss_names",
     "available",
     "build",
+    "discard_balance",
     "gate_class",
     "k_options",
     "k_policy",

@@ -170,6 +170,19 @@ def balanced_gates(model: nn.Module) -> list[LossFreeBalance]:
     return [m for m in model.modules() if isinstance(m, LossFreeBalance) and m.balancing]
 
 
+def discard_balance(model: nn.Module) -> None:
+    """Forget the loads counted since the last :func:`update_balance` without moving any bias.
+
+    For a step whose update is thrown away (the training loop's ``nan_policy="skip"``): its routing
+    must not steer the next update. Purely local, no collective (every rank skips the same step).
+    """
+    for module in model.modules() if isinstance(model, nn.Module) else ():
+        if isinstance(module, GlobalBalance):
+            module._reset_balance_scope()
+    for gate in balanced_gates(model):
+        cast(torch.Tensor, gate.balance_counts).zero_()
+
+
 def update_balance(model: nn.Module, group: dist.ProcessGroup | None = None) -> int:
     """Update the loss-free balancing bias of every such gate in ``model``; returns how many.
 

@@ -48,7 +48,7 @@ from torch.distributed.tensor import DTensor
 from .._validation import check_int
 from ..checkpoint import load_checkpoint, read_checkpoint, save_checkpoint, shard_like
 from ..distributed import load_dcp_checkpoint, read_dcp_checkpoint, save_dcp_checkpoint
-from ..gates import update_balance
+from ..gates import discard_balance, update_balance
 from .config import SchedulerFactory, TrainConfig
 from .data import Batches, RandomBatches, ShardedBatches
 
@@ -417,6 +417,7 @@ class Trainer:
                     f"{kept}; lower lr, set clip_norm, or pass nan_policy='skip'"
                 )
             self.optimizer.zero_grad(set_to_none=True)
+            discard_balance(self.model)  # the skipped step's routing must not steer the next bias update
             self.skipped.append(self.step)
         else:
             self.optimizer.step()
