@@ -54,6 +54,7 @@ recover.
 from __future__ import annotations
 
 import copy
+import functools
 import importlib.util
 import math
 import time
@@ -69,9 +70,9 @@ from ..data import multi30k as m30k
 from ..data import sst2
 from ..data._paths import data_dir
 from ..layers import aux_loss, moe_layers
-from ..training import Callback, RandomBatches, TrainConfig, Trainer
+from ..training import MetricsLog, RandomBatches, TrainConfig, Trainer
 from .config import ConfigError, validate
-from .progress import console, progress
+from .progress import console
 from .reporting import upcycle_smollm2 as report
 from .store import RunStore, write_json
 
@@ -112,6 +113,9 @@ class Config:
         default=None, metadata={"help": "MLP blocks to convert (default: every other one, 0, 2, ...)"}
     )
     drop_ratio: float = field(default=0.5, metadata={"help": "topk_drop's re-drawn share of neurons", "min": 0.0})
+    checkpoint_every: int = field(
+        default=25, metadata={"help": "steps between checkpoints of a run in progress (resumed on rerun)", "min": 1}
+    )
 
     def __post_init__(self) -> None:
         validate(self)
@@ -129,6 +133,7 @@ def _effective(config: Config) -> Config:
     if not config.quick:
         return config
     small = {"steps": 6, "batch_size": 4, "seq_len": 32, "val_tokens": 512, "warmup_steps": 2, "lr": 1e-3}
+    small["checkpoint_every"] = min(config.checkpoint_every, 3)
     return Config(**{**asdict(config), **small, "model": "tiny", "out": config.out / "quick"})
 
 
@@ -180,7 +185,7 @@ def token_rows(tokenizer: Any, lines: list[str], seq_len: int, max_tokens: int |
 
 
 def tiny_model() -> tuple[nn.Module, ByteTokenizer]:
-    """A random 2-block Llama (width 32, SwiGLU 64) over the byte vocabulary, seeded; no download."""
+    """A random 2-block Llama (width 32, SwiGLU 64, tied embeddings) over the byte vocabulary, seeded; no download."""
     import transformers
 
     torch.manual_seed(0)
@@ -194,6 +199,7 @@ def tiny_model() -> tuple[nn.Module, ByteTokenizer]:
         max_position_embeddings=128,
         eos_token_id=BYTE_EOS,
         bos_token_id=BYTE_EOS,
+        tie_word_embeddings=True,  # as SmolLM2: the checkpoints must handle the shared matrix
     )
     return transformers.LlamaForCausalLM(config).eval(), ByteTokenizer()
 
@@ -271,35 +277,50 @@ def build_system(dense: nn.Module, system: str, config: Config, seed: int) -> nn
     )
 
 
-class StepClock(Callback):
-    """CPU seconds of every training step (``seconds``), each also logged: the study's cost estimate."""
+class StepClock(MetricsLog):
+    """Each step's training loss and CPU seconds as a line of the JSONL file ``path``, also printed.
 
-    def __init__(self, label: str) -> None:
+    The file outlives the process: a run resumed from its checkpoint keeps the lines up to the
+    checkpoint's step (:class:`~sparsemoe.training.MetricsLog`) and appends the rest, so
+    :meth:`steps` holds every step of the run however many sittings it took. A step's CPU seconds
+    run from the end of the step before (a checkpoint written between them counts to it).
+    """
+
+    def __init__(self, path: Path, label: str) -> None:
+        super().__init__(path)
         self.label = label
-        self.seconds: list[float] = []
         self._last = 0.0
 
     def on_train_start(self, trainer: Trainer) -> None:
+        super().on_train_start(trainer)
         self._last = time.process_time()
 
     def on_step_end(self, trainer: Trainer) -> None:
         now = time.process_time()
-        self.seconds.append(now - self._last)
-        self._last = now
+        seconds, self._last = now - self._last, now
+        self._append({"step": trainer.step, "loss": trainer.last_loss, "cpu_seconds": seconds})
         console.print(
-            f"{self.label}: step {trainer.step}, {self.seconds[-1]:.2f} CPU s, loss {trainer.last_loss:.4f}",
-            soft_wrap=True,
+            f"{self.label}: step {trainer.step}, {seconds:.2f} CPU s, loss {trainer.last_loss:.4f}", soft_wrap=True
         )
+
+    def steps(self) -> list[dict[str, Any]]:
+        """``{"step", "loss", "cpu_seconds"}`` of every step so far, in order."""
+        return self._rows()
 
 
 def train_one(
-    dense: nn.Module, data: dict[str, torch.Tensor], system: str, seed: int, config: Config
+    dense: nn.Module, data: dict[str, torch.Tensor], system: str, seed: int, config: Config, checkpoint: Path
 ) -> dict[str, Any]:
-    """Build ``system`` from ``dense``, measure validation perplexity, train, measure again."""
+    """Build ``system`` from ``dense``, measure validation perplexity, train, measure again.
+
+    The run checkpoints to ``checkpoint`` every ``config.checkpoint_every`` steps and, when that
+    file exists, continues from it (bit-identically: same batches, same router noise); its step
+    log (:class:`StepClock`) lies beside it as ``<checkpoint stem>.steps.jsonl``.
+    """
     torch.manual_seed(seed)
     model = build_system(dense, system, config, seed)
     params, active = count_params(model)
-    before = perplexity(model, data["val"], config.batch_size)
+    before = perplexity(model, data["val"], config.batch_size)  # the built model's: a resumed run measures it again
     train_rows = data["train"]
 
     def loss(rows: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -314,12 +335,18 @@ def train_one(
         seed=seed,
         warmup_steps=config.warmup_steps,
         clip_norm=1.0,
+        checkpoint_every=config.checkpoint_every,
+        checkpoint_path=str(checkpoint),
+        checkpoint_at_end=False,  # the finished run is saved as a record; the file is then deleted
     )
-    clock = StepClock(system)
+    clock = StepClock(step_log(checkpoint), f"{system} seed {seed}")
     trainer = Trainer(
         model, loss, RandomBatches(len(train_rows), config.batch_size, seed), train_config, callbacks=[clock]
     )
-    result = trainer.run()
+    if checkpoint.exists():
+        console.print(f"{system} seed {seed}: resuming from {checkpoint}", soft_wrap=True)
+    result = trainer.run(checkpoint if checkpoint.exists() else None)
+    steps = clock.steps()
     tokens = config.steps * config.batch_size * config.seq_len
     after = perplexity(model, data["val"], config.batch_size)
     return {
@@ -331,40 +358,51 @@ def train_one(
         "active_params_per_token": active,
         "train_tokens": tokens,
         "train_seconds": result.seconds,
+        # the trainer's CPU seconds over all sittings (no evaluation runs inside it: the perplexities
+        # are measured outside), so a busy neighbour on the machine does not count against a system
         "train_cpu_seconds": result.cpu_seconds,
         "tokens_per_second": tokens / result.cpu_seconds,
-        "step_cpu_seconds": clock.seconds,
-        "losses": [float(x) for x in result.step_losses],
+        "step_cpu_seconds": [row["cpu_seconds"] for row in steps],
+        "losses": [float(row["loss"]) for row in steps],
     }
 
 
+def step_log(checkpoint: Path) -> Path:
+    """The step log of the run checkpointed at ``checkpoint`` (beside it)."""
+    return checkpoint.with_name(f"{checkpoint.stem}.steps.jsonl")
+
+
 def run(config: Config) -> dict[str, Any]:
-    """Train every (system, seed); write results.json, summary.json, table.md and a plot."""
+    """Train every (system, seed) not yet saved; write results.json, summary.json, table.md and a plot.
+
+    Runs already saved under ``out`` are reused, a run in progress continues from its checkpoint,
+    and the files are rebuilt from the saved runs of ``systems`` (see the module docstring for two
+    processes on one ``out``).
+    """
     c = _effective(config)
-    store = RunStore(c.out, asdict(c), selection=("quick", "out", "seeds", "systems"))
+    store = RunStore(c.out, asdict(c), selection=("quick", "out", "seeds", "systems", "checkpoint_every"))
     keys = {(s, seed): RunStore.key(system=s, seed=seed) for s in c.systems for seed in range(c.seeds)}
     if note := store.reuse_note(keys.values(), "pass a new --out (or delete that folder) to retrain"):
         console.print(note, soft_wrap=True)
-    runs: list[dict[str, Any]] = [r for key in keys.values() if (r := store.get(key)) is not None]
-    todo = [item for item, key in keys.items() if store.get(key) is None]
-    if todo:
-        console.print(f"{NAME}: loading {c.model} and the corpus", soft_wrap=True)
-        dense, tokenizer = load_model(c.model)
-        train_lines, val_lines = corpus_text()
-        needed = 4 * c.steps * c.batch_size * c.seq_len if c.quick else None  # quick: a slice of the corpus
-        data = {
-            "train": token_rows(tokenizer, train_lines, c.seq_len, needed),
-            "val": token_rows(tokenizer, val_lines, c.seq_len, c.val_tokens),
-        }
-        with progress() as bar:
-            task = bar.add_task(f"{NAME}: runs", total=len(todo))
-            for system, seed in todo:
-                record = train_one(dense, data, system, seed, c)
-                store.put(keys[(system, seed)], record)
-                runs.append(record)
-                bar.advance(task)
-    order = {key: i for i, key in enumerate(keys)}
-    runs.sort(key=lambda r: order[(r["system"], r["seed"])])
+    loaded: dict[str, Any] = {}  # the dense model and the token rows, loaded once and only if a run is missing
+
+    def job(system: str, seed: int, checkpoint: Path) -> dict[str, Any]:
+        if not loaded:
+            console.print(f"{NAME}: loading {c.model} and the corpus", soft_wrap=True)
+            loaded["dense"], tokenizer = load_model(c.model)
+            train_lines, val_lines = corpus_text()
+            needed = 4 * c.steps * c.batch_size * c.seq_len if c.quick else None  # quick: a slice of the corpus
+            loaded["data"] = {
+                "train": token_rows(tokenizer, train_lines, c.seq_len, needed),
+                "val": token_rows(tokenizer, val_lines, c.seq_len, c.val_tokens),
+            }
+        console.print(f"{NAME}: training {system} seed {seed}", soft_wrap=True)
+        return train_one(loaded["dense"], loaded["data"], system, seed, c, checkpoint)
+
+    store.run_missing({keys[item]: functools.partial(job, *item) for item in keys})
+    for key in keys.values():  # a finished run's step log is in its record
+        step_log(store.checkpoint(key)).unlink(missing_ok=True)
+    runs = [r for key in keys.values() if (r := store.get(key)) is not None]
     summary = report.summarise(runs)
     results = {
         "experiment": NAME,
