@@ -50,6 +50,9 @@ def test_quick_run_writes_the_promised_files_and_resumes(tmp_path: Path, monkeyp
         assert summary[system]["params"] > dense["params"]
     assert results["config"]["train_tokens"] == 6 * 4 * 32
     assert all(len(r["losses"]) == 6 for r in results["runs"])
+    for r in results["runs"]:  # speed: the steps' own CPU time, which the trainer's total (checkpoints too) holds
+        assert len(r["step_cpu_seconds"]) == 6 and 0 < sum(r["step_cpu_seconds"]) <= r["train_cpu_seconds"]
+        assert r["tokens_per_second"] == pytest.approx(r["train_tokens"] / sum(r["step_cpu_seconds"]))
     text = (folder / "table.md").read_text()
     assert "quick" in text and "Reading:" in text and "topk_drop" in text
 

@@ -26,29 +26,53 @@ path loads that model. ``--quick`` instead builds a tiny random Llama model in t
 width 32) with a byte-level tokenizer (UTF-8 bytes, EOS 256), so it needs no download and no ``llm``
 extra, and runs a few steps on a slice of the corpus: it checks the pipeline, not upcycling.
 
+Drop-Upcycling's ratio (``drop_ratio``, default 0.1). Nakamura et al. (2025) re-draw r = 0.5 of
+each expert's neurons: diversity that lets the experts specialise, paid for with a worse start that
+their training (hundreds of billions of tokens) recovers many times over. This study trains 204,800
+tokens per run, so the start is most of what a ratio decides here. Starting validation perplexity of
+``topk_drop`` on the real model (the default layers, experts and k; the first 4,096 validation tokens,
+the same for every ratio; copy init computes the dense model's logits, so copy = dense = 46.13)::
+
+    OMP_NUM_THREADS=1 python -c "from sparsemoe.experiments import upcycle_smollm2 as s
+    d, t = s.load_model('smollm2'); v = s.token_rows(t, s.corpus_text()[1], 128, 4096)
+    print(s.perplexity(d, v, 8)); print([(r, seed, s.perplexity(s.build_system(d, 'topk_drop',
+    s.Config(drop_ratio=r), seed), v, 8)) for seed in (0, 1) for r in (0.05, 0.1, 0.25, 0.5)])"
+
+    ratio      0.05   0.1    0.25   0.5
+    seed 0     51.35  53.24  112.0  4,958
+    seed 1     49.79  60.14  89.31  10,063
+
+The rule: the largest of these ratios whose start is within 1.5x of copy's on both seeds, which is
+0.1 (1.15x and 1.30x; 0.25 is 2.4x and 1.9x). Why 1.5x: in its first 5 steps (5,120 tokens) the dense
+model's perplexity fell 1.65x (51.3 -> 31.0, below), so a gap of that size costs a few of the 200
+steps, while r = 0.5 starts two orders of magnitude worse (its 5-step run, ratio 0.5: 6,576 -> 316)
+and would spend the budget repairing the damage. One drop system at the rule's ratio, not a second
+one at the paper's 0.5: at this budget that run would measure recovery from re-initialisation, which
+the table above already shows, at another 2 CPU-hours.
+
 Budget choices (the study must fit about one hour per run on one CPU thread): the default converts
 every other block (0, 2, ..., 28: 15 of SmolLM2's 30 MLPs) into 4 copies with k = 2, and trains on
 rows of 128 tokens, 8 rows per step (1,024 tokens), for 200 steps (204,800 tokens per run). All of
 a system's weights are trained (embeddings included), so the comparison is continued training of
-the whole model in each case.
+the whole model in each case. COMET is not among the systems (``sigmoid_copy`` is the learned
+router the study needs): a fifth system is 2 more runs of about an hour each.
 
-Cost, measured on the real model with ``sparsemoe reproduce upcycle-smollm2 --steps 5 --seeds 1
---val-tokens 1024 --warmup-steps 1`` (one thread, ``OMP_NUM_THREADS=1``; CPU seconds per step of
-1,024 tokens from the per-step clock, which a machine busy with other jobs does not inflate; 5 steps
-per system rather than 20 because the shared machine gave this process about a third of a core):
-dense 10.9-12.3 s (88 tokens per CPU second), ``topk_copy`` 15.0-15.8 s (66), ``topk_drop``
-14.6-15.3 s (68), ``sigmoid_copy`` 14.4-16.2 s (68); peak resident memory 7.6 GB (the dense model
-kept for copying, one system and its Adam state). At the default 200 steps that is about 38 min of
-training per dense run and about 52 min per upcycled run, plus two validation passes over 16,384
-tokens (about 2-3 min) and, once per process, the GGUF load and corpus tokenisation (about 1
-CPU-minute): within the hour per run. The full study, 4 systems x 2 seeds = 8 runs, is about 2 x 0.7
-+ 6 x 0.95 = 7 CPU-hours; on a 2-core machine run two processes on the same ``--out`` (e.g.
-``--systems dense topk_copy`` and ``--systems topk_drop sigmoid_copy``, about 3.5 h each), then once
-more with all systems, which trains nothing and writes the combined table. In those 5 steps the
-dense model's validation perplexity went 51.3 -> 31.0, ``topk_copy``'s 51.3 (equal: copy init) ->
-31.3 and ``sigmoid_copy``'s 51.3 -> 31.0 (one seed, 1,024 validation tokens), while Drop-Upcycling
-(ratio 0.5 in 15 of 30 blocks) started at 6,576 and was at 316: at this budget it has far to
-recover.
+COST_PLACEHOLDER
+
+Resuming: each finished (system, seed) run is saved in ``<out>/runs/`` when it ends and skipped on a
+rerun; a run in progress writes a checkpoint every ``checkpoint_every`` steps
+(``<out>/checkpoints/<key>.safetensors``, about 3 GB for an upcycled system: weights and Adam state)
+and its per-step log beside it, so a rerun of the same command continues it bit-identically (each
+sitting reloads the model, tokenises the corpus and measures the starting perplexity again, about 2
+CPU-minutes). The study spans sittings on a 2-core machine as two processes on one ``--out`` with
+disjoint systems, then one run with all systems, which trains nothing and writes the combined
+results.json, summary.json, table.md and plot::
+
+    OMP_NUM_THREADS=1 sparsemoe reproduce upcycle-smollm2 --systems dense topk_drop
+    OMP_NUM_THREADS=1 sparsemoe reproduce upcycle-smollm2 --systems topk_copy sigmoid_copy
+    sparsemoe reproduce upcycle-smollm2        # after both have finished: the tables of all systems
+
+(each process also writes the files for its own systems; the last command replaces them).
 """
 
 from __future__ import annotations
@@ -112,7 +136,9 @@ class Config:
     layers: list[int] | None = field(
         default=None, metadata={"help": "MLP blocks to convert (default: every other one, 0, 2, ...)"}
     )
-    drop_ratio: float = field(default=0.5, metadata={"help": "topk_drop's re-drawn share of neurons", "min": 0.0})
+    drop_ratio: float = field(
+        default=0.1, metadata={"help": "topk_drop's re-drawn share of neurons (see the module docstring)", "min": 0.0}
+    )
     checkpoint_every: int = field(
         default=25, metadata={"help": "steps between checkpoints of a run in progress (resumed on rerun)", "min": 1}
     )
@@ -283,21 +309,24 @@ class StepClock(MetricsLog):
     The file outlives the process: a run resumed from its checkpoint keeps the lines up to the
     checkpoint's step (:class:`~sparsemoe.training.MetricsLog`) and appends the rest, so
     :meth:`steps` holds every step of the run however many sittings it took. A step's CPU seconds
-    run from the end of the step before (a checkpoint written between them counts to it).
+    run from :meth:`start` (called by the loss at the step's first forward) to the step's end, so a
+    checkpoint written between two steps counts to neither.
     """
 
     def __init__(self, path: Path, label: str) -> None:
         super().__init__(path)
         self.label = label
-        self._last = 0.0
+        self._start: float | None = None
 
-    def on_train_start(self, trainer: Trainer) -> None:
-        super().on_train_start(trainer)
-        self._last = time.process_time()
+    def start(self) -> None:
+        """The step begins (its first forward); later calls in the same step change nothing."""
+        if self._start is None:
+            self._start = time.process_time()
 
     def on_step_end(self, trainer: Trainer) -> None:
-        now = time.process_time()
-        seconds, self._last = now - self._last, now
+        if self._start is None:
+            raise RuntimeError("StepClock.start() was not called in this step: the loss must call it")
+        seconds, self._start = time.process_time() - self._start, None
         self._append({"step": trainer.step, "loss": trainer.last_loss, "cpu_seconds": seconds})
         console.print(
             f"{self.label}: step {trainer.step}, {seconds:.2f} CPU s, loss {trainer.last_loss:.4f}", soft_wrap=True
@@ -322,8 +351,10 @@ def train_one(
     params, active = count_params(model)
     before = perplexity(model, data["val"], config.batch_size)  # the built model's: a resumed run measures it again
     train_rows = data["train"]
+    clock = StepClock(step_log(checkpoint), f"{system} seed {seed}")
 
     def loss(rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        clock.start()
         batch = train_rows[rows]
         lm = model(input_ids=batch, labels=batch).loss
         return {"loss": lm + aux_loss(model), "lm": lm.detach()}
@@ -339,7 +370,6 @@ def train_one(
         checkpoint_path=str(checkpoint),
         checkpoint_at_end=False,  # the finished run is saved as a record; the file is then deleted
     )
-    clock = StepClock(step_log(checkpoint), f"{system} seed {seed}")
     trainer = Trainer(
         model, loss, RandomBatches(len(train_rows), config.batch_size, seed), train_config, callbacks=[clock]
     )
@@ -358,10 +388,10 @@ def train_one(
         "active_params_per_token": active,
         "train_tokens": tokens,
         "train_seconds": result.seconds,
-        # the trainer's CPU seconds over all sittings (no evaluation runs inside it: the perplexities
-        # are measured outside), so a busy neighbour on the machine does not count against a system
-        "train_cpu_seconds": result.cpu_seconds,
-        "tokens_per_second": tokens / result.cpu_seconds,
+        "train_cpu_seconds": result.cpu_seconds,  # all sittings, checkpoint writes included
+        # CPU time, not wall time, so that a busy neighbour on the machine does not count against a
+        # system; the steps' own (no evaluation, no checkpoint writes), over all sittings
+        "tokens_per_second": tokens / sum(row["cpu_seconds"] for row in steps),
         "step_cpu_seconds": [row["cpu_seconds"] for row in steps],
         "losses": [float(row["loss"]) for row in steps],
     }
