@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -68,7 +69,8 @@ def test_quick_run_writes_the_promised_files_and_resumes(tmp_path: Path, monkeyp
 def test_a_run_stopped_midway_resumes_from_its_checkpoint_to_the_same_record(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    config = {"quick": True, "systems": ["sigmoid_copy"], "seeds": 1}  # loss-free bias and router noise: state to restore
+    # sigmoid_copy: the loss-free bias and the router's noise are state the checkpoint must restore
+    config: dict[str, Any] = {"quick": True, "systems": ["sigmoid_copy"], "seeds": 1}
     whole = run(Config(**config, out=tmp_path / "whole"))["runs"][0]
     clock_step = study.StepClock.on_step_end
 
@@ -76,6 +78,7 @@ def test_a_run_stopped_midway_resumes_from_its_checkpoint_to_the_same_record(
         clock_step(self, trainer)
         if trainer.step == 5:
             raise KeyboardInterrupt  # as a sitting ending: the quick run checkpoints every 3 steps
+
     monkeypatch.setattr(study.StepClock, "on_step_end", stop_at_step_5)
     with pytest.raises(KeyboardInterrupt):
         run(Config(**config, out=tmp_path / "split"))
