@@ -93,6 +93,7 @@ def test_a_run_stopped_midway_resumes_from_its_checkpoint_to_the_same_record(
     assert not any((folder / "checkpoints").iterdir())  # checkpoint and step log gone once the record is saved
 
 
+@needs_data("multi30k", "sst2")
 def test_two_processes_with_disjoint_systems_then_one_run_for_the_tables(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

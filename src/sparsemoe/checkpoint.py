@@ -377,7 +377,7 @@ def save_checkpoint(
         meta["sha256"] = _checksum(out)
         meta["meta_sha256"] = _meta_checksum(meta)
         with atomic_path(path) as tmp:  # written from the tensors: no in-memory copy of the whole file (2x its size)
-            save_file(out, tmp, metadata={_META_KEY: json.dumps(meta)})
+            save_file(out, str(tmp), metadata={_META_KEY: json.dumps(meta)})
     if distributed:
         dist.barrier()
     return path

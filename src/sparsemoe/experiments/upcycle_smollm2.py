@@ -31,7 +31,8 @@ each expert's neurons: diversity that lets the experts specialise, paid for with
 their training (hundreds of billions of tokens) recovers many times over. This study trains 204,800
 tokens per run, so the start is most of what a ratio decides here. Starting validation perplexity of
 ``topk_drop`` on the real model (the default layers, experts and k; the first 4,096 validation tokens,
-the same for every ratio; copy init computes the dense model's logits, so copy = dense = 46.13)::
+a quarter of the study's, the same for every ratio; copy init computes the dense model's logits, so
+copy = dense = 46.13)::
 
     OMP_NUM_THREADS=1 python -c "from sparsemoe.experiments import upcycle_smollm2 as s
     d, t = s.load_model('smollm2'); v = s.token_rows(t, s.corpus_text()[1], 128, 4096)
@@ -43,12 +44,13 @@ the same for every ratio; copy init computes the dense model's logits, so copy =
     seed 1     49.79  60.14  89.31  10,063
 
 The rule: the largest of these ratios whose start is within 1.5x of copy's on both seeds, which is
-0.1 (1.15x and 1.30x; 0.25 is 2.4x and 1.9x). Why 1.5x: in its first 5 steps (5,120 tokens) the dense
-model's perplexity fell 1.65x (51.3 -> 31.0, below), so a gap of that size costs a few of the 200
-steps, while r = 0.5 starts two orders of magnitude worse (its 5-step run, ratio 0.5: 6,576 -> 316)
-and would spend the budget repairing the damage. One drop system at the rule's ratio, not a second
-one at the paper's 0.5: at this budget that run would measure recovery from re-initialisation, which
-the table above already shows, at another 2 CPU-hours.
+0.1 (1.15x and 1.30x; 0.25 is 2.4x and 1.9x). Why 1.5x: in its first 6 steps (6,144 tokens) the dense
+model's perplexity fell 1.7x (51.30 -> 30.08, below), so a gap of that size costs a few of the 200
+steps, while r = 0.5 starts two orders of magnitude worse (an earlier 5-step run at ratio 0.5 went
+6,576 -> 316 on the first 1,024 validation tokens) and would spend the budget repairing the damage.
+One drop system at the rule's ratio, not a second one at the paper's 0.5: at this budget that run
+would measure recovery from re-initialisation, which the table above already shows, at another 2
+CPU-hours.
 
 Budget choices (the study must fit about one hour per run on one CPU thread): the default converts
 every other block (0, 2, ..., 28: 15 of SmolLM2's 30 MLPs) into 4 copies with k = 2, and trains on
@@ -57,7 +59,25 @@ a system's weights are trained (embeddings included), so the comparison is conti
 the whole model in each case. COMET is not among the systems (``sigmoid_copy`` is the learned
 router the study needs): a fifth system is 2 more runs of about an hour each.
 
-COST_PLACEHOLDER
+Cost, measured on the real model with ``OMP_NUM_THREADS=1 sparsemoe reproduce upcycle-smollm2 --steps 6
+--seeds 1 --val-tokens 1024 --warmup-steps 1 --checkpoint-every 3 --drop-ratio 0.1`` (one thread; CPU
+seconds, which the machine's load does not inflate: it was shared with two other single-thread
+training runs and the process got about 30% of a core, 28 min of wall clock for 8.5 CPU-minutes).
+CPU seconds per step of 1,024 tokens (the 5 steps not following a checkpoint write): dense 11.2-12.3
+(about 89 training tokens per CPU second), ``topk_copy`` 14.9-15.8 (67), ``topk_drop`` 14.5-15.4
+(69), ``sigmoid_copy`` 14.4-15.1 (69). A checkpoint write costs about 9 CPU seconds for an upcycled
+system (``--systems topk_copy --steps 3 --checkpoint-every 2``: ``train_cpu_seconds`` minus the
+steps'), a validation pass over 16,384 tokens about 1 CPU-minute (4,096 tokens: 15 s dense, 18-20 s
+upcycled). So a default run (200 steps, 8 checkpoint writes, 2 validation passes) is about 41
+CPU-minutes for dense and 55 for an upcycled system, plus about 2 CPU-minutes per sitting for
+loading the model and the corpus: within the hour. The study, 4 systems x 2 seeds, is 2 x 41 + 6 x 55
+= about 412 CPU-minutes, 6.9 CPU-hours: 3.2 h for ``--systems dense topk_drop`` and 3.7 h for
+``--systems topk_copy sigmoid_copy`` (each on a core of its own). Peak resident memory of an upcycled
+run is 9.3 GB, during a checkpoint write (weights and Adam state, about 3 GB, copied once for the
+file; 15.3 GB when :func:`~sparsemoe.checkpoint.save_checkpoint` still built the file in memory);
+two processes need about 19 GB at worst. In those 6 steps the validation perplexity (first
+1,024 tokens) went: dense 51.30 -> 30.08, ``topk_copy`` 51.30 -> 30.33, ``topk_drop`` (ratio 0.1)
+58.22 -> 33.49, ``sigmoid_copy`` 51.30 -> 30.02.
 
 Resuming: each finished (system, seed) run is saved in ``<out>/runs/`` when it ends and skipped on a
 rerun; a run in progress writes a checkpoint every ``checkpoint_every`` steps
