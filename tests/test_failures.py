@@ -44,8 +44,8 @@ def train(path: Path | None, resume: Path | None = None, epochs: int = 3) -> lis
 
 
 # The child trains and stalls inside the 2nd checkpoint write (after the 1st is on disk), at a point
-# given by argv[1]; the test SIGKILLs it there. "write": half the bytes written; "rename": all bytes
-# written and fsync-ed, before os.replace.
+# given by argv[1]; the test SIGKILLs it there. "write": half the file's bytes in the temporary file;
+# "rename": all bytes written and fsync-ed, before os.replace.
 CHILD = """
 import os, sys, time
 sys.path.insert(0, {tests!r})
@@ -54,28 +54,26 @@ from test_failures import train
 
 where, path = sys.argv[1], sys.argv[2]
 calls = {{"n": 0}}
-real_durable, real_write, real_replace = ck.atomic_write_bytes, os.write, os.replace
+real_save, real_replace = ck.save_file, os.replace
 
 def stall():
     print("STALLED", flush=True)
     time.sleep(600)
 
-def durable(p, data):
+def save_file(tensors, filename, metadata=None):
     calls["n"] += 1
-    return real_durable(p, data)
-
-def write(fd, data):
+    real_save(tensors, filename, metadata=metadata)
     if calls["n"] == 2 and where == "write":
-        real_write(fd, bytes(data[: len(data) // 2]))
+        with open(filename, "r+b") as f:
+            f.truncate(os.path.getsize(filename) // 2)
         stall()
-    return real_write(fd, data)
 
 def replace(a, b):
     if calls["n"] == 2 and where == "rename":
         stall()
     return real_replace(a, b)
 
-ck.atomic_write_bytes, os.write, os.replace = durable, write, replace
+ck.save_file, os.replace = save_file, replace
 train(__import__("pathlib").Path(path))
 print("FINISHED", flush=True)
 """

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -50,6 +51,9 @@ def test_quick_run_writes_the_promised_files_and_resumes(tmp_path: Path, monkeyp
         assert summary[system]["params"] > dense["params"]
     assert results["config"]["train_tokens"] == 6 * 4 * 32
     assert all(len(r["losses"]) == 6 for r in results["runs"])
+    for r in results["runs"]:  # speed: the steps' own CPU time, which the trainer's total (checkpoints too) holds
+        assert len(r["step_cpu_seconds"]) == 6 and 0 < sum(r["step_cpu_seconds"]) <= r["train_cpu_seconds"]
+        assert r["tokens_per_second"] == pytest.approx(r["train_tokens"] / sum(r["step_cpu_seconds"]))
     text = (folder / "table.md").read_text()
     assert "quick" in text and "Reading:" in text and "topk_drop" in text
 
@@ -59,6 +63,51 @@ def test_quick_run_writes_the_promised_files_and_resumes(tmp_path: Path, monkeyp
     monkeypatch.setattr(study, "train_one", no_training)
     again = run(Config(quick=True, out=tmp_path))
     assert again["summary"] == results["summary"]
+
+
+@needs_data("multi30k", "sst2")
+def test_a_run_stopped_midway_resumes_from_its_checkpoint_to_the_same_record(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # sigmoid_copy: the loss-free bias and the router's noise are state the checkpoint must restore
+    config: dict[str, Any] = {"quick": True, "systems": ["sigmoid_copy"], "seeds": 1}
+    whole = run(Config(**config, out=tmp_path / "whole"))["runs"][0]
+    clock_step = study.StepClock.on_step_end
+
+    def stop_at_step_5(self: study.StepClock, trainer: study.Trainer) -> None:
+        clock_step(self, trainer)
+        if trainer.step == 5:
+            raise KeyboardInterrupt  # as a sitting ending: the quick run checkpoints every 3 steps
+
+    monkeypatch.setattr(study.StepClock, "on_step_end", stop_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        run(Config(**config, out=tmp_path / "split"))
+    folder = tmp_path / "split" / "quick"
+    assert (folder / "checkpoints" / "system=sigmoid_copy__seed=0.safetensors").exists()
+    assert not (folder / "runs" / "system=sigmoid_copy__seed=0.json").exists()
+    monkeypatch.undo()
+    split = run(Config(**config, out=tmp_path / "split"))["runs"][0]
+    assert split["losses"] == whole["losses"] and len(split["losses"]) == 6  # steps 4-5 rerun, 1-3 from the log
+    assert split["val_ppl"] == whole["val_ppl"] and split["val_ppl_before"] == whole["val_ppl_before"]
+    assert len(split["step_cpu_seconds"]) == 6
+    assert not any((folder / "checkpoints").iterdir())  # checkpoint and step log gone once the record is saved
+
+
+@needs_data("multi30k", "sst2")
+def test_two_processes_with_disjoint_systems_then_one_run_for_the_tables(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run(Config(quick=True, out=tmp_path, systems=["dense"], seeds=1))
+    run(Config(quick=True, out=tmp_path, systems=["topk_copy"], seeds=1))
+
+    def no_training(*args: object) -> None:
+        raise AssertionError("the final run trained again")
+
+    monkeypatch.setattr(study, "train_one", no_training)
+    both = run(Config(quick=True, out=tmp_path, systems=["dense", "topk_copy"], seeds=1))
+    summary = json.loads((tmp_path / "quick" / "summary.json").read_text())
+    assert list(summary) == ["dense", "topk_copy"] and both["summary"] == summary
+    assert "| topk_copy |" in (tmp_path / "quick" / "table.md").read_text()
 
 
 def test_config_names_the_bad_option() -> None:
@@ -118,7 +167,10 @@ def test_smollm2_loads_upcycles_and_trains_a_step(tmp_path: Path) -> None:
     config = Config(layers=[0, 15])
     model = study.build_system(dense, "topk_copy", config, seed=0)
     assert study.perplexity(model, rows, batch_size=2) == pytest.approx(before, rel=1e-4)
-    record = study.train_one(
-        dense, {"train": rows, "val": rows}, "sigmoid_copy", 0, Config(steps=1, batch_size=2, seq_len=32, layers=[0])
-    )
+    checkpoint = tmp_path / "run.safetensors"
+    one_step = Config(steps=1, batch_size=2, seq_len=32, layers=[0], checkpoint_every=1)
+    record = study.train_one(dense, {"train": rows, "val": rows}, "sigmoid_copy", 0, one_step, checkpoint)
     assert record["val_ppl_before"] == pytest.approx(before, rel=1e-4) and record["tokens_per_second"] > 0
+    assert checkpoint.exists()  # written at step 1: SmolLM2's tied embedding and lm_head save
+    again = study.train_one(dense, {"train": rows, "val": rows}, "sigmoid_copy", 0, one_step, checkpoint)
+    assert again["val_ppl"] == record["val_ppl"] and again["losses"] == record["losses"]  # resumed: nothing retrained

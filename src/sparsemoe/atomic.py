@@ -41,8 +41,11 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     _remove_stale_temps(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}{_TMP_SUFFIX}")
     os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # mode 0666 & ~umask
+    mode = tmp.stat().st_mode & 0o777
     try:
         yield tmp
+        if tmp.stat().st_mode & 0o777 != mode:  # the writer made the file anew (safetensors' save_file: 0600)
+            tmp.chmod(mode)
         _fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException:

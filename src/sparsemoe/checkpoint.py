@@ -56,11 +56,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from safetensors.torch import load as load_tensors
-from safetensors.torch import save as save_tensors
+from safetensors.torch import save_file
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from .atomic import atomic_write_bytes
+from .atomic import atomic_path
 
 _META_KEY = "sparsemoe"
 _FORMAT = 3
@@ -376,7 +376,8 @@ def save_checkpoint(
     if not distributed or dist.get_rank() == 0:
         meta["sha256"] = _checksum(out)
         meta["meta_sha256"] = _meta_checksum(meta)
-        atomic_write_bytes(path, save_tensors(out, metadata={_META_KEY: json.dumps(meta)}))
+        with atomic_path(path) as tmp:  # written from the tensors: no in-memory copy of the whole file (2x its size)
+            save_file(out, str(tmp), metadata={_META_KEY: json.dumps(meta)})
     if distributed:
         dist.barrier()
     return path

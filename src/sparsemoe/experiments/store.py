@@ -88,6 +88,10 @@ class RunStore:
     def put(self, key: str, record: dict[str, Any]) -> None:
         write_json(self.path(key), record)
 
+    def checkpoint(self, key: str) -> Path:
+        """The checkpoint file of ``key``'s run in progress (``checkpoints/<key>.safetensors`` beside the runs)."""
+        return self.out_dir / "checkpoints" / f"{key}.safetensors"
+
     def run_missing(
         self, jobs: Mapping[str, Callable[[Path], dict[str, Any]]], extra: Mapping[str, Any] | None = None
     ) -> None:
@@ -100,7 +104,7 @@ class RunStore:
         for key, job in jobs.items():
             if self.get(key) is not None:
                 continue
-            checkpoint = self.out_dir / "checkpoints" / f"{key}.safetensors"
+            checkpoint = self.checkpoint(key)
             self.put(key, {**job(checkpoint), **(extra or {})})
             checkpoint.unlink(missing_ok=True)
 

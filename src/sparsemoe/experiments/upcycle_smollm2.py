@@ -26,34 +26,79 @@ path loads that model. ``--quick`` instead builds a tiny random Llama model in t
 width 32) with a byte-level tokenizer (UTF-8 bytes, EOS 256), so it needs no download and no ``llm``
 extra, and runs a few steps on a slice of the corpus: it checks the pipeline, not upcycling.
 
+Drop-Upcycling's ratio (``drop_ratio``, default 0.1). Nakamura et al. (2025) re-draw r = 0.5 of
+each expert's neurons: diversity that lets the experts specialise, paid for with a worse start that
+their training (hundreds of billions of tokens) recovers many times over. This study trains 204,800
+tokens per run, so the start is most of what a ratio decides here. Starting validation perplexity of
+``topk_drop`` on the real model (the default layers, experts and k; the first 4,096 validation tokens,
+a quarter of the study's, the same for every ratio; copy init computes the dense model's logits, so
+copy = dense = 46.13)::
+
+    OMP_NUM_THREADS=1 python -c "from sparsemoe.experiments import upcycle_smollm2 as s
+    d, t = s.load_model('smollm2'); v = s.token_rows(t, s.corpus_text()[1], 128, 4096)
+    print(s.perplexity(d, v, 8)); print([(r, seed, s.perplexity(s.build_system(d, 'topk_drop',
+    s.Config(drop_ratio=r), seed), v, 8)) for seed in (0, 1) for r in (0.05, 0.1, 0.25, 0.5)])"
+
+    ratio      0.05   0.1    0.25   0.5
+    seed 0     51.35  53.24  112.0  4,958
+    seed 1     49.79  60.14  89.31  10,063
+
+The rule: the largest of these ratios whose start is within 1.5x of copy's on both seeds, which is
+0.1 (1.15x and 1.30x; 0.25 is 2.4x and 1.9x). Why 1.5x: in its first 6 steps (6,144 tokens) the dense
+model's perplexity fell 1.7x (51.30 -> 30.08, below), so a gap of that size costs a few of the 200
+steps, while r = 0.5 starts two orders of magnitude worse (an earlier 5-step run at ratio 0.5 went
+6,576 -> 316 on the first 1,024 validation tokens) and would spend the budget repairing the damage.
+One drop system at the rule's ratio, not a second one at the paper's 0.5: at this budget that run
+would measure recovery from re-initialisation, which the table above already shows, at another 2
+CPU-hours.
+
 Budget choices (the study must fit about one hour per run on one CPU thread): the default converts
 every other block (0, 2, ..., 28: 15 of SmolLM2's 30 MLPs) into 4 copies with k = 2, and trains on
 rows of 128 tokens, 8 rows per step (1,024 tokens), for 200 steps (204,800 tokens per run). All of
 a system's weights are trained (embeddings included), so the comparison is continued training of
-the whole model in each case.
+the whole model in each case. COMET is not among the systems (``sigmoid_copy`` is the learned
+router the study needs): a fifth system is 2 more runs of about an hour each.
 
-Cost, measured on the real model with ``sparsemoe reproduce upcycle-smollm2 --steps 5 --seeds 1
---val-tokens 1024 --warmup-steps 1`` (one thread, ``OMP_NUM_THREADS=1``; CPU seconds per step of
-1,024 tokens from the per-step clock, which a machine busy with other jobs does not inflate; 5 steps
-per system rather than 20 because the shared machine gave this process about a third of a core):
-dense 10.9-12.3 s (88 tokens per CPU second), ``topk_copy`` 15.0-15.8 s (66), ``topk_drop``
-14.6-15.3 s (68), ``sigmoid_copy`` 14.4-16.2 s (68); peak resident memory 7.6 GB (the dense model
-kept for copying, one system and its Adam state). At the default 200 steps that is about 38 min of
-training per dense run and about 52 min per upcycled run, plus two validation passes over 16,384
-tokens (about 2-3 min) and, once per process, the GGUF load and corpus tokenisation (about 1
-CPU-minute): within the hour per run. The full study, 4 systems x 2 seeds = 8 runs, is about 2 x 0.7
-+ 6 x 0.95 = 7 CPU-hours; on a 2-core machine run two processes on the same ``--out`` (e.g.
-``--systems dense topk_copy`` and ``--systems topk_drop sigmoid_copy``, about 3.5 h each), then once
-more with all systems, which trains nothing and writes the combined table. In those 5 steps the
-dense model's validation perplexity went 51.3 -> 31.0, ``topk_copy``'s 51.3 (equal: copy init) ->
-31.3 and ``sigmoid_copy``'s 51.3 -> 31.0 (one seed, 1,024 validation tokens), while Drop-Upcycling
-(ratio 0.5 in 15 of 30 blocks) started at 6,576 and was at 316: at this budget it has far to
-recover.
+Cost, measured on the real model with ``OMP_NUM_THREADS=1 sparsemoe reproduce upcycle-smollm2 --steps 6
+--seeds 1 --val-tokens 1024 --warmup-steps 1 --checkpoint-every 3 --drop-ratio 0.1`` (one thread; CPU
+seconds, which the machine's load does not inflate: it was shared with two other single-thread
+training runs and the process got about 30% of a core, 28 min of wall clock for 8.5 CPU-minutes).
+CPU seconds per step of 1,024 tokens (the 5 steps not following a checkpoint write): dense 11.2-12.3
+(about 89 training tokens per CPU second), ``topk_copy`` 14.9-15.8 (67), ``topk_drop`` 14.5-15.4
+(69), ``sigmoid_copy`` 14.4-15.1 (69). A checkpoint write costs about 9 CPU seconds for an upcycled
+system (``--systems topk_copy --steps 3 --checkpoint-every 2``: ``train_cpu_seconds`` minus the
+steps'), a validation pass over 16,384 tokens about 1 CPU-minute (4,096 tokens: 15 s dense, 18-20 s
+upcycled). So a default run (200 steps, 8 checkpoint writes, 2 validation passes) is about 41
+CPU-minutes for dense and 55 for an upcycled system, plus about 2 CPU-minutes per sitting for
+loading the model and the corpus: within the hour. The study, 4 systems x 2 seeds, is 2 x 41 + 6 x 55
+= about 412 CPU-minutes, 6.9 CPU-hours: 3.2 h for ``--systems dense topk_drop`` and 3.7 h for
+``--systems topk_copy sigmoid_copy`` (each on a core of its own). Peak resident memory of an upcycled
+run is 9.3 GB, during a checkpoint write (weights and Adam state, about 3 GB, copied once for the
+file; 15.3 GB when :func:`~sparsemoe.checkpoint.save_checkpoint` still built the file in memory);
+two processes need about 19 GB at worst. In those 6 steps the validation perplexity (first
+1,024 tokens) went: dense 51.30 -> 30.08, ``topk_copy`` 51.30 -> 30.33, ``topk_drop`` (ratio 0.1)
+58.22 -> 33.49, ``sigmoid_copy`` 51.30 -> 30.02.
+
+Resuming: each finished (system, seed) run is saved in ``<out>/runs/`` when it ends and skipped on a
+rerun; a run in progress writes a checkpoint every ``checkpoint_every`` steps
+(``<out>/checkpoints/<key>.safetensors``, about 3 GB for an upcycled system: weights and Adam state)
+and its per-step log beside it, so a rerun of the same command continues it bit-identically (each
+sitting reloads the model, tokenises the corpus and measures the starting perplexity again, about 2
+CPU-minutes). The study spans sittings on a 2-core machine as two processes on one ``--out`` with
+disjoint systems, then one run with all systems, which trains nothing and writes the combined
+results.json, summary.json, table.md and plot::
+
+    OMP_NUM_THREADS=1 sparsemoe reproduce upcycle-smollm2 --systems dense topk_drop
+    OMP_NUM_THREADS=1 sparsemoe reproduce upcycle-smollm2 --systems topk_copy sigmoid_copy
+    sparsemoe reproduce upcycle-smollm2        # after both have finished: the tables of all systems
+
+(each process also writes the files for its own systems; the last command replaces them).
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import importlib.util
 import math
 import time
@@ -69,9 +114,9 @@ from ..data import multi30k as m30k
 from ..data import sst2
 from ..data._paths import data_dir
 from ..layers import aux_loss, moe_layers
-from ..training import Callback, RandomBatches, TrainConfig, Trainer
+from ..training import MetricsLog, RandomBatches, TrainConfig, Trainer
 from .config import ConfigError, validate
-from .progress import console, progress
+from .progress import console
 from .reporting import upcycle_smollm2 as report
 from .store import RunStore, write_json
 
@@ -111,7 +156,12 @@ class Config:
     layers: list[int] | None = field(
         default=None, metadata={"help": "MLP blocks to convert (default: every other one, 0, 2, ...)"}
     )
-    drop_ratio: float = field(default=0.5, metadata={"help": "topk_drop's re-drawn share of neurons", "min": 0.0})
+    drop_ratio: float = field(
+        default=0.1, metadata={"help": "topk_drop's re-drawn share of neurons (see the module docstring)", "min": 0.0}
+    )
+    checkpoint_every: int = field(
+        default=25, metadata={"help": "steps between checkpoints of a run in progress (resumed on rerun)", "min": 1}
+    )
 
     def __post_init__(self) -> None:
         validate(self)
@@ -129,6 +179,7 @@ def _effective(config: Config) -> Config:
     if not config.quick:
         return config
     small = {"steps": 6, "batch_size": 4, "seq_len": 32, "val_tokens": 512, "warmup_steps": 2, "lr": 1e-3}
+    small["checkpoint_every"] = min(config.checkpoint_every, 3)
     return Config(**{**asdict(config), **small, "model": "tiny", "out": config.out / "quick"})
 
 
@@ -180,7 +231,7 @@ def token_rows(tokenizer: Any, lines: list[str], seq_len: int, max_tokens: int |
 
 
 def tiny_model() -> tuple[nn.Module, ByteTokenizer]:
-    """A random 2-block Llama (width 32, SwiGLU 64) over the byte vocabulary, seeded; no download."""
+    """A random 2-block Llama (width 32, SwiGLU 64, tied embeddings) over the byte vocabulary, seeded; no download."""
     import transformers
 
     torch.manual_seed(0)
@@ -194,6 +245,7 @@ def tiny_model() -> tuple[nn.Module, ByteTokenizer]:
         max_position_embeddings=128,
         eos_token_id=BYTE_EOS,
         bos_token_id=BYTE_EOS,
+        tie_word_embeddings=True,  # as SmolLM2: the checkpoints must handle the shared matrix
     )
     return transformers.LlamaForCausalLM(config).eval(), ByteTokenizer()
 
@@ -271,38 +323,58 @@ def build_system(dense: nn.Module, system: str, config: Config, seed: int) -> nn
     )
 
 
-class StepClock(Callback):
-    """CPU seconds of every training step (``seconds``), each also logged: the study's cost estimate."""
+class StepClock(MetricsLog):
+    """Each step's training loss and CPU seconds as a line of the JSONL file ``path``, also printed.
 
-    def __init__(self, label: str) -> None:
+    The file outlives the process: a run resumed from its checkpoint keeps the lines up to the
+    checkpoint's step (:class:`~sparsemoe.training.MetricsLog`) and appends the rest, so
+    :meth:`steps` holds every step of the run however many sittings it took. A step's CPU seconds
+    run from :meth:`start` (called by the loss at the step's first forward) to the step's end, so a
+    checkpoint written between two steps counts to neither.
+    """
+
+    def __init__(self, path: Path, label: str) -> None:
+        super().__init__(path)
         self.label = label
-        self.seconds: list[float] = []
-        self._last = 0.0
+        self._start: float | None = None
 
-    def on_train_start(self, trainer: Trainer) -> None:
-        self._last = time.process_time()
+    def start(self) -> None:
+        """The step begins (its first forward); later calls in the same step change nothing."""
+        if self._start is None:
+            self._start = time.process_time()
 
     def on_step_end(self, trainer: Trainer) -> None:
-        now = time.process_time()
-        self.seconds.append(now - self._last)
-        self._last = now
+        if self._start is None:
+            raise RuntimeError("StepClock.start() was not called in this step: the loss must call it")
+        seconds, self._start = time.process_time() - self._start, None
+        self._append({"step": trainer.step, "loss": trainer.last_loss, "cpu_seconds": seconds})
         console.print(
-            f"{self.label}: step {trainer.step}, {self.seconds[-1]:.2f} CPU s, loss {trainer.last_loss:.4f}",
-            soft_wrap=True,
+            f"{self.label}: step {trainer.step}, {seconds:.2f} CPU s, loss {trainer.last_loss:.4f}", soft_wrap=True
         )
+
+    def steps(self) -> list[dict[str, Any]]:
+        """``{"step", "loss", "cpu_seconds"}`` of every step so far, in order."""
+        return self._rows()
 
 
 def train_one(
-    dense: nn.Module, data: dict[str, torch.Tensor], system: str, seed: int, config: Config
+    dense: nn.Module, data: dict[str, torch.Tensor], system: str, seed: int, config: Config, checkpoint: Path
 ) -> dict[str, Any]:
-    """Build ``system`` from ``dense``, measure validation perplexity, train, measure again."""
+    """Build ``system`` from ``dense``, measure validation perplexity, train, measure again.
+
+    The run checkpoints to ``checkpoint`` every ``config.checkpoint_every`` steps and, when that
+    file exists, continues from it (bit-identically: same batches, same router noise); its step
+    log (:class:`StepClock`) lies beside it as ``<checkpoint stem>.steps.jsonl``.
+    """
     torch.manual_seed(seed)
     model = build_system(dense, system, config, seed)
     params, active = count_params(model)
-    before = perplexity(model, data["val"], config.batch_size)
+    before = perplexity(model, data["val"], config.batch_size)  # the built model's: a resumed run measures it again
     train_rows = data["train"]
+    clock = StepClock(step_log(checkpoint), f"{system} seed {seed}")
 
     def loss(rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        clock.start()
         batch = train_rows[rows]
         lm = model(input_ids=batch, labels=batch).loss
         return {"loss": lm + aux_loss(model), "lm": lm.detach()}
@@ -314,12 +386,17 @@ def train_one(
         seed=seed,
         warmup_steps=config.warmup_steps,
         clip_norm=1.0,
+        checkpoint_every=config.checkpoint_every,
+        checkpoint_path=str(checkpoint),
+        checkpoint_at_end=False,  # the finished run is saved as a record; the file is then deleted
     )
-    clock = StepClock(system)
     trainer = Trainer(
         model, loss, RandomBatches(len(train_rows), config.batch_size, seed), train_config, callbacks=[clock]
     )
-    result = trainer.run()
+    if checkpoint.exists():
+        console.print(f"{system} seed {seed}: resuming from {checkpoint}", soft_wrap=True)
+    result = trainer.run(checkpoint if checkpoint.exists() else None)
+    steps = clock.steps()
     tokens = config.steps * config.batch_size * config.seq_len
     after = perplexity(model, data["val"], config.batch_size)
     return {
@@ -331,40 +408,51 @@ def train_one(
         "active_params_per_token": active,
         "train_tokens": tokens,
         "train_seconds": result.seconds,
-        "train_cpu_seconds": result.cpu_seconds,
-        "tokens_per_second": tokens / result.cpu_seconds,
-        "step_cpu_seconds": clock.seconds,
-        "losses": [float(x) for x in result.step_losses],
+        "train_cpu_seconds": result.cpu_seconds,  # all sittings, checkpoint writes included
+        # CPU time, not wall time, so that a busy neighbour on the machine does not count against a
+        # system; the steps' own (no evaluation, no checkpoint writes), over all sittings
+        "tokens_per_second": tokens / sum(row["cpu_seconds"] for row in steps),
+        "step_cpu_seconds": [row["cpu_seconds"] for row in steps],
+        "losses": [float(row["loss"]) for row in steps],
     }
 
 
+def step_log(checkpoint: Path) -> Path:
+    """The step log of the run checkpointed at ``checkpoint`` (beside it)."""
+    return checkpoint.with_name(f"{checkpoint.stem}.steps.jsonl")
+
+
 def run(config: Config) -> dict[str, Any]:
-    """Train every (system, seed); write results.json, summary.json, table.md and a plot."""
+    """Train every (system, seed) not yet saved; write results.json, summary.json, table.md and a plot.
+
+    Runs already saved under ``out`` are reused, a run in progress continues from its checkpoint,
+    and the files are rebuilt from the saved runs of ``systems`` (see the module docstring for two
+    processes on one ``out``).
+    """
     c = _effective(config)
-    store = RunStore(c.out, asdict(c), selection=("quick", "out", "seeds", "systems"))
+    store = RunStore(c.out, asdict(c), selection=("quick", "out", "seeds", "systems", "checkpoint_every"))
     keys = {(s, seed): RunStore.key(system=s, seed=seed) for s in c.systems for seed in range(c.seeds)}
     if note := store.reuse_note(keys.values(), "pass a new --out (or delete that folder) to retrain"):
         console.print(note, soft_wrap=True)
-    runs: list[dict[str, Any]] = [r for key in keys.values() if (r := store.get(key)) is not None]
-    todo = [item for item, key in keys.items() if store.get(key) is None]
-    if todo:
-        console.print(f"{NAME}: loading {c.model} and the corpus", soft_wrap=True)
-        dense, tokenizer = load_model(c.model)
-        train_lines, val_lines = corpus_text()
-        needed = 4 * c.steps * c.batch_size * c.seq_len if c.quick else None  # quick: a slice of the corpus
-        data = {
-            "train": token_rows(tokenizer, train_lines, c.seq_len, needed),
-            "val": token_rows(tokenizer, val_lines, c.seq_len, c.val_tokens),
-        }
-        with progress() as bar:
-            task = bar.add_task(f"{NAME}: runs", total=len(todo))
-            for system, seed in todo:
-                record = train_one(dense, data, system, seed, c)
-                store.put(keys[(system, seed)], record)
-                runs.append(record)
-                bar.advance(task)
-    order = {key: i for i, key in enumerate(keys)}
-    runs.sort(key=lambda r: order[(r["system"], r["seed"])])
+    loaded: dict[str, Any] = {}  # the dense model and the token rows, loaded once and only if a run is missing
+
+    def job(system: str, seed: int, checkpoint: Path) -> dict[str, Any]:
+        if not loaded:
+            console.print(f"{NAME}: loading {c.model} and the corpus", soft_wrap=True)
+            loaded["dense"], tokenizer = load_model(c.model)
+            train_lines, val_lines = corpus_text()
+            needed = 4 * c.steps * c.batch_size * c.seq_len if c.quick else None  # quick: a slice of the corpus
+            loaded["data"] = {
+                "train": token_rows(tokenizer, train_lines, c.seq_len, needed),
+                "val": token_rows(tokenizer, val_lines, c.seq_len, c.val_tokens),
+            }
+        console.print(f"{NAME}: training {system} seed {seed}", soft_wrap=True)
+        return train_one(loaded["dense"], loaded["data"], system, seed, c, checkpoint)
+
+    store.run_missing({keys[item]: functools.partial(job, *item) for item in keys})
+    for key in keys.values():  # a finished run's step log is in its record
+        step_log(store.checkpoint(key)).unlink(missing_ok=True)
+    runs = [r for key in keys.values() if (r := store.get(key)) is not None]
     summary = report.summarise(runs)
     results = {
         "experiment": NAME,

@@ -86,8 +86,9 @@ def render(results: dict[str, Any]) -> str:
         f"{cfg['seq_len']} tokens), Adam lr {cfg['lr']:g} with {cfg['warmup_steps']} warm-up steps, "
         f"{cfg['threads']} thread(s); upcycled: {layers}, {cfg['num_experts']} experts, k = {cfg['k']} "
         f"(Drop-Upcycling ratio {cfg['drop_ratio']:g}). Validation perplexity on {cfg['val_tokens']:,} held-out "
-        "tokens (mean ± std over seeds). Speed is training tokens per CPU second of the process (with one thread, "
-        "the speed on a core of its own, whatever else the machine runs).\n\n"
+        "tokens (mean ± std over seeds). Speed is training tokens per CPU second of the process, over the training "
+        "steps alone (no evaluation, no checkpoint writes; with one thread, the speed on a core of its own, whatever "
+        "else the machine runs).\n\n"
         + markdown_table(
             [
                 "system",
