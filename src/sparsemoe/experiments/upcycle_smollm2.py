@@ -93,6 +93,11 @@ results.json, summary.json, table.md and plot::
     sparsemoe reproduce upcycle-smollm2        # after both have finished: the tables of all systems
 
 (each process also writes the files for its own systems; the last command replaces them).
+
+Under ``torchrun`` (``torchrun --nproc-per-node 2 -m sparsemoe reproduce upcycle-smollm2``) every
+rank trains every run on its share of each batch (DDP: the gradients averaged before clipping, the
+loss-free biases moved by the loads of all ranks) and rank 0 writes the results; a one-process run
+is unchanged. Data-parallel only: the upcycled model's experts are not sharded over the ranks.
 """
 
 from __future__ import annotations
@@ -113,6 +118,7 @@ from ..atomic import atomic_write_text
 from ..data import multi30k as m30k
 from ..data import sst2
 from ..data._paths import data_dir
+from ..distributed import all_ranks, data_parallel, join_torchrun, rank_output
 from ..layers import aux_loss, moe_layers
 from ..training import MetricsLog, RandomBatches, TrainConfig, Trainer
 from .config import ConfigError, validate
@@ -333,6 +339,8 @@ class StepClock(MetricsLog):
     checkpoint written between two steps counts to neither.
     """
 
+    every_rank = True  # under torchrun each rank's run record needs its own steps (in its own folder)
+
     def __init__(self, path: Path, label: str) -> None:
         super().__init__(path)
         self.label = label
@@ -372,11 +380,12 @@ def train_one(
     before = perplexity(model, data["val"], config.batch_size)  # the built model's: a resumed run measures it again
     train_rows = data["train"]
     clock = StepClock(step_log(checkpoint), f"{system} seed {seed}")
+    net = data_parallel(model)  # under torchrun: DDP (the trainer gives each rank its rows); one process: model
 
     def loss(rows: torch.Tensor) -> dict[str, torch.Tensor]:
         clock.start()
         batch = train_rows[rows]
-        lm = model(input_ids=batch, labels=batch).loss
+        lm = net(input_ids=batch, labels=batch).loss
         return {"loss": lm + aux_loss(model), "lm": lm.detach()}
 
     train_config = TrainConfig(
@@ -391,11 +400,12 @@ def train_one(
         checkpoint_at_end=False,  # the finished run is saved as a record; the file is then deleted
     )
     trainer = Trainer(
-        model, loss, RandomBatches(len(train_rows), config.batch_size, seed), train_config, callbacks=[clock]
+        net, loss, RandomBatches(len(train_rows), config.batch_size, seed), train_config, callbacks=[clock]
     )
-    if checkpoint.exists():
+    resume = all_ranks(checkpoint.exists())  # under torchrun: every rank resumes, or none
+    if resume:
         console.print(f"{system} seed {seed}: resuming from {checkpoint}", soft_wrap=True)
-    result = trainer.run(checkpoint if checkpoint.exists() else None)
+    result = trainer.run(checkpoint if resume else None)
     steps = clock.steps()
     tokens = config.steps * config.batch_size * config.seq_len
     after = perplexity(model, data["val"], config.batch_size)
@@ -427,13 +437,13 @@ def run(config: Config) -> dict[str, Any]:
 
     Runs already saved under ``out`` are reused, a run in progress continues from its checkpoint,
     and the files are rebuilt from the saved runs of ``systems`` (see the module docstring for two
-    processes on one ``out``).
+    processes on one ``out``). Under ``torchrun`` every rank trains every missing run (each its rows of
+    every batch) in a private copy of ``out``, and rank 0 alone writes ``out``.
     """
+    rank, world = join_torchrun()  # one process: (0, 1) and nothing changes
+    console.quiet = console.quiet or rank > 0
     c = _effective(config)
-    store = RunStore(c.out, asdict(c), selection=("quick", "out", "seeds", "systems", "checkpoint_every"))
     keys = {(s, seed): RunStore.key(system=s, seed=seed) for s in c.systems for seed in range(c.seeds)}
-    if note := store.reuse_note(keys.values(), "pass a new --out (or delete that folder) to retrain"):
-        console.print(note, soft_wrap=True)
     loaded: dict[str, Any] = {}  # the dense model and the token rows, loaded once and only if a run is missing
 
     def job(system: str, seed: int, checkpoint: Path) -> dict[str, Any]:
@@ -449,10 +459,14 @@ def run(config: Config) -> dict[str, Any]:
         console.print(f"{NAME}: training {system} seed {seed}", soft_wrap=True)
         return train_one(loaded["dense"], loaded["data"], system, seed, c, checkpoint)
 
-    store.run_missing({keys[item]: functools.partial(job, *item) for item in keys})
-    for key in keys.values():  # a finished run's step log is in its record
-        step_log(store.checkpoint(key)).unlink(missing_ok=True)
-    runs = [r for key in keys.values() if (r := store.get(key)) is not None]
+    with rank_output(c.out) as out:
+        store = RunStore(out, asdict(c), selection=("quick", "out", "seeds", "systems", "checkpoint_every"))
+        if note := store.reuse_note(keys.values(), "pass a new --out (or delete that folder) to retrain"):
+            console.print(note, soft_wrap=True)
+        store.run_missing({keys[item]: functools.partial(job, *item) for item in keys})
+        for key in keys.values():  # a finished run's step log is in its record
+            step_log(store.checkpoint(key)).unlink(missing_ok=True)
+        runs = [r for key in keys.values() if (r := store.get(key)) is not None]
     summary = report.summarise(runs)
     results = {
         "experiment": NAME,
@@ -466,6 +480,10 @@ def run(config: Config) -> dict[str, Any]:
         "summary": summary,
         "runs": runs,
     }
+    if world > 1:
+        results["processes"] = world
+    if rank > 0:
+        return results  # rank 0 writes the results
     write_json(c.out / "results.json", results)
     write_json(c.out / "summary.json", summary)
     text = report.render(results)
