@@ -8,6 +8,7 @@ cost); each rank writes what it found to a JSON file and the tests below read th
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import math
 import socket
@@ -63,7 +64,8 @@ CASES: list[tuple[str, str, dict]] = [
     ("mmoe-comet+soft", "mmoe:comet", {"k": 2, "local_search": True, "local_search_steps": 5}),
 ]
 TOKENS = (7, 5)  # uneven batches per rank
-ROUTER_LM_DATA = needs_data("multi30k", "sst2")
+ROUTER_LM_DATA = needs_data("multi30k", "sst2")  # also upcycle-smollm2's corpus
+HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
 
 
 def _free_port() -> int:
@@ -682,6 +684,25 @@ def _check_router_lm(rank: int, out: str) -> str:
     return "ok"
 
 
+UPCYCLE_SYSTEMS = ["dense", "sigmoid_copy"]  # no router noise (topk_*'s is drawn per rank): 2 ranks = one process
+
+
+def _upcycle_config(out: Path) -> object:
+    """upcycle-smollm2 --quick (the tiny random Llama, no dropout), 2 systems, 1 seed."""
+    from sparsemoe.experiments import upcycle_smollm2
+
+    return upcycle_smollm2.Config(quick=True, systems=UPCYCLE_SYSTEMS, seeds=1, out=out)
+
+
+def _check_upcycle(rank: int, out: str) -> str:
+    """``reproduce upcycle-smollm2 --quick`` under 2 processes (data-parallel)."""
+    from sparsemoe.experiments import upcycle_smollm2
+
+    found = upcycle_smollm2.run(_upcycle_config(Path(out, "upcycle")))  # type: ignore[arg-type]
+    assert found["processes"] == WORLD and len(found["runs"]) == len(UPCYCLE_SYSTEMS), found.keys()
+    return "ok"
+
+
 def _run(fn: Callable[[], str]) -> str:
     try:
         return fn()
@@ -714,6 +735,8 @@ def _worker(rank: int, port: int, out: str) -> None:
     results["demo"] = _run(lambda: _check_demo(rank, out))
     if not ROUTER_LM_DATA.args[0]:  # its data is here (else the test is skipped)
         results["router-lm"] = _run(lambda: _check_router_lm(rank, out))
+        if HAS_TRANSFORMERS:
+            results["upcycle-smollm2"] = _run(lambda: _check_upcycle(rank, out))
     results["trainer world change"] = _run(lambda: _check_trainer_world_change(rank, out))
     Path(out, f"rank{rank}.json").write_text(json.dumps(results))
     dist.destroy_process_group()
@@ -823,6 +846,37 @@ def test_router_lm_on_two_processes_matches_one(spawned: Path, results: list[dic
             for key in ("val_ce", "maxvio_global"):
                 if want[key] is not None:
                     assert abs(run[key] - want[key]) < 1e-4 * max(1.0, abs(want[key])), (name, run["system"], key)
+
+
+@ROUTER_LM_DATA
+@pytest.mark.skipif(not HAS_TRANSFORMERS, reason="upcycle-smollm2 needs transformers")
+def test_upcycle_smollm2_on_two_processes_matches_one(
+    spawned: Path, results: list[dict[str, str]], tmp_path: Path
+) -> None:
+    """``reproduce upcycle-smollm2 --quick`` on 2 ranks (DDP): each rank trained on its half of every
+    batch, the gradients averaged before clipping and the sigmoid router's loss-free biases moved by
+    the global loads, so the step losses and validation perplexities equal one process's (float32
+    rounding apart);
+    rank 0 alone wrote the results and the runs, and a one-process run records no process count."""
+    from sparsemoe.experiments import upcycle_smollm2
+
+    assert results[0]["upcycle-smollm2"] == "ok", results[0]["upcycle-smollm2"]
+    torch.set_num_threads(1)
+    found = upcycle_smollm2.run(_upcycle_config(tmp_path))  # type: ignore[arg-type]
+    assert "processes" not in found
+    one = {r["system"]: r for r in found["runs"]}
+    two = json.loads((spawned / "upcycle" / "quick" / "results.json").read_text())
+    assert two["processes"] == WORLD and two["config"] == found["config"]
+    assert sorted(p.name for p in (spawned / "upcycle" / "quick" / "runs").glob("*.json")) == [
+        f"system={s}__seed=0.json" for s in UPCYCLE_SYSTEMS
+    ]
+    for run in two["runs"]:
+        want = one[run["system"]]
+        for key in ("val_ppl_before", "val_ppl"):
+            assert abs(run[key] - want[key]) < 1e-4 * want[key], (run["system"], key, run[key], want[key])
+        assert run["train_tokens"] == want["train_tokens"] and len(run["losses"]) == len(want["losses"])
+        for got, expected in zip(run["losses"], want["losses"], strict=True):  # the loss averaged over the ranks
+            assert abs(got - expected) < 1e-4 * expected, (run["system"], run["losses"], want["losses"])
 
 
 def test_dcp_safetensors_converters_round_trip(tmp_path: Path) -> None:

@@ -468,7 +468,7 @@ def run(config: Config) -> dict[str, Any]:
             step_log(store.checkpoint(key)).unlink(missing_ok=True)
         runs = [r for key in keys.values() if (r := store.get(key)) is not None]
     summary = report.summarise(runs)
-    results = {
+    results: dict[str, Any] = {
         "experiment": NAME,
         "command": f"sparsemoe reproduce {NAME}" + (" --quick" if config.quick else ""),
         "written": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
