@@ -403,10 +403,13 @@ def _check_dcp(rank: int, out: str) -> str:
     return "ok"
 
 
-def _check_trainer(rank: int, out: str) -> str:
+def _check_trainer(rank: int, out: str, clip_norm: float | None = None) -> str:
     """sparsemoe.training.Trainer under 2 processes (expert parallelism + DDP): it shards the data by
     itself (each row once), logs the mean loss and metric over the ranks, saves collectively and
-    resumes; losses, metrics and weights equal one process's Trainer on the same data."""
+    resumes; losses, metrics and weights equal one process's Trainer on the same data. With
+    ``clip_norm`` (small enough to clip every step) the total norm spans the expert shards of both ranks."""
+    out = str(Path(out, "trainer" if clip_norm is None else "trainer-clipped"))
+    Path(out).mkdir(exist_ok=True)
     gen = torch.Generator().manual_seed(21)
     x, t = torch.randn(24, D, generator=gen, dtype=torch.float64), torch.randn(24, 1, generator=gen)
     x_val, t_val = torch.randn(12, D, generator=gen, dtype=torch.float64), torch.randn(12, 1, generator=gen)
@@ -427,7 +430,8 @@ def _check_trainer(rank: int, out: str) -> str:
         data = RandomBatches(24, 8, seed=3)
         # the 2-rank runs save at step 2 (not at the end: the second run resumes from there)
         saving = {} if alone else {"checkpoint_path": str(Path(out, "trainer.safetensors")), "checkpoint_every": 2}
-        config = TrainConfig(steps=steps, lr=0.05, eval_every=2, metric="val_mse", checkpoint_at_end=False, **saving)  # type: ignore[arg-type]
+        config = TrainConfig(steps=steps, lr=0.05, eval_every=2, metric="val_mse", checkpoint_at_end=False,
+                             clip_norm=clip_norm, **saving)  # type: ignore[arg-type]  # fmt: skip
         log = [] if alone else [MetricsLog(Path(out, f"trainer-rank{rank}.jsonl"))]
         trainer = Trainer(
             model, loss, ShardedBatches(data, 0, 1) if alone else data, config, evaluate=evaluate, callbacks=log
@@ -687,19 +691,23 @@ def _check_router_lm(rank: int, out: str) -> str:
 UPCYCLE_SYSTEMS = ["dense", "sigmoid_copy"]  # no router noise (topk_*'s is drawn per rank): 2 ranks = one process
 
 
-def _upcycle_config(out: Path) -> object:
+def _upcycle_config(out: Path, expert_parallel: bool = False) -> object:
     """upcycle-smollm2 --quick (the tiny random Llama, no dropout), 2 systems, 1 seed."""
     from sparsemoe.experiments import upcycle_smollm2
 
-    return upcycle_smollm2.Config(quick=True, systems=UPCYCLE_SYSTEMS, seeds=1, out=out)
+    return upcycle_smollm2.Config(
+        quick=True, systems=UPCYCLE_SYSTEMS, seeds=1, out=out, expert_parallel=expert_parallel
+    )
 
 
 def _check_upcycle(rank: int, out: str) -> str:
-    """``reproduce upcycle-smollm2 --quick`` under 2 processes (data-parallel)."""
+    """``reproduce upcycle-smollm2 --quick`` under 2 processes, data-parallel then expert-parallel."""
     from sparsemoe.experiments import upcycle_smollm2
 
-    found = upcycle_smollm2.run(_upcycle_config(Path(out, "upcycle")))  # type: ignore[arg-type]
-    assert found["processes"] == WORLD and len(found["runs"]) == len(UPCYCLE_SYSTEMS), found.keys()
+    for name, ep in (("upcycle", False), ("upcycle-ep", True)):
+        found = upcycle_smollm2.run(_upcycle_config(Path(out, name), ep))  # type: ignore[arg-type]
+        assert found["processes"] == WORLD and len(found["runs"]) == len(UPCYCLE_SYSTEMS), found.keys()
+        assert found["config"].get("expert_parallel", False) == ep, found["config"]
     return "ok"
 
 
@@ -728,6 +736,7 @@ def _worker(rank: int, port: int, out: str) -> None:
     results["fsdp2 pitfalls as documented"] = _run(lambda: _check_fsdp2_pitfalls(rank))
     results["dcp"] = _run(lambda: _check_dcp(rank, out))
     results["trainer"] = _run(lambda: _check_trainer(rank, out))
+    results["trainer clipped"] = _run(lambda: _check_trainer(rank, out, clip_norm=1e-3))
     results["trainer nan on one rank"] = _run(lambda: _check_trainer_nan_on_one_rank(rank))
     results["trainer ddp resume"] = _run(lambda: _check_trainer_ddp_resume(rank, out))
     results["trainer dcp resume"] = _run(lambda: _check_trainer_dcp_resume(rank, out, "ddp"))
@@ -760,7 +769,7 @@ def results(spawned: Path) -> list[dict[str, str]]:
     + ["training", "indivisible", "checkpoint 2<->1", "ddp through hardening", "checkpoint resume per rank"]
     + ["ddp", "fsdp2", "dcp", "trainer", "trainer nan on one rank", "mismatched models"]
     + ["trainer ddp resume", "demo", "trainer world change", "trainer dcp resume"]
-    + ["fsdp2 2-D mesh", "fsdp2 pitfalls as documented", "trainer dcp resume fsdp2"],
+    + ["fsdp2 2-D mesh", "fsdp2 pitfalls as documented", "trainer dcp resume fsdp2", "trainer clipped"],
 )
 def test_expert_parallel_matches_unsharded(results: list[dict[str, str]], case: str) -> None:
     for rank, found in enumerate(results):
@@ -853,7 +862,8 @@ def test_router_lm_on_two_processes_matches_one(spawned: Path, results: list[dic
 def test_upcycle_smollm2_on_two_processes_matches_one(
     spawned: Path, results: list[dict[str, str]], tmp_path: Path
 ) -> None:
-    """``reproduce upcycle-smollm2 --quick`` on 2 ranks (DDP): each rank trained on its half of every
+    """``reproduce upcycle-smollm2 --quick`` on 2 ranks (DDP, and expert-parallel: the clipped norm spans
+    both ranks' expert shards): each rank trained on its half of every
     batch, the gradients averaged before clipping and the sigmoid router's loss-free biases moved by
     the global loads, so the step losses and validation perplexities equal one process's (float32
     rounding apart);
@@ -870,7 +880,9 @@ def test_upcycle_smollm2_on_two_processes_matches_one(
     assert sorted(p.name for p in (spawned / "upcycle" / "quick" / "runs").glob("*.json")) == [
         f"system={s}__seed=0.json" for s in UPCYCLE_SYSTEMS
     ]
-    for run in two["runs"]:
+    sharded = json.loads((spawned / "upcycle-ep" / "quick" / "results.json").read_text())
+    assert sharded["config"] == {**found["config"], "expert_parallel": True}
+    for run in two["runs"] + sharded["runs"]:
         want = one[run["system"]]
         for key in ("val_ppl_before", "val_ppl"):
             assert abs(run[key] - want[key]) < 1e-4 * want[key], (run["system"], key, run[key], want[key])

@@ -168,6 +168,10 @@ class Config:
     checkpoint_every: int = field(
         default=25, metadata={"help": "steps between checkpoints of a run in progress (resumed on rerun)", "min": 1}
     )
+    expert_parallel: bool = field(
+        default=False,
+        metadata={"help": "under torchrun: shard each MoE layer's experts over the ranks (data-parallel otherwise)"},
+    )
 
     def __post_init__(self) -> None:
         validate(self)
@@ -380,7 +384,8 @@ def train_one(
     before = perplexity(model, data["val"], config.batch_size)  # the built model's: a resumed run measures it again
     train_rows = data["train"]
     clock = StepClock(step_log(checkpoint), f"{system} seed {seed}")
-    net = data_parallel(model)  # under torchrun: DDP (the trainer gives each rank its rows); one process: model
+    # under torchrun: DDP (the trainer gives each rank its rows), the experts sharded with --expert-parallel
+    net = data_parallel(model, experts=config.expert_parallel and system != "dense")
 
     def loss(rows: torch.Tensor) -> dict[str, torch.Tensor]:
         clock.start()
@@ -459,8 +464,11 @@ def run(config: Config) -> dict[str, Any]:
         console.print(f"{NAME}: training {system} seed {seed}", soft_wrap=True)
         return train_one(loaded["dense"], loaded["data"], system, seed, c, checkpoint)
 
+    settings = asdict(c)
+    if not c.expert_parallel:  # only then, so that data-parallel runs keep the one-process settings
+        del settings["expert_parallel"]
     with rank_output(c.out) as out:
-        store = RunStore(out, asdict(c), selection=("quick", "out", "seeds", "systems", "checkpoint_every"))
+        store = RunStore(out, settings, selection=("quick", "out", "seeds", "systems", "checkpoint_every"))
         if note := store.reuse_note(keys.values(), "pass a new --out (or delete that folder) to retrain"):
             console.print(note, soft_wrap=True)
         store.run_missing({keys[item]: functools.partial(job, *item) for item in keys})
@@ -473,7 +481,7 @@ def run(config: Config) -> dict[str, Any]:
         "command": f"sparsemoe reproduce {NAME}" + (" --quick" if config.quick else ""),
         "written": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "config": {
-            **{k: v for k, v in asdict(c).items() if k != "out"},
+            **{k: v for k, v in settings.items() if k != "out"},
             "train_tokens": c.steps * c.batch_size * c.seq_len,
             "threads": torch.get_num_threads(),
         },

@@ -8,7 +8,7 @@ rows, the best validation epoch restored).
 from .callbacks import MetricsLog, ProgressBar, RoutingMonitor, TensorBoardLog
 from .config import TrainConfig
 from .data import Batches, RandomBatches, ShardedBatches, minibatches
-from .loop import Callback, Trainer, TrainResult, adam, fit, train
+from .loop import Callback, Trainer, TrainResult, adam, clip_grad_norm, fit, train
 
 __all__ = [
     "Batches",
@@ -23,6 +23,7 @@ __all__ = [
     "TrainResult",
     "Trainer",
     "adam",
+    "clip_grad_norm",
     "fit",
     "minibatches",
     "train",

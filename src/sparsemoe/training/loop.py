@@ -99,6 +99,28 @@ def _gradients_finite(params: list[nn.Parameter]) -> bool:
     return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
 
 
+def clip_grad_norm(params: Sequence[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """``nn.utils.clip_grad_norm_`` that also takes expert-parallel models; returns the total norm.
+
+    Torch's version stacks every gradient in one ``foreach`` call, which refuses a mix of plain tensors
+    and DTensors (the expert shards). Here the norm of each sharded gradient is the norm of the whole
+    tensor over its mesh (one all-reduce), so every rank clips by the same total as one process would.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    if not any(isinstance(g, DTensor) for g in grads):
+        return nn.utils.clip_grad_norm_(list(params), max_norm)
+    norms = [
+        torch.linalg.vector_norm(g).full_tensor() if isinstance(g, DTensor) else torch.linalg.vector_norm(g)
+        for g in grads
+    ]
+    total = torch.linalg.vector_norm(torch.stack(norms))
+    scale = min(1.0, max_norm / (float(total) + 1e-6))  # nn.utils.clip_grads_with_norm_'s coefficient
+    if scale < 1.0:
+        for g in grads:
+            g.mul_(scale)
+    return total
+
+
 def _local(t: torch.Tensor) -> torch.Tensor:
     """This rank's part of a DTensor (the ranks agree on finiteness afterwards); any other tensor as is."""
     return t.to_local() if isinstance(t, DTensor) else t
@@ -392,7 +414,7 @@ class Trainer:
         loss_finite = finite
         if finite:
             if cfg.clip_norm is not None:
-                finite = bool(torch.isfinite(nn.utils.clip_grad_norm_(self.params, cfg.clip_norm)))
+                finite = bool(torch.isfinite(clip_grad_norm(self.params, cfg.clip_norm)))
             else:
                 finite = _gradients_finite(self.params)
             what = "gradient"
