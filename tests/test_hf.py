@@ -127,6 +127,15 @@ def test_moefy_rejects_unsupported_architectures_and_bad_arguments() -> None:
         moefy(converted)
 
 
+@pytest.mark.parametrize("gate", ["hash", "topk"])
+def test_moefy_keeps_the_models_train_or_eval_mode(gate) -> None:
+    """Fresh modules start in training mode: converting an eval model must not turn its new layers' dropout on."""
+    evaluated = moefy(tiny_bert(), num_experts=2, gate=gate)  # tiny_bert() is in eval mode
+    assert [n for n, m in evaluated.named_modules() if m.training] == []
+    trained = moefy(tiny_bert().train(), num_experts=2, gate=gate)
+    assert [n for n, m in trained.named_modules() if not m.training] == []
+
+
 def test_hash_routing_follows_token_ids_with_one_table_per_layer() -> None:
     model = moefy(tiny_bert(), num_experts=4, expert_dim=6, shared=0, gate="hash")
     gates = [moe.gate for moe in moe_layers(model)]

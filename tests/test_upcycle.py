@@ -293,8 +293,10 @@ def test_upcycled_model_trains() -> None:
 
 
 def test_converted_layers_take_the_models_mode() -> None:
-    assert all(not f.training for f in moe_ffns(upcycle(tiny(), 4, 2)))  # tiny() is in eval mode
-    assert all(f.training for f in moe_ffns(upcycle(tiny().train(), 4, 2)))
+    evaluated = upcycle(tiny(), 4, 2)  # tiny() is in eval mode
+    assert moe_ffns(evaluated) and [n for n, m in evaluated.named_modules() if m.training] == []
+    trained = upcycle(tiny().train(), 4, 2)
+    assert [n for n, m in trained.named_modules() if not m.training] == []
 
 
 def perturb(model: torch.nn.Module) -> None:

@@ -128,7 +128,8 @@ class FFNFamily:
     """How to find, read and replace the FFN of one family of Hugging Face blocks.
 
     ``matches(block)`` says whether a module is such a block; ``read(model, block)`` returns its
-    :class:`DenseFFN`; ``install(block, ffn)`` puts the sparse replacement in place of the dense FFN.
+    :class:`DenseFFN`; ``install(block, ffn)`` puts the sparse replacement in place of the dense FFN
+    (converters call :meth:`replace`, which also sets the mode).
     """
 
     name: str
@@ -136,6 +137,18 @@ class FFNFamily:
     matches: Callable[[nn.Module], bool]
     read: Callable[[nn.Module, Any], DenseFFN]
     install: Callable[[Any, nn.Module], None]
+
+    def replace(self, block: nn.Module, ffn: nn.Module) -> None:
+        """``install(block, ffn)``, then every module it added takes ``block``'s train/eval mode.
+
+        A new module starts in training mode, so without this converting a model in eval mode
+        would switch its new layers' dropout (and train-only routing) on.
+        """
+        before = set(block.modules())  # held (not their ids), so a module made by install cannot reuse a freed id
+        self.install(block, ffn)
+        for module in block.modules():
+            if module not in before:
+                module.training = block.training
 
 
 def _is_linear(module: Any) -> bool:
@@ -397,7 +410,7 @@ def moefy(
             moe = MoE(d_model, expert_dim, num_experts, gate=spec, k=k, expert=bank, **options)
             moe.to(device=dense.down.device)
             bias = dense.down_bias if dense.down_bias is not None else torch.zeros(d_model)
-            family.install(layer, MoEFFN(moe, bias, slot))
+            family.replace(layer, MoEFFN(moe, bias, slot))
     finally:
         torch.set_rng_state(generator_state)
     attach_token_ids(model, slot, moe, spec.name)

@@ -280,13 +280,13 @@ def upcycle(
                 _drop_router_bias(moe, spec.name)
             if granularity > 1:
                 _tie_router(moe, granularity)
-            ffn = MoEFFN(moe, dense.down_bias, slot, dense.dropout).train(block.training)  # the block's mode
+            ffn = MoEFFN(moe, dense.down_bias, slot, dense.dropout)
             built.append((block, family, ffn))
     finally:
         torch.set_rng_state(generator_state)
     attach_token_ids(model, slot, built[0][2].moe, spec.name)
     for block, family, ffn in built:  # every check passed: now change the model
-        family.install(block, ffn)
+        family.replace(block, ffn)  # in the block's train/eval mode
     layer_list = None if layers is None else chosen
     model.upcycle_config = UpcycleConfig(  # type: ignore[assignment]
         num_experts,
