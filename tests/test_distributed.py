@@ -11,6 +11,7 @@ import copy
 import importlib.util
 import json
 import math
+import pickle
 import socket
 import traceback
 from collections.abc import Callable
@@ -244,6 +245,36 @@ def _check_checkpoint(rank: int, out: str) -> str:
     load_checkpoint(path1, again, torch.optim.Adam(again.parameters(), lr=0.05))
     with torch.no_grad():
         _close(again(x[rank]), y_sharded, "2-rank model loaded from an unsharded checkpoint")
+    return "ok"
+
+
+def _check_pickle(rank: int, out: str) -> str:
+    """An expert-parallel model survives ``torch.save``/``torch.load`` and ``pickle`` in its own job:
+    the same class and shards, and its next step (output, gradients) equals the original's, so its
+    exchanges still find the process group."""
+    x = torch.randn(TOKENS[rank], D, generator=torch.Generator().manual_seed(40 + rank), dtype=torch.float64)
+    model = expert_parallel(_model(21))
+    model(x).sum().backward()  # one step first: the local search has moved on
+    model.zero_grad()
+    path = Path(out, f"ep-model-rank{rank}.pt")  # rank 0's: test_pickled_expert_parallel_model_outside_its_job
+    torch.save(model, path)
+    copies = [torch.load(path, weights_only=False), pickle.loads(pickle.dumps(model))]
+    steps = []
+    for m in (model, *copies):  # every rank runs every forward and backward (collectives)
+        y = m(x)
+        y.sum().backward()
+        steps.append((y.detach(), [None if p.grad is None else _full(p.grad) for p in m.parameters()]))
+    (y_ref, grads_ref), names = steps[0], [n for n, _ in model.named_parameters()]
+    for copied, (y, grads) in zip(copies, steps[1:], strict=True):
+        assert type(copied[1].experts) is type(model[1].experts), type(copied[1].experts)
+        for name, p in copied[1].experts.named_parameters():
+            assert isinstance(p, DTensor) and p.placements == (Shard(0),), name
+            _close(p.to_local(), getattr(model[1].experts, name).to_local(), f"{name} shard")
+        _close(y, y_ref, "output of the unpickled model")
+        for name, g, g_ref in zip(names, grads, grads_ref, strict=True):
+            assert (g is None) == (g_ref is None), name
+            if g is not None:
+                _close(g, g_ref, f"{name} gradient of the unpickled model")
     return "ok"
 
 
@@ -729,6 +760,7 @@ def _worker(rank: int, port: int, out: str) -> None:
     results["mismatched models"] = _run(lambda: _check_mismatched_models(rank))
     results["checkpoint 2<->1"] = _run(lambda: _check_checkpoint(rank, out))
     results["ddp through hardening"] = _run(lambda: _check_ddp_through_hardening(rank))
+    results["pickle"] = _run(lambda: _check_pickle(rank, out))
     results["checkpoint resume per rank"] = _run(lambda: _check_resume_every_rank(rank, out))
     results["ddp"] = _run(lambda: _check_ddp(rank))
     results["fsdp2"] = _run(lambda: _check_fsdp2(rank))
@@ -769,11 +801,21 @@ def results(spawned: Path) -> list[dict[str, str]]:
     + ["training", "indivisible", "checkpoint 2<->1", "ddp through hardening", "checkpoint resume per rank"]
     + ["ddp", "fsdp2", "dcp", "trainer", "trainer nan on one rank", "mismatched models"]
     + ["trainer ddp resume", "demo", "trainer world change", "trainer dcp resume"]
-    + ["fsdp2 2-D mesh", "fsdp2 pitfalls as documented", "trainer dcp resume fsdp2", "trainer clipped"],
+    + ["fsdp2 2-D mesh", "fsdp2 pitfalls as documented", "trainer dcp resume fsdp2", "trainer clipped", "pickle"],
 )
 def test_expert_parallel_matches_unsharded(results: list[dict[str, str]], case: str) -> None:
     for rank, found in enumerate(results):
         assert found[case] == "ok", f"rank {rank}:\n{found[case]}"
+
+
+def test_pickled_expert_parallel_model_outside_its_job(spawned: Path, results: list[dict[str, str]]) -> None:
+    """Unpickled in a process without its process group (here: no group at all), an expert-parallel
+    model loads, and its forward says why it cannot run and what to save instead."""
+    assert results[0]["pickle"] == "ok", results[0]["pickle"]
+    assert not dist.is_initialized()
+    model = torch.load(spawned / "ep-model-rank0.pt", weights_only=False)
+    with pytest.raises(RuntimeError, match="unpickled in a process without the process group"):
+        model(torch.randn(3, D, dtype=torch.float64))
 
 
 def test_dcp_checkpoint_loads_into_one_process(spawned: Path, results: list[dict[str, str]]) -> None:

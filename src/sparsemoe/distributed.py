@@ -165,14 +165,38 @@ class _ShardedBank:
     sorted by expert, ``counts: [n]``) sends each row to the rank owning its expert, runs this
     rank's shard on the rows it receives from every rank, and returns the results in the order of
     ``xs``. The other bulk methods go through it; single experts may be remote, so
-    ``forward_expert`` refuses.
+    ``forward_expert`` refuses. It pickles (``torch.save(model)``) as its importable base class
+    plus state; the process group is not pickled but found again by name when the bank next runs.
     """
 
     ep_mesh: DeviceMesh
-    ep_group: ProcessGroup
     expert_range: tuple[int, int]
     num_experts: int
     _parameters: dict[str, nn.Parameter | None]
+
+    @property
+    def ep_group(self) -> ProcessGroup:
+        """The mesh's process group (after unpickling: looked up by name among this process's groups)."""
+        group = self.__dict__.get("_ep_group")
+        if group is None:
+            try:
+                group = self.ep_mesh.get_group()
+            except (RuntimeError, ValueError, KeyError) as e:
+                raise RuntimeError(
+                    "this expert-parallel bank was unpickled in a process without the process group it was "
+                    "sharded over: unpickle it only in the ranks of the job that pickled it; to move a model "
+                    "between jobs or world sizes save it with sparsemoe.save_checkpoint or "
+                    "sparsemoe.distributed.save_dcp_checkpoint"
+                ) from e
+            self.__dict__["_ep_group"] = group
+        return group
+
+    def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
+        """Pickle as the importable base class (the subclass is made at run time), without the process
+        group (it does not pickle); unpickling remakes the subclass and finds the group by the mesh's."""
+        state = dict(self.__dict__)
+        state.pop("_ep_group", None)
+        return _new_sharded_bank, (type(self)._ep_base,), state  # type: ignore[attr-defined]
 
     def forward_expert(self, expert: int, x: torch.Tensor) -> torch.Tensor:
         raise RuntimeError(f"an expert-parallel bank computes rows in bulk only; expert {expert} may be remote")
@@ -229,6 +253,11 @@ def _sharded_class(cls: type[StackedExperts]) -> type:
     if cls not in _SHARDED_CLASSES:
         _SHARDED_CLASSES[cls] = type(f"ExpertParallel{cls.__name__}", (_ShardedBank, cls), {"_ep_base": cls})
     return _SHARDED_CLASSES[cls]
+
+
+def _new_sharded_bank(base: type[StackedExperts]) -> _ShardedBank:
+    """An empty expert-parallel bank of ``base`` (unpickling fills its state): see ``_ShardedBank.__reduce_ex__``."""
+    return cast(_ShardedBank, object.__new__(_sharded_class(base)))
 
 
 def _check_mesh(mesh: object, group: object) -> int:
@@ -338,7 +367,7 @@ def expert_parallel(
             ignored.append(f"{name}.experts.{pname}" if name else f"experts.{pname}")
         bank.__class__ = _sharded_class(type(bank))
         bank.ep_mesh = mesh
-        bank.ep_group = mesh.get_group()
+        bank.__dict__["_ep_group"] = mesh.get_group()  # looked up now, not in the first (maybe compiled) forward
         bank.expert_range = (rank * per, (rank + 1) * per)
     module._ddp_params_and_buffers_to_ignore = ignored  # type: ignore[assignment]  # DDP(module) reads it
     return module
