@@ -204,7 +204,9 @@ def _cost(res: dict[str, Any]) -> str:
         return "no training (reads the comet-movielens trials)"
     text = f"{cost['training_seconds_total'] / 60:.0f} min of single-thread training in total"
     if "wall_clock_span_seconds" in cost:
-        text += f", {cost['wall_clock_span_seconds'] / 60:.0f} min wall-clock from first trial to last run"
+        sittings = len(res.get("commands", [])) > 1
+        span = "summed over the commands' sittings" if sittings else "from first trial to last run"
+        text += f", {cost['wall_clock_span_seconds'] / 60:.0f} min wall-clock {span}"
     return text
 
 
@@ -221,7 +223,8 @@ def render(results_dir: Path, reading: str) -> str:
             parts.append(f"### {name}\n\nNo results from the current code yet: `sparsemoe reproduce {name}`.\n")
             continue
         res = results[name]
-        parts.append(f"### {name}\n\nCommand: `{res['command']}`. Cost: {_cost(res)}.\n")
+        commands = ", then ".join(f"`{c}`" for c in res.get("commands", [res["command"]]))
+        parts.append(f"### {name}\n\nCommand: {commands}. Cost: {_cost(res)}.\n")
         if name != "comet-tuning":
             parts.append("Setup (the paper's value in parentheses): " + _setup(res["config"]) + "\n")
         parts.append(_table_body(results_dir / name))
