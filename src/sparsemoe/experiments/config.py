@@ -63,6 +63,15 @@ def _check_bounds(field: dataclasses.Field[Any], value: Any) -> None:
         raise ConfigError(field.name, f"must be {bounds_text(field)} (got {value!r})")
 
 
+def run_settings(config: Any) -> dict[str, Any]:
+    """``asdict(config)`` as a study's run store keys it: ``expert_parallel`` only when it is on, so
+    that data-parallel and one-process runs share their settings (and their saved runs)."""
+    settings = dataclasses.asdict(config)
+    if not settings.get("expert_parallel", True):
+        del settings["expert_parallel"]
+    return settings
+
+
 def validate(config: Any) -> None:
     """Check every field of the dataclass instance ``config``: type, bounds, help text.
 

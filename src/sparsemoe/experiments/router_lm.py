@@ -59,7 +59,7 @@ from ..layers import MoE, moe_layers
 from ..models.transformer import DecoderOnlyLM, TransformerConfig
 from ..routing import max_violation
 from ..training import ProgressBar, RandomBatches, RoutingMonitor, TrainConfig, Trainer
-from .config import ConfigError, validate
+from .config import ConfigError, run_settings, validate
 from .progress import console, progress
 from .reporting import router_lm as report
 from .store import RunStore, write_json
@@ -306,9 +306,7 @@ def run(config: Config) -> dict[str, Any]:
     all_ranks(True)  # the other ranks read the tokenizer rank 0 cached
     if rank > 0:
         data = corpus(c)
-    settings = asdict(c)
-    if not c.expert_parallel:  # only then, so that data-parallel runs keep the one-process settings
-        del settings["expert_parallel"]
+    settings = run_settings(c)
     with rank_output(c.out) as out:
         store = RunStore(out, settings, selection=("quick", "out", "seeds", "systems"))
         jobs = {

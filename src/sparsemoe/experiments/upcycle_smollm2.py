@@ -121,7 +121,7 @@ from ..data._paths import data_dir
 from ..distributed import all_ranks, data_parallel, join_torchrun, rank_output
 from ..layers import aux_loss, moe_layers
 from ..training import MetricsLog, RandomBatches, TrainConfig, Trainer
-from .config import ConfigError, validate
+from .config import ConfigError, run_settings, validate
 from .progress import console
 from .reporting import upcycle_smollm2 as report
 from .store import RunStore, write_json
@@ -464,9 +464,7 @@ def run(config: Config) -> dict[str, Any]:
         console.print(f"{NAME}: training {system} seed {seed}", soft_wrap=True)
         return train_one(loaded["dense"], loaded["data"], system, seed, c, checkpoint)
 
-    settings = asdict(c)
-    if not c.expert_parallel:  # only then, so that data-parallel runs keep the one-process settings
-        del settings["expert_parallel"]
+    settings = run_settings(c)
     with rank_output(c.out) as out:
         store = RunStore(out, settings, selection=("quick", "out", "seeds", "systems", "checkpoint_every"))
         if note := store.reuse_note(keys.values(), "pass a new --out (or delete that folder) to retrain"):
