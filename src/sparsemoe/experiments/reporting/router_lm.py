@@ -125,7 +125,7 @@ def table(c: Any, summary_: dict[str, dict[str, Any]], verdicts: dict[str, Any],
         f"{corpus['vocab_size']}. Perplexity: mean ± std over seeds; the other columns: means over seeds.",
         "",
         markdown_table(headers, rows),
-        "## Claim: loss-free balancing gives better balance and lower perplexity than the auxiliary loss",
+        "**Claim: loss-free balancing gives better balance and lower perplexity than the auxiliary loss**",
         "",
     ]
     for pair, v in verdicts.items():
@@ -163,17 +163,32 @@ def plot_load(runs: Sequence[dict[str, Any]], path: str | Path) -> None:
 
 
 def plot_curves(runs: Sequence[dict[str, Any]], path: str | Path) -> None:
-    """Validation perplexity and training-window MaxVio over training, one line per run."""
+    """Validation perplexity (all of training, then its second half) and training-window MaxVio.
+
+    One colour per system, one line style per seed: the systems end within a few perplexity points,
+    so the middle panel zooms in on where they differ.
+    """
     plt = pyplot()
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    systems = list(dict.fromkeys(r["system"] for r in runs))
+    colours = {s: plt.get_cmap("tab10")(i % 10) for i, s in enumerate(systems)}
+    styles = ("-", "--", ":", "-.")
+    fig, (full, late, vio_ax) = plt.subplots(1, 3, figsize=(15, 4.2))
     for r in runs:
         h = r["history"]
-        left.plot([p["step"] for p in h], [p["val_ppl"] for p in h], lw=1, label=f"{r['system']}/{r['seed']}")
+        line = {"color": colours[r["system"]], "ls": styles[r["seed"] % len(styles)], "lw": 1}
+        steps, ppl = [p["step"] for p in h], [p["val_ppl"] for p in h]
+        full.plot(steps, ppl, **line)
+        half = steps[-1] / 2
+        late.plot([s for s in steps if s >= half], [v for s, v in zip(steps, ppl, strict=True) if s >= half], **line)
         vio = [(p["step"], p["routing_max_violation"]) for p in h if p["routing_max_violation"] is not None]
         if vio:
-            right.plot(*zip(*vio, strict=True), lw=1, label=f"{r['system']}/{r['seed']}")
-    left.set(xlabel="step", ylabel="validation perplexity", yscale="log")
-    right.set(xlabel="step", ylabel="MaxVio (training window)")
-    left.legend(fontsize=6, ncol=2)
-    fig.tight_layout()
+            vio_ax.plot(*zip(*vio, strict=True), **line)
+    full.set(xlabel="step", ylabel="validation perplexity", yscale="log", title="validation perplexity")
+    late.set(xlabel="step", ylabel="validation perplexity", title="second half of training")
+    vio_ax.set(xlabel="step", ylabel="MaxVio", title="MaxVio (training window)")
+    handles = [plt.Line2D([], [], color=colours[s], lw=2, label=s) for s in systems]
+    handles += [plt.Line2D([], [], color="k", ls=styles[seed % len(styles)], lw=1, label=f"seed {seed}")
+                for seed in sorted({r["seed"] for r in runs})]  # fmt: skip
+    fig.legend(handles=handles, loc="center right", fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0, 0.86, 1))
     save_figure(fig, path, dpi=120)
