@@ -65,6 +65,12 @@ def pyplot() -> ModuleType:
     return plt
 
 
+def system_colours(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One tab10 colour per ``run["system"]``, in order of first appearance (cycling past ten)."""
+    palette = pyplot().get_cmap("tab10").colors
+    return {s: palette[i % len(palette)] for i, s in enumerate(dict.fromkeys(r["system"] for r in runs))}
+
+
 def save_figure(fig: Figure, path: str | Path, dpi: int) -> None:
     """Write ``fig`` to ``path`` atomically and close it (pyplot keeps every open figure alive otherwise)."""
     atomic.save_figure(fig, path, dpi=dpi)

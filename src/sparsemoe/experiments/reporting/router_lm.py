@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .common import fmt, fmt_value, markdown_table, mean_std, pyplot, save_figure
+from .common import fmt, fmt_value, markdown_table, mean_std, pyplot, save_figure, system_colours
 
 #: the keys of each system's entry in summary.json
 SUMMARY_KEYS = (
@@ -169,8 +169,7 @@ def plot_curves(runs: Sequence[dict[str, Any]], path: str | Path) -> None:
     so the middle panel zooms in on where they differ.
     """
     plt = pyplot()
-    systems = list(dict.fromkeys(r["system"] for r in runs))
-    colours = {s: plt.get_cmap("tab10")(i % 10) for i, s in enumerate(systems)}
+    colours = system_colours(runs)
     styles = ("-", "--", ":", "-.")
     fig, (full, late, vio_ax) = plt.subplots(1, 3, figsize=(15, 4.2))
     for r in runs:
@@ -186,7 +185,7 @@ def plot_curves(runs: Sequence[dict[str, Any]], path: str | Path) -> None:
     full.set(xlabel="step", ylabel="validation perplexity", yscale="log", title="validation perplexity")
     late.set(xlabel="step", ylabel="validation perplexity", title="second half of training")
     vio_ax.set(xlabel="step", ylabel="MaxVio", title="MaxVio (training window)")
-    handles = [plt.Line2D([], [], color=colours[s], lw=2, label=s) for s in systems]
+    handles = [plt.Line2D([], [], color=colour, lw=2, label=s) for s, colour in colours.items()]
     handles += [plt.Line2D([], [], color="k", ls=styles[seed % len(styles)], lw=1, label=f"seed {seed}")
                 for seed in sorted({r["seed"] for r in runs})]  # fmt: skip
     fig.legend(handles=handles, loc="center right", fontsize=8, frameon=False)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .common import markdown_table, mean_std, pyplot, save_figure
+from .common import markdown_table, mean_std, pyplot, save_figure, system_colours
 
 #: the comparisons the study answers: (system, against it)
 COMPARISONS = (("thor", "switch"), ("thor", "dense"), ("thor", "dense_rdrop"), ("switch", "dense"))
@@ -118,7 +118,7 @@ def plot(c: Any, runs: list[dict[str, Any]], path: Path) -> None:
     """Validation CE and greedy BLEU per run against updates; a star at each run's best checkpoint."""
     plt = pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    colours = dict(zip(dict.fromkeys(r["system"] for r in runs), plt.get_cmap("tab10").colors, strict=False))
+    colours = system_colours(runs)
     for r in runs:
         h = r["history"]
         steps = [p["step"] for p in h]
