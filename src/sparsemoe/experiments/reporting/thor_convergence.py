@@ -76,7 +76,8 @@ def table(
         f"`{signature}`; mean ± std over seeds. Recipe `{c.recipe}` (dropout {c.dropout}, AdamW weight decay "
         f"{c.weight_decay}, warm-up {c.warmup}); each run stops after {c.patience} evaluations (every {c.eval_every} "
         f"updates) without a better `{c.metric}`, or at {c.max_updates:,} updates (capped), and is reported at its "
-        "best validation checkpoint. `train h`: one-thread training hours added over the system's runs.",
+        "best validation checkpoint. `train CPU h`: training CPU hours (one thread, evaluations included) added over "
+        "the system's runs; CPU rather than wall time, which a shared or resumed run inflates.",
         "",
     ]
     rows = [
@@ -86,13 +87,13 @@ def table(
             ", ".join(map(str, s["seeds"])),
             ", ".join(map(str, s["best_updates"])),
             ", ".join(map(str, s["capped_seeds"])) or "none",
-            f"{s['train_hours']:.2f}",
+            f"{s['train_cpu_hours']:.2f}",
             f"{s['params']:,}",
             f"{s['active_params_per_token']:,}",
         ]
         for system, s in summary.items()
     ]
-    headers = ["system", "test BLEU", "seeds", "best update", "capped seeds", "train h", "params", "active/token"]
+    headers = ["system", "test BLEU", "seeds", "best update", "capped seeds", "train CPU h", "params", "active/token"]
     lines.append(markdown_table(headers, rows).rstrip("\n"))
     lines += ["", "**Verdicts** (a difference counts only when the mean ± std intervals do not overlap)", ""]
     lines += [f"- {v}" for v in verdicts] or ["- no comparison: run at least two of the systems"]
