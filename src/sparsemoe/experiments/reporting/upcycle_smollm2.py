@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .common import fmt, markdown_table, mean_std, pyplot, save_figure
+import numpy as np
+
+from .common import fmt, markdown_table, mean_std, pyplot, save_figure, system_colours
 
 NAME = "upcycle-smollm2"
 SYSTEMS = ("dense", "topk_copy", "topk_drop", "sigmoid_copy")
@@ -106,24 +108,33 @@ def render(results: dict[str, Any]) -> str:
     )
 
 
-def plot(results: dict[str, Any], path: Path) -> None:
-    """Training loss per step (one line per run) and validation perplexity before/after per system."""
+def plot(results: dict[str, Any], path: Path, window: int = 10) -> None:
+    """Training loss per step (faint) with its ``window``-step moving average, one line per run (style per
+    seed), and validation perplexity before/after per system."""
     plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2))
     systems = list(results["summary"])
+    colours = system_colours([{"system": s} for s in systems])
     for i, system in enumerate(systems):
         for j, r in enumerate(r for r in results["runs"] if r["system"] == system):
-            left.plot(range(1, len(r["losses"]) + 1), r["losses"], color=f"C{i}", lw=1, alpha=0.7,
-                      label=system if j == 0 else None)  # fmt: skip
+            losses = np.asarray(r["losses"])
+            steps = np.arange(1, len(losses) + 1)
+            left.plot(steps, losses, color=colours[system], lw=0.5, alpha=0.2)
+            if len(losses) >= window:
+                average = np.convolve(losses, np.ones(window) / window, mode="valid")  # [steps - window + 1]
+                left.plot(steps[window - 1 :], average, color=colours[system], lw=1.4, ls=("-", "--", ":")[j % 3],
+                          label=f"{system} seed {r['seed']}")  # fmt: skip
         s = results["summary"][system]
-        right.bar(
-            i - 0.2, s["val_ppl_before"], width=0.4, color=f"C{i}", alpha=0.35, label="before" if i == 0 else None
-        )
-        right.bar(i + 0.2, s["val_ppl"], width=0.4, yerr=s["val_ppl_std"], color=f"C{i}",
+        right.bar(i - 0.2, s["val_ppl_before"], width=0.4, color=colours[system], alpha=0.35,
+                  label="before" if i == 0 else None)  # fmt: skip
+        right.bar(i + 0.2, s["val_ppl"], width=0.4, yerr=s["val_ppl_std"], color=colours[system],
                   label="after" if i == 0 else None)  # fmt: skip
+        for x, value in ((i - 0.2, s["val_ppl_before"]), (i + 0.2, s["val_ppl"])):
+            right.annotate(f"{value:.2f}", (x, value), ha="center", va="bottom", fontsize=7,
+                           xytext=(0, 2), textcoords="offset points")  # fmt: skip
     left.set_xlabel("training step")
-    left.set_ylabel("training loss (LM + aux)")
-    left.legend(fontsize=8)
+    left.set_ylabel(f"training loss (LM + aux; {window}-step mean)")
+    left.legend(fontsize=7, ncol=2)
     right.set_xticks(range(len(systems)), systems, fontsize=8)
     right.set_ylabel("validation perplexity")
     right.legend(fontsize=8)
