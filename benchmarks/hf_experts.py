@@ -3,23 +3,28 @@
 Times the experts of one Mixtral layer (``forward`` and ``forward + backward``) with transformers'
 ``eager`` and ``grouped_mm`` and with ``sparsemoe`` (:mod:`sparsemoe.hf.backend`), on the same
 weights, hidden states and router choice, interleaved round by round (:mod:`benchmarks.timing`).
-Prints a markdown table: milliseconds per call (median [min-max]) and the ratio to ``eager``;
-``python -m benchmarks.run`` includes the same table (family ``hf``, needs transformers).
+Writes ``benchmarks/RESULTS-hf-experts.md`` (and prints it): milliseconds per call (median [min-max])
+and the ratio to ``eager``, on the process CPU clock by default; ``python -m benchmarks.run`` includes the
+same table (family ``hf``, needs transformers).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from benchmarks.report import Section, ms, table
+from benchmarks import timing
+from benchmarks.report import Section, ms, table, write_results
 from benchmarks.timing import interleaved
 
+HERE = Path(__file__).resolve().parent
 IMPLEMENTATIONS = ("eager", "grouped_mm", "sparsemoe")
 
 
@@ -123,7 +128,7 @@ def measure(cfg: HFExpertsConfig) -> tuple[Section, dict[str, float]]:
     return Section("Hugging Face experts backend", body), diffs
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.hf_experts", description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=FULL.tokens)
     parser.add_argument("--d-model", type=int, default=FULL.d_model)
@@ -132,13 +137,30 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--k", type=int, default=FULL.k)
     parser.add_argument("--repeats", type=int, default=FULL.repeats)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="cpu", help="cpu: process CPU time (default)")
+    parser.add_argument("--out", type=Path, default=HERE / "RESULTS-hf-experts.md", help="the markdown file")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    timing.CLOCK = time.perf_counter if args.clock == "wall" else time.process_time
     cfg = HFExpertsConfig(args.tokens, args.d_model, args.d_hidden, args.experts, args.k, args.repeats)
-    section, diffs = measure(cfg)
+    diffs: dict[str, float] = {}
+
+    def run() -> Section:
+        section, found = measure(cfg)
+        diffs.update(found)
+        return section
+
+    shape = (
+        f"--tokens {cfg.tokens} --d-model {cfg.d_model} --d-hidden {cfg.d_hidden} --experts {cfg.experts} --k {cfg.k}"
+    )
+    command = (
+        f"python -m benchmarks.hf_experts {shape} --repeats {cfg.repeats} --threads {args.threads} --clock {args.clock}"
+    )
+    text = write_results(args.out, run, command=command, threads=args.threads, repeats=cfg.repeats)
     for name, diff in diffs.items():
         print(f"max |{name} - eager| = {diff:.2e}")
-    print("\n" + section.body + f"\n({args.threads} thread(s), CPU)")
+    print("\n" + text)
+    return args.out
 
 
 if __name__ == "__main__":

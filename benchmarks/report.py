@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sparsemoe.atomic import save_figure
+from sparsemoe.atomic import atomic_write_text, save_figure
 
+from . import timing
 from .timing import Stat
 
 
@@ -19,6 +21,26 @@ class Section:
     body: str
     figures: list[str] = field(default_factory=list)
     targets: list[list[str]] = field(default_factory=list)  # rows: target, where we land, met?, why not
+
+
+def write_results(out: Path, measure: Callable[[], Section], *, command: str, threads: int, repeats: int) -> str:
+    """Run ``measure`` and write its section to ``out`` (atomically) under a header naming the command, the
+    machine, the clock (:data:`timing.CLOCK`), the time it took and the load around it; returns the text."""
+    load = timing.load_per_core()
+    start = time.perf_counter()
+    section = measure()
+    seconds, load_after = time.perf_counter() - start, timing.load_per_core()
+    info = timing.machine_info()
+    clock = "process CPU time" if timing.CLOCK is time.process_time else "wall time"
+    loaded = " (loaded machine: read the ratios, not the times)" if max(load, load_after) > 1 else ""
+    text = (
+        f"# {section.title}\n\nProduced by `OMP_NUM_THREADS={threads} {command}` in {seconds:.0f} s on "
+        f"{info['cpu']} ({info['cores']} cores, shared with other jobs), torch {info['torch']}, {threads} thread(s), "
+        f"clock: {clock}. Load average per core at start and end: {load:.1f}, {load_after:.1f}{loaded}. "
+        f"A short run ({repeats} rounds per shape).\n\n" + section.body
+    )
+    atomic_write_text(out, text)
+    return text
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

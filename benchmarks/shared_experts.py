@@ -28,10 +28,9 @@ import torch
 from torch import nn
 
 from benchmarks import timing
-from benchmarks.report import Section, ms, table
+from benchmarks.report import Section, ms, table, write_results
 from benchmarks.timing import interleaved
 from sparsemoe import MoE
-from sparsemoe.atomic import atomic_write_text
 from sparsemoe.dispatch import dispatch
 from sparsemoe.experts import StackedExperts
 from sparsemoe.routing import Routing
@@ -197,22 +196,10 @@ def main(argv: list[str] | None = None) -> Path:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     timing.CLOCK = time.perf_counter if args.clock == "wall" else time.process_time
-    load = [timing.load_per_core()]
-    start = time.perf_counter()
-    section = measure(QUICK if args.quick else FULL)[0]
-    load.append(timing.load_per_core())
-    info = timing.machine_info()
     command = "python -m benchmarks.shared_experts" + (" --quick" if args.quick else "")
     command += f" --threads {args.threads} --clock {args.clock}"
-    text = (
-        f"# {section.title}\n\nProduced by `OMP_NUM_THREADS={args.threads} {command}` in "
-        f"{time.perf_counter() - start:.0f} s on {info['cpu']} ({info['cores']} cores, shared with other jobs), "
-        f"torch {info['torch']}, {args.threads} thread(s), clock: "
-        f"{'process CPU time' if args.clock == 'cpu' else 'wall time'}. Load average per core at start and end: "
-        f"{load[0]:.1f}, {load[-1]:.1f}{' (loaded machine: read the ratios, not the times)' if max(load) > 1 else ''}."
-        f" A short run ({(QUICK if args.quick else FULL).repeats} rounds per shape).\n\n" + section.body
-    )
-    atomic_write_text(args.out, text)
+    cfg = QUICK if args.quick else FULL
+    text = write_results(args.out, lambda: measure(cfg)[0], command=command, threads=args.threads, repeats=cfg.repeats)
     print(text)
     return args.out
 

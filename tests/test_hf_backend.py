@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -95,10 +96,12 @@ def test_the_sparsemoe_forward_runs(monkeypatch: pytest.MonkeyPatch) -> None:
     assert len(calls) == 2  # one per layer
 
 
-def test_benchmark_runs_and_the_implementations_agree(capsys: pytest.CaptureFixture[str]) -> None:
+def test_benchmark_runs_and_the_implementations_agree(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     from benchmarks import hf_experts
 
-    hf_experts.main(["--tokens", "32", "--d-model", "16", "--d-hidden", "32", "--experts", "4", "--repeats", "1"])
+    shape = ["--tokens", "32", "--d-model", "16", "--d-hidden", "32", "--experts", "4", "--repeats", "1"]
+    written = hf_experts.main([*shape, "--out", str(tmp_path / "results.md")])
+    assert written.read_text().startswith("# Hugging Face experts backend\n\nProduced by `OMP_NUM_THREADS=1 python -m")
     out = capsys.readouterr().out
     diffs = [float(line.rsplit("=", 1)[1]) for line in out.splitlines() if line.startswith("max |")]
     assert len(diffs) == 3 and max(diffs) < 1e-5
