@@ -19,7 +19,6 @@ benchmarks.run --only shared`` includes the same section; this module's ``main``
 from __future__ import annotations
 
 import argparse
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -191,11 +190,11 @@ def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.shared_experts", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small shapes, few rounds")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--clock", choices=("wall", "cpu"), default="cpu", help="cpu: process CPU time (default)")
+    parser.add_argument("--clock", choices=tuple(timing.CLOCKS), default="cpu", help="cpu: process CPU time (default)")
     parser.add_argument("--out", type=Path, default=HERE / "RESULTS-shared-experts.md", help="the markdown file")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    timing.CLOCK = time.perf_counter if args.clock == "wall" else time.process_time
+    timing.use_clock(args.clock)
     command = "python -m benchmarks.shared_experts" + (" --quick" if args.quick else "")
     command += f" --threads {args.threads} --clock {args.clock}"
     cfg = QUICK if args.quick else FULL

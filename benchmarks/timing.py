@@ -22,7 +22,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-#: The clock of :func:`interleaved`: wall time by default; ``run.py --clock cpu`` sets it to process CPU time.
+#: The clocks a benchmark's ``--clock`` chooses between, by name (see :func:`use_clock`).
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
+#: The clock of :func:`interleaved`: wall time by default; ``--clock cpu`` sets it to process CPU time.
 CLOCK = time.perf_counter
 #: Relative interquartile range (``(q3 - q1) / median``) above which rounds are repeated, then flagged.
 MAX_SPREAD = 0.05
@@ -34,6 +36,17 @@ def load_per_core() -> float:
         return os.getloadavg()[0] / (os.cpu_count() or 1)
     except OSError:
         return 0.0
+
+
+def use_clock(name: str) -> None:
+    """Make :data:`CLOCKS` ``[name]`` the clock of :func:`interleaved` (a benchmark's ``--clock``)."""
+    global CLOCK
+    CLOCK = CLOCKS[name]
+
+
+def clock_name() -> str:
+    """The name in :data:`CLOCKS` of the clock now in use."""
+    return next(name for name, clock in CLOCKS.items() if clock is CLOCK)
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ write PNG files and need no display.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -65,10 +65,16 @@ def pyplot() -> ModuleType:
     return plt
 
 
-def system_colours(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """One tab10 colour per ``run["system"]``, in order of first appearance (cycling past ten)."""
+def system_colours(systems: Iterable[str]) -> dict[str, Any]:
+    """One tab10 colour per system name, in order of first appearance (repeats ignored; cycling past ten)."""
     palette = pyplot().get_cmap("tab10").colors
-    return {s: palette[i % len(palette)] for i, s in enumerate(dict.fromkeys(r["system"] for r in runs))}
+    return {s: palette[i % len(palette)] for i, s in enumerate(dict.fromkeys(systems))}
+
+
+def seed_style(seed: int) -> str:
+    """The line style of a seed's runs in a plot where colour is the system's."""
+    styles = ("-", "--", ":", "-.")
+    return styles[seed % len(styles)]
 
 
 def save_figure(fig: Figure, path: str | Path, dpi: int) -> None:

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .common import fmt, fmt_value, markdown_table, mean_std, pyplot, save_figure, system_colours
+from .common import fmt, fmt_value, markdown_table, mean_std, pyplot, save_figure, seed_style, system_colours
 
 #: the keys of each system's entry in summary.json
 SUMMARY_KEYS = (
@@ -169,12 +169,11 @@ def plot_curves(runs: Sequence[dict[str, Any]], path: str | Path) -> None:
     so the middle panel zooms in on where they differ.
     """
     plt = pyplot()
-    colours = system_colours(runs)
-    styles = ("-", "--", ":", "-.")
+    colours = system_colours(r["system"] for r in runs)
     fig, (full, late, vio_ax) = plt.subplots(1, 3, figsize=(15, 4.2))
     for r in runs:
         h = r["history"]
-        line = {"color": colours[r["system"]], "ls": styles[r["seed"] % len(styles)], "lw": 1}
+        line = {"color": colours[r["system"]], "ls": seed_style(r["seed"]), "lw": 1}
         steps, ppl = [p["step"] for p in h], [p["val_ppl"] for p in h]
         full.plot(steps, ppl, **line)
         half = steps[-1] / 2
@@ -186,7 +185,7 @@ def plot_curves(runs: Sequence[dict[str, Any]], path: str | Path) -> None:
     late.set(xlabel="step", ylabel="validation perplexity", title="second half of training")
     vio_ax.set(xlabel="step", ylabel="MaxVio", title="MaxVio (training window)")
     handles = [plt.Line2D([], [], color=colour, lw=2, label=s) for s, colour in colours.items()]
-    handles += [plt.Line2D([], [], color="k", ls=styles[seed % len(styles)], lw=1, label=f"seed {seed}")
+    handles += [plt.Line2D([], [], color="k", ls=seed_style(seed), lw=1, label=f"seed {seed}")
                 for seed in sorted({r["seed"] for r in runs})]  # fmt: skip
     fig.legend(handles=handles, loc="center right", fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0, 0.86, 1))

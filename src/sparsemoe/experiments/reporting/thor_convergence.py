@@ -119,7 +119,7 @@ def plot(c: Any, runs: list[dict[str, Any]], path: Path) -> None:
     """Validation CE and greedy BLEU per run against updates; a star at each run's best checkpoint."""
     plt = pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    colours = system_colours(runs)
+    colours = system_colours(r["system"] for r in runs)
     for r in runs:
         h = r["history"]
         steps = [p["step"] for p in h]

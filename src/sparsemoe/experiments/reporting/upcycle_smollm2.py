@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from .common import fmt, markdown_table, mean_std, pyplot, save_figure, system_colours
+from .common import fmt, markdown_table, mean_std, pyplot, save_figure, seed_style, system_colours
 
 NAME = "upcycle-smollm2"
 SYSTEMS = ("dense", "topk_copy", "topk_drop", "sigmoid_copy")
@@ -114,15 +114,15 @@ def plot(results: dict[str, Any], path: Path, window: int = 10) -> None:
     plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2))
     systems = list(results["summary"])
-    colours = system_colours([{"system": s} for s in systems])
+    colours = system_colours(systems)
     for i, system in enumerate(systems):
-        for j, r in enumerate(r for r in results["runs"] if r["system"] == system):
+        for r in (r for r in results["runs"] if r["system"] == system):
             losses = np.asarray(r["losses"])
             steps = np.arange(1, len(losses) + 1)
             left.plot(steps, losses, color=colours[system], lw=0.5, alpha=0.2)
             if len(losses) >= window:
                 average = np.convolve(losses, np.ones(window) / window, mode="valid")  # [steps - window + 1]
-                left.plot(steps[window - 1 :], average, color=colours[system], lw=1.4, ls=("-", "--", ":")[j % 3],
+                left.plot(steps[window - 1 :], average, color=colours[system], lw=1.4, ls=seed_style(r["seed"]),
                           label=f"{system} seed {r['seed']}")  # fmt: skip
         s = results["summary"][system]
         right.bar(i - 0.2, s["val_ppl_before"], width=0.4, color=colours[system], alpha=0.35,
