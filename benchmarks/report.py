@@ -31,7 +31,7 @@ def write_results(out: Path, measure: Callable[[], Section], *, command: str, th
     section = measure()
     seconds, load_after = time.perf_counter() - start, timing.load_per_core()
     info = timing.machine_info()
-    clock = {"cpu": "process CPU time", "wall": "wall time"}[timing.clock_name()]
+    clock = timing.CLOCK_LABELS[timing.clock_name()]
     loaded = " (loaded machine: read the ratios, not the times)" if max(load, load_after) > 1 else ""
     text = (
         f"# {section.title}\n\nProduced by `OMP_NUM_THREADS={threads} {command}` in {seconds:.0f} s on "

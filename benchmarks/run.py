@@ -87,7 +87,7 @@ def header(args: argparse.Namespace, command: str, seconds: float, reused: bool,
         f"- Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; run took {seconds / 60:.1f} min\n"
         f"- Machine: {info['cpu']}, {info['cores']} cores (shared with other jobs: compare ratios, not times)\n"
         f"- torch {info['torch']}, {info['threads']} threads, Python {info['python']}; fp32, CPU\n"
-        f"- Clock: {'wall time' if args.clock == 'wall' else 'process CPU time'}; allocator: glibc, "
+        f"- Clock: {timing.CLOCK_LABELS[args.clock]}; allocator: glibc, "
         f"{'freed memory reused after the first headline (see Method)' if reused else 'default'}\n"
         "- Peers installed with `pip install -c constraints.txt -e '.[bench]'`; missing ones are skipped with a line.\n"
         + load_line

@@ -24,6 +24,8 @@ import torch
 
 #: The clocks a benchmark's ``--clock`` chooses between, by name (see :func:`use_clock`).
 CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
+#: How a results file names each of :data:`CLOCKS`.
+CLOCK_LABELS = {"wall": "wall time", "cpu": "process CPU time"}
 #: The clock of :func:`interleaved`: wall time by default; ``--clock cpu`` sets it to process CPU time.
 CLOCK = time.perf_counter
 #: Relative interquartile range (``(q3 - q1) / median``) above which rounds are repeated, then flagged.

@@ -116,7 +116,7 @@ def plot(results: dict[str, Any], path: Path, window: int = 10) -> None:
     systems = list(results["summary"])
     colours = system_colours(systems)
     for i, system in enumerate(systems):
-        for r in (r for r in results["runs"] if r["system"] == system):
+        for r in [run for run in results["runs"] if run["system"] == system]:
             losses = np.asarray(r["losses"])
             steps = np.arange(1, len(losses) + 1)
             left.plot(steps, losses, color=colours[system], lw=0.5, alpha=0.2)
