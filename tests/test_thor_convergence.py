@@ -19,6 +19,7 @@ from sparsemoe.experiments import thor_multi30k as tm
 from sparsemoe.experiments.config import ConfigError
 from sparsemoe.experiments.reporting import thor_convergence as report
 from sparsemoe.training import Callback, Trainer
+from tools import rerender
 
 from conftest import needs_data
 
@@ -64,6 +65,10 @@ def test_quick_run_end_to_end_writes_the_promised_files_and_resumes(
     assert results["sacrebleu_signature"].startswith("nrefs:1")
     assert results["verdicts"] == [] and "quick smoke run" in (folder / "table.md").read_text()
     assert not list((folder / "checkpoints").glob("*"))  # finished runs leave no checkpoint behind
+    table = (folder / "table.md").read_text()
+    (folder / "table.md").unlink()
+    assert rerender.rerender(tmp_path, ["quick"])[0] == folder / "table.md"
+    assert (folder / "table.md").read_text() == table  # the record alone redraws the table
 
     def must_not_train(*args: Any) -> Any:
         raise AssertionError("a saved run was trained again")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -119,17 +121,24 @@ def test_claim_verdicts_follow_the_standard_error() -> None:
 
 
 def test_rerender_redraws_the_committed_tables_from_their_results(tmp_path: Path) -> None:
-    # The committed table.md files are what the report code makes of the committed results.json.
-    names = ["gate-saturation", "comet-multimnist"]
+    # The committed table.md files are what the report code makes of the committed results.json;
+    # router-lm-claim is a second --out of router-lm: the record, not the folder, names the study.
+    names = ["gate-saturation", "comet-multimnist", "router-lm-claim", "upcycle-smollm2"]
     for name in names:
         (tmp_path / name).mkdir()
         (tmp_path / name / "results.json").write_text((ROOT / "results" / name / "results.json").read_text())
+    assert rerender.redrawable(tmp_path) == sorted(names)
     written = rerender.rerender(tmp_path, names)
-    assert {p.name for p in written} >= {"table.md", "gate-saturation.png", "comet-multimnist-experts-per-input.png"}
+    assert {p.name for p in written} >= {
+        "table.md", "gate-saturation.png", "comet-multimnist-experts-per-input.png", "expert_load.png",
+        "upcycle-smollm2.png",
+    }  # fmt: skip
     for name in names:
         assert (tmp_path / name / "table.md").read_text() == (ROOT / "results" / name / "table.md").read_text()
-    with pytest.raises(ValueError, match="names: cannot redraw"):
-        rerender.rerender(tmp_path, ["comet-tuning"])
+    (tmp_path / "tuning").mkdir()
+    (tmp_path / "tuning" / "results.json").write_text(json.dumps({"experiment": "comet-tuning"}))
+    with pytest.raises(ValueError, match=re.escape("folders: cannot redraw {'tuning': 'comet-tuning'}")):
+        rerender.rerender(tmp_path, ["tuning"])
     with pytest.raises(FileNotFoundError, match="run those studies first"):
         rerender.rerender(tmp_path, ["demo"])
 
@@ -155,8 +164,6 @@ def test_leader_rows_split_gates_at_two_standard_errors_in_the_metric_direction(
 
 def test_standard_errors_quoted_in_prose_come_from_the_generated_tables() -> None:
     # The readings quote a few distances ("2.38 standard errors"); each must be one the tools printed.
-    import re
-
     generated = (ROOT / "docs" / "results-comet.md").read_text()
     quoted = set()
     for doc in (ROOT / "docs" / "comet-reading.md", ROOT / "README.md"):

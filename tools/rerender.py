@@ -1,11 +1,12 @@
 """Redraw the committed results' tables and plots from their results.json, without training anything.
 
-    python -m tools.rerender [--results results] [NAME ...]
+    python -m tools.rerender [--results results] [FOLDER ...]
 
 For a change to how a study reports (a table's columns, a plot's axes) rather than to what it
-trains: each NAME's ``results/NAME/results.json`` is read and its report functions write the same
-files a full run would (table.md and PNGs, never results.json; comet-tuning is not covered). No number
-is typed: everything comes from the stored records. Then ``python -m tools.readme`` and
+trains: each ``results/FOLDER/results.json`` is read, and the report functions of the study that
+wrote it (named in the record, so a second ``--out`` such as router-lm-claim works too) write the
+same files a full run would (table.md and PNGs, never results.json; comet-tuning is not covered).
+No number is typed: everything comes from the stored records. Then ``python -m tools.readme`` and
 ``python -m tools.comet_readme`` carry the tables into the README and docs/results-comet.md.
 """
 
@@ -23,12 +24,18 @@ from sparsemoe.experiments import (
     comet_multimnist,
     gate_saturation,
     moebert_sst2,
+    router_lm,
+    thor_convergence,
     thor_multi30k,
+    upcycle_smollm2,
 )
 from sparsemoe.experiments.reporting import demo as demo_report
 from sparsemoe.experiments.reporting import gate_saturation as gate_saturation_report
 from sparsemoe.experiments.reporting import moebert, thor
+from sparsemoe.experiments.reporting import router_lm as router_lm_report
+from sparsemoe.experiments.reporting import thor_convergence as thor_convergence_report
 from sparsemoe.experiments.reporting import tuning as tuning_report
+from sparsemoe.experiments.reporting import upcycle_smollm2 as upcycle_report
 
 
 def _demo(results: dict[str, Any], folder: Path) -> list[Path]:
@@ -78,7 +85,33 @@ def _thor(results: dict[str, Any], folder: Path) -> list[Path]:
     return [folder / "table.md", folder / "curves.png"]
 
 
-#: experiment name -> what redraws its files from results.json
+def _thor_convergence(results: dict[str, Any], folder: Path) -> list[Path]:
+    report = thor_convergence_report
+    config = thor_convergence.Config(**{**results["config"], "out": Path(results["config"]["out"])})
+    by_system, summary = report.summaries(results["runs"])
+    signature, num_test = results["sacrebleu_signature"], results["test_sentences"]
+    table = report.table(config, by_system, summary, report.verdicts(summary), signature, num_test)
+    atomic_write_text(folder / "table.md", table)
+    report.plot(config, results["runs"], folder / "curves.png")
+    return [folder / "table.md", folder / "curves.png"]
+
+
+def _router_lm(results: dict[str, Any], folder: Path) -> list[Path]:
+    config = router_lm.Config(**{**results["config"], "out": Path(results["config"]["out"])})
+    table = router_lm_report.table(config, results["summary"], results["verdict"], results["corpus"])
+    atomic_write_text(folder / "table.md", table)
+    router_lm_report.plot_load(results["runs"], folder / "expert_load.png")
+    router_lm_report.plot_curves(results["runs"], folder / "curves.png")
+    return [folder / "table.md", folder / "expert_load.png", folder / "curves.png"]
+
+
+def _upcycle(results: dict[str, Any], folder: Path) -> list[Path]:
+    atomic_write_text(folder / "table.md", upcycle_report.render(results))
+    upcycle_report.plot(results, folder / f"{upcycle_smollm2.NAME}.png")
+    return [folder / "table.md", folder / f"{upcycle_smollm2.NAME}.png"]
+
+
+#: study name (as its results.json records it) -> what redraws its files from results.json
 RENDERERS: dict[str, Callable[[dict[str, Any], Path], list[Path]]] = {
     "demo": _demo,
     gate_saturation.NAME: _gate_saturation,
@@ -86,30 +119,49 @@ RENDERERS: dict[str, Callable[[dict[str, Any], Path], list[Path]]] = {
     comet_multimnist.NAME: _tuning(comet_multimnist.METRICS),
     thor_multi30k.NAME: _thor,
     moebert_sst2.NAME: _moebert,
+    router_lm.NAME: _router_lm,
+    upcycle_smollm2.NAME: _upcycle,
+    thor_convergence.NAME: _thor_convergence,
 }
 
 
-def rerender(results_dir: Path, names: list[str]) -> list[Path]:
-    """Redraw ``names`` under ``results_dir``; returns the files written."""
-    unknown = [n for n in names if n not in RENDERERS]
-    if unknown:
-        raise ValueError(f"names: cannot redraw {unknown}; choose from {' '.join(RENDERERS)}")
-    missing = [n for n in names if not (results_dir / n / "results.json").is_file()]
+def study_name(results: dict[str, Any]) -> str | None:
+    """The study that wrote ``results`` (older studies record it as ``experiment``, newer as ``name``)."""
+    return results.get("name") or results.get("experiment")
+
+
+def rerender(results_dir: Path, folders: list[str]) -> list[Path]:
+    """Redraw each of ``folders`` under ``results_dir``; returns the files written."""
+    missing = [f for f in folders if not (results_dir / f / "results.json").is_file()]
     if missing:
         raise FileNotFoundError(f"no results.json for {missing} under {results_dir}; run those studies first")
+    records = {f: json.loads((results_dir / f / "results.json").read_text()) for f in folders}
+    unknown = {f: study_name(r) for f, r in records.items() if study_name(r) not in RENDERERS}
+    if unknown:
+        raise ValueError(f"folders: cannot redraw {unknown} (folder: study); redrawable: {' '.join(RENDERERS)}")
     written: list[Path] = []
-    for name in names:
-        folder = results_dir / name
-        written += RENDERERS[name](json.loads((folder / "results.json").read_text()), folder)
+    for folder, results in records.items():
+        written += RENDERERS[str(study_name(results))](results, results_dir / folder)
     return written
+
+
+def redrawable(results_dir: Path) -> list[str]:
+    """The folders under ``results_dir`` whose results.json a renderer here can redraw."""
+    return sorted(
+        path.parent.name
+        for path in results_dir.glob("*/results.json")
+        if study_name(json.loads(path.read_text())) in RENDERERS
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("names", nargs="*", help=f"studies to redraw (default: all of {' '.join(RENDERERS)})")
+    parser.add_argument(
+        "folders", nargs="*", help=f"result folders to redraw (default: every one written by {' '.join(RENDERERS)})"
+    )
     parser.add_argument("--results", type=Path, default=Path("results"))
     args = parser.parse_args(argv)
-    for path in rerender(args.results, args.names or list(RENDERERS)):
+    for path in rerender(args.results, args.folders or redrawable(args.results)):
         print(f"wrote {path}")
     return 0
 

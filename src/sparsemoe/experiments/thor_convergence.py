@@ -474,6 +474,7 @@ def run(config: Config) -> dict[str, Any]:
         "quick": c.quick,
         "config": _settings(c),
         "sacrebleu_signature": signature,
+        "test_sentences": len(corpus.test),
         "summary": by_system,
         "verdicts": verdicts,
         "runs": runs,

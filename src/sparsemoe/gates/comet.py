@@ -56,22 +56,6 @@ class CometGate(Gate):
 
     Loss (training only): ``entropy_weight · mean_x Σ_t H(P_t(x))``.
 
-    Cost until saturation: while an input's smooth-steps are inside their soft band
-    (``|z| < γ/2``) its weights are non-zero on up to all ``n`` experts, and the layer computes every
-    one of them for that input (``n/k`` times the expert compute of a saturated layer). Sparsity
-    arrives during training; ``last_routing.num_pairs / num_inputs`` shows how far it has got.
-
-    Defaults (``gamma=1.0``, ``entropy_weight=0.1``), from the seeded ``gate-saturation`` study
-    (results/gate-saturation: 16 experts, k=2, one MoE layer on scikit-learn digits, Adam lr 1e-3,
-    2 seeds), whose rule (``sparsemoe.experiments.reporting.gate_saturation.choose_default``) picks
-    them on validation data: with
-    ``γ = 1`` COMET computes k experts per validation input after 50 steps (``γ = 0.1``: 5-10 steps;
-    ``γ = 10``: still above k after 1,000 steps), at a validation accuracy within 0.01 of the best
-    candidate's; the entropy weight (0.1 or 1) barely moved either. ``γ = 1`` keeps the widest soft
-    band (the most gradient for the routing) among the candidates that reach k within 5% of the
-    steps, and is the official code's default. Saturation speed scales with
-    ``|w·x|`` relative to ``γ``: inputs of a much smaller norm need a smaller ``γ``.
-
     Args:
         k: number of trees (experts per input once saturated).
         gamma: width of the smooth-step's soft band.
@@ -81,7 +65,9 @@ class CometGate(Gate):
 
     Note:
         Until its splits saturate, every leaf is reachable, so a layer computes up to all ``n``
-        experts per input early in training (the routing becomes ``k``-sparse as it trains).
+        experts per input early in training (the routing becomes ``k``-sparse as it trains). The
+        cost of that, and how the defaults (``gamma=1.0``, ``entropy_weight=0.1``) were chosen:
+        :mod:`sparsemoe.gates.smooth_step`.
     """
 
     sparsity = "learned"
