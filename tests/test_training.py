@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import io
 import itertools
 import json
 import re
@@ -19,6 +20,7 @@ from sparsemoe.checkpoint import load_checkpoint
 from sparsemoe.training import (
     Callback,
     MetricsLog,
+    ProgressBar,
     RandomBatches,
     TensorBoardLog,
     TrainConfig,
@@ -404,6 +406,23 @@ def test_metrics_log_csv_and_tensorboard(tmp_path) -> None:
     except ImportError:
         with pytest.raises(ImportError, match="pip install tensorboard"):
             TensorBoardLog(tmp_path / "tb")
+
+
+@pytest.mark.parametrize("line_seconds, lines", [(0.0, [f"fit: step {s}/6" for s in range(1, 7)]), (1e9, [])])
+def test_progress_bar_writes_plain_step_lines_where_the_console_is_not_a_terminal(line_seconds, lines) -> None:
+    from rich.console import Console
+    from rich.progress import Progress
+
+    model, x, y = linear_problem()
+    out = io.StringIO()  # a log file: rich draws no bar there
+    progress = Progress(console=Console(file=out, width=200))
+    with progress:
+        train(model, lambda r: (model(x[r]) - y[r]).pow(2).mean(), RandomBatches(len(x), 8, 0),
+              TrainConfig(epochs=3, lr=0.1, batch_size=8),
+              callbacks=[ProgressBar("fit", progress, line_seconds=line_seconds)])  # fmt: skip
+    assert [line for line in out.getvalue().splitlines() if "step" in line] == lines
+    with pytest.raises(ValueError, match="line_seconds"):
+        ProgressBar(line_seconds=-1.0)
 
 
 def test_exactly_one_module_steps_an_optimizer() -> None:

@@ -11,9 +11,11 @@ import csv
 import io
 import json
 import math
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .._validation import check_float
 from ..atomic import atomic_write_text
 from ..layers import routing_stats
 from ..routing import max_violation
@@ -36,13 +38,22 @@ def total_steps(trainer: Trainer) -> int:
 
 class ProgressBar(Callback):
     """A rich progress bar over the steps. ``progress``: an existing ``rich.progress.Progress`` (the
-    caller starts and stops it); ``None``: one of its own, shown while training."""
+    caller starts and stops it); ``None``: one of its own, shown while training.
+
+    When the console is not a terminal (``nohup ... > log``) rich draws nothing, so the bar prints a
+    plain line ``description: step s/total`` instead, at most once every ``line_seconds``: a log
+    then shows a long run moving between its evaluations.
+    """
 
     every_rank = False
 
-    def __init__(self, description: str = "training", progress: Progress | None = None) -> None:
+    def __init__(
+        self, description: str = "training", progress: Progress | None = None, *, line_seconds: float = 300.0
+    ) -> None:
         self.description, self.progress, self.own = description, progress, progress is None
+        self.line_seconds = check_float("line_seconds", line_seconds, low=0.0, allow_inf=True)
         self.task: TaskID | None = None
+        self.last_line = -math.inf
 
     def on_train_start(self, trainer: Trainer) -> None:
         if self.progress is None:
@@ -52,10 +63,15 @@ class ProgressBar(Callback):
         if self.own:
             self.progress.start()
         self.task = self.progress.add_task(self.description, total=total_steps(trainer), completed=trainer.step)
+        self.last_line = time.monotonic()
 
     def on_step_end(self, trainer: Trainer) -> None:
         assert self.progress is not None and self.task is not None
         self.progress.update(self.task, completed=trainer.step)
+        now = time.monotonic()
+        if not self.progress.console.is_terminal and now - self.last_line >= self.line_seconds:
+            self.progress.console.print(f"{self.description}: step {trainer.step}/{total_steps(trainer)}")
+            self.last_line = now
 
     def on_train_end(self, trainer: Trainer, result: TrainResult) -> None:
         if self.own and self.progress is not None:
