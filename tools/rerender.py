@@ -38,6 +38,11 @@ from sparsemoe.experiments.reporting import tuning as tuning_report
 from sparsemoe.experiments.reporting import upcycle_smollm2 as upcycle_report
 
 
+def _config(config_class: Any, results: dict[str, Any]) -> Any:
+    """The study's Config as its results.json recorded it (``out`` back to a Path)."""
+    return config_class(**{**results["config"], "out": Path(results["config"]["out"])})
+
+
 def _demo(results: dict[str, Any], folder: Path) -> list[Path]:
     path = folder / "demo.png"
     demo_report.plot(results["summary"], results["runs"], results["config"], path)
@@ -76,7 +81,7 @@ def _thor(results: dict[str, Any], folder: Path) -> list[Path]:
     from sparsemoe.data import data_dir, multi30k
 
     matplotlib.use("Agg")
-    config = thor_multi30k.Config(**{**results["config"], "out": Path(results["config"]["out"])})
+    config = _config(thor_multi30k.Config, results)
     num_test = len(multi30k.read_split(data_dir("multi30k"), "test")[0])
     by_model, summary = thor.summaries(config, results["runs"])
     table = thor.table(config, by_model, summary, results["sacrebleu_signature"], num_test, results["runs"])
@@ -87,7 +92,7 @@ def _thor(results: dict[str, Any], folder: Path) -> list[Path]:
 
 def _thor_convergence(results: dict[str, Any], folder: Path) -> list[Path]:
     report = thor_convergence_report
-    config = thor_convergence.Config(**{**results["config"], "out": Path(results["config"]["out"])})
+    config = _config(thor_convergence.Config, results)
     by_system, summary = report.summaries(results["runs"])
     signature, num_test = results["sacrebleu_signature"], results["test_sentences"]
     table = report.table(config, by_system, summary, report.verdicts(summary), signature, num_test)
@@ -97,7 +102,7 @@ def _thor_convergence(results: dict[str, Any], folder: Path) -> list[Path]:
 
 
 def _router_lm(results: dict[str, Any], folder: Path) -> list[Path]:
-    config = router_lm.Config(**{**results["config"], "out": Path(results["config"]["out"])})
+    config = _config(router_lm.Config, results)
     table = router_lm_report.table(config, results["summary"], results["verdict"], results["corpus"])
     atomic_write_text(folder / "table.md", table)
     router_lm_report.plot_load(results["runs"], folder / "expert_load.png")
