@@ -1,8 +1,10 @@
 """Experiments runnable as ``sparsemoe reproduce NAME`` (plus ``sparsemoe demo``).
 
 Each experiment module defines ``NAME``, a ``Config`` dataclass (every field has a default and
-``metadata={"help": ...}``; ``__post_init__`` validates, see :mod:`sparsemoe.experiments.config`)
-and ``run(config) -> dict``, which writes ``results/<name>/`` (results.json, table.md, PNG plots).
+``metadata={"help": ...}``; ``__post_init__`` validates, see :mod:`sparsemoe.experiments.config`),
+``run(config) -> dict``, which writes ``results/<name>/`` (results.json, table.md, PNG plots), and
+``write_report(results, folder) -> list[Path]``, which ``run`` calls to write the table and plots from
+the results dict alone, so ``python -m tools.rerender`` redraws them with the same code, untrained.
 The command line turns the Config fields into ``--options``. Modules are imported only when their
 command is used, and this package imports nothing heavy, so listing experiments stays fast.
 """

@@ -39,6 +39,7 @@ from ..distributed import data_parallel, join_torchrun, rank_output
 from ..layers import CGC
 from ..models import PLE, RecsysMMoE, UserItemEmbedding
 from ..routing import Routing
+from . import tuning
 from .progress import console
 from .tuning import (
     PAPER_GATES,
@@ -276,3 +277,8 @@ def run(config: Config) -> dict[str, Any]:
             rank_out,
             command_line(NAME, config),
         )
+
+
+def write_report(results: dict[str, Any], folder: Path) -> list[Path]:
+    """Write table.md and the plots into ``folder`` from ``results`` alone; returns their paths."""
+    return tuning.write_report(results, folder, METRICS)

@@ -24,6 +24,7 @@ from sklearn.metrics import roc_auc_score
 
 from ..data import MultiMNIST, data_dir, load_multimnist, multimnist
 from ..models import VisionMMoE
+from . import tuning
 from .config import ConfigError
 from .tuning import (
     PAPER_GATES,
@@ -163,3 +164,8 @@ def run(config: Config) -> dict[str, Any]:
     out = config.out / "quick" if config.quick else config.out
     counts = {g: trials for g in config.gates}
     return run_tuning(problem(settings_of(config)), config.gates, counts, seeds, out, command_line(NAME, config))
+
+
+def write_report(results: dict[str, Any], folder: Path) -> list[Path]:
+    """Write table.md and the plots into ``folder`` from ``results`` alone; returns their paths."""
+    return tuning.write_report(results, folder, METRICS)

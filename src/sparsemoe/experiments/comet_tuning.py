@@ -226,7 +226,6 @@ def run(config: Config) -> dict[str, Any]:
                 reach.append(row)
     out = config.out / "quick" if config.quick else config.out
     out.mkdir(parents=True, exist_ok=True)
-    checkpoints = [m for m in (1, 2, 5, 10, 20, 50, 100, 200, 500) if m <= n]
     results = {
         "experiment": NAME,
         "command": command,
@@ -246,9 +245,14 @@ def run(config: Config) -> dict[str, Any]:
         "reach": reach,
     }
     write_json(out / "results.json", results)
-    text = render(results, checkpoints)
-    atomic_write_text(out / "table.md", text)
-    plot(results, out / f"{NAME}.png")
-    print(text)
+    write_report(results, out)
+    print(render(results))
     console.print(f"wrote {out / 'results.json'}, {out / 'table.md'}, {out / (NAME + '.png')}")
     return results
+
+
+def write_report(results: dict[str, Any], folder: Path) -> list[Path]:
+    """Write table.md and the plot into ``folder`` from ``results`` alone; returns their paths."""
+    atomic_write_text(folder / "table.md", render(results))
+    plot(results, folder / f"{NAME}.png")
+    return [folder / "table.md", folder / f"{NAME}.png"]

@@ -15,11 +15,12 @@ This module imports nothing heavy, so the command line can read Configs cheaply.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 from .._fields import FieldType, check_value, field_type
 
-__all__ = ["ConfigError", "FieldType", "field_type", "help_text", "validate"]
+__all__ = ["ConfigError", "FieldType", "field_type", "from_record", "help_text", "validate"]
 
 
 class ConfigError(ValueError):
@@ -70,6 +71,12 @@ def run_settings(config: Any) -> dict[str, Any]:
     if not settings.get("expert_parallel", True):
         del settings["expert_parallel"]
     return settings
+
+
+def from_record(config_class: Any, results: dict[str, Any]) -> Any:
+    """The study's Config as its ``results.json`` recorded it (``out`` back to a ``Path``), so its report
+    can be redrawn from the record alone."""
+    return config_class(**{**results["config"], "out": Path(results["config"]["out"])})
 
 
 def validate(config: Any) -> None:

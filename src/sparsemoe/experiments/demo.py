@@ -259,15 +259,22 @@ def run(config: Config) -> dict[str, Any]:
         "runs": records,
     }
     write_json(out / "results.json", results)
-    text = table(summary)
-    command = "sparsemoe demo" + (" --quick" if config.quick else "")
-    quick = " (quick run)" if config.quick else ""
-    atomic_write_text(
-        out / "table.md",
-        f"# sparsemoe demo{quick}: MMoE on two-task digits\n\nTasks: {', '.join(TASKS)}; "
-        f"{settings['num_experts']} experts; {seeds} seed(s); {epochs} epochs. Produced by `{command}`.\n\n{text}",
-    )
-    plot(summary, records, settings, out / "demo.png")
-    print(text)
+    write_report(results, out)
+    print(table(summary))
     console.print(f"wrote {out / 'results.json'}, {out / 'table.md'}, {out / 'demo.png'}", soft_wrap=True)
     return results
+
+
+def write_report(results: dict[str, Any], folder: Path) -> list[Path]:
+    """Write table.md and demo.png into ``folder`` from ``results`` alone; returns their paths."""
+    settings = results["config"]
+    command = "sparsemoe demo" + (" --quick" if settings["quick"] else "")
+    quick = " (quick run)" if settings["quick"] else ""
+    atomic_write_text(
+        folder / "table.md",
+        f"# sparsemoe demo{quick}: MMoE on two-task digits\n\nTasks: {', '.join(TASKS)}; "
+        f"{settings['num_experts']} experts; {settings['seeds']} seed(s); {settings['epochs']} epochs. "
+        f"Produced by `{command}`.\n\n{table(results['summary'])}",
+    )
+    plot(results["summary"], results["runs"], settings, folder / "demo.png")
+    return [folder / "table.md", folder / "demo.png"]

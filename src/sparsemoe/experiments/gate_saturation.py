@@ -232,9 +232,14 @@ def run(config: Config) -> dict[str, Any]:
         "runs": runs,
     }
     write_json(out / "results.json", results)
-    text = render(results)
-    atomic_write_text(out / "table.md", text)
-    plot(results, out / f"{NAME}.png")
-    print(text)
+    write_report(results, out)
+    print(render(results))
     console.print(f"wrote {out / 'results.json'}, {out / 'table.md'}, {out / (NAME + '.png')}")
     return results
+
+
+def write_report(results: dict[str, Any], folder: Path) -> list[Path]:
+    """Write table.md and the plot into ``folder`` from ``results`` alone; returns their paths."""
+    atomic_write_text(folder / "table.md", render(results))
+    plot(results, folder / f"{NAME}.png")
+    return [folder / "table.md", folder / f"{NAME}.png"]

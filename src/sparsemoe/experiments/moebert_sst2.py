@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from .. import gates
-from ..atomic import atomic_path
+from ..atomic import atomic_path, atomic_write_text
 from ..data import sst2
 from ..hf.convert import moefy
 from ..hf.importance import ffn_importance
@@ -40,7 +40,7 @@ from ..hf.io import load_moefied, save_moefied
 from ..hf.train import Encoded, accuracy, eval_batches, train
 from ..layers import moe_layers
 from ..training import TrainConfig
-from .config import ConfigError
+from .config import ConfigError, from_record
 from .progress import console, progress
 from .reporting import mean_std
 from .reporting import moebert as report
@@ -429,6 +429,15 @@ def _report(config: Config, store: RunStore, timing: dict[str, Any]) -> dict[str
     }
     write_json(config.out / "results.json", results)
     write_json(config.out / "summary.json", summary)
-    report.table(config, summary, details)
-    report.plot(config, summary, timing["threads"])
+    write_report(results, config.out)
     return results
+
+
+def write_report(results: dict[str, Any], folder: Path) -> list[Path]:
+    """Write table.md and the accuracy/throughput plot into ``folder`` from ``results`` alone."""
+    config = from_record(Config, results)
+    details = report.details(results["summary"], results["runs"])  # older records lack some details
+    paths = [folder / "table.md", folder / "accuracy_throughput.png"]
+    atomic_write_text(paths[0], report.table(config, results["summary"], details))
+    report.plot(config, results["summary"], results["throughput"]["threads"], paths[1])
+    return paths

@@ -59,7 +59,7 @@ from ..layers import MoE, moe_layers
 from ..models.transformer import DecoderOnlyLM, TransformerConfig
 from ..routing import max_violation
 from ..training import ProgressBar, RandomBatches, RoutingMonitor, TrainConfig, Trainer
-from .config import ConfigError, run_settings, validate
+from .config import ConfigError, from_record, run_settings, validate
 from .progress import console, progress
 from .reporting import router_lm as report
 from .store import RunStore, write_json
@@ -343,7 +343,15 @@ def run(config: Config) -> dict[str, Any]:
         return results  # rank 0 writes the results
     write_json(c.out / "results.json", results)
     write_json(c.out / "summary.json", {name: {k: s[k] for k in report.SUMMARY_KEYS} for name, s in summary.items()})
-    atomic_write_text(c.out / "table.md", report.table(c, summary, verdict, corpus_info))
-    report.plot_load(runs, c.out / "expert_load.png")
-    report.plot_curves(runs, c.out / "curves.png")
+    write_report(results, c.out)
     return results
+
+
+def write_report(results: dict[str, Any], folder: Path) -> list[Path]:
+    """Write table.md and the two plots into ``folder`` from ``results`` alone; returns their paths."""
+    config = from_record(Config, results)
+    paths = [folder / "table.md", folder / "expert_load.png", folder / "curves.png"]
+    atomic_write_text(paths[0], report.table(config, results["summary"], results["verdict"], results["corpus"]))
+    report.plot_load(results["runs"], paths[1])
+    report.plot_curves(results["runs"], paths[2])
+    return paths

@@ -89,7 +89,7 @@ from ..models.transformer import Seq2SeqTransformer
 from ..thor import consistency_terms, thor_inference, thor_layers, thor_training_loss
 from ..training import ProgressBar, TrainConfig, Trainer
 from . import thor_multi30k as tm
-from .config import ConfigError, validate
+from .config import ConfigError, from_record, validate
 from .progress import console, progress
 from .reporting import thor_convergence as report
 from .store import RunStore, write_json
@@ -485,6 +485,22 @@ def run(config: Config) -> dict[str, Any]:
         return results  # rank 0 writes the results
     write_json(c.out / "results.json", results)
     write_json(c.out / "summary.json", summary)
-    atomic_write_text(c.out / "table.md", report.table(c, by_system, summary, verdicts, signature, len(corpus.test)))
-    report.plot(c, runs, c.out / "curves.png")
+    write_report(results, c.out)
     return results
+
+
+def write_report(results: dict[str, Any], folder: Path) -> list[Path]:
+    """Write table.md and curves.png into ``folder`` from ``results`` alone; returns their paths."""
+    config = from_record(Config, results)
+    by_system, summary = report.summaries(results["runs"])
+    table = report.table(
+        config,
+        by_system,
+        summary,
+        results["verdicts"],
+        results["sacrebleu_signature"],
+        results["test_sentences"],
+    )
+    atomic_write_text(folder / "table.md", table)
+    report.plot(config, results["runs"], folder / "curves.png")
+    return [folder / "table.md", folder / "curves.png"]

@@ -35,13 +35,14 @@ import torch
 from torch import nn
 
 from ..atomic import atomic_write_text
+from ..data import data_dir
 from ..data import multi30k as m30k
 from ..data.multi30k import Corpus
 from ..models.decoding import translate
 from ..models.transformer import MultiHeadAttention, Seq2SeqTransformer, TransformerConfig
 from ..thor import consistency_terms, symmetric_kl, thor_inference, thor_layers, thor_training_loss
 from ..training import Batches, Callback, ProgressBar, TrainConfig, Trainer
-from .config import ConfigError
+from .config import ConfigError, from_record
 from .progress import console, progress
 from .reporting import thor as report
 from .store import RunStore, write_json
@@ -389,6 +390,7 @@ def run(config: Config) -> dict[str, Any]:
         "quick": c.quick,
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(c).items()},
         "sacrebleu_signature": signature,
+        "test_sentences": len(corpus.test),
         "tokenizer": {
             "kind": "sentencepiece unigram, joint en+de, train only",
             "vocab_size": corpus.tokenizer.vocab_size,
@@ -398,6 +400,19 @@ def run(config: Config) -> dict[str, Any]:
     }
     write_json(c.out / "results.json", results)
     write_json(c.out / "summary.json", summary)
-    atomic_write_text(c.out / "table.md", report.table(c, by_model, summary, signature, len(corpus.test), runs))
-    report.plot(c, runs, c.out / "curves.png")
+    write_report(results, c.out)
     return results
+
+
+def write_report(results: dict[str, Any], folder: Path) -> list[Path]:
+    """Write table.md and curves.png into ``folder`` from ``results``; returns their paths.
+
+    Records written before ``test_sentences`` was kept need the data to count the test sentences.
+    """
+    config = from_record(Config, results)
+    num_test = results.get("test_sentences") or len(m30k.read_split(data_dir(m30k.NAME), "test")[0])
+    by_model, summary = report.summaries(config, results["runs"])
+    table = report.table(config, by_model, summary, results["sacrebleu_signature"], num_test, results["runs"])
+    atomic_write_text(folder / "table.md", table)
+    report.plot(config, results["runs"], folder / "curves.png")
+    return [folder / "table.md", folder / "curves.png"]

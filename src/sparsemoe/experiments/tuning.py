@@ -344,13 +344,23 @@ def run_tuning(
         "trials": studies,
     }
     write_json(out / "results.json", results)
-    text = render_tables(results, problem.metrics)
-    atomic_write_text(out / "table.md", text)
-    plot_results(results, problem.metrics, out / f"{problem.name}.png")
-    plot_saturation(results, out / f"{problem.name}-experts-per-input.png")
-    print(text)
+    write_report(results, out, problem.metrics)
+    print(render_tables(results, problem.metrics))
     console.print(f"wrote {out / 'results.json'}, {out / 'table.md'} and PNG plots in {out}")
     return results
+
+
+def write_report(results: dict[str, Any], folder: Path, metrics: list[tuple[str, str, bool]]) -> list[Path]:
+    """Write table.md and the two plots into ``folder`` from ``results`` alone; returns their paths.
+
+    ``metrics``: the study's ``(key, label, higher is better)`` columns (its ``METRICS``).
+    """
+    name = results["experiment"]
+    paths = [folder / "table.md", folder / f"{name}.png", folder / f"{name}-experts-per-input.png"]
+    atomic_write_text(paths[0], render_tables(results, metrics))
+    plot_results(results, metrics, paths[1])
+    plot_saturation(results, paths[2])
+    return paths
 
 
 def summarise_rows(

@@ -492,9 +492,14 @@ def run(config: Config) -> dict[str, Any]:
         return results  # rank 0 writes the results
     write_json(c.out / "results.json", results)
     write_json(c.out / "summary.json", summary)
-    text = report.render(results)
-    atomic_write_text(c.out / "table.md", text)
-    report.plot(results, c.out / f"{NAME}.png")
-    print(text)
+    write_report(results, c.out)
+    print(report.render(results))
     console.print(f"wrote {c.out / 'results.json'}, summary.json, table.md, {NAME}.png", soft_wrap=True)
     return results
+
+
+def write_report(results: dict[str, Any], folder: Path) -> list[Path]:
+    """Write table.md and the plot into ``folder`` from ``results`` alone; returns their paths."""
+    atomic_write_text(folder / "table.md", report.render(results))
+    report.plot(results, folder / f"{NAME}.png")
+    return [folder / "table.md", folder / f"{NAME}.png"]

@@ -37,8 +37,9 @@ def _ratio_cell(reach: dict[str, Any]) -> str:
     return f"{reach['ratio']:.2f} [{lo:.2f}, {hi:.2f}]"
 
 
-def render(results: dict[str, Any], checkpoints: list[int]) -> str:
+def render(results: dict[str, Any]) -> str:
     n = results["trials_per_gate"]
+    checkpoints = [m for m in (1, 2, 5, 10, 20, 50, 100, 200, 500) if m <= n]  # table columns: m trials
     quick = " (quick)" if results["config"]["quick"] else ""
     parts = [
         f"# {NAME}{quick}: tuning budget on MovieLens\n\nProduced by `{results['command']}` ({results['written']}) "

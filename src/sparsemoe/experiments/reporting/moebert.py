@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import math
 import statistics
+from pathlib import Path
 from typing import Any
 
-from ...atomic import atomic_write_text
 from .common import fmt_value, markdown_table, pyplot, save_figure
 
 NAME = "moebert-sst2"
@@ -37,7 +37,7 @@ def details(summary: dict[str, dict[str, Any]], records: list[dict[str, Any]]) -
     return out
 
 
-def table(config: Any, summary: dict[str, dict[str, Any]], details: dict[str, dict[str, Any]]) -> None:
+def table(config: Any, summary: dict[str, dict[str, Any]], details: dict[str, dict[str, Any]]) -> str:
     title = f"# {NAME}{' (quick smoke run: numbers mean nothing)' if config.quick else ''}\n\n"
     headers = [
         "model",
@@ -79,10 +79,10 @@ def table(config: Any, summary: dict[str, dict[str, Any]], details: dict[str, di
         f"Single-thread training time of the whole study: {total:.0f} min (each run's training time on one thread, "
         f"added up; runs in parallel processes overlap in wall clock).\n"
     )
-    atomic_write_text(config.out / "table.md", title + markdown_table(headers, rows) + note)
+    return title + markdown_table(headers, rows) + note
 
 
-def plot(config: Any, summary: dict[str, dict[str, Any]], threads: int) -> None:
+def plot(config: Any, summary: dict[str, dict[str, Any]], threads: int, path: Path) -> None:
     plt = pyplot()
 
     names = list(summary)
@@ -109,4 +109,4 @@ def plot(config: Any, summary: dict[str, dict[str, Any]], threads: int) -> None:
     ax_speed.set_title(f"throughput ({threads} thread(s))")
     fig.legend(loc="outside lower center", ncols=2, frameon=False)
     fig.suptitle(f"MoEBERT on SST-2, MiniLM-L6, 4 experts{' (quick smoke run)' if config.quick else ''}")
-    save_figure(fig, config.out / "accuracy_throughput.png", dpi=120)
+    save_figure(fig, path, dpi=120)
