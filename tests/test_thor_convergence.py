@@ -168,7 +168,7 @@ def test_verdicts_need_separated_intervals_and_two_seeds() -> None:
 
 
 def test_summary_schema_and_system_order() -> None:
-    def run(system: str, seed: int, bleu: float, best: int) -> dict[str, Any]:
+    def run(system: str, seed: int, bleu: float, best: int, curve: list[float]) -> dict[str, Any]:
         return {
             "system": system,
             "seed": seed,
@@ -181,14 +181,18 @@ def test_summary_schema_and_system_order() -> None:
             "agreement": {"kl_dropout": 0.1},
             "divergence": {},
             "params": {"total": 10, "active_per_token": 8},
+            "metric": "val_bleu_greedy",
+            "history": [{"step": 400 * (i + 1), "val_bleu_greedy": v} for i, v in enumerate(curve)],
         }
 
-    by_system, summary = report.summaries([run("dense", 0, 30.0, 800), run("dense", 1, 32.0, 4000)])
+    runs = [run("dense", 0, 30.0, 800, [20.0, 26.5, 26.25]), run("dense", 1, 32.0, 4000, [21.0])]
+    by_system, summary = report.summaries(runs)
     assert set(summary["dense"]) >= SUMMARY_KEYS
     assert summary["dense"]["test_bleu"] == 31.0 and math.isclose(summary["dense"]["test_bleu_std"], math.sqrt(2))
     assert summary["dense"]["train_hours"] == 1.0 and summary["dense"]["best_update"] == 2400
     assert summary["dense"]["capped_seeds"] == [1] and summary["dense"]["best_updates"] == [800, 4000]
     assert by_system["dense"]["agreement"]["kl_dropout"]["mean"] == pytest.approx(0.1)
+    assert summary["dense"]["last_interval_gains"] == [-0.25, None]  # levelled off; one evaluation: no gain
 
 
 def test_bad_settings_name_the_option() -> None:

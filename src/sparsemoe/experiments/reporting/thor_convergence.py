@@ -37,9 +37,20 @@ def summaries(runs: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any
             "active_params_per_token": rs[0]["params"]["active_per_token"],
             "best_updates": [r["best_update"] for r in rs],
             "capped_seeds": by_system[system]["capped_seeds"],
+            "last_interval_gains": [_last_interval_gain(r) for r in rs],
             "inference_mode": rs[0]["inference_mode"],
         }
     return by_system, summary
+
+
+def _last_interval_gain(run: dict[str, Any]) -> float | None:
+    """How much the validation metric rose between the run's last two evaluations: near zero (or
+    below) when it had levelled off, clearly positive when the cap stopped a run still improving."""
+    history = run["history"]
+    if len(history) < 2:
+        return None
+    metric = run["metric"]
+    return float(history[-1][metric] - history[-2][metric])
 
 
 def verdict(summary: dict[str, Any], system: str, other: str) -> str:
@@ -76,8 +87,10 @@ def table(
         f"`{signature}`; mean ± std over seeds. Recipe `{c.recipe}` (dropout {c.dropout}, AdamW weight decay "
         f"{c.weight_decay}, warm-up {c.warmup}); each run stops after {c.patience} evaluations (every {c.eval_every} "
         f"updates) without a better `{c.metric}`, or at {c.max_updates:,} updates (capped), and is reported at its "
-        "best validation checkpoint. `train CPU h`: training CPU hours (one thread, evaluations included) added over "
-        "the system's runs; CPU rather than wall time, which a shared or resumed run inflates.",
+        f"best validation checkpoint. `last {c.eval_every}-update val gain`: how much `{c.metric}` rose between "
+        "each seed's last two evaluations (clearly positive: still rising when it stopped). `train CPU h`: "
+        "training CPU hours (one thread, evaluations included) added over the system's runs; CPU rather than "
+        "wall time, which a shared or resumed run inflates.",
         "",
     ]
     rows = [
@@ -87,13 +100,24 @@ def table(
             ", ".join(map(str, s["seeds"])),
             ", ".join(map(str, s["best_updates"])),
             ", ".join(map(str, s["capped_seeds"])) or "none",
+            ", ".join("n/a" if g is None else f"{g:+.2f}" for g in s["last_interval_gains"]),
             f"{s['train_cpu_hours']:.2f}",
             f"{s['params']:,}",
             f"{s['active_params_per_token']:,}",
         ]
         for system, s in summary.items()
     ]
-    headers = ["system", "test BLEU", "seeds", "best update", "capped seeds", "train CPU h", "params", "active/token"]
+    headers = [
+        "system",
+        "test BLEU",
+        "seeds",
+        "best update",
+        "capped seeds",
+        f"last {c.eval_every}-update val gain",
+        "train CPU h",
+        "params",
+        "active/token",
+    ]
     lines.append(markdown_table(headers, rows).rstrip("\n"))
     lines += ["", "**Verdicts** (a difference counts only when the mean ± std intervals do not overlap)", ""]
     lines += [f"- {v}" for v in verdicts] or ["- no comparison: run at least two of the systems"]
