@@ -133,7 +133,7 @@ def _copy_records(folders: list[str], to: Path) -> None:
 # record, not the folder, names the study.
 RECORD_ONLY = [
     "demo", "gate-saturation", "comet-movielens", "comet-multimnist", "comet-tuning", "moebert-sst2",
-    "router-lm", "router-lm-claim", "upcycle-smollm2",
+    "router-lm", "router-lm-claim", "upcycle-smollm2", "thor-convergence",
 ]  # fmt: skip
 
 
